@@ -1,0 +1,5 @@
+import sys
+
+from megagpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,192 @@
+"""The one config tree: YAML (with `base:` inheritance) + `--set` overrides, validated before anything is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from megagpt.errors import UserError
+
+
+class ConfigError(UserError):
+    """A bad config: the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise; assignment is validated so --set cannot smuggle bad values.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    n_layer: int = Field(6, ge=1)
+    n_head: int = Field(6, ge=1)
+    n_embd: int = Field(384, ge=1)
+    block_size: int = Field(256, ge=1)
+    vocab_size: int | None = Field(None, ge=1, description="null: taken from the dataset's manifest")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = False
+    attention: Literal["math", "sdpa", "triton"] = "sdpa"
+    norm: Literal["torch", "triton"] = "torch"
+    activation_checkpointing: bool = False
+    note: str | None = Field(None, description="free text, e.g. how a size's shape was resolved")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class DataConfig(_Section):
+    dataset_dir: str = "data/shakespeare_char"
+    prepare: Literal["shakespeare", "none"] = Field(
+        "none", description="what to prepare into dataset_dir when it does not exist yet"
+    )
+    source: str | None = Field(None, description="local corpus for `prepare`; null downloads it")
+    num_workers: int = Field(0, ge=0)
+    on_corrupt_shard: Literal["error", "skip"] = "error"
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(5000, ge=1)
+    micro_batch_size: int = Field(64, ge=1)
+    grad_accum_steps: int | None = Field(None, ge=1, description="null: derived from global_batch_tokens, else 1")
+    global_batch_tokens: int | None = Field(None, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    lr_decay_steps: int | None = Field(None, ge=1, description="null: max_steps")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    eval_interval: int = Field(250, ge=1)
+    eval_steps: int = Field(200, ge=1)
+    log_interval: int = Field(10, ge=1)
+    checkpoint_interval: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1, description="the last K checkpoints are kept")
+    keep_every: int | None = Field(None, ge=1, description="also keep every checkpoint whose step is a multiple")
+    seed: int = 1337
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
+    sample_tokens: int = Field(200, ge=0, description="tokens sampled at each evaluation (0: none)")
+    sample_prompt: str = "\n"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null leaves torch's default")
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _lr_order(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        return self
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"
+    timeout_minutes: float = Field(2.0, gt=0, description="collective timeout: a dead rank ends the job")
+    extra: dict[str, Any] = Field(default_factory=dict, description="merged last into the generated config")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_flops: float | None = Field(None, gt=0, description="for MFU on unknown hardware (FLOP/s)")
+
+
+class Config(_Section):
+    name: str = "megagpt"
+    description: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (following `base:` chains), apply `key.sub=value` overrides, validate everything."""
+    raw: dict[str, Any] = _read_with_bases(Path(path)) if path is not None else {}
+    where = str(path) if path is not None else "<defaults>"
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw, where)
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {_describe(e)}") from None
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return deep_merge(_read_with_bases(path.parent / base, seen + (path,)), data)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key.sub=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(text) if text.strip() else None
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        return f"unknown key {key!r} (check its spelling and section)"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    msg = msg.removeprefix("Value error, ")
+    if kind == "value_error" and key.split(".")[0] in msg:  # cross-field checks already name their keys
+        return msg
+    more = f" and {error.error_count() - 1} more error(s)" if error.error_count() > 1 else ""
+    return f"{key}: {msg}{shown}{more}"

@@ -1,0 +1,59 @@
+"""The DeepSpeed config dict, generated from megagpt's config (never a second hand-kept file)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megagpt.config import Config, ConfigError, TrainConfig, deep_merge
+
+
+def grad_accum_steps(train: TrainConfig, block_size: int, world_size: int) -> int:
+    """Explicit `train.grad_accum_steps`, else global_batch_tokens ÷ (micro batch × block × world size), else 1."""
+    if train.grad_accum_steps is not None:
+        return train.grad_accum_steps
+    if train.global_batch_tokens is None:
+        return 1
+    per_pass = train.micro_batch_size * block_size * world_size
+    if train.global_batch_tokens % per_pass:
+        raise ConfigError(
+            f"train.global_batch_tokens={train.global_batch_tokens} is not a multiple of micro_batch_size × "
+            f"block_size × world_size = {train.micro_batch_size} × {block_size} × {world_size} = {per_pass}"
+        )
+    return train.global_batch_tokens // per_pass
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    t, ds = cfg.train, cfg.deepspeed
+    accum = grad_accum_steps(t, cfg.model.block_size, world_size)
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params != "none":
+        zero["offload_param"] = {"device": ds.offload_params, "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [t.beta1, t.beta2],
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                # FusedAdam needs CUDA; the CPU path uses torch's AdamW.
+                "torch_adam": not torch.cuda.is_available(),
+                "adam_w_mode": True,
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "fp16": {"enabled": t.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 2},
+        "steps_per_print": 10**9,  # megagpt logs itself
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, ds.extra)
+

@@ -1,0 +1,206 @@
+"""The decoder-only GPT of "Let's build GPT": only the model, nothing of training, data or files."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megagpt.config import ModelConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: the one spot where `attention` and `norm` are chosen; the rest of the model never branches.
+# Every attention function takes q, k, v of shape (B, nh, T, hs) and returns (B, nh, T, hs), causal.
+# ---------------------------------------------------------------------------------------------
+def _math_attention(q, k, v, dropout_p: float):
+    # The spelled-out version: scores, causal mask, softmax, dropout on the weights, weighted sum.
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~causal, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    if dropout_p > 0:
+        att = F.dropout(att, p=dropout_p)
+    return att @ v
+
+
+def _sdpa_attention(q, k, v, dropout_p: float):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def _triton_attention(q, k, v, dropout_p: float):
+    import kernels  # lazily: only the triton backend needs triton
+
+    return kernels.causal_attention(q, k, v, dropout_p=dropout_p)
+
+
+ATTENTION_BACKENDS = {"math": _math_attention, "sdpa": _sdpa_attention, "triton": _triton_attention}
+
+
+class TritonLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm's parameters and state dict, with the fused Triton kernel for the maths."""
+
+    def forward(self, x):
+        import kernels
+
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.LayerNorm:
+    norm_class = TritonLayerNorm if cfg.norm == "triton" else nn.LayerNorm
+    return norm_class(cfg.n_embd, bias=cfg.bias)
+
+
+def cached_attention(q, k, v, past_len: int):
+    """Attention of T new queries over past_len cached + T new keys (inference only, no dropout)."""
+    T, S = q.size(-2), k.size(-2)
+    if T == 1:  # one new token sees everything before it: no mask needed
+        return F.scaled_dot_product_attention(q, k, v)
+    allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+class KVCache:
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer, for incremental decoding."""
+
+    def __init__(self, n_layer: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    def past_length(self, layer: int = 0) -> int:
+        past = self.layers[layer]
+        return 0 if past is None else past[0].size(-2)
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        past = self.layers[layer]
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_head, self.layer = cfg.n_head, layer
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
+        self.attend = ATTENTION_BACKENDS[cfg.attention]
+
+    def forward(self, x, cache: KVCache | None = None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is None:
+            y = self.attend(q, k, v, self.dropout if self.training else 0.0)
+        else:
+            past_len = cache.past_length(self.layer)
+            k, v = cache.extend(self.layer, k, v)
+            y = cached_attention(q, k, v, past_len)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: communication (attention) then computation (MLP), each residual."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache: KVCache | None = None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is not set: take it from the dataset manifest before building GPT")
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+                ln_f=make_norm(cfg),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2·n_layer) so the residual stream's variance does not
+        # grow with depth (two residual additions per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        B, T = idx.size()
+        start = cache.past_length() if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than model.block_size={self.cfg.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            if self.cfg.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; without position embeddings by default, as nanoGPT counts (wte is tied to the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, PaLM accounting: 6·N (non-embedding) + 12·L·T·d for attention."""
+        c = self.cfg
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.block_size * c.n_embd

@@ -1,0 +1,63 @@
+"""Config errors are one line that names the key; bases and overrides resolve before anything is built."""
+
+from pathlib import Path
+
+import pytest
+
+from megagpt.cli import main as cli_main
+from megagpt.config import ConfigError, load_config
+from megagpt.ds_config import deepspeed_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.n_hed=4", "model.n_hed"),
+        ("model.n_embd=100", "model.n_embd"),  # not divisible by 6 heads
+        ("model.block_size=0", "model.block_size"),
+        ("train.lr=fast", "train.lr"),
+        ("train.dtype=fp8", "train.dtype"),
+        ("model.attention=flash", "model.attention"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+        ("train.min_lr=1", "train.min_lr"),
+        ("optimizer.lr=1", "optimizer"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "shakespeare_char.yaml", [override])
+    message = str(err.value)
+    assert key in message and "shakespeare_char.yaml" in message
+    assert "\n" not in message
+
+
+def test_cpu_config_extends_the_base_and_overrides_apply():
+    cfg = load_config(CONFIGS / "shakespeare_char_cpu.yaml", ["train.lr=3e-4", "model.dropout=0.1"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (4, 128, 64)
+    assert cfg.train.beta2 == 0.99  # inherited from shakespeare_char.yaml
+    assert cfg.train.lr == 3e-4 and cfg.model.dropout == 0.1
+
+
+def test_the_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layers: 3\n")
+    assert cli_main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.n_layers" in err and "bad.yaml" in err
+
+
+def test_base_loops_are_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_gradient_accumulation_comes_from_global_batch_tokens():
+    cfg = load_config(CONFIGS / "shakespeare_char_cpu.yaml", ["train.global_batch_tokens=3072"])
+    ds = deepspeed_config(cfg, world_size=2)  # 3072 / (12 × 64 × 2) = 2
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 48
+    with pytest.raises(ConfigError, match="global_batch_tokens"):
+        deepspeed_config(cfg, world_size=3)
