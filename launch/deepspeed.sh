@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Start `megagpt train` under the DeepSpeed launcher: over ssh from one node, or per node without ssh.
+#
+#   launch/deepspeed.sh CONFIG [megagpt train args...]
+#
+# Environment (defaults in brackets):
+#   HOSTFILE        "HOST slots=N" per node (see launch/hostfile.example); unset: this node only
+#   NUM_GPUS        workers on this node when there is no HOSTFILE [all GPUs, or 1 without any]
+#   NODE_RANK       set it to run this node only, without ssh (`--no_ssh --node_rank`): start the same
+#                   command on every node with its own NODE_RANK; needs HOSTFILE and MASTER_ADDR
+#   MASTER_ADDR     address of the first host in HOSTFILE [127.0.0.1 for one node]
+#   MASTER_PORT     a free TCP port there [29500]
+#   PYTHON          the interpreter with megagpt and deepspeed installed [python]
+#
+# With HOSTFILE and no NODE_RANK the launcher reaches the other hosts over passwordless ssh (pdsh).
+# The launcher would add `--local_rank=N` in front of the subcommand; megagpt reads LOCAL_RANK from the
+# environment instead, so it is told not to (--no_local_rank).
+set -euo pipefail
+
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit 2
+fi
+
+args=(--master_port "${MASTER_PORT:-29500}" --no_local_rank)
+if [[ -n "${HOSTFILE:-}" ]]; then
+    [[ -f "$HOSTFILE" ]] || { echo "deepspeed.sh: HOSTFILE=$HOSTFILE does not exist" >&2; exit 2; }
+    args+=(--hostfile "$HOSTFILE")
+else
+    if [[ -z "${NUM_GPUS:-}" ]]; then
+        NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+        [[ "$NUM_GPUS" -gt 0 ]] || NUM_GPUS=1
+    fi
+    args+=(--num_gpus "$NUM_GPUS")
+fi
+if [[ -n "${NODE_RANK:-}" ]]; then
+    if [[ -z "${HOSTFILE:-}" || -z "${MASTER_ADDR:-}" ]]; then
+        echo "deepspeed.sh: NODE_RANK (no-ssh mode) needs HOSTFILE and MASTER_ADDR" >&2
+        exit 2
+    fi
+    args+=(--no_ssh --node_rank "$NODE_RANK")
+fi
+[[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
+
+exec "${PYTHON:-python}" -m deepspeed.launcher.runner "${args[@]}" --module megagpt train "$@"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Start `megagpt train` under torchrun on this node: one node, or one node of many.
+#
+#   launch/torchrun.sh CONFIG [megagpt train args...]
+#
+# Environment (defaults in brackets):
+#   NPROC_PER_NODE  workers on this node [number of GPUs, or 1 without any]
+#   NNODES          nodes in the job [1]
+#   NODE_RANK       this node's index, 0..NNODES-1 [0]
+#   MASTER_ADDR     address of node 0, reachable from every node [127.0.0.1]
+#   MASTER_PORT     a free TCP port on node 0 [29500]
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives workers to save after SIGTERM/SIGUSR1 before SIGKILL [600]
+#   PYTHON          the interpreter with megagpt installed [python]
+#
+# Multi-node: run the same command on every node with NNODES/NODE_RANK/MASTER_ADDR set (see docs/distributed.md).
+# torchrun forwards SIGTERM and SIGUSR1 to the workers, which save a checkpoint at the next step boundary and
+# exit 0 (torchrun itself then exits non-zero, as it does for any signal). A worker that dies takes the whole
+# job down; `--resume auto` (the default) continues from the last complete checkpoint.
+set -euo pipefail
+
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit 2
+fi
+
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+    NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    [[ "$NPROC_PER_NODE" -gt 0 ]] || NPROC_PER_NODE=1
+fi
+
+exec "${PYTHON:-python}" -m torch.distributed.run \
+    --nnodes "${NNODES:-1}" \
+    --node_rank "${NODE_RANK:-0}" \
+    --nproc_per_node "$NPROC_PER_NODE" \
+    --master_addr "${MASTER_ADDR:-127.0.0.1}" \
+    --master_port "${MASTER_PORT:-29500}" \
+    --max_restarts 0 \
+    --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    --shutdown_timeout "${SHUTDOWN_TIMEOUT:-600}" \
+    -m megagpt train "$@"
