@@ -1,0 +1,113 @@
+"""The trainer end to end on one process: loss falls, exact resume, TensorBoard, run dir, sampling."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+
+from megagpt.config import ConfigError, load_config
+from megagpt.lr_schedule import lr_at
+from megagpt.sample import sample_texts
+from megagpt.train import train
+
+CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_char_cpu.yaml"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained_run(shakespeare_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=60, eval_interval=30,
+                                                 checkpoint_interval=30, lr=3e-3))
+    state = train(cfg, run_dir)
+    return run_dir, state
+
+
+def test_a_tiny_run_learns(trained_run):
+    run_dir, state = trained_run
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    assert len(losses) == 60
+    assert losses[0] > 3.9  # ≈ ln(65) at initialisation
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
+    val = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0]
+
+
+def test_the_run_dir_holds_config_checkpoints_samples_and_tokenizer(trained_run):
+    run_dir, _ = trained_run
+    resolved = load_config(run_dir / "config.yaml")
+    assert resolved.model.vocab_size == 65 and resolved.train.max_steps == 60
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000060"
+    assert {p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()} == {"step_000030", "step_000060"}
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000030.txt", "step_000060.txt"]
+    assert (run_dir / "tokenizer" / "manifest.json").is_file()
+
+
+def test_tensorboard_has_the_scalar_tags(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = trained_run
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "val/loss"} <= scalars
+    assert len(events.Scalars("train/loss")) == 60
+    assert [e.step for e in events.Scalars("val/loss")] == [30, 60]
+    first_lr = events.Scalars("train/lr")[0].value
+    assert first_lr == pytest.approx(lr_at(0, load_config(run_dir / "config.yaml").train), rel=1e-6)
+
+
+def test_sampling_with_a_seed_is_reproducible(trained_run):
+    run_dir, _ = trained_run
+    a = sample_texts(run_dir, "ROMEO:", 40, num_samples=2, seed=3)
+    b = sample_texts(run_dir, "ROMEO:", 40, num_samples=2, seed=3)
+    c = sample_texts(run_dir, "ROMEO:", 40, num_samples=2, seed=4)
+    assert a == b and a != c
+    assert all(t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 40 for t in a)
+    no_cache = sample_texts(run_dir, "ROMEO:", 40, num_samples=2, seed=3, use_cache=False)
+    assert no_cache == a
+
+
+def test_resume_continues_identical_losses(shakespeare_dataset, tmp_path):
+    """Stopped at step 12 and resumed: step 13 onwards equals the uninterrupted run bit for bit."""
+    common = tiny_overrides(shakespeare_dataset, checkpoint_interval=12, lr_decay_steps=24, max_steps=24,
+                            sample_tokens=0, eval_interval=100)
+    whole = train(load_config(CPU_CONFIG, common), tmp_path / "whole")
+    stopped = train(load_config(CPU_CONFIG, [*common, "train.max_steps=12"]), tmp_path / "split")
+    assert stopped.step == 12
+    resumed = train(load_config(CPU_CONFIG, common), tmp_path / "split")
+    logged = [r for r in resumed.history if "loss" in r]
+    assert logged[0]["step"] == 13
+    reference = {r["step"]: r for r in whole.history if "loss" in r}
+    for r in logged:
+        assert r["loss"] == reference[r["step"]]["loss"]
+        assert r["lr"] == reference[r["step"]]["lr"]
+    split_metrics = [r["step"] for r in read_metrics(tmp_path / "split") if "loss" in r]
+    assert split_metrics == list(range(1, 25))  # the resumed run appended
+
+
+def test_resuming_into_a_different_model_shape_is_a_clear_error(shakespeare_dataset, tmp_path):
+    common = tiny_overrides(shakespeare_dataset, max_steps=2, sample_tokens=0)
+    train(load_config(CPU_CONFIG, common), tmp_path)
+    with pytest.raises(ConfigError, match="model.n_embd=64"):
+        train(load_config(CPU_CONFIG, [*common, "model.n_embd=64", "train.max_steps=4"]), tmp_path)
+
+
+def test_a_missing_dataset_names_the_directory(tmp_path):
+    cfg = load_config(CPU_CONFIG, [f"data.dataset_dir={tmp_path / 'nope'}", "data.prepare=none"])
+    with pytest.raises(ConfigError, match="nope"):
+        train(cfg, tmp_path / "run")
+
+
+def test_loss_is_averaged_over_micro_batches_like_one_big_batch(shakespeare_dataset, tmp_path):
+    """grad_accum 2 × micro 4 takes the same step as micro 8 (fp32, same windows)."""
+    big = train(load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0,
+                                                       micro_batch_size=8)), tmp_path / "a")
+    acc = train(load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0,
+                                                       micro_batch_size=4, grad_accum_steps=2)), tmp_path / "b")
+    for x, y in zip([r["loss"] for r in big.history if "loss" in r], [r["loss"] for r in acc.history if "loss" in r]):
+        assert x == pytest.approx(y, rel=1e-5)
