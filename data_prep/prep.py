@@ -1,0 +1,327 @@
+"""The prep pipeline: corpus -> tokenizer -> tokenized chunks -> shards -> manifest, parallel and atomic.
+
+Determinism: the corpus is cut into chunks by `sources.iter_chunks` alone, chunks are tokenized independently
+and laid end to end in order, and shard boundaries are fixed token offsets; so the shards are byte-identical
+whatever --workers is. Work happens in `<out>.partial/` and is renamed to `<out>` only when complete; a
+re-run with the same inputs and settings reuses the chunks and shards already finished there (sha256-checked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.shards import ShardJob, sha256_file, write_shard
+from data_prep.sources import describe_sources, expand_inputs, iter_chunks
+from megagpt.errors import UserError
+from megagpt.tokenizer import CHAR_FILE, SENTENCEPIECE_FILE, CharTokenizer, SentencePieceTokenizer
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class PrepSettings:
+    tokenizer: str = "char"  # char | sentencepiece
+    val_fraction: float = 0.1
+    seed: int = 1337
+    text_field: str = "text"
+    shard_size_mb: float = 256.0
+    sample_tokens: int = 1 << 20  # tokens per tar member: big runs keep tar overhead far below 1%
+    chunk_chars: int = 1 << 20  # unit of parallel tokenization; part of the output's identity
+    # sentencepiece only
+    vocab_size: int = 8192
+    model_type: str = "bpe"
+    byte_fallback: bool = True
+    character_coverage: float = 0.9995
+    sample_size: int = 300_000  # lines (long lines cut at 4,000 chars) drawn by reservoir sampling
+    # how, not what: not part of the output's identity
+    workers: int = 1
+    threads: int = 0  # sentencepiece trainer threads; 0: all cores
+
+    def identity(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("workers", "threads"):
+            d.pop(key)
+        if self.tokenizer == "char":
+            for key in ("vocab_size", "model_type", "byte_fallback", "character_coverage", "sample_size"):
+                d.pop(key)
+        return d
+
+
+def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSettings,
+            force: bool = False) -> Path:
+    """Prepare a dataset dir from corpus files; returns its path."""
+    out_dir = Path(out_dir)
+    _check(settings)
+    if out_dir.exists() and not force:
+        raise UserError(f"--out {out_dir}: already exists; pass --force to replace it")
+    paths = expand_inputs(inputs)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    stats = [{"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
+    fingerprint = _hash_json({"settings": settings.identity(), "sources": stats, "format": FORMAT_VERSION})
+    progress = _Progress(work, fingerprint)
+    with _pool(settings.workers) as pool:
+        tokenizer = _build_tokenizer(paths, settings, work, progress, pool)
+        dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+        offsets, chunk_files, digests = _tokenize(paths, settings, tokenizer, dtype, work, progress, pool)
+        splits = _write_splits(offsets, chunk_files, settings, dtype, work, progress, pool)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"kind": tokenizer.kind, "file": _tokenizer_file(tokenizer.kind)},
+        "vocab_size": tokenizer.vocab_size,
+        "token_dtype": dtype,
+        "eos_id": tokenizer.eos_id,
+        "sample_tokens": settings.sample_tokens,
+        "splits": splits,
+        "sources": describe_sources(paths, digests),
+        "settings": settings.identity(),
+    }
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    shutil.rmtree(work / "chunks", ignore_errors=True)
+    (work / _Progress.FILE).unlink(missing_ok=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(work, out_dir)
+    return out_dir
+
+
+def _tokenizer_file(kind: str) -> str:
+    return CHAR_FILE if kind == "char" else SENTENCEPIECE_FILE
+
+
+def _check(s: PrepSettings) -> None:
+    if s.tokenizer not in ("char", "sentencepiece"):
+        raise UserError(f"tokenizer {s.tokenizer!r}: expected char or sentencepiece")
+    if not 0.0 <= s.val_fraction < 1.0:
+        raise UserError(f"--val-fraction {s.val_fraction}: must be in [0, 1)")
+    if s.workers < 1 or s.sample_tokens < 1 or s.chunk_chars < 1 or s.shard_size_mb <= 0:
+        raise UserError("--workers, --sample-tokens and --shard-size-mb must be positive")
+
+
+# ---------------------------------------------------------------- resumable progress in <out>.partial
+
+
+class _Progress:
+    """What <out>.partial already holds (chunk and shard sha256s) for a given fingerprint; reset otherwise."""
+
+    FILE = "progress.json"
+
+    def __init__(self, work: Path, fingerprint: str):
+        self.work, self.path = work, work / self.FILE
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if data.get("fingerprint") != fingerprint:
+            shutil.rmtree(work, ignore_errors=True)
+            data = {"fingerprint": fingerprint}
+        (work / "chunks").mkdir(parents=True, exist_ok=True)
+        self.data = data
+        self.data.setdefault("chunks", {})
+        self.data.setdefault("shards", {})
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data))
+        os.replace(tmp, self.path)
+
+
+def _hash_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- worker pool with bounded, ordered results
+
+
+class _InProcess:
+    def submit(self, fn, *args):
+        return _Done(fn(*args))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _pool(workers: int):
+    if workers == 1:
+        return _InProcess()
+    method = "fork" if "fork" in __import__("multiprocessing").get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=get_context(method))
+
+
+def ordered_map(pool, fn: Callable, items: Iterable, in_flight: int) -> Iterator:
+    """fn over items in the pool, results in input order, at most in_flight items submitted at a time."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, *item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _in_flight(settings: PrepSettings) -> int:
+    return 2 * settings.workers
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _build_tokenizer(paths, settings: PrepSettings, work: Path, progress: _Progress, pool):
+    name = CHAR_FILE if settings.tokenizer == "char" else SENTENCEPIECE_FILE
+    path = work / name
+    if path.is_file() and progress.data.get("tokenizer_sha256") == sha256_file(path):
+        return CharTokenizer.load(path) if settings.tokenizer == "char" else SentencePieceTokenizer(path)
+    if settings.tokenizer == "char":
+        tokenizer = _char_vocabulary(paths, settings, pool)
+        tokenizer.save(path)
+    else:
+        from data_prep.spm import train_sentencepiece
+
+        train_sentencepiece(paths, settings, path)
+        tokenizer = SentencePieceTokenizer(path)
+    progress.data["tokenizer_sha256"] = sha256_file(path)
+    progress.save()
+    return tokenizer
+
+
+def _chunk_codepoints(chunk) -> np.ndarray:
+    codes = np.concatenate([np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+                            for text, _ in chunk] + [np.empty(0, np.uint32)])
+    return np.unique(codes)
+
+
+def _char_vocabulary(paths, settings: PrepSettings, pool) -> CharTokenizer:
+    """The sorted set of characters; an EOS id is reserved only when the corpus has several documents."""
+    seen = np.empty(0, dtype=np.uint32)
+    documents = 0
+
+    def chunks():
+        nonlocal documents
+        for chunk in iter_chunks(paths, settings.text_field, settings.chunk_chars):
+            documents += sum(starts for _, starts in chunk)
+            yield (chunk,)
+
+    for codes in ordered_map(pool, _chunk_codepoints, chunks(), _in_flight(settings)):
+        seen = np.union1d(seen, codes)
+    if seen.size == 0:
+        raise UserError(f"the inputs ({', '.join(map(str, paths[:3]))}...) contain no text")
+    return CharTokenizer.from_text_chars({chr(c) for c in seen.tolist()}, several_documents=documents > 1)
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+_TOKENIZERS: dict[str, object] = {}  # per worker process: the tokenizer, loaded once
+
+
+def _tokenizer_in_worker(tokenizer_file: str):
+    path = Path(tokenizer_file)
+    key = f"{path}:{path.stat().st_mtime_ns}:{path.stat().st_size}"  # a re-trained file is a new tokenizer
+    if key not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = (CharTokenizer.load(path) if path.name == CHAR_FILE
+                            else SentencePieceTokenizer(path))
+    return _TOKENIZERS[key]
+
+
+def _encode_chunk(index: int, chunk, tokenizer_file: str, dtype: str, path: str, known: list | None):
+    """Tokenize a chunk into path, EOS before each document but the first; (tokens, sha256, chars)."""
+    tokenizer = _tokenizer_in_worker(tokenizer_file)
+    n_bytes = sum(len(text) for text, _ in chunk)
+    if known is not None and os.path.isfile(path) and sha256_file(path) == known[1]:
+        return known[0], known[1], n_bytes
+    eos = tokenizer.eos_id
+    parts = []
+    for i, (text, starts_doc) in enumerate(chunk):
+        if starts_doc and eos is not None and not (index == 0 and i == 0):
+            parts.append(np.array([eos], dtype=np.int64))
+        parts.append(tokenizer.encode_array(text))
+    ids = np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype=dtype)
+    tmp = path + ".tmp"
+    ids.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(tmp)
+    os.replace(tmp, path)
+    return len(ids), hashlib.sha256(ids.tobytes()).hexdigest(), n_bytes
+
+
+def _tokenize(paths, settings: PrepSettings, tokenizer, dtype: str, work: Path, progress: _Progress, pool):
+    digests: dict = {}
+    chunk_files: list[str] = []
+    tokenizer_file = str(work / _tokenizer_file(tokenizer.kind))
+
+    def jobs():
+        for index, chunk in enumerate(iter_chunks(paths, settings.text_field, settings.chunk_chars, digests)):
+            path = str(work / "chunks" / f"{index:06d}.bin")
+            chunk_files.append(path)
+            yield index, chunk, tokenizer_file, dtype, path, progress.data["chunks"].get(str(index))
+
+    total_bytes = sum(p.stat().st_size for p in paths)
+    counts = []
+    start = time.perf_counter()
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=None) as bar:
+        for tokens, digest, n_chars in ordered_map(pool, _encode_chunk, jobs(), _in_flight(settings)):
+            progress.data["chunks"][str(len(counts))] = [tokens, digest]
+            counts.append(tokens)
+            bar.update(n_chars)
+            tokens_per_sec = sum(counts) / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            if len(counts) % 16 == 0:
+                progress.save()
+    progress.save()
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
+    return offsets, chunk_files, digests
+
+
+# ---------------------------------------------------------------- shards
+
+
+def _write_shard_job(job: ShardJob, work: str, known: dict | None) -> dict:
+    path = Path(work) / job.name
+    if known is not None and path.is_file() and sha256_file(path) == known["sha256"]:
+        return known
+    return write_shard(job, Path(work))
+
+
+def _write_splits(offsets, chunk_files, settings: PrepSettings, dtype: str, work: Path, progress: _Progress,
+                  pool):
+    total = offsets[-1]
+    train_end = int(total * (1.0 - settings.val_fraction))
+    itemsize = np.dtype(dtype).itemsize
+    sample = settings.sample_tokens
+    shard_tokens = max(sample, int(settings.shard_size_mb * (1 << 20) / itemsize) // sample * sample)
+    jobs = []
+    for split, lo, hi in (("train", 0, train_end), ("val", train_end, total)):
+        for k, start in enumerate(range(lo, hi, shard_tokens)):
+            jobs.append(ShardJob(f"{split}-{k:06d}.tar", start, min(start + shard_tokens, hi), sample, dtype,
+                                 tuple(chunk_files), tuple(offsets)))
+    splits = {"train": {"tokens": train_end, "samples": 0, "shards": []},
+              "val": {"tokens": total - train_end, "samples": 0, "shards": []}}
+    items = ((job, str(work), progress.data["shards"].get(job.name)) for job in jobs)
+    for entry in ordered_map(pool, _write_shard_job, items, _in_flight(settings)):
+        progress.data["shards"][entry["name"]] = entry
+        progress.save()
+        split = splits[entry["name"].split("-")[0]]
+        split["shards"].append(entry)
+        split["samples"] += entry["samples"]
+    return splits

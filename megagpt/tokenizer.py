@@ -1,0 +1,127 @@
+"""Tokenizers of a dataset dir: the char vocabulary (tokenizer.json) and sentencepiece (tokenizer.model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+CHAR_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+
+class Tokenizer(Protocol):
+    kind: str
+    vocab_size: int
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class CharTokenizer:
+    """One id per character of a sorted vocabulary (as in "Let's build GPT"); EOS, if any, is the last id.
+
+    The EOS id is only reserved when the corpus holds several documents; it decodes to "" so that
+    decode(encode(text)) == text for any text made of known characters.
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: list[str], eos_id: int | None = None):
+        self.chars = list(chars)
+        self.eos_id = eos_id
+        self.vocab_size = len(self.chars) + (eos_id is not None)
+        codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        # Dense code point -> id table: one vectorised lookup per encode instead of a dict lookup per char.
+        self._table = np.full(int(codes.max(initial=0)) + 2, -1, dtype=np.int32)
+        self._table[codes] = np.arange(len(codes), dtype=np.int32)
+
+    @classmethod
+    def from_text_chars(cls, chars: set[str], several_documents: bool) -> CharTokenizer:
+        ordered = sorted(chars)
+        return cls(ordered, len(ordered) if several_documents else None)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Token ids as an int32 array; raises ValueError naming the first character not in the vocabulary."""
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        clipped = np.minimum(codes, len(self._table) - 1)  # the table's last slot is always -1
+        ids = self._table[clipped]
+        if ids.size and ids.min() < 0:
+            bad = text[int(np.argmax(ids < 0))]
+            raise ValueError(f"character {bad!r} is not in the char tokenizer's vocabulary "
+                             f"({len(self.chars)} chars)")
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        n = len(self.chars)
+        return "".join(self.chars[i] for i in ids if i < n)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"kind": "char", "chars": self.chars, "eos_id": self.eos_id},
+                                   ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> CharTokenizer:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(data["chars"], data.get("eos_id"))
+
+
+class SentencePieceTokenizer:
+    """A trained sentencepiece model (BPE or unigram); byte fallback makes every UTF-8 text encodable."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_path: str | Path):
+        import sentencepiece as spm
+
+        self.model_path = Path(model_path)
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        self.vocab_size = self.sp.get_piece_size()
+        eos = self.sp.eos_id()
+        self.eos_id = eos if eos >= 0 else None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.sp.encode(text, out_type=int), dtype=np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def __getstate__(self):  # picklable for worker processes: the model is re-read from its file
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_path"])
+
+
+def load_tokenizer(dataset_dir: str | Path) -> CharTokenizer | SentencePieceTokenizer:
+    """The tokenizer named by dataset_dir/manifest.json (without a manifest: the tokenizer file there)."""
+    dataset_dir = Path(dataset_dir)
+    manifest = dataset_dir / "manifest.json"
+    if manifest.is_file():
+        info = json.loads(manifest.read_text()).get("tokenizer", {})
+        kind, name = info.get("kind"), info.get("file")
+    elif (dataset_dir / CHAR_FILE).is_file():
+        kind, name = "char", CHAR_FILE
+    elif (dataset_dir / SENTENCEPIECE_FILE).is_file():
+        kind, name = "sentencepiece", SENTENCEPIECE_FILE
+    else:
+        raise FileNotFoundError(f"{dataset_dir}: no manifest.json, {CHAR_FILE} or {SENTENCEPIECE_FILE}; "
+                                f"prepare a dataset with `megagpt prep ...`")
+    path = dataset_dir / (name or "")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: tokenizer file named by {manifest} is missing")
+    if kind == "char":
+        return CharTokenizer.load(path)
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(path)
+    raise ValueError(f"{manifest}: unknown tokenizer kind {kind!r} (expected 'char' or 'sentencepiece')")
