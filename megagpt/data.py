@@ -246,6 +246,83 @@ class WindowDataset(torch.utils.data.Dataset):
         return self.stream.windows(self.window_ids(np.asarray(positions)), self.block_size)
 
 
+class StreamingWindows:
+    """Windows in corpus order (no permutation) from shards streamed by webdataset: URLs, no random access.
+
+    Position p -> window p % N as above, so the rank/step slicing and the state_dict are the same; resuming
+    re-reads from the start of the shard holding the position, and every rank reads the whole stream.
+    """
+
+    def __init__(self, dataset_dir, split: str, block_size: int, manifest: dict):
+        self.block_size, self.vocab_size = block_size, manifest["vocab_size"]
+        self.dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
+        self.shards = manifest["splits"][split]["shards"]
+        self.urls = [s["name"] if _is_url(s["name"]) else str(Path(dataset_dir) / s["name"])
+                     for s in self.shards]
+        self.starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in self.shards])]).astype(np.int64)
+        self.num_windows = (int(self.starts[-1]) - 1) // block_size
+        self.skipped_shards = 0
+        if self.num_windows < 1:
+            raise DataError(f"{dataset_dir}: too few tokens in split {split} for block_size {block_size}")
+
+    def _shard_tokens(self, k: int) -> Iterator[np.ndarray]:
+        import webdataset as wds
+
+        url, seen = self.urls[k], 0
+        try:
+            for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+                tokens = np.frombuffer(sample["tokens"], dtype=self.dtype)
+                if tokens.size and int(tokens.max()) >= self.vocab_size:
+                    raise DataError(f"{url}: token id {int(tokens.max())} >= vocab_size {self.vocab_size}")
+                seen += tokens.size
+                yield tokens
+        except (OSError, ValueError, KeyError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{url}: cannot stream shard ({e})") from None
+        if seen != self.shards[k]["tokens"]:
+            raise DataError(f"{url}: truncated or corrupt shard ({seen} tokens, the manifest says "
+                            f"{self.shards[k]['tokens']})")
+
+    def _tokens_from(self, start: int) -> Iterator[np.ndarray]:
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        skip = start - int(self.starts[k])
+        for shard in range(k, len(self.urls)):
+            for tokens in self._shard_tokens(shard):
+                if skip >= tokens.size:
+                    skip -= tokens.size
+                    continue
+                yield tokens[skip:]
+                skip = 0
+
+    def _windows_from(self, position: int) -> Iterator[np.ndarray]:
+        B, N = self.block_size, self.num_windows
+        while True:  # one pass per epoch
+            window, buf = position % N, np.empty(0, dtype=self.dtype)
+            for tokens in self._tokens_from(window * B):
+                buf = np.concatenate([buf, tokens])
+                i = 0
+                while i + B + 1 <= buf.size and window < N:
+                    yield buf[i:i + B + 1]
+                    i, window = i + B, window + 1
+                buf = buf[i:]
+                if window == N:
+                    break
+            position += N - position % N
+
+    def batches(self, sampler: RankSampler, global_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        windows, current = None, 0
+        for positions in sampler:
+            if windows is None:
+                windows, current = self._windows_from(positions[0]), positions[0]
+            while current < positions[0]:  # other ranks' windows
+                next(windows)
+                current += 1
+            rows = np.stack([next(windows) for _ in positions]).astype(np.int64)
+            current += len(positions)
+            yield torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+
 def _identity(batch):
     return batch
 
@@ -285,7 +362,7 @@ class TrainLoader:
         names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
         self.streaming = any(_is_url(n) for n in names)
         if self.streaming:
-            raise DataError(f"{self.dataset_dir}: streaming shards (URLs) are not supported yet")
+            self.dataset = StreamingWindows(self.dataset_dir, "train", block_size, manifest)
         else:
             stream = TokenStream(dataset_dir, "train", on_corrupt_shard, manifest)
             self.dataset = WindowDataset(stream, block_size, seed)

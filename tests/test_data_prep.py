@@ -1,13 +1,16 @@
 """data_prep: the Shakespeare dataset, determinism, splits, atomic and resumable writes, corpus inputs."""
 
+import gzip
 import hashlib
 import json
 import tarfile
 
 import numpy as np
+import pytest
 
 import data_prep
 from data_prep.cli import main as prep_main
+from data_prep.prep import PrepSettings, prepare
 from megagpt.tokenizer import load_tokenizer
 
 
@@ -61,3 +64,108 @@ def test_shakespeare_without_network_says_how_to_pass_input(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip()
     assert "--input" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "sh").exists()
+
+
+def _write_corpus(root, rng):
+    """A dir of .txt, .jsonl.gz and .txt.gz inputs; returns the documents in the order prep reads them."""
+    words = ["alpha", "beta", "γάμμα", "delta\t", "  ", "épée", "\n", "zeta", "ηλ", "42"]
+    doc = lambda n: "".join(rng.choice(words, n))
+    root.mkdir()
+    docs = {"a.txt": [doc(400)], "b.jsonl.gz": [doc(150), doc(3), doc(200)], "c.txt.gz": [doc(300)]}
+    (root / "a.txt").write_text(docs["a.txt"][0])
+    with gzip.open(root / "b.jsonl.gz", "wt") as f:
+        for d in docs["b.jsonl.gz"]:
+            f.write(json.dumps({"body": d}) + "\n")
+    with gzip.open(root / "c.txt.gz", "wt", newline="") as f:
+        f.write(docs["c.txt.gz"][0])
+    (root / "ignored.csv").write_text("not a corpus file")
+    return [d for name in sorted(docs) for d in docs[name]]
+
+
+def _settings(**kw):
+    base = {"text_field": "body", "shard_size_mb": 0.002, "sample_tokens": 101, "chunk_chars": 700}
+    return PrepSettings(**{**base, **kw})
+
+
+def test_documents_are_joined_by_eos_in_input_order(tmp_path):
+    docs = _write_corpus(tmp_path / "corpus", np.random.default_rng())
+    out = prepare([tmp_path / "corpus"], tmp_path / "ds", _settings(val_fraction=0.0))
+    chars = sorted(set("".join(docs)))
+    eos = len(chars)
+    expected = []
+    for i, d in enumerate(docs):
+        expected += ([eos] if i else []) + [chars.index(c) for c in d]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["vocab_size"] == len(chars) + 1 and manifest["eos_id"] == eos
+    assert _tokens(out, "train").tolist() == expected
+    assert len(manifest["splits"]["train"]["shards"]) > 2 and manifest["splits"]["val"]["tokens"] == 0
+    assert [s["path"].rsplit("/", 1)[1] for s in manifest["sources"]] == ["a.txt", "b.jsonl.gz", "c.txt.gz"]
+
+
+@pytest.mark.parametrize("kind", ["char", "sentencepiece"])
+def test_prep_is_byte_identical_for_one_and_two_workers(tmp_path, kind):
+    _write_corpus(tmp_path / "corpus", np.random.default_rng())
+    extra = {"vocab_size": 300, "shard_size_mb": 0.0005} if kind == "sentencepiece" else {}
+    one = prepare([str(tmp_path / "corpus" / "*.gz"), tmp_path / "corpus" / "a.txt"], tmp_path / "one",
+                  _settings(tokenizer=kind, workers=1, **extra))
+    two = prepare([str(tmp_path / "corpus" / "*.gz"), tmp_path / "corpus" / "a.txt"], tmp_path / "two",
+                  _settings(tokenizer=kind, workers=2, **extra))
+    assert len([n for n in _files(one) if n.endswith(".tar")]) > 3
+    assert _files(one) == _files(two)
+
+
+def test_rerun_after_interruption_reuses_verified_shards(tmp_path, monkeypatch):
+    import data_prep.prep as prep_module
+
+    _write_corpus(tmp_path / "corpus", np.random.default_rng())
+    fresh = prepare([tmp_path / "corpus"], tmp_path / "fresh", _settings())
+    written = []
+    real_write = prep_module.write_shard
+
+    def failing_write(job, out_dir):
+        if len(written) == 3:
+            raise KeyboardInterrupt  # killed while writing the 4th shard
+        written.append(job.name)
+        return real_write(job, out_dir)
+
+    monkeypatch.setattr(prep_module, "write_shard", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([tmp_path / "corpus"], tmp_path / "ds", _settings())
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.partial" / "manifest.json").exists()
+    damaged = tmp_path / "ds.partial" / written[0]
+    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])  # a finished shard that went bad is rewritten
+    finished = set(json.loads((tmp_path / "ds.partial" / "progress.json").read_text())["shards"])
+    assert damaged.name in finished and len(finished) >= 2
+
+    written.clear()
+    monkeypatch.setattr(prep_module, "write_shard",
+                        lambda job, out: written.append(job.name) or real_write(job, out))
+    out = prepare([tmp_path / "corpus"], tmp_path / "ds", _settings())
+    all_shards = {n for n in _files(fresh) if n.endswith(".tar")}
+    assert sorted(written) == sorted(all_shards - finished | {damaged.name})
+    assert _files(out) == _files(fresh)
+
+
+def test_tar_overhead_is_below_2_percent(shakespeare_path, tmp_path):
+    out = data_prep.prepare_shakespeare(tmp_path / "sh", shakespeare_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    payload = 2 * sum(s["tokens"] for s in shards)
+    assert sum((out / s["name"]).stat().st_size for s in shards) < 1.02 * payload
+
+
+def test_cli_char_and_existing_out(tmp_path, capsys):
+    _write_corpus(tmp_path / "corpus", np.random.default_rng())
+    args = ["char", "--input", str(tmp_path / "corpus"), "--out", str(tmp_path / "ds"),
+            "--text-field", "body", "--workers", "2", "--shard-size-mb", "0.01"]
+    assert prep_main(args) == 0 and (tmp_path / "ds" / "manifest.json").is_file()
+    assert prep_main(args) == 2 and "--force" in capsys.readouterr().err
+    assert prep_main([*args, "--force"]) == 0
+
+
+def test_missing_input_and_bad_jsonl_are_one_line_errors(tmp_path, capsys):
+    assert prep_main(["char", "--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "ds")]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"other": 1}\n')
+    assert prep_main(["char", "--input", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "ds")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err

@@ -1,8 +1,13 @@
 """megagpt.tokenizer: char round trip and vocabulary."""
 
+import json
+import tarfile
+
+import numpy as np
 import pytest
 
 import data_prep
+from data_prep.prep import PrepSettings, prepare
 from megagpt.tokenizer import CharTokenizer, load_tokenizer
 
 
@@ -18,3 +23,49 @@ def test_char_unknown_character_is_a_clear_error():
     tok = CharTokenizer.from_text_chars(set("abc"), several_documents=False)
     with pytest.raises(ValueError, match="'z'"):
         tok.encode("abz")
+
+
+TRICKY = ["  two leading spaces", "trailing   ", "tab\there\t\tand\tthere", "\n\nnewlines\n\n\n",
+          "mixed \t \n \r\n end", "unicode: γάμμα ηλ épée 日本語 🙂", "unseen: ∑ ∂ ☃ 𝔘", "", " ", "12345 678"]
+
+
+def _sp_dataset(tmp_path, model_type="bpe"):
+    rng = np.random.default_rng()
+    words = ["the ", "quick", " brown", "γάμμα", "\t", "   ", "\n", "épée", "日本", "fox.", "99"]
+    docs = ["".join(rng.choice(words, 300)) for _ in range(6)]
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    settings = PrepSettings(tokenizer="sentencepiece", vocab_size=300, model_type=model_type,
+                            val_fraction=0.0, shard_size_mb=0.01, sample_tokens=500)
+    return prepare([tmp_path / "docs.jsonl"], tmp_path / f"ds_{model_type}", settings), docs
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_round_trips_whitespace_and_unicode(tmp_path, model_type):
+    out, docs = _sp_dataset(tmp_path, model_type)
+    tok = load_tokenizer(out)
+    assert tok.kind == "sentencepiece" and tok.vocab_size == 300 and tok.eos_id is not None
+    for text in TRICKY + docs:
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("\t\n")) == 2  # tab and newline are pieces of their own
+
+
+def test_sentencepiece_shards_hold_the_documents_separated_by_eos(tmp_path):
+    out, docs = _sp_dataset(tmp_path)
+    tok = load_tokenizer(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    tokens = []
+    for shard in manifest["splits"]["train"]["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            tokens += [np.frombuffer(tar.extractfile(m).read(), "<u2") for m in tar]
+    tokens = np.concatenate(tokens).tolist()
+    pieces, current = [], []
+    for t in tokens:
+        if t == tok.eos_id:
+            pieces.append(current)
+            current = []
+        else:
+            current.append(t)
+    pieces.append(current)
+    assert [tok.decode(p) for p in pieces] == docs

@@ -1,0 +1,72 @@
+"""Sentencepiece training on a bounded, seeded sample of the corpus; settings that round-trip any UTF-8."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+
+from data_prep.sources import iter_chunks
+from megagpt.errors import UserError
+
+MAX_LINE_CHARS = 4000  # sentencepiece drops longer "sentences" (max_sentence_length is in bytes)
+
+
+def sample_lines(paths: list[Path], text_field: str, chunk_chars: int, sample_size: int,
+                 seed: int) -> list[str]:
+    """Up to sample_size lines drawn uniformly from the whole corpus (reservoir sampling): bounded memory."""
+    rng = random.Random(seed)
+    reservoir: list[str] = []
+    seen = 0
+    for chunk in iter_chunks(paths, text_field, chunk_chars):
+        for text, _ in chunk:
+            for line in text.split("\n"):
+                for i in range(0, len(line), MAX_LINE_CHARS):
+                    piece = line[i:i + MAX_LINE_CHARS]
+                    seen += 1
+                    if len(reservoir) < sample_size:
+                        reservoir.append(piece)
+                    else:
+                        j = rng.randrange(seen)
+                        if j < sample_size:
+                            reservoir[j] = piece
+    return reservoir
+
+
+def train_sentencepiece(paths: list[Path], settings, model_path: Path) -> None:
+    """Train into model_path. Identity normalization, no whitespace folding, byte fallback: lossless."""
+    import sentencepiece as spm
+
+    lines = sample_lines(paths, settings.text_field, settings.chunk_chars, settings.sample_size,
+                         settings.seed)
+    if not any(lines):
+        raise UserError("the inputs contain no text to train sentencepiece on")
+    model = io.BytesIO()  # not a model_prefix: the model would record that (temporary) path
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type=settings.model_type,
+            vocab_size=settings.vocab_size,
+            character_coverage=settings.character_coverage,
+            byte_fallback=settings.byte_fallback,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,  # chunks are encoded separately: no invented leading space per chunk
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            user_defined_symbols=["\n", "\t"],  # never seen in the line sample, yet common in the corpus
+            unk_id=0, bos_id=-1, eos_id=1, pad_id=-1,
+            max_sentence_length=4 * MAX_LINE_CHARS,
+            input_sentence_size=0,  # the sample above is already bounded
+            shuffle_input_sentence=False,
+            num_threads=settings.threads or os.cpu_count() or 1,
+            seed_sentencepiece_size=1_000_000,
+            minloglevel=2,
+            hard_vocab_limit=True,
+        )
+    except RuntimeError as e:
+        raise UserError(f"sentencepiece training failed: {e} (try a smaller --vocab-size or more text)") \
+            from None
+    model_path.write_bytes(model.getvalue())
