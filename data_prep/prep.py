@@ -63,8 +63,10 @@ class PrepSettings:
 
 
 def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSettings,
-            force: bool = False) -> Path:
-    """Prepare a dataset dir from corpus files; returns its path."""
+            force: bool = False, timings: dict | None = None) -> Path:
+    """Prepare a dataset dir from corpus files; returns its path. `timings` receives seconds per phase."""
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
     out_dir = Path(out_dir)
     _check(settings)
     if out_dir.exists() and not force:
@@ -76,9 +78,12 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSetting
     progress = _Progress(work, fingerprint)
     with _pool(settings.workers) as pool:
         tokenizer = _build_tokenizer(paths, settings, work, progress, pool)
+        timings["tokenizer_s"], clock = time.perf_counter() - clock, time.perf_counter()
         dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
         offsets, chunk_files, digests = _tokenize(paths, settings, tokenizer, dtype, work, progress, pool)
+        timings["tokenize_s"], clock = time.perf_counter() - clock, time.perf_counter()
         splits = _write_splits(offsets, chunk_files, settings, dtype, work, progress, pool)
+        timings["shards_s"] = time.perf_counter() - clock
     manifest = {
         "format_version": FORMAT_VERSION,
         "tokenizer": {"kind": tokenizer.kind, "file": _tokenizer_file(tokenizer.kind)},

@@ -188,10 +188,10 @@ class TokenStream:
             done += take
             seg += 1
 
-    def windows(self, window_ids: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) for windows w: x = tokens [w*B, w*B+B), y = the same shifted by one; int64, (n, B) each."""
+    def windows(self, window_ids: np.ndarray, block_size: int) -> np.ndarray:
+        """Tokens [w*B, w*B+B+1) of each window w as rows (n, B+1), in the shards' compact dtype."""
         n, span = len(window_ids), block_size + 1
-        buf = np.empty((n, span), dtype=np.int64)
+        buf = np.empty((n, span), dtype=self.dtype)
         starts = np.asarray(window_ids, dtype=np.int64) * block_size
         segs = np.searchsorted(self.seg_start, starts, side="right") - 1
         inside = starts + span <= self.seg_start[segs + 1]
@@ -202,7 +202,7 @@ class TokenStream:
                 buf[i] = self._tokens_of(int(self.seg_shard[s]))[base:base + span]
             else:
                 self.read(int(starts[i]), span, buf[i])
-        return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+        return buf
 
 
 # ---------------------------------------------------------------- the global window order
@@ -238,11 +238,11 @@ class WindowDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_windows
 
-    def __getitem__(self, position: int):
-        x, y = self.__getitems__([position])
-        return x[0], y[0]
+    def __getitem__(self, position: int) -> np.ndarray:
+        return self.__getitems__([position])[0]
 
-    def __getitems__(self, positions: list[int]):  # DataLoader fetches a whole micro-batch in one call
+    def __getitems__(self, positions: list[int]) -> np.ndarray:  # a DataLoader fetches a micro-batch at once
+        # uint16 rows: a quarter of int64's bytes through the worker queue; widened by to_xy in the consumer.
         return self.stream.windows(self.window_ids(np.asarray(positions)), self.block_size)
 
 
@@ -318,9 +318,14 @@ class StreamingWindows:
             while current < positions[0]:  # other ranks' windows
                 next(windows)
                 current += 1
-            rows = np.stack([next(windows) for _ in positions]).astype(np.int64)
+            rows = np.stack([next(windows) for _ in positions])
             current += len(positions)
-            yield torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+            yield rows
+
+
+def to_xy(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window rows (n, B+1) -> x = rows[:, :-1], y = rows[:, 1:] as contiguous int64 tensors (n, B)."""
+    return torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
 
 
 def _identity(batch):
@@ -384,7 +389,7 @@ class TrainLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:
             self._batches = self._make_batches()
-        batch = next(self._batches)
+        batch = to_xy(next(self._batches))
         self.micro += 1
         if self.micro == self.grad_accum_steps:
             self.step, self.micro = self.step + 1, 0
@@ -443,4 +448,4 @@ def eval_batches(dataset_dir, split: str, block_size: int, micro_batch_size: int
     for b in range(num_batches):
         first = (b * world_size + rank) * micro_batch_size
         positions = np.arange(first, first + micro_batch_size) % dataset.num_windows
-        yield dataset.stream.windows(perm[positions], block_size)
+        yield to_xy(dataset.stream.windows(perm[positions], block_size))

@@ -86,9 +86,21 @@ class SentencePieceTokenizer:
         self.vocab_size = self.sp.get_piece_size()
         eos = self.sp.eos_id()
         self.eos_id = eos if eos >= 0 else None
+        newline = self.sp.piece_to_id("\n")
+        self._newline_id = newline if self.sp.id_to_piece(newline) == "\n" else None
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.sp.encode(text, out_type=int), dtype=np.int32)
+        """Bulk encoding for prep. "\n" is a piece of its own that no merge crosses, so encoding line by line
+        gives the same ids as encoding the whole text, about twice as fast (one thread: workers scale)."""
+        if self._newline_id is None or "\n" not in text:
+            return np.asarray(self.sp.encode(text, out_type=int), dtype=np.int32)
+        lines = self.sp.encode(text.split("\n"), out_type=int, num_threads=1)
+        ids = [self._newline_id] * (len(lines) - 1 + sum(map(len, lines)))
+        pos = 0
+        for line in lines:  # line ids, with the newline id left in place between lines
+            ids[pos:pos + len(line)] = line
+            pos += len(line) + 1
+        return np.asarray(ids, dtype=np.int32)
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text, out_type=int)

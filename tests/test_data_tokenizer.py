@@ -48,6 +48,7 @@ def test_sentencepiece_round_trips_whitespace_and_unicode(tmp_path, model_type):
     assert tok.kind == "sentencepiece" and tok.vocab_size == 300 and tok.eos_id is not None
     for text in TRICKY + docs:
         assert tok.decode(tok.encode(text)) == text
+        assert tok.encode_array(text).tolist() == tok.sp.encode(text)  # the bulk path prep uses
     assert len(tok.encode("\t\n")) == 2  # tab and newline are pieces of their own
 
 
