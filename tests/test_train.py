@@ -21,8 +21,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained_run(shakespeare_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=60, eval_interval=30,
-                                                 checkpoint_interval=30, lr=3e-3))
+    cfg = load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=200, eval_interval=100,
+                                                 checkpoint_interval=100, lr=3e-3, micro_batch_size=16))
     state = train(cfg, run_dir)
     return run_dir, state
 
@@ -30,9 +30,10 @@ def trained_run(shakespeare_dataset, tmp_path_factory):
 def test_a_tiny_run_learns(trained_run):
     run_dir, state = trained_run
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
-    assert len(losses) == 60
+    assert len(losses) == 200
     assert losses[0] > 3.9  # ≈ ln(65) at initialisation
-    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
+    # below the unigram entropy of Shakespeare's characters (≈3.3 nats): it uses context, not just letter counts
+    assert sum(losses[-10:]) / 10 < 2.9
     val = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
     assert len(val) == 2 and val[1] < val[0]
 
@@ -40,10 +41,10 @@ def test_a_tiny_run_learns(trained_run):
 def test_the_run_dir_holds_config_checkpoints_samples_and_tokenizer(trained_run):
     run_dir, _ = trained_run
     resolved = load_config(run_dir / "config.yaml")
-    assert resolved.model.vocab_size == 65 and resolved.train.max_steps == 60
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000060"
-    assert {p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()} == {"step_000030", "step_000060"}
-    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000030.txt", "step_000060.txt"]
+    assert resolved.model.vocab_size == 65 and resolved.train.max_steps == 200
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000200"
+    assert {p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()} == {"step_000100", "step_000200"}
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000100.txt", "step_000200.txt"]
     assert (run_dir / "tokenizer" / "manifest.json").is_file()
 
 
@@ -55,8 +56,8 @@ def test_tensorboard_has_the_scalar_tags(trained_run):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "val/loss"} <= scalars
-    assert len(events.Scalars("train/loss")) == 60
-    assert [e.step for e in events.Scalars("val/loss")] == [30, 60]
+    assert len(events.Scalars("train/loss")) == 200
+    assert [e.step for e in events.Scalars("val/loss")] == [100, 200]
     first_lr = events.Scalars("train/lr")[0].value
     assert first_lr == pytest.approx(lr_at(0, load_config(run_dir / "config.yaml").train), rel=1e-6)
 

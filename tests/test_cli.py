@@ -1,0 +1,50 @@
+"""The `megagpt` command as a user types it: train prepares its data, sample reads the run, bench train times."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TINY_MODEL
+
+CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_char_cpu.yaml"
+
+
+def megagpt(*args, cwd=None) -> subprocess.CompletedProcess:
+    exe = shutil.which("megagpt") or None
+    cmd = [exe] if exe else [sys.executable, "-m", "megagpt"]
+    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_train_prepares_missing_data_then_sample_reads_the_run(shakespeare_path, tmp_path):
+    data_dir, run_dir = tmp_path / "data" / "shakespeare_char", tmp_path / "run"
+    sets = [*TINY_MODEL, f"data.dataset_dir={data_dir}", f"data.source={shakespeare_path}",
+            "train.max_steps=12", "train.eval_interval=6", "train.eval_steps=2", "train.checkpoint_interval=6",
+            "train.sample_tokens=8", "logging.progress_bar=false"]
+    result = megagpt("train", CPU_CONFIG, *[a for s in sets for a in ("--set", s)], "--run-dir", run_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (data_dir / "manifest.json").is_file()
+    assert "step 12: val loss" in result.stdout + result.stderr
+    sample = megagpt("sample", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", 30, "--seed", 1)
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert sample.stdout.startswith("ROMEO:") and len(sample.stdout.rstrip("\n")) >= len("ROMEO:") + 20
+
+
+def test_sample_of_a_directory_without_a_run_is_a_one_line_error(tmp_path):
+    result = megagpt("sample", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and str(tmp_path) in result.stderr
+
+
+def test_bench_train_times_megagpt_and_the_plain_torch_loop(shakespeare_dataset, tmp_path):
+    sets = [*TINY_MODEL, f"data.dataset_dir={shakespeare_dataset}", "data.prepare=none", "train.threads=1"]
+    out = tmp_path / "bench.json"
+    result = megagpt("bench", "train", CPU_CONFIG, *[a for s in sets for a in ("--set", s)],
+                     "--steps", 5, "--warmup", 2, "--baseline", "--json", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    numbers = json.loads(out.read_text())
+    assert set(numbers) == {"megagpt", "plain_torch"}
+    assert all(n["tokens_per_sec"] > 0 for n in numbers.values())
+    assert "tokens/s" in result.stdout
