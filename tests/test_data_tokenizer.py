@@ -48,7 +48,8 @@ def test_sentencepiece_round_trips_whitespace_and_unicode(tmp_path, model_type):
     assert tok.kind == "sentencepiece" and tok.vocab_size == 300 and tok.eos_id is not None
     for text in TRICKY + docs:
         assert tok.decode(tok.encode(text)) == text
-        assert tok.encode_array(text).tolist() == tok.sp.encode(text)  # the bulk path prep uses
+        if model_type == "bpe":  # line-by-line encoding is exactly whole-text encoding
+            assert tok.encode(text) == tok.sp.encode(text)
     assert len(tok.encode("\t\n")) == 2  # tab and newline are pieces of their own
 
 
