@@ -8,8 +8,8 @@ import os
 
 import torch
 
-# FOOTGUN: triton reads TRITON_INTERPRET when each @triton.jit function is defined, so it must be set before the
-# kernel modules below are imported. Without CUDA the interpreter is the only way the kernels can run at all.
+# FOOTGUN: triton reads TRITON_INTERPRET when each @triton.jit function is defined, so it must be set before
+# the kernel modules below are imported. Without CUDA the interpreter is the only way the kernels can run.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -1,19 +1,20 @@
 """Fused causal attention (FlashAttention-2 in Triton): kernels, launchers, and the `megagpt::` custom ops.
 
-Layout: q, k, v are (B, H, T, D), any strides. Forward keeps one (BLOCK_M, D) query tile in registers and streams
-key/value tiles through an online softmax with fp32 accumulators; it saves only O and the per-row log-sum-exp.
+Layout: q, k, v are (B, H, T, D), any strides. Forward keeps one (BLOCK_M, D) query tile in registers and
+streams key/value tiles through an online softmax with fp32 accumulators; it saves only O and the per-row
+log-sum-exp.
 Tiles above the diagonal are never visited, and no T x T tensor exists in forward or backward.
 
-Backward maths, derived once. Per (batch, head), with s = softmax_scale, r = 1/(1-p) and Z the dropout keep-mask:
+Backward maths, derived once. Per (batch, head), with s = softmax_scale, r = 1/(1-p), Z the dropout keep-mask:
     S = s Q K^T (causal-masked),  P = softmax(S) row-wise,  P~ = r (Z * P),  O = P~ V
     dV  = P~^T dO
     dP~ = dO V^T,            dP = r (Z * dP~)
     dS  = P * (dP - delta),  delta_i = sum_j P_ij dP_ij = sum_j P~_ij (dO_i . V_j) = dO_i . O_i
     dQ  = s dS K,            dK = s dS^T Q
-So delta = rowsum(dO * O) needs no T x T tensor, dropout included, and P is rebuilt tile by tile from the saved
-log-sum-exp: P_ij = exp2(S_ij log2(e) - lse_i), where lse is kept in base 2 (exp2 is the fast instruction).
-The dropout mask Z is never stored: Z_ij = tl.rand(seed, offset_ij) > p with offset_ij the element's index in the
-virtual (B, H, T, T) matrix, so backward draws exactly the mask that forward drew.
+So delta = rowsum(dO * O) needs no T x T tensor, dropout included, and P is rebuilt tile by tile from the
+saved log-sum-exp: P_ij = exp2(S_ij log2(e) - lse_i), lse kept in base 2 (exp2 is the fast instruction).
+The dropout mask Z is never stored: Z_ij = tl.rand(seed, offset_ij) > p with offset_ij the element's index in
+the virtual (B, H, T, T) matrix, so backward draws exactly the mask that forward drew.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ import triton.language as tl
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Kernels
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _keep_mask(seed, dropout_p, bh, T, offs_m, offs_n):
-    """Dropout keep-mask of a (len(offs_m), len(offs_n)) tile: the one formula forward, backward and tests share."""
-    offsets = (bh * T + offs_m[:, None].to(tl.int64)) * T + offs_n[None, :]  # index in the (B, H, T, T) matrix
+    """Dropout keep-mask of a (len(offs_m), len(offs_n)) tile: one formula for forward, backward, tests."""
+    offsets = (bh * T + offs_m[:, None].to(tl.int64)) * T + offs_n[None, :]  # index in (B, H, T, T)
     return tl.rand(seed, offsets) > dropout_p
 
 
@@ -68,7 +69,7 @@ def _fwd_tile(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Online-softmax over key tiles [start, stop); CAUSAL_MASK only on the tiles that straddle the diagonal."""
+    """Online softmax over key tiles [start, stop); CAUSAL_MASK only on tiles that straddle the diagonal."""
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -81,7 +82,7 @@ def _fwd_tile(
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too: dropout acts after softmax
+        l_i = l_i * alpha + tl.sum(p, 1)  # counts dropped entries too: dropout acts after the softmax
         if DROPOUT:
             keep = _keep_mask(seed, dropout_p, bh, T, offs_m, offs_n)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -148,10 +149,11 @@ def _bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=ok, other=0.0).to(tl.float32)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    do_ptrs = (DO + b * stride_dob + h * stride_doh
+               + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod)
+    o = tl.load(o_ptrs, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(do_ptrs, mask=ok, other=0.0).to(tl.float32)
     tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
@@ -162,7 +164,7 @@ def _bwd_dkdv_tile(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over query tiles [start, stop), working on transposed (N, M) tiles."""
+    """Accumulate dK, dV of one key tile over query tiles [start, stop), on transposed (N, M) tiles."""
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -214,13 +216,14 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                 mask=kv_ok, other=0.0)
     Q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    DO_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+    DO_ptrs = (DO + b * stride_dob + h * stride_doh
+               + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Query tiles on the diagonal (masked), then every query tile below it; none above.
     diag_end = tl.minimum(start_n + BLOCK_N, T)
-    dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q_ptrs, DO_ptrs, LSE, DELTA, start_n, diag_end, stride_qt, stride_dot,
-                            offs_n, offs_d, bh, T, qk_scale, dropout_p, seed,
+    dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q_ptrs, DO_ptrs, LSE, DELTA, start_n, diag_end,
+                            stride_qt, stride_dot, offs_n, offs_d, bh, T, qk_scale, dropout_p, seed,
                             HEAD_DIM, BLOCK_M, True, DROPOUT, PRECISION)
     dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q_ptrs, DO_ptrs, LSE, DELTA, diag_end, T, stride_qt, stride_dot,
                             offs_n, offs_d, bh, T, qk_scale, dropout_p, seed,
@@ -278,10 +281,11 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
     ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=ok, other=0.0)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    do_ptrs = (DO + b * stride_dob + h * stride_doh
+               + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod)
+    q = tl.load(q_ptrs, mask=ok, other=0.0)
+    do = tl.load(do_ptrs, mask=ok, other=0.0)
     lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
     K_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
@@ -314,15 +318,15 @@ _attn_bwd_dq_tuned = triton.autotune(_configs([(128, 32), (128, 64), (64, 32), (
 INTERPRETER_BLOCK = 16  # the interpreter runs programs one by one in numpy: small tiles, few of them
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Launchers
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 def interpreting(t: torch.Tensor) -> bool:
-    """True when kernels run under Triton's CPU interpreter (fixed small tiles) rather than compiled on a GPU."""
+    """True when kernels run under Triton's CPU interpreter (fixed small tiles), not compiled for a GPU."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if t.device.type == "cpu" and not interpret:
-        raise RuntimeError("kernels: CPU tensors need Triton's interpreter; set TRITON_INTERPRET=1 before triton "
-                           "is imported (importing `kernels` does this when no CUDA device exists)")
+        raise RuntimeError("kernels: CPU tensors need Triton's interpreter; set TRITON_INTERPRET=1 before "
+                           "triton is imported (importing `kernels` does this when no CUDA device exists)")
     return interpret
 
 
@@ -332,9 +336,9 @@ def _check_qkv(q, k, v) -> None:
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not 16 <= q.shape[-1] <= 128:
         raise ValueError(f"causal_attention: head dim D={q.shape[-1]} unsupported (16 <= D <= 128)")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"causal_attention: q, k, v must be one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"causal_attention: q, k, v must share one dtype of fp32/fp16/bf16, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def _meta(q: torch.Tensor, dropout_p: float) -> dict:
@@ -394,16 +398,16 @@ def dropout_keep_mask(B: int, H: int, T: int, seed: int, dropout_p: float, devic
     return keep
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Custom ops (so torch.compile sees opaque, differentiable calls) and the public function
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 def _seed_value(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.item())
 
 
 @torch.library.custom_op("megagpt::causal_attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, dropout_p: float,
-                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                      dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_forward(q, k, v, softmax_scale, dropout_p, _seed_value(seed))
 
 

@@ -4,9 +4,9 @@ Backward maths, derived once. Per row of C elements, with xhat = (x - mean) * rs
 g = dy * w (g = dy without a weight):
     dxhat = g,  dx = rstd * (g - mean_C(g) - xhat * mean_C(g * xhat))
     dw = sum_rows dy * xhat,  db = sum_rows dy
-dx is finished inside each row's program. dw and db are summed over rows in two steps so that no atomics are needed
-and the result is deterministic: G programs each own a contiguous group of rows and write one fp32 partial row to a
-(G, C) buffer; a second kernel sums the G partial rows per column.
+dx is finished inside each row's program. dw and db are summed over rows in two steps, so that no atomics are
+needed and the result is deterministic: G programs each own a contiguous group of rows and write one fp32
+partial row to a (G, C) buffer; a second kernel sums the G partial rows per column.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import triton.language as tl
 MAX_C = 65536  # one row lives in registers: beyond this a row would need a looped kernel
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Kernels
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _ln_fwd_kernel(
     X,  # (N, C) input rows, unit column stride
@@ -119,14 +119,14 @@ _ln_fwd_tuned = triton.autotune(_WARPS, key=["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"
 _ln_bwd_tuned = triton.autotune(_WARPS, key=["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"])(_ln_bwd_kernel)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Launchers
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 def _interpreting(t: torch.Tensor) -> bool:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if t.device.type == "cpu" and not interpret:
-        raise RuntimeError("kernels: CPU tensors need Triton's interpreter; set TRITON_INTERPRET=1 before triton "
-                           "is imported (importing `kernels` does this when no CUDA device exists)")
+        raise RuntimeError("kernels: CPU tensors need Triton's interpreter; set TRITON_INTERPRET=1 before "
+                           "triton is imported (importing `kernels` does this when no CUDA device exists)")
     return interpret
 
 
@@ -153,7 +153,7 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
 
 
 def layer_norm_backward(dy, x, weight, bias, mean, rstd):
-    """Launch the row kernel and the column sums: returns dx, dw, db (dw/db empty when the parameter is None)."""
+    """Launch the row kernel and the column sums: dx, dw, db (dw/db empty when the parameter is None)."""
     C = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
     N = x2.shape[0]
@@ -182,9 +182,9 @@ def _column_sum(part: torch.Tensor, dtype: torch.dtype, interpret: bool) -> torc
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Custom ops and the public function
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 @torch.library.custom_op("megagpt::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,8 +198,9 @@ def _(x, weight, bias, eps):
 
 
 @torch.library.custom_op("megagpt::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None, mean: torch.Tensor,
+                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return layer_norm_backward(dy, x, weight, bias, mean, rstd)
 
 
@@ -232,7 +233,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     C = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != (C,):
-            raise ValueError(f"layer_norm: {name} must have shape ({C},) to match x's last dim, got {tuple(p.shape)}")
+            raise ValueError(f"layer_norm: {name} must have shape ({C},) to match x's last dim, "
+                             f"got {tuple(p.shape)}")
     if not 1 <= C <= MAX_C:
         raise ValueError(f"layer_norm: last dim C={C} unsupported (1 <= C <= {MAX_C})")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -12,11 +12,13 @@ from kernels.attention import dropout_keep_mask
 __all__ = ["causal_attention_reference", "dropout_keep_mask", "layer_norm_reference"]
 
 
-def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
-                               dropout_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Explicit masked softmax over (B, H, T, D); `dropout_mask` (B, H, T, T, True = kept) applies a given mask.
+def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               softmax_scale: float | None = None, dropout_mask: torch.Tensor | None = None,
+                               dropout_p: float = 0.0) -> torch.Tensor:
+    """Explicit masked softmax over (B, H, T, D); `dropout_mask` (B, H, T, T; True = kept) applies a mask.
 
-    With dropout_p > 0 and no mask, torch's own dropout draws one (not the kernels' mask: see dropout_keep_mask).
+    With dropout_p > 0 and no mask, torch's own dropout draws one (not the kernels' mask: see
+    dropout_keep_mask, which returns exactly the mask the kernels draw for a seed).
     """
     T, D = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale

@@ -1,0 +1,146 @@
+"""Triton causal attention against float64 references (interpreter on CPU): values, grads, dropout, ops."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.reference import causal_attention_reference, dropout_keep_mask
+
+FP32_TOL = 1e-4  # relative L2 error against float64
+FP16_FACTOR = 2.0  # fp16: at most this times torch's own fp16 SDPA error against the same reference
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref||. An exactly-zero reference (T=1: dq, dk) is measured against an RMS floor of
+    0.01, 1% of the unit scale of the random inputs: rounding noise around zero passes, real errors do not."""
+    return ((a.double() - ref).norm() / max(ref.norm().item(), 1e-2 * math.sqrt(ref.numel()))).item()
+
+
+def make_qkv(B, H, T, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, T, D, generator=g) for _ in range(4))
+    return q, k, v, do
+
+
+def run(fn, q, k, v, do, dtype, **kw):
+    """fn's output and (dq, dk, dv) for inputs cast to dtype."""
+    leaves = [x.to(dtype).clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves, **kw)
+    out.backward(do.to(dtype))
+    return [out.detach(), *(x.grad for x in leaves)]
+
+
+def reference64(q, k, v, do, **kw):
+    return run(causal_attention_reference, q, k, v, do, torch.float64, **kw)
+
+
+# Every T and every D of the spec, two of them at B*H = 6.
+SHAPES_FP32 = [(1, 1, 1, 16), (2, 3, 7, 128), (1, 2, 64, 48), (3, 2, 65, 64), (1, 1, 129, 16),
+               (2, 3, 200, 48), (1, 1, 200, 128)]
+
+
+@pytest.mark.parametrize("B,H,T,D", SHAPES_FP32)
+def test_fp32_output_and_grads_match_float64_reference(B, H, T, D):
+    q, k, v, do = make_qkv(B, H, T, D, seed=T * 1000 + D)
+    ours = run(kernels.causal_attention, q, k, v, do, torch.float32)
+    ref = reference64(q, k, v, do)
+    for name, a, r in zip(["out", "dq", "dk", "dv"], ours, ref, strict=True):
+        assert a.dtype == torch.float32 and a.shape == r.shape
+        assert rel_err(a, r) <= FP32_TOL, (name, rel_err(a, r))
+
+
+@pytest.mark.parametrize("B,H,T,D", [(2, 3, 65, 64), (1, 2, 129, 48), (1, 1, 200, 128), (1, 2, 7, 16)])
+def test_fp16_error_at_most_twice_torch_sdpa(B, H, T, D):
+    q, k, v, do = make_qkv(B, H, T, D, seed=T + D)
+    ours = run(kernels.causal_attention, q, k, v, do, torch.float16)
+    sdpa = run(F.scaled_dot_product_attention, q, k, v, do, torch.float16, is_causal=True)  # torch's CPU fp16
+    ref = reference64(q, k, v, do)
+    for name, a, t, r in zip(["out", "dq", "dk", "dv"], ours, sdpa, ref, strict=True):
+        assert a.dtype == torch.float16
+        assert rel_err(a, r) <= FP16_FACTOR * rel_err(t, r), (name, rel_err(a, r), rel_err(t, r))
+
+
+def test_softmax_scale_is_honoured():
+    q, k, v, do = make_qkv(1, 2, 33, 32, seed=7)
+    ours = run(kernels.causal_attention, q, k, v, do, torch.float32, softmax_scale=0.37)
+    ref = reference64(q, k, v, do, softmax_scale=0.37)
+    assert all(rel_err(a, r) <= FP32_TOL for a, r in zip(ours, ref, strict=True))
+
+
+def test_non_contiguous_inputs_give_the_same_results():
+    B, T, H, D = 2, 40, 3, 48
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, T, 3, H, D, generator=g)  # (B, T, 3, H, D) as a fused projection would give
+    do = torch.randn(B, H, T, D, generator=g)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views, strided
+    assert not q.is_contiguous()
+    do_strided = do.transpose(1, 2).contiguous().transpose(1, 2)
+    strided = run(kernels.causal_attention, q, k, v, do_strided, torch.float32)
+    dense = run(kernels.causal_attention, q.contiguous(), k.contiguous(), v.contiguous(), do, torch.float32)
+    ref = reference64(q, k, v, do)
+    for a, b, r in zip(strided, dense, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert rel_err(a, r) <= FP32_TOL
+
+
+def test_dropout_keeps_one_minus_p_of_the_entries():
+    p = 0.3
+    keep = dropout_keep_mask(2, 4, 256, seed=1234, dropout_p=p)  # 524k draws
+    assert keep.shape == (2, 4, 256, 256) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    # per (batch, head) slice, too: offsets must not repeat across slices
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+
+
+def test_dropout_same_seed_same_result_different_seed_differs():
+    q, k, v, _ = make_qkv(1, 2, 24, 16, seed=5)
+    a = kernels.causal_attention(q, k, v, dropout_p=0.2, seed=11)
+    b = kernels.causal_attention(q, k, v, dropout_p=0.2, seed=11)
+    c = kernels.causal_attention(q, k, v, dropout_p=0.2, seed=12)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert torch.equal(dropout_keep_mask(1, 2, 24, 11, 0.2), dropout_keep_mask(1, 2, 24, 11, 0.2))
+
+
+def test_dropout_seed_drawn_from_torch_generator():
+    q, k, v, _ = make_qkv(1, 1, 20, 16, seed=6)
+    torch.manual_seed(42)
+    a = kernels.causal_attention(q, k, v, dropout_p=0.25)
+    b = kernels.causal_attention(q, k, v, dropout_p=0.25)
+    torch.manual_seed(42)
+    c = kernels.causal_attention(q, k, v, dropout_p=0.25)
+    assert torch.equal(a, c) and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("B,H,T,D", [(1, 2, 65, 32), (2, 3, 17, 16)])
+def test_dropout_forward_and_grads_match_reference_with_identical_mask(B, H, T, D):
+    p, seed = 0.25, 99
+    q, k, v, do = make_qkv(B, H, T, D, seed=T)
+    ours = run(kernels.causal_attention, q, k, v, do, torch.float32, dropout_p=p, seed=seed)
+    mask = dropout_keep_mask(B, H, T, seed, p)
+    ref = reference64(q, k, v, do, dropout_mask=mask, dropout_p=p)
+    no_dropout = reference64(q, k, v, do)
+    for name, a, r, r0 in zip(["out", "dq", "dk", "dv"], ours, ref, no_dropout, strict=True):
+        assert rel_err(a, r) <= FP32_TOL, (name, rel_err(a, r))
+        assert rel_err(a, r0) > 1e-2  # the mask really did something
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v, do = make_qkv(1, 2, 9, 16, seed=8)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    seed = torch.tensor([3])
+    torch.library.opcheck(torch.ops.megagpt.causal_attention_fwd.default, (q, k, v, 0.25, 0.0, None))
+    torch.library.opcheck(torch.ops.megagpt.causal_attention_fwd.default, (q, k, v, 0.25, 0.1, seed))
+    o, lse = torch.ops.megagpt.causal_attention_fwd(q, k, v, 0.25, 0.1, seed)
+    torch.library.opcheck(torch.ops.megagpt.causal_attention_bwd.default,
+                          (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, 0.25, 0.1, seed))
+
+
+@pytest.mark.parametrize("shape,message", [((1, 2, 8, 8), "head dim"), ((2, 8, 16), "(B, H, T, D)")])
+def test_bad_shapes_raise_clear_errors(shape, message):
+    x = torch.randn(*shape)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        kernels.causal_attention(x, x, x)

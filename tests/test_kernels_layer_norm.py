@@ -1,0 +1,100 @@
+"""Triton LayerNorm against a float64 reference (under the interpreter on CPU): values, grads, shapes, ops."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.reference import layer_norm_reference
+
+FP32_TOL = 1e-4
+FP16_FACTOR = 2.0  # fp16: at most this times F.layer_norm's own fp16 error against the same reference
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref||. An exactly-zero reference (C=1: dx, dw) is measured against an RMS floor of
+    0.01, 1% of the unit scale of the random inputs: rounding noise around zero passes, real errors do not."""
+    return ((a.double() - ref).norm() / max(ref.norm().item(), 1e-2 * math.sqrt(ref.numel()))).item()
+
+
+def make_inputs(shape, has_weight, has_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[-1]
+    x = torch.randn(shape, generator=g) * 2 + 0.5  # a non-zero mean, so centring matters
+    w = torch.randn(C, generator=g) if has_weight else None
+    b = torch.randn(C, generator=g) if has_bias else None
+    dy = torch.randn(shape, generator=g)
+    return x, w, b, dy
+
+
+def run(fn, x, w, b, dy, dtype):
+    """fn's output and the grads of x, weight, bias (the ones that exist), all inputs cast to dtype."""
+    leaves = [t.to(dtype).clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = fn(*leaves)
+    y.backward(dy.to(dtype))
+    return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def torch_layer_norm(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b)
+
+
+CASES = [((4, 1000), True, True), ((2, 3, 1023), True, False), ((5, 1), True, True),
+         ((3, 7, 64), False, False), ((2, 16384), True, True), ((33, 96), False, True)]
+
+
+@pytest.mark.parametrize("shape,has_weight,has_bias", CASES)
+def test_fp32_output_and_grads_match_float64_reference(shape, has_weight, has_bias):
+    x, w, b, dy = make_inputs(shape, has_weight, has_bias, seed=shape[-1])
+    ours = run(kernels.layer_norm, x, w, b, dy, torch.float32)
+    ref = run(layer_norm_reference, x, w, b, dy, torch.float64)
+    assert len(ours) == 2 + has_weight + has_bias
+    for a, r in zip(ours, ref, strict=True):
+        assert a.dtype == torch.float32 and a.shape == r.shape
+        assert rel_err(a, r) <= FP32_TOL, rel_err(a, r)
+
+
+@pytest.mark.parametrize("shape,has_weight,has_bias", [((4, 1000), True, True), ((2, 3, 1023), False, True),
+                                                       ((6, 128), True, False)])
+def test_fp16_error_at_most_twice_torch_layer_norm(shape, has_weight, has_bias):
+    x, w, b, dy = make_inputs(shape, has_weight, has_bias, seed=1 + shape[-1])
+    ours = run(kernels.layer_norm, x, w, b, dy, torch.float16)
+    theirs = run(torch_layer_norm, x, w, b, dy, torch.float16)  # torch's CPU fp16 LayerNorm
+    ref = run(layer_norm_reference, x, w, b, dy, torch.float64)
+    for a, t, r in zip(ours, theirs, ref, strict=True):
+        assert a.dtype == torch.float16
+        assert rel_err(a, r) <= FP16_FACTOR * rel_err(t, r), (rel_err(a, r), rel_err(t, r))
+
+
+def test_eps_is_honoured():
+    x, w, b, dy = make_inputs((3, 50), True, True, seed=2)
+    x = x * 1e-2  # variance comparable to eps
+    ours = kernels.layer_norm(x, w, b, eps=1e-3)
+    ref = layer_norm_reference(x.double(), w.double(), b.double(), eps=1e-3)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_input_gives_the_same_result():
+    x, w, b, dy = make_inputs((6, 5, 40), True, True, seed=4)
+    xt = x.transpose(0, 1)  # (5, 6, 40), rows strided
+    ours = run(kernels.layer_norm, xt, w, b, dy.transpose(0, 1), torch.float32)
+    ref = run(layer_norm_reference, xt, w, b, dy.transpose(0, 1), torch.float64)
+    for a, r in zip(ours, ref, strict=True):
+        assert rel_err(a, r) <= FP32_TOL
+
+
+def test_custom_ops_pass_opcheck():
+    x, w, b, dy = make_inputs((3, 24), True, True, seed=5)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    torch.library.opcheck(torch.ops.megagpt.layer_norm_fwd.default, (x, w, b, 1e-5))
+    torch.library.opcheck(torch.ops.megagpt.layer_norm_fwd.default, (x, None, None, 1e-5))
+    _, mean, rstd = torch.ops.megagpt.layer_norm_fwd(x, w, b, 1e-5)
+    args = (dy, x.detach(), w.detach(), b.detach(), mean, rstd)
+    torch.library.opcheck(torch.ops.megagpt.layer_norm_bwd.default, args)
+
+
+def test_mismatched_weight_raises_clear_error():
+    with pytest.raises(ValueError, match="weight must have shape"):
+        kernels.layer_norm(torch.randn(2, 8), torch.ones(7), None)
