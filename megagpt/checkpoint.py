@@ -19,6 +19,7 @@ from megagpt.distributed import DistInfo, barrier
 
 TAG_PATTERN = re.compile(r"^step_(\d{6,})$")
 MANIFEST = "megagpt_manifest.json"
+UNIVERSAL_SUFFIX = "_universal"  # step_NNNNNN_universal/: DeepSpeed's universal conversion of step_NNNNNN/
 
 
 def tag_for(step: int) -> str:
@@ -40,6 +41,14 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def derived_rng_state(seed: int, step: int, rank: int) -> None:
+    """For a rank the checkpoint has no RNG file for (the world grew): seeded from (seed, step, rank)."""
+    mixed = (seed * 1_000_003 + step) * 65_537 + rank
+    random.seed(mixed)
+    np.random.seed(mixed % 2**32)
+    torch.manual_seed(mixed)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -108,17 +117,18 @@ class Checkpointer:
         """Every rank writes its shards; only after all have finished does rank 0 seal and point `latest` at it."""
         tag = tag_for(step)
         tag_dir = self.directory / tag
-        if self.dist.is_main and tag_dir.exists():  # a leftover from a killed save of the same step
-            shutil.rmtree(tag_dir)
+        if self.dist.is_main:  # leftovers from a killed save of the same step
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            shutil.rmtree(self.directory / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
         barrier()
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), tag_dir / f"rng_rank{self.dist.rank:05d}.pt")
-        barrier()
+        barrier(slow=True)  # every rank's files are complete before rank 0 hashes them
         if self.dist.is_main:
             write_manifest(tag_dir, {"step": step, "world_size": self.dist.world_size, **(meta or {})})
             _atomic_write(self.directory / "latest", tag)
             self._prune(keep=tag)
-        barrier()
+        barrier(slow=True)
         return tag_dir
 
     def tags(self) -> list[str]:
@@ -142,17 +152,20 @@ class Checkpointer:
     def read_manifest(self, tag: str) -> dict[str, Any]:
         return json.loads((self.directory / tag / MANIFEST).read_text())
 
-    def load(self, engine, tag: str) -> dict[str, Any]:
+    def load(self, engine, tag: str, load_tag: str | None = None, seed: int = 0) -> dict[str, Any]:
+        """DeepSpeed state from `load_tag` (default `tag`, or its universal conversion), RNG from `tag`.
+
+        The caller has verified the tag (`latest_good_tag`, or `verify_manifest` for an explicit one).
+        """
         tag_dir = self.directory / tag
-        problem = verify_manifest(tag_dir)
-        if problem is not None:
-            raise RuntimeError(f"cannot resume from {tag_dir}: {problem}")
-        path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
+        path, client_state = engine.load_checkpoint(str(self.directory), tag=load_tag or tag)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+            raise RuntimeError(f"DeepSpeed could not load {self.directory / (load_tag or tag)}")
         rng_file = tag_dir / f"rng_rank{self.dist.rank:05d}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            derived_rng_state(seed, step_of(tag), self.dist.rank)
         return client_state
 
     def _prune(self, keep: str) -> None:
@@ -162,3 +175,4 @@ class Checkpointer:
             pinned = self.keep_every is not None and step_of(tag) % self.keep_every == 0
             if tag not in recent and not pinned:
                 shutil.rmtree(self.directory / tag, ignore_errors=True)
+                shutil.rmtree(self.directory / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)

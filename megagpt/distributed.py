@@ -63,6 +63,32 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def barrier(slow: bool = False) -> None:
+    """All ranks meet; `slow` for waits on rank-0-only work (hashing, converting) that outlast the timeout."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier(group=slow_group() if slow else None)
+
+
+_SLOW_GROUP = None
+SLOW_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def slow_group():
+    """A gloo group with a long timeout, made on first use (a collective: every rank must reach it).
+
+    The main group's timeout is short on purpose (a dead rank must end the job within minutes), but ranks
+    legitimately wait longer while rank 0 hashes a big checkpoint or converts one to universal format.
+    """
+    global _SLOW_GROUP
+    if _SLOW_GROUP is None:
+        _SLOW_GROUP = torch.distributed.new_group(backend="gloo", timeout=SLOW_TIMEOUT)
+    return _SLOW_GROUP
+
+
+def on_main(compute):
+    """Rank 0 computes (e.g. hashes every checkpoint file), every rank gets the answer."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return compute()
+    box = [compute() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0, group=slow_group())
+    return box[0]

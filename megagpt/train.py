@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ from megagpt.lr_schedule import lr_at
 from megagpt.metrics import RunLogger
 from megagpt.model import GPT
 from megagpt.signals import StopRequest
+from megagpt.step_guard import StepGuard
+from megagpt.universal import ResumePoint, find_resume_point
 
 # Model keys that change parameter shapes: a checkpoint only resumes into a model that agrees on all of them.
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
@@ -53,17 +54,20 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
         save_config(cfg, run_dir / "config.yaml")
         copy_tokenizer(dataset_dir, run_dir / TOKENIZER_DIR)
 
-    engine = build_engine(cfg, dist)
+    checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.train.keep_checkpoints, cfg.train.keep_every)
+    # Before the engine: a checkpoint from another world size is converted, and the engine built to load it.
+    resume_point = find_resume_point(checkpointer, resume, dist)
+    engine = build_engine(cfg, dist, load_universal=resume_point is not None and resume_point.universal)
     device = device_for(dist)
     accum = grad_accum_steps(cfg.train, cfg.model.block_size, dist.world_size)
     loader = TrainLoader(
         dataset_dir, cfg.model.block_size, cfg.train.micro_batch_size, accum, dist.rank, dist.world_size,
         seed=cfg.train.seed, num_workers=cfg.data.num_workers, on_corrupt_shard=cfg.data.on_corrupt_shard,
     )
-    checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.train.keep_checkpoints, cfg.train.keep_every)
     state = TrainState()
     manifest_hash = hashlib.sha256((Path(dataset_dir) / "manifest.json").read_bytes()).hexdigest()
-    resumed_from = _resume(engine, checkpointer, loader, state, cfg, resume, manifest_hash)
+    resumed_from = _resume(engine, resume_point, loader, state, cfg, manifest_hash)
+    guard = StepGuard(engine, cfg.train.max_bad_steps, fp16=cfg.train.dtype == "fp16")
 
     log = RunLogger(run_dir, dist.is_main, state.step, cfg.train.max_steps,
                     cfg.logging.tensorboard, cfg.logging.progress_bar)
@@ -86,21 +90,13 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
             lr = lr_at(state.step, cfg.train)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_step(engine, batches, accum, device)
+            loss = train_step(engine, batches, accum, device, guard)
             state.step += 1
             state.tokens_seen += tokens_per_step
             window_steps += 1
-
-            if not math.isfinite(loss):
-                state.bad_steps_in_row += 1
-                state.skipped_steps += 1
-                if state.bad_steps_in_row >= cfg.train.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{state.bad_steps_in_row} non-finite losses in a row at step {state.step}: stopping "
-                        f"without saving (lower train.lr or check the data)"
-                    )
-            else:
-                state.bad_steps_in_row = 0
+            # A non-finite loss or gradient norm (or an fp16 overflow) skipped the update; many in a row stop.
+            state.skipped_steps += guard.after_update(loss, state.step)
+            state.bad_steps_in_row = guard.bad_in_row
 
             if state.step % cfg.train.log_interval == 0 or state.step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - window_start
@@ -136,14 +132,16 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
     return state
 
 
-def train_step(engine, batches, accum: int, device: torch.device) -> float:
+def train_step(engine, batches, accum: int, device: torch.device, guard: StepGuard) -> float:
     """One optimizer step over `accum` micro-batches; returns the loss averaged over micro-batches and ranks."""
     total = torch.zeros((), device=device)
-    for _ in range(accum):
+    for micro in range(accum):
         x, y = next(batches)
         _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        engine.backward(loss)
-        engine.step()
+        engine.backward(guard.watch(loss))
+        if micro == accum - 1:
+            guard.before_update()
+        engine.step()  # only the last micro-batch's call updates the weights
         total += loss.detach().float()
     total /= accum
     return _mean_over_ranks(total)
@@ -168,7 +166,7 @@ def evaluate(engine, dataset_dir, cfg: Config, dist: DistInfo, device: torch.dev
     return _mean_over_ranks(torch.stack(losses).mean())
 
 
-def build_engine(cfg: Config, dist: DistInfo):
+def build_engine(cfg: Config, dist: DistInfo, load_universal: bool = False):
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -177,8 +175,10 @@ def build_engine(cfg: Config, dist: DistInfo):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                      config=deepspeed_config(cfg, dist.world_size))
+    ds_config = deepspeed_config(cfg, dist.world_size)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     if cfg.train.compile:
         engine.compile()
     return engine
@@ -210,18 +210,11 @@ def _with_vocab(cfg: Config, manifest: dict[str, Any]) -> Config:
     return cfg
 
 
-def _resume(engine, checkpointer: Checkpointer, loader, state: TrainState, cfg: Config, resume: str,
+def _resume(engine, point: ResumePoint | None, loader, state: TrainState, cfg: Config,
             manifest_hash: str) -> str | None:
-    if resume == "never":
+    if point is None:
         return None
-    if resume == "auto":
-        tag = checkpointer.latest_good_tag()
-        if tag is None:
-            return None
-    else:
-        path = Path(resume)
-        checkpointer = Checkpointer(path.parent, checkpointer.dist)
-        tag = path.name
+    checkpointer, tag = point.checkpointer, point.tag
     saved_model = checkpointer.read_manifest(tag).get("model", {})
     for key in SHAPE_KEYS:
         if saved_model.get(key) != getattr(cfg.model, key):
@@ -229,7 +222,7 @@ def _resume(engine, checkpointer: Checkpointer, loader, state: TrainState, cfg: 
                 f"model.{key}={getattr(cfg.model, key)!r} but checkpoint {tag} was trained with "
                 f"{saved_model.get(key)!r}: resume with the same model shape or start a new --run-dir"
             )
-    client = checkpointer.load(engine, tag)
+    client = checkpointer.load(engine, tag, point.load_tag, seed=cfg.train.seed)
     if client.get("dataset_manifest_sha256") != manifest_hash:
         import warnings
 
@@ -237,7 +230,10 @@ def _resume(engine, checkpointer: Checkpointer, loader, state: TrainState, cfg: 
                       stacklevel=2)
     state.step, state.tokens_seen = client["step"], client["tokens_seen"]
     state.skipped_steps = client.get("skipped_steps", 0)
-    loader.load_state_dict(client["loader"])
+    loader.load_state_dict(client["loader"])  # global positions: valid on any world size
+    if point.universal:
+        return f"{tag} (saved on {point.saved_world_size} ranks, loaded on {checkpointer.dist.world_size} "\
+               f"via {point.load_tag})"
     return tag
 
 

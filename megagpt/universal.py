@@ -1,0 +1,90 @@
+"""Where a run resumes from, and on a different world size, DeepSpeed's universal checkpoint made for it.
+
+ZeRO partitions optimizer state (and, at stage 3, parameters) by data-parallel rank, so a checkpoint saved on
+W ranks only loads as it is on W ranks. When the world size changed, rank 0 converts the tag once with
+`deepspeed.checkpoint.ds_to_universal` into `<tag>_universal/` (in a subprocess: the converter forks worker
+pools) and every rank loads that with `"checkpoint": {"load_universal": true}`, a flag the engine must be
+built with; hence this runs before the engine exists. Without ZeRO partitions (stage 0 in fp32) every rank's
+files hold the full state and load on any world size as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from megagpt.checkpoint import UNIVERSAL_SUFFIX, Checkpointer, verify_manifest
+from megagpt.distributed import DistInfo, barrier, on_main
+from megagpt.errors import UserError
+
+DONE = ".megagpt_converted"  # written last: a conversion without it is redone
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    checkpointer: Checkpointer
+    tag: str  # the megagpt checkpoint: manifest, RNG files, DeepSpeed's client state
+    load_tag: str  # what DeepSpeed loads: the tag itself, or its universal conversion
+    saved_world_size: int
+
+    @property
+    def universal(self) -> bool:
+        return self.load_tag != self.tag
+
+
+def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo) -> ResumePoint | None:
+    """`auto`: the newest verified tag (None when there is none); `never`: None; else a tag dir's path."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        checkpointer = Checkpointer(path.parent, dist)
+        problem = on_main(lambda: verify_manifest(path))
+        if problem is not None:
+            raise UserError(f"--resume {resume}: {problem}")
+        tag = path.name
+    else:
+        tag = on_main(checkpointer.latest_good_tag)
+        if tag is None:
+            return None
+    saved = int(checkpointer.read_manifest(tag).get("world_size", dist.world_size))
+    load_tag = tag
+    if saved != dist.world_size and _is_partitioned(checkpointer.directory / tag):
+        load_tag = convert_to_universal(checkpointer.directory, tag, dist)
+    return ResumePoint(checkpointer, tag, load_tag, saved)
+
+
+def convert_to_universal(directory: Path, tag: str, dist: DistInfo) -> str:
+    """Rank 0 converts `tag` (once: a finished conversion is reused) while the others wait."""
+    out = directory / f"{tag}{UNIVERSAL_SUFFIX}"
+    if dist.is_main and not (out / DONE).is_file():
+        shutil.rmtree(out, ignore_errors=True)  # a half-made conversion
+        _run_converter(directory / tag, out)
+    barrier(slow=True)
+    return out.name
+
+
+def _run_converter(tag_dir: Path, out: Path) -> None:
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(out), "--inject_missing_state",
+           "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2))]
+    print(f"megagpt: the world size changed since {tag_dir.name}: converting it to a universal checkpoint "
+          f"in {out}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {tag_dir} (exit {result.returncode}):\n"
+                           f"{result.stderr[-4000:]}")
+    (out / DONE).write_text(f"{time.perf_counter() - started:.1f} s\n")
+
+
+def _is_partitioned(tag_dir: Path) -> bool:
+    """ZeRO 1-3, and DeepSpeed's bf16 optimizer, write per-rank optimizer partitions."""
+    return any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+

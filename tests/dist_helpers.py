@@ -1,0 +1,149 @@
+"""Helpers for the multi-process tests: the real launch/*.sh scripts on loopback with gloo, tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).absolute().parents[1]  # not resolve(): a symlinked checkout stays itself
+BASE_CONFIG = REPO / "configs" / "shakespeare_char_cpu.yaml"
+
+
+def tiny(dataset_dir: Path, **train) -> list[str]:
+    """--set overrides: a 2-layer, 32-wide GPT that takes milliseconds a step, no eval/samples in the way."""
+    values = {"micro_batch_size": 4, "max_steps": 8, "eval_interval": 10_000, "eval_steps": 2,
+              "log_interval": 1, "checkpoint_interval": 10_000, "sample_tokens": 0, "warmup_steps": 2,
+              "lr_decay_steps": 400, "lr": 3e-3, "threads": 1}
+    values.update(train)
+    model = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0}
+    model.update({k.removeprefix("model_"): values.pop(k) for k in list(values) if k.startswith("model_")})
+    zero = values.pop("zero_stage", 0)
+    return [*(f"model.{k}={v}" for k, v in model.items()), f"data.dataset_dir={dataset_dir}",
+            "data.prepare=none", "logging.progress_bar=false", "logging.tensorboard=false",
+            f"deepspeed.zero_stage={zero}",
+            *(f"train.{k}={v}" for k, v in values.items())]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # this process's own group
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def torchrun(run_dir: Path, overrides: list[str], nproc: int = 2, *extra: str, port: int | None = None,
+             nnodes: int = 1, node_rank: int = 0, log: Path | None = None) -> subprocess.Popen:
+    """launch/torchrun.sh CONFIG --set ... --run-dir RUN_DIR, started (not waited for)."""
+    env = child_env(NPROC_PER_NODE=str(nproc), NNODES=str(nnodes), NODE_RANK=str(node_rank),
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()), SHUTDOWN_TIMEOUT="60")
+    cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), str(BASE_CONFIG), *set_args(overrides),
+           "--run-dir", str(run_dir), *extra]
+    return _start(cmd, env, log or Path(str(run_dir) + f".node{node_rank}.log"))
+
+
+def deepspeed_launcher(run_dir: Path, overrides: list[str], hostfile: Path, node_rank: int, port: int,
+                       *extra: str) -> subprocess.Popen:
+    env = child_env(HOSTFILE=str(hostfile), NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port))
+    cmd = ["bash", str(REPO / "launch" / "deepspeed.sh"), str(BASE_CONFIG), *set_args(overrides),
+           "--run-dir", str(run_dir), *extra]
+    return _start(cmd, env, Path(str(run_dir) + f".ds{node_rank}.log"))
+
+
+def single(run_dir: Path, overrides: list[str], *extra: str) -> subprocess.Popen:
+    """A bare `python -m megagpt train` (one process, no launcher)."""
+    cmd = [sys.executable, "-m", "megagpt", "train", str(BASE_CONFIG), *set_args(overrides),
+           "--run-dir", str(run_dir), *extra]
+    return _start(cmd, child_env(), Path(str(run_dir) + ".single.log"))
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Its own session, so a test can kill the launcher with all its workers; output to `log`."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    proc.log_path = log
+    return proc
+
+
+def finish(*procs: subprocess.Popen, timeout: float = 240, ok: bool = True) -> list[int]:
+    """Wait for every process; on timeout kill them all. With `ok`, fail with the logs unless all exit 0."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    try:
+        for proc in procs:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if ok and any(codes):
+        raise AssertionError(f"exit codes {codes}:\n" + "\n".join(_log_tail(p) for p in procs))
+    return codes
+
+
+def _log_tail(proc: subprocess.Popen, chars: int = 6000) -> str:
+    return f"--- {proc.log_path} ---\n{proc.log_path.read_text()[-chars:]}"
+
+
+def run(proc_factory, *args, **kwargs) -> None:
+    """Start one launcher process and require exit 0."""
+    finish(proc_factory(*args, **kwargs))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss (a resumed run appends to metrics.jsonl)."""
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def worker_pids(launcher: subprocess.Popen) -> list[int]:
+    """The training processes under a launcher: its descendants that run `megagpt train`."""
+    import psutil
+
+    procs = psutil.Process(launcher.pid).children(recursive=True)
+    return [p.pid for p in procs if "megagpt" in " ".join(p.cmdline()) and "torch.distributed.run" not in
+            " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+
+
+def client_state(run_dir: Path, tag: str) -> dict:
+    """What megagpt stored beside DeepSpeed's state in a tag (step, loader position, ...)."""
+    path = Path(run_dir) / "checkpoints" / tag
+    states = sorted(path.glob("*model_states.pt"))
+    return torch.load(states[0], map_location="cpu", weights_only=False)

@@ -1,0 +1,61 @@
+"""Real multi-process training on loopback: ZeRO 1-3 on 2 ranks equals 1 process, two "nodes" via both launchers."""
+
+import pytest
+from dist_helpers import (deepspeed_launcher, finish, free_port, losses, single, tiny, torchrun)
+
+from megagpt.config import ConfigError, load_config
+from megagpt.train import train
+
+pytestmark = pytest.mark.distributed
+GLOBAL_BATCH = 4 * 32 * 2  # micro batch × block × 2: accum 2 on one process, 1 on two
+
+
+@pytest.fixture(scope="module")
+def one_process(shakespeare_dataset, tmp_path_factory):
+    """The reference: one process, gradient accumulation 2, ZeRO 0."""
+    run_dir = tmp_path_factory.mktemp("dist") / "single"
+    finish(single(run_dir, tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH)))
+    return losses(run_dir)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_two_ranks_under_torchrun_match_one_process(zero_stage, one_process, shakespeare_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    finish(torchrun(run_dir, tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH, zero_stage=zero_stage)))
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, 9))
+    for step, loss in one_process.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000008"
+
+
+def test_two_nodes_under_torchrun_train_and_checkpoint(one_process, shakespeare_dataset, tmp_path):
+    """Two torchrun agents (NNODES=2, NODE_RANK 0 and 1, one worker each) rendezvous on 127.0.0.1."""
+    run_dir, port = tmp_path / "run", free_port()
+    overrides = tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH, zero_stage=2)
+    nodes = [torchrun(run_dir, overrides, 1, port=port, nnodes=2, node_rank=rank) for rank in (0, 1)]
+    finish(*nodes)
+    got = losses(run_dir)
+    for step, loss in one_process.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
+    manifest = (run_dir / "checkpoints" / "step_000008" / "megagpt_manifest.json").read_text()
+    assert '"world_size": 2' in manifest
+
+
+def test_two_nodes_under_the_deepspeed_launcher_without_ssh(one_process, shakespeare_dataset, tmp_path):
+    """launch/deepspeed.sh per node (--no_ssh --node_rank): two distinct host names, one slot each."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    run_dir, port = tmp_path / "run", free_port()
+    overrides = tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH, zero_stage=1)
+    finish(*[deepspeed_launcher(run_dir, overrides, hostfile, rank, port) for rank in (0, 1)])
+    got = losses(run_dir)
+    for step, loss in one_process.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000008"
+
+
+def test_a_global_batch_that_does_not_divide_is_a_clear_error(shakespeare_dataset, tmp_path):
+    cfg = load_config(None, tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH + 32))
+    with pytest.raises(ConfigError, match=r"train.global_batch_tokens=288 is not a multiple of .* = 128"):
+        train(cfg, tmp_path / "run")
