@@ -1,0 +1,229 @@
+"""`megagpt plan CONFIG`: what fits on your GPUs (ZeRO stage, micro batch, checkpointing) and its speed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from megagpt import hardware
+from megagpt import plan_memory as pm
+from megagpt.config import Config, load_config
+from megagpt.errors import UserError
+
+GIB = 2**30
+MEMORY_MARGIN = 0.10  # of the GPU's memory, for the allocator's fragmentation, CUDA context, NCCL and
+# DeepSpeed's communication buckets and kernel workspaces, none of which the accounting counts
+DEFAULT_MFU = 0.40
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megagpt plan", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument("config", help="YAML config, e.g. configs/gpt3_13b.yaml")
+    p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs in the job (default 8)")
+    p.add_argument("--gpu", help=f"GPU type: {', '.join(hardware.GPUS)} (default: the one detected)")
+    p.add_argument("--gpu-mem-gib", type=float, help="memory per GPU in GiB (overrides the GPU's)")
+    p.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s per GPU (overrides the GPU's)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"assumed MFU (default {DEFAULT_MFU})")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. --set model.n_layer=48")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--write", action="store_true",
+                   help="write the chosen zero_stage, micro_batch_size, activation_checkpointing into CONFIG")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.gpus < 1 or not 0 < args.mfu <= 1:
+        raise UserError(f"--gpus must be >= 1 and --mfu in (0, 1] (got {args.gpus}, {args.mfu})")
+    cfg = load_config(args.config, args.overrides)
+    gpu_name, mem_gib, peak = _hardware(args, cfg.train.dtype)
+    result = plan(cfg, args.gpus, gpu_name, mem_gib, peak, args.mfu)
+    result["config"] = args.config
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    if args.write:
+        write_choice(Path(args.config), result["choice"], _command(args))
+    return 0
+
+
+def _hardware(args, dtype: str) -> tuple[str, float, float]:
+    gpu = hardware.gpu_by_name(args.gpu) if args.gpu else hardware.detect_gpu()
+    if gpu is None and (args.gpu_mem_gib is None or args.peak_tflops is None):
+        raise UserError("no known GPU detected: give --gpu NAME, or --gpu-mem-gib and --peak-tflops")
+    mem = args.gpu_mem_gib if args.gpu_mem_gib is not None else gpu.memory_gib
+    if args.peak_tflops is not None:
+        peak = args.peak_tflops * 1e12
+    else:
+        peak = (gpu.tf32_tflops if dtype == "fp32" else gpu.bf16_tflops) * 1e12
+    return (gpu.name if gpu else "custom"), mem, peak
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: pure function of the config and the hardware, returns plain data (the --json output)
+# ---------------------------------------------------------------------------------------------
+def plan(cfg: Config, gpus: int, gpu_name: str, gpu_mem_gib: float, peak_flops: float, mfu: float) -> dict:
+    m, t = cfg.model, cfg.train
+    if m.vocab_size is None:
+        raise UserError(f"{cfg.name}: model.vocab_size is null; (--set model.vocab_size=N)")
+    params = pm.count_params(m)
+    e = pm.BYTES_PER_ELEMENT[t.dtype]
+    usable = gpu_mem_gib * (1 - MEMORY_MARGIN) * GIB
+    batch = _batch(cfg, gpus)
+
+    def need(stage: int, b: int, ckpt: bool) -> float:
+        return pm.model_state_bytes(params, stage, gpus) + pm.activation_bytes(m, b, e, ckpt)
+
+    choice = _choose(batch["micro_batch_candidates"], need, usable)
+    if choice is None:
+        needed = need(3, 1, True) / GIB
+        raise UserError(
+            f"{cfg.name} does not fit on {gpus} × {gpu_mem_gib:g} GiB even with ZeRO-3, micro batch 1 and "
+            f"activation checkpointing: needs {needed:.1f} GiB per GPU, {usable / GIB:.1f} GiB usable "
+            f"({MEMORY_MARGIN:.0%} margin); use more GPUs, bigger GPUs or offload")
+    stage, b, ckpt = choice
+    flops = pm.flops_per_token(m, params)
+    tokens_per_sec = gpus * peak_flops * mfu / flops
+    step_tokens = batch["global_batch_tokens"] or b * m.block_size * gpus
+    return {
+        "gpus": gpus,
+        "gpu": {"name": gpu_name, "memory_gib": gpu_mem_gib, "peak_tflops": peak_flops / 1e12,
+                "usable_gib": usable / GIB, "margin": MEMORY_MARGIN},
+        "model": {"n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "head_dim": m.head_dim,
+                  "block_size": m.block_size, "vocab_size": m.vocab_size, "attention": m.attention,
+                  "dtype": t.dtype},
+        "params": {"total": params.total, "non_embedding": params.non_embedding,
+                   "largest_module": params.largest_module},
+        "flops_per_token": flops,
+        "batch": batch,
+        "memory_gib": {
+            f"zero{z}": {
+                "model_states": pm.model_state_bytes(params, z, gpus) / GIB,
+                "activations": pm.activation_bytes(m, b, e, False) / GIB,
+                "activations_checkpointed": pm.activation_bytes(m, b, e, True) / GIB,
+                "total": need(z, b, False) / GIB,
+                "total_checkpointed": need(z, b, True) / GIB,
+            }
+            for z in range(4)
+        },
+        "micro_batches": [
+            {"micro_batch_size": mb, "total_gib": need(stage, mb, False) / GIB,
+             "total_checkpointed_gib": need(stage, mb, True) / GIB}
+            for mb in batch["micro_batch_candidates"]
+        ],
+        "choice": {"zero_stage": stage, "micro_batch_size": b, "activation_checkpointing": ckpt,
+                   "grad_accum_steps": _accum(batch, b), "memory_gib": need(stage, b, ckpt) / GIB},
+        "speed": {"mfu": mfu, "tokens_per_sec": tokens_per_sec, "tokens_per_day": tokens_per_sec * 86400,
+                  "step_seconds": step_tokens / tokens_per_sec,
+                  "days_for_max_steps": t.max_steps * step_tokens / tokens_per_sec / 86400,
+                  "max_steps": t.max_steps},
+    }
+
+
+def _batch(cfg: Config, gpus: int) -> dict:
+    """Sequences per GPU per step and the micro batches that split them (powers of two)."""
+    tokens, T = cfg.train.global_batch_tokens, cfg.model.block_size
+    if tokens is None:  # no global batch: any power of two up to 64 sequences per GPU
+        return {"global_batch_tokens": None, "sequences_per_gpu": None, "splits_evenly": True,
+                "micro_batch_candidates": [2**k for k in range(7)]}
+    per_gpu = tokens / (T * gpus)
+    even = tokens % (T * gpus) == 0
+    limit = int(per_gpu) if even else max(1, int(per_gpu))
+    candidates = [2**k for k in range(limit.bit_length()) if (not even or int(per_gpu) % 2**k == 0)]
+    return {"global_batch_tokens": tokens, "sequences_per_gpu": per_gpu, "splits_evenly": even,
+            "micro_batch_candidates": candidates}
+
+
+def _choose(candidates: list[int], need, usable: float) -> tuple[int, int, bool] | None:
+    """The smallest ZeRO stage that fits, checkpointing off if that fits, then the largest micro batch."""
+    for stage in range(4):
+        for ckpt in (False, True):
+            fitting = [b for b in candidates if need(stage, b, ckpt) <= usable]
+            if fitting:
+                return stage, max(fitting), ckpt
+    return None
+
+
+def _accum(batch: dict, micro: int) -> int | None:
+    per_gpu = batch["sequences_per_gpu"]
+    return int(per_gpu // micro) if per_gpu is not None and batch["splits_evenly"] else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: the table on stdout, and --write into the config file
+# ---------------------------------------------------------------------------------------------
+def render(r: dict) -> str:
+    m, p, g, c, s, bt = r["model"], r["params"], r["gpu"], r["choice"], r["speed"], r["batch"]
+    on = lambda flag: "on" if flag else "off"
+    lines = [
+        f"megagpt plan: {r['config']} on {r['gpus']} × {g['name']} ({g['memory_gib']:g} GiB, "
+        f"{g['peak_tflops']:.0f} TFLOP/s dense {m['dtype']}), MFU {s['mfu']:.2f}",
+        f"model     {m['n_layer']} layers × {m['n_embd']} wide, {m['n_head']} heads of {m['head_dim']}, "
+        f"context {m['block_size']}, vocab {m['vocab_size']}, attention {m['attention']}",
+        f"params    {_si(p['total'])} total, {_si(p['non_embedding'])} without embeddings, "
+        f"largest module {_si(p['largest_module'])}",
+        f"FLOPs     {r['flops_per_token'] / 1e9:.2f} GFLOP per token (6N + 12·L·T·d)",
+    ]
+    if bt["global_batch_tokens"] is not None:
+        lines.append(f"batch     {bt['global_batch_tokens']} tokens = "
+                     f"{bt['sequences_per_gpu']:g} sequences per GPU")
+    if not bt["splits_evenly"]:
+        lines.append(f"WARNING   the global batch does not split evenly over {r['gpus']} GPUs: DeepSpeed "
+                     "needs global batch = micro batch × grad accum × GPUs; change --gpus or "
+                     "train.global_batch_tokens")
+    lines += ["", f"memory per GPU in GiB at micro batch {c['micro_batch_size']} "
+                  f"(usable {g['usable_gib']:.1f} = {1 - g['margin']:.0%} of {g['memory_gib']:g})",
+              f"{'':8}{'states':>9}{'act':>9}{'act ckpt':>10}{'total':>9}{'total ckpt':>12}"]
+    for stage, row in r["memory_gib"].items():
+        lines.append(f"{stage:8}{row['model_states']:9.1f}{row['activations']:9.1f}"
+                     f"{row['activations_checkpointed']:10.1f}{row['total']:9.1f}{row['total_checkpointed']:12.1f}")
+    lines += ["", f"micro batches at ZeRO-{c['zero_stage']} (GiB per GPU)",
+              f"{'micro':>8}{'total':>9}{'total ckpt':>12}"]
+    for row in r["micro_batches"]:
+        lines.append(f"{row['micro_batch_size']:8}{row['total_gib']:9.1f}{row['total_checkpointed_gib']:12.1f}")
+    accum = "" if c["grad_accum_steps"] is None else f", grad accum {c['grad_accum_steps']}"
+    lines += ["",
+              f"choice    ZeRO-{c['zero_stage']}, micro batch {c['micro_batch_size']}, activation "
+              f"checkpointing {on(c['activation_checkpointing'])}{accum}: "
+              f"{c['memory_gib']:.1f} of {g['usable_gib']:.1f} GiB",
+              f"speed     {s['tokens_per_sec']:,.0f} tokens/s, {s['tokens_per_day'] / 1e9:.2f}B tokens/day, "
+              f"step {s['step_seconds']:.2f} s; max_steps {s['max_steps']} "
+              f"in {s['days_for_max_steps']:.1f} days"]
+    if c["activation_checkpointing"]:
+        lines.append("          (checkpointing recomputes the forward: GPUs run ~4/3 busier for this MFU)")
+    return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _command(args) -> str:
+    parts = ["megagpt plan", shlex.quote(args.config), f"--gpus {args.gpus}"]
+    parts += [f"--gpu {args.gpu}"] if args.gpu else []
+    parts += [f"--gpu-mem-gib {args.gpu_mem_gib:g}"] if args.gpu_mem_gib is not None else []
+    parts += [f"--set {' '.join(shlex.quote(o) for o in args.overrides)}"] if args.overrides else []
+    return " ".join(parts)
+
+
+PLANNED_KEYS = ("zero_stage", "micro_batch_size", "activation_checkpointing")
+PLANNER_COMMENT = "# planner: "
+
+
+def write_choice(path: Path, choice: dict, command: str) -> None:
+    """Rewrite the planned keys' values (and the `# planner:` comment) in place, keeping every other line."""
+    text = path.read_text()
+    for key in PLANNED_KEYS:
+        value = str(choice[key]).lower()
+        pattern = re.compile(rf"^(\s+{key}:\s*)[^\s#]+", re.MULTILINE)
+        if len(pattern.findall(text)) != 1:
+            raise UserError(f"{path}: --write needs exactly one `{key}:` line to rewrite (add one)")
+        text = pattern.sub(lambda mt, v=value: mt.group(1) + v, text)
+    comment = re.compile(rf"^{re.escape(PLANNER_COMMENT)}.*$", re.MULTILINE)
+    if not comment.search(text):
+        raise UserError(f"{path}: --write needs a `{PLANNER_COMMENT.strip()}` comment line for the command")
+    text = comment.sub(lambda _: PLANNER_COMMENT + command, text)
+    path.write_text(text)
