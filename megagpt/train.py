@@ -16,6 +16,7 @@ from megagpt.distributed import DistInfo, barrier, device_for, init_distributed
 from megagpt.ds_config import deepspeed_config, grad_accum_steps
 from megagpt.generate import generate
 from megagpt.inference import TOKENIZER_DIR, copy_tokenizer
+from megagpt.hardware import mfu, peak_flops
 from megagpt.lr_schedule import lr_at
 from megagpt.metrics import RunLogger
 from megagpt.model import GPT
@@ -74,6 +75,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
     if resumed_from:
         log.info(f"resumed from {resumed_from} at step {state.step}")
     tokens_per_step = cfg.train.micro_batch_size * accum * dist.world_size * cfg.model.block_size
+    # MFU only where the peak is known (a detected GPU or logging.peak_flops): never made up on a CPU.
+    peak = peak_flops(cfg.train.dtype, cfg.logging.peak_flops)
+    flops_per_token = engine.module.flops_per_token()
     stop = StopRequest()
     batches = iter(loader)
 
@@ -103,6 +107,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
                 record = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
                           "tokens_per_sec": window_steps * tokens_per_step / max(elapsed, 1e-9),
                           "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps}
+                utilisation = mfu(record["tokens_per_sec"], flops_per_token, dist.world_size, peak)
+                if utilisation is not None:
+                    record["mfu"] = utilisation
                 log.log(state.step, record)
                 state.history.append({"step": state.step, **record})
                 log.progress(window_steps, loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")

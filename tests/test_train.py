@@ -112,3 +112,18 @@ def test_loss_is_averaged_over_micro_batches_like_one_big_batch(shakespeare_data
                                                        micro_batch_size=4, grad_accum_steps=2)), tmp_path / "b")
     for x, y in zip([r["loss"] for r in big.history if "loss" in r], [r["loss"] for r in acc.history if "loss" in r]):
         assert x == pytest.approx(y, rel=1e-5)
+
+
+def test_mfu_is_logged_from_a_configured_peak_and_left_out_without_one(shakespeare_dataset, tmp_path):
+    from megagpt.model import GPT
+
+    peak = 1e12
+    cfg = load_config(CPU_CONFIG, [*tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0),
+                                   f"logging.peak_flops={peak}"])
+    state = train(cfg, tmp_path / "with_peak")
+    flops = GPT(cfg.model.model_copy(update={"vocab_size": 65})).flops_per_token()
+    for r in (r for r in state.history if "loss" in r):
+        assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * flops / peak, rel=1e-9)
+    plain = train(load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=2, sample_tokens=0)),
+                  tmp_path / "cpu")
+    assert all("mfu" not in r for r in plain.history)
