@@ -1,7 +1,7 @@
-"""Real multi-process training on loopback: ZeRO 1-3 on 2 ranks equals 1 process, two "nodes" via both launchers."""
+"""Real multi-process training on loopback: ZeRO 1-3 on 2 ranks equals 1 process; two "nodes", 2 launchers."""
 
 import pytest
-from dist_helpers import (deepspeed_launcher, finish, free_port, losses, single, tiny, torchrun)
+from dist_helpers import deepspeed_launcher, finish, free_port, losses, single, tiny, torchrun
 
 from megagpt.config import ConfigError, load_config
 from megagpt.train import train
@@ -21,7 +21,8 @@ def one_process(shakespeare_dataset, tmp_path_factory):
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_two_ranks_under_torchrun_match_one_process(zero_stage, one_process, shakespeare_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    finish(torchrun(run_dir, tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH, zero_stage=zero_stage)))
+    overrides = tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH, zero_stage=zero_stage)
+    finish(torchrun(run_dir, overrides, 2))
     got = losses(run_dir)
     assert sorted(got) == list(range(1, 9))
     for step, loss in one_process.items():

@@ -1,0 +1,78 @@
+"""Resume for real on 2 ranks: exact after a stop or SIGTERM (dropout on), elastic onto 1 and 3 ranks."""
+
+import os
+import signal
+
+import pytest
+from dist_helpers import client_state, finish, losses, metrics, tiny, torchrun, wait_for, worker_pids
+
+pytestmark = pytest.mark.distributed
+LONG = 150  # steps of the uninterrupted reference; lr_decay_steps is fixed, so max_steps does not move the LR
+
+
+def exact_overrides(dataset, **train):
+    return tiny(dataset, zero_stage=1, model_dropout=0.1, **train)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shakespeare_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    finish(torchrun(run_dir, exact_overrides(shakespeare_dataset, max_steps=LONG)))
+    return losses(run_dir)
+
+
+def test_stop_at_step_k_and_resume_gives_bit_identical_losses(uninterrupted, shakespeare_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    finish(torchrun(run_dir, exact_overrides(shakespeare_dataset, max_steps=5)))
+    finish(torchrun(run_dir, exact_overrides(shakespeare_dataset, max_steps=12)))
+    got = losses(run_dir)
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, 13))  # appended, no repeats
+    assert got == {step: uninterrupted[step] for step in range(1, 13)}  # bit-identical, fp32
+
+
+def test_sigterm_on_one_rank_saves_exits_zero_and_resumes_exactly(uninterrupted, shakespeare_dataset,
+                                                                  tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = torchrun(run_dir, exact_overrides(shakespeare_dataset, max_steps=LONG))
+    wait_for(lambda: len(losses(run_dir)) >= 3, 120, "step 3")
+    os.kill(worker_pids(launcher)[-1], signal.SIGTERM)  # one rank only: every rank must stop together
+    assert finish(launcher) == [0]
+    k = max(losses(run_dir))
+    assert k < LONG, "the run finished before the signal arrived"
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{k:06d}"
+    assert "stop requested" in launcher.log_path.read_text()
+
+    end = min(k + 6, LONG)
+    finish(torchrun(run_dir, exact_overrides(shakespeare_dataset, max_steps=end)))
+    assert losses(run_dir) == {step: uninterrupted[step] for step in range(1, end + 1)}
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
+def test_resume_on_three_then_one_rank_continues_the_same_run(zero_stage, shakespeare_dataset, tmp_path):
+    """Saved on 2 ranks (accum 3), resumed on 3 (accum 2) via a universal checkpoint, then on 1 (accum 6)."""
+    def overrides(max_steps):
+        return tiny(shakespeare_dataset, zero_stage=zero_stage, global_batch_tokens=4 * 32 * 6,
+                    max_steps=max_steps, checkpoint_interval=4, keep_checkpoints=10)
+
+    reference, elastic = tmp_path / "two_ranks", tmp_path / "elastic"
+    finish(torchrun(reference, overrides(8), 2))
+    expected = losses(reference)
+
+    start = reference / "checkpoints" / "step_000004"
+    finish(torchrun(elastic, overrides(6), 3, "--resume", str(start)))
+    assert (reference / "checkpoints" / "step_000004_universal" / "zero").is_dir()
+    finish(torchrun(elastic, overrides(8), 1))  # auto: step_000006 from 3 ranks, converted again
+    assert (elastic / "checkpoints" / "step_000006_universal" / "zero").is_dir()
+
+    got = losses(elastic)
+    assert sorted(got) == [5, 6, 7, 8]
+    assert got[5] == pytest.approx(expected[4], rel=0.02)  # the run continues where it stopped
+    # The same samples and the same updates: equal up to summation order. ZeRO 3's 3 -> 1 rank conversion
+    # drifts further (measured 2.4e-3 at step 7 with DeepSpeed 0.19.8): there only the continuity holds.
+    tolerance = 2e-4 if zero_stage < 3 else 1e-2
+    for step in (5, 6, 7, 8):
+        assert got[step] == pytest.approx(expected[step], abs=tolerance), f"step {step}"
+    # The data stream went on from the global position, no sample twice: 24 windows a step, 8 steps.
+    loader = client_state(elastic, "step_000008")["loader"]
+    assert loader["windows_consumed"] == 8 * 24 and loader["world_size"] == 1
+    assert client_state(elastic, "step_000006")["loader"]["windows_consumed"] == 6 * 24
