@@ -81,8 +81,8 @@ def plan(cfg: Config, gpus: int, gpu_name: str, gpu_mem_gib: float, peak_flops: 
     if choice is None:
         needed = need(3, 1, True) / GIB
         raise UserError(
-            f"{cfg.name} does not fit on {gpus} × {gpu_mem_gib:g} GiB even with ZeRO-3, micro batch 1 and "
-            f"activation checkpointing: needs {needed:.1f} GiB per GPU, {usable / GIB:.1f} GiB usable "
+            f"{cfg.name} does not fit even with ZeRO-3, micro batch 1 and activation checkpointing: needs "
+            f"{needed:.1f} GiB per GPU, {usable / GIB:.1f} GiB usable on {gpus} × {gpu_mem_gib:g} GiB "
             f"({MEMORY_MARGIN:.0%} margin); use more GPUs, bigger GPUs or offload")
     stage, b, ckpt = choice
     flops = pm.flops_per_token(m, params)
