@@ -1,0 +1,108 @@
+"""Export: a 2-rank ZeRO-3 run -> safetensors that reproduce the engine; HF GPT-2 gives the same logits."""
+
+import pytest
+import torch
+from dist_helpers import finish, metrics, tiny, torchrun
+
+from megagpt.config import load_config
+from megagpt.data import eval_batches
+from megagpt.export import export, hf_state_dict
+from megagpt.inference import load_for_inference
+from megagpt.model import GPT
+from megagpt.sample import sample_texts
+
+EVAL_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def zero3_run(shakespeare_dataset, tmp_path_factory):
+    """2 ranks, ZeRO 3 (parameters sharded), an evaluation of the trained engine at the last step."""
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    finish(torchrun(run_dir, tiny(shakespeare_dataset, zero_stage=3, max_steps=6, eval_interval=6,
+                                  eval_steps=EVAL_STEPS)))
+    return run_dir
+
+
+def val_loss(model, cfg, dataset, world_size=2):
+    """The trainer's evaluation, redone on one process: every rank's batches, averaged like the all-reduce."""
+    per_rank = []
+    with torch.no_grad():
+        for rank in range(world_size):
+            batches = eval_batches(dataset, "val", cfg.model.block_size, cfg.train.micro_batch_size,
+                                   EVAL_STEPS, rank, world_size)
+            per_rank.append(torch.stack([model(x, y)[1] for x, y in batches]).mean())
+    return torch.stack(per_rank).mean().item()
+
+
+def test_export_reproduces_the_trained_engine(zero3_run, shakespeare_dataset, tmp_path):
+    out = export(zero3_run, tmp_path / "export")
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.yaml", "tokenizer"}
+    model, _, cfg = load_for_inference(out)
+    engine_val_loss = [r["val_loss"] for r in metrics(zero3_run) if "val_loss" in r][-1]
+    assert val_loss(model, cfg, shakespeare_dataset) == pytest.approx(engine_val_loss, abs=1e-5)
+
+
+def test_tied_weights_are_stored_once(zero3_run, tmp_path):
+    from safetensors import safe_open
+
+    out = export(zero3_run, tmp_path / "export")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names
+
+
+def test_sampling_an_export_equals_sampling_the_run(zero3_run, tmp_path):
+    out = export(zero3_run, tmp_path / "export")
+    assert sample_texts(out, "ROMEO:", 40, seed=7) == sample_texts(zero3_run, "ROMEO:", 40, seed=7)
+
+
+def test_bf16_export_is_bf16_and_close(zero3_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = export(zero3_run, tmp_path / "export", dtype="bf16")
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+    full, _, _ = load_for_inference(zero3_run)
+    half, _, _ = load_for_inference(out)
+    idx = torch.randint(0, full.cfg.vocab_size, (2, 16))
+    torch.testing.assert_close(half(idx)[0], full(idx)[0], atol=0.05, rtol=0.05)
+
+
+def _hf_logits(folder, idx):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def test_hf_export_gives_gpt2lmheadmodel_the_same_logits(zero3_run, tmp_path):
+    pytest.importorskip("transformers")
+    out = export(zero3_run, tmp_path / "hf", fmt="hf")
+    ours, _, _ = load_for_inference(zero3_run)
+    idx = torch.randint(0, ours.cfg.vocab_size, (3, ours.cfg.block_size))
+    with torch.no_grad():
+        want = ours(idx)[0]
+    torch.testing.assert_close(_hf_logits(out, idx), want, atol=1e-5, rtol=0)
+
+
+def test_hf_layout_with_biases(tmp_path):
+    """bias=True keeps its biases; GELU, eps and the Conv1D transposes hold for fresh random weights."""
+    pytest.importorskip("transformers")
+    import json
+
+    from safetensors.torch import save_file
+
+    from megagpt.export import hf_config
+
+    cfg = load_config(None, ["model.n_layer=3", "model.n_head=2", "model.n_embd=24", "model.block_size=17",
+                             "model.vocab_size=71", "model.bias=true"])
+    model = GPT(cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # biases and norms away from their 0/1 initialisation
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(hf_state_dict(state, cfg), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(cfg, "fp32")))
+    idx = torch.randint(0, 71, (2, 17))
+    with torch.no_grad():
+        want = model(idx)[0]
+    torch.testing.assert_close(_hf_logits(tmp_path, idx), want, atol=1e-5, rtol=0)
