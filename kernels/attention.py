@@ -46,7 +46,7 @@ def _keep_mask_t(seed, dropout_p, bh, T, offs_m, offs_n):
     return tl.rand(seed, offsets) > dropout_p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(
     KEEP,  # (B*H, T, T) bool out: True where the attention probability is kept
     T,  # sequence length
@@ -91,7 +91,7 @@ def _fwd_tile(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed each step must not mean a fresh compile
 def _attn_fwd_kernel(
     Q, K, V,  # (B, H, T, D) inputs
     O,  # (B, H, T, D) output
@@ -190,7 +190,7 @@ def _bwd_dkdv_tile(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,  # (B, H, T, D)
     LSE, DELTA,  # (B*H, T) fp32 from forward / the delta kernel
@@ -260,7 +260,7 @@ def _bwd_dq_tile(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,  # (B, H, T, D)
     LSE, DELTA,  # (B*H, T) fp32

@@ -73,13 +73,15 @@ def test_softmax_scale_is_honoured():
 def test_non_contiguous_inputs_give_the_same_results():
     B, T, H, D = 2, 40, 3, 48
     g = torch.Generator().manual_seed(3)
-    qkv = torch.randn(B, T, 3, H, D, generator=g)  # (B, T, 3, H, D) as a fused projection would give
+    qkv = torch.randn(B, T, 3, H, D, generator=g).requires_grad_()  # as a fused projection would give
     do = torch.randn(B, H, T, D, generator=g)
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views, strided
-    assert not q.is_contiguous()
-    do_strided = do.transpose(1, 2).contiguous().transpose(1, 2)
-    strided = run(kernels.causal_attention, q, k, v, do_strided, torch.float32)
-    dense = run(kernels.causal_attention, q.contiguous(), k.contiguous(), v.contiguous(), do, torch.float32)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views into qkv, strided
+    assert q.stride() == (T * 3 * H * D, D, 3 * H * D, 1)
+    out = kernels.causal_attention(q, k, v)
+    out.backward(do.transpose(1, 2).contiguous().transpose(1, 2))  # a strided output gradient too
+    strided = [out.detach(), *(qkv.grad[:, :, i].transpose(1, 2) for i in range(3))]
+    q, k, v = (x.detach().contiguous() for x in (q, k, v))
+    dense = run(kernels.causal_attention, q, k, v, do, torch.float32)
     ref = reference64(q, k, v, do)
     for a, b, r in zip(strided, dense, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -76,13 +76,21 @@ def test_eps_is_honoured():
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_non_contiguous_input_gives_the_same_result():
-    x, w, b, dy = make_inputs((6, 5, 40), True, True, seed=4)
-    xt = x.transpose(0, 1)  # (5, 6, 40), rows strided
-    ours = run(kernels.layer_norm, xt, w, b, dy.transpose(0, 1), torch.float32)
-    ref = run(layer_norm_reference, xt, w, b, dy.transpose(0, 1), torch.float64)
-    for a, r in zip(ours, ref, strict=True):
-        assert rel_err(a, r) <= FP32_TOL
+@pytest.mark.parametrize("view", ["column_slice", "transpose"])
+def test_non_contiguous_input_gives_the_same_result(view):
+    base, w, b, dy = make_inputs((6, 5, 64), True, True, seed=4)
+    base.requires_grad_()
+    if view == "column_slice":  # rows 64 apart but 40 long: the kernel reads them in place, with a row stride
+        x, dy = base[..., :40], dy[..., :40]
+        w, b = w[:40], b[:40]
+    else:  # (5, 6, 64): not expressible as strided rows, so the launcher copies
+        x, dy = base.transpose(0, 1), dy.transpose(0, 1)
+    assert not x.is_contiguous()
+    y = kernels.layer_norm(x, w, b)
+    y.backward(dy)
+    dx = base.grad[..., :40] if view == "column_slice" else base.grad.transpose(0, 1)
+    ref = run(layer_norm_reference, x.detach(), w, b, dy, torch.float64)
+    assert rel_err(y.detach(), ref[0]) <= FP32_TOL and rel_err(dx, ref[1]) <= FP32_TOL
 
 
 def test_custom_ops_pass_opcheck():
