@@ -315,7 +315,9 @@ _attn_bwd_dkdv_tuned = triton.autotune(_configs([(32, 128), (64, 128), (32, 64),
                                        key=_KEY)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq_tuned = triton.autotune(_configs([(128, 32), (128, 64), (64, 32), (64, 64)], stages=(2, 3)),
                                      key=_KEY)(_attn_bwd_dq_kernel)
-INTERPRETER_BLOCK = 16  # the interpreter runs programs one by one in numpy: small tiles, few of them
+# The interpreter runs programs one by one in numpy: one small fixed (BLOCK_M, BLOCK_N) per kernel. Tests swap
+# in unequal tiles, as autotune picks them on a GPU, to check the diagonal bookkeeping.
+INTERPRETER_TILES = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,8 +357,8 @@ def attention_forward(q, k, v, softmax_scale: float, dropout_p: float, seed: int
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, T, softmax_scale * LOG2E, dropout_p, seed)
     if interpreting(q):
-        blocks = dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK)
-        _attn_fwd_kernel[(triton.cdiv(T, INTERPRETER_BLOCK), B * H)](*args, **_meta(q, dropout_p), **blocks)
+        m, n = INTERPRETER_TILES["fwd"]
+        _attn_fwd_kernel[(triton.cdiv(T, m), B * H)](*args, **_meta(q, dropout_p), BLOCK_M=m, BLOCK_N=n)
     else:
         _attn_fwd_tuned[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](*args, **_meta(q, dropout_p))
     return o, lse
@@ -369,7 +371,7 @@ def attention_backward(do, q, k, v, o, lse, softmax_scale: float, dropout_p: flo
     dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     meta = _meta(q, dropout_p)
     interpret = interpreting(q)
-    delta_block = INTERPRETER_BLOCK if interpret else 64
+    delta_block = 16 if interpret else 64
     _bwd_delta_kernel[(triton.cdiv(T, delta_block), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, T,
         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block)
@@ -378,10 +380,10 @@ def attention_backward(do, q, k, v, o, lse, softmax_scale: float, dropout_p: flo
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, *common)
     dq_args = (q, k, v, do, lse, delta, dq, *common)
     if interpret:
-        blocks = dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK)
-        grid = (triton.cdiv(T, INTERPRETER_BLOCK), B * H)
-        _attn_bwd_dkdv_kernel[grid](*dkdv_args, **meta, **blocks)
-        _attn_bwd_dq_kernel[grid](*dq_args, **meta, **blocks)
+        m, n = INTERPRETER_TILES["dkdv"]
+        _attn_bwd_dkdv_kernel[(triton.cdiv(T, n), B * H)](*dkdv_args, **meta, BLOCK_M=m, BLOCK_N=n)
+        m, n = INTERPRETER_TILES["dq"]
+        _attn_bwd_dq_kernel[(triton.cdiv(T, m), B * H)](*dq_args, **meta, BLOCK_M=m, BLOCK_N=n)
     else:
         _attn_bwd_dkdv_tuned[lambda META: (triton.cdiv(T, META["BLOCK_N"]), B * H)](*dkdv_args, **meta)
         _attn_bwd_dq_tuned[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](*dq_args, **meta)

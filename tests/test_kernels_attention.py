@@ -63,6 +63,18 @@ def test_fp16_error_at_most_twice_torch_sdpa(B, H, T, D):
         assert rel_err(a, r) <= FP16_FACTOR * rel_err(t, r), (name, rel_err(a, r), rel_err(t, r))
 
 
+def test_unequal_tiles_as_autotune_picks_them_on_gpu(monkeypatch):
+    """GPU configs have BLOCK_M != BLOCK_N (forward, dQ: M = 2-4 N; dK/dV: N = 2-4 M): other diagonals."""
+    monkeypatch.setitem(kernels.attention.INTERPRETER_TILES, "fwd", (64, 16))
+    monkeypatch.setitem(kernels.attention.INTERPRETER_TILES, "dkdv", (16, 32))
+    monkeypatch.setitem(kernels.attention.INTERPRETER_TILES, "dq", (32, 16))
+    q, k, v, do = make_qkv(2, 1, 77, 32, seed=77)
+    ours = run(kernels.causal_attention, q, k, v, do, torch.float32, dropout_p=0.2, seed=5)
+    ref = reference64(q, k, v, do, dropout_mask=dropout_keep_mask(2, 1, 77, 5, 0.2), dropout_p=0.2)
+    for name, a, r in zip(["out", "dq", "dk", "dv"], ours, ref, strict=True):
+        assert rel_err(a, r) <= FP32_TOL, (name, rel_err(a, r))
+
+
 def test_softmax_scale_is_honoured():
     q, k, v, do = make_qkv(1, 2, 33, 32, seed=7)
     ours = run(kernels.causal_attention, q, k, v, do, torch.float32, softmax_scale=0.37)
