@@ -1,0 +1,61 @@
+"""Checkpoints on disk: keep the last K and every M-th; a corrupt, truncated or unsealed newest is skipped."""
+
+import warnings
+
+import pytest
+from dist_helpers import tiny
+
+from megagpt.checkpoint import MANIFEST, Checkpointer
+from megagpt.config import load_config
+from megagpt.distributed import DistInfo
+from megagpt.train import train
+
+
+@pytest.fixture
+def run_with_tags(shakespeare_dataset, tmp_path):
+    """One process, 10 steps, a checkpoint every 2, keep the last 2 plus every 4th."""
+    run_dir = tmp_path / "run"
+    train(load_config(None, tiny(shakespeare_dataset, max_steps=10, checkpoint_interval=2, keep_checkpoints=2,
+                                 keep_every=4)), run_dir)
+    return run_dir, shakespeare_dataset
+
+
+def test_keeps_the_last_k_and_every_mth(run_with_tags):
+    run_dir, _ = run_with_tags
+    assert Checkpointer(run_dir / "checkpoints", DistInfo(0, 0, 1)).tags() == ["step_000004", "step_000008",
+                                                                               "step_000010"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000010"
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda tag: flip_a_byte(tag / "mp_rank_00_model_states.pt"), "mp_rank_00_model_states.pt does not"),
+    (lambda tag: (tag / "rng_rank00000.pt").write_bytes(b"x"), "rng_rank00000.pt has 1 bytes"),
+    (lambda tag: (tag / MANIFEST).unlink(), f"{MANIFEST} is missing"),
+])
+def test_a_damaged_latest_is_reported_and_the_previous_good_one_resumes(run_with_tags, damage, message):
+    run_dir, dataset = run_with_tags
+    damage(run_dir / "checkpoints" / "step_000010")
+    with pytest.warns(UserWarning, match=f"skipping checkpoint step_000010: .*{message}"):
+        state = train(load_config(None, tiny(dataset, max_steps=12, checkpoint_interval=2, keep_checkpoints=2,
+                                             keep_every=4)), run_dir)
+    assert [r["step"] for r in state.history if "loss" in r] == [9, 10, 11, 12]  # resumed from step 8
+
+
+def test_an_unsealed_tag_newer_than_latest_is_never_used(run_with_tags):
+    """A save killed half-way leaves a tag without manifest, and `latest` still names the previous one."""
+    run_dir, _ = run_with_tags
+    ckpt = run_dir / "checkpoints"
+    (ckpt / "step_000012").mkdir()
+    (ckpt / "step_000012" / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the newer tag is not even looked at: `latest` bounds the search
+        assert Checkpointer(ckpt, DistInfo(0, 0, 1)).latest_good_tag() == "step_000010"
+    (ckpt / "latest").write_text("step_000012")  # even if `latest` named it
+    with pytest.warns(UserWarning, match="step_000012: .*megagpt_manifest.json is missing"):
+        assert Checkpointer(ckpt, DistInfo(0, 0, 1)).latest_good_tag() == "step_000010"
