@@ -35,17 +35,25 @@ def make_corpus(root: Path, megabytes: float, files: int = 8) -> int:
     return per_file * files
 
 
-def bench_prep(corpus: Path, work: Path, corpus_bytes: int, kind: str, workers: int, repeat: int = 1,
-               **extra) -> dict:
-    """The fastest of `repeat` fresh preps (a shared machine's noise only ever slows a run down)."""
-    out = work / f"{kind}-w{workers}"
-    settings = PrepSettings(tokenizer=kind, workers=workers, shard_size_mb=8, **extra)
-    seconds = float("inf")
+def bench_prep(corpus: Path, work: Path, corpus_bytes: int, kind: str, workers: list[int],
+               repeat: int = 1, **extra) -> list[dict]:
+    """Per worker count, the fastest of `repeat` fresh preps; the counts alternate round by round so that
+    a shared machine's load hits them alike (noise only ever slows a run down)."""
+    best: dict[int, tuple[float, dict]] = {}
     for _ in range(repeat):
-        start, run_timings = time.perf_counter(), {}
-        prepare([corpus], out, settings, force=True, timings=run_timings)
-        if time.perf_counter() - start < seconds:
-            seconds, timings = time.perf_counter() - start, run_timings
+        for w in workers:
+            out = work / f"{kind}-w{w}"
+            settings = PrepSettings(tokenizer=kind, workers=w, shard_size_mb=8, **extra)
+            start, timings = time.perf_counter(), {}
+            prepare([corpus], out, settings, force=True, timings=timings)
+            seconds = time.perf_counter() - start
+            if seconds < best.get(w, (float("inf"),))[0]:
+                best[w] = (seconds, timings)
+    return [_prep_result(work / f"{kind}-w{w}", corpus_bytes, kind, w, *best[w]) for w in workers]
+
+
+def _prep_result(out: Path, corpus_bytes: int, kind: str, workers: int, seconds: float,
+                 timings: dict) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     tokens = sum(s["tokens"] for s in shards)
@@ -116,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         prep = []
         for kind in args.kinds:
             extra = {"vocab_size": 4096, "sample_size": 100_000} if kind == "sentencepiece" else {}
-            for w in args.workers:
-                prep.append(bench_prep(work / "corpus", work, corpus_bytes, kind, w, args.repeat, **extra))
-                print(_row(prep[-1]), flush=True)
+            rows = bench_prep(work / "corpus", work, corpus_bytes, kind, args.workers, args.repeat, **extra)
+            for row in rows:
+                prep.append(row)
+                print(_row(row), flush=True)
         dataset = Path(prep[0]["dataset"])
         shape = (args.batches, args.batch_size, args.block_size)
         loaders = [bench_baseline(dataset, work, *shape)]
