@@ -39,10 +39,20 @@ def megagpt_tokens_per_sec(config: str, overrides: list[str], warmup: int, steps
     from megagpt.train import train
 
     total = warmup + steps
-    cfg = load_config(config, [*overrides, f"train.max_steps={total}", f"train.eval_interval={10 * total}",
-                               f"train.checkpoint_interval={10 * total}", "train.log_interval=1",
-                               "train.sample_tokens=0", "train.eval_steps=1", "logging.progress_bar=false",
-                               "logging.tensorboard=false"])
+    cfg = load_config(
+        config,
+        [
+            *overrides,
+            f"train.max_steps={total}",
+            f"train.eval_interval={10 * total}",
+            f"train.checkpoint_interval={10 * total}",
+            "train.log_interval=1",
+            "train.sample_tokens=0",
+            "train.eval_steps=1",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+        ],
+    )
     with tempfile.TemporaryDirectory() as run_dir:
         state = train(cfg, run_dir, resume="never")
     per_step = [r for r in state.history if "tokens_per_sec" in r][warmup:]

@@ -113,7 +113,9 @@ class Checkpointer:
         self.directory, self.dist = Path(directory), dist
         self.keep_last, self.keep_every = keep_last, keep_every
 
-    def save(self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
+    def save(
+        self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> Path:
         """Every rank writes its shards; only after all have finished does rank 0 seal and point `latest` at it."""
         tag = tag_for(step)
         tag_dir = self.directory / tag

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for words, target in FORWARDED.items():
         if tuple(argv[: len(words)]) == words:
-            return _forward(" ".join(words), target, argv[len(words):])
+            return _forward(" ".join(words), target, argv[len(words) :])
     args = _parser().parse_args(argv)
     if args.command in NOT_YET:
         print(f"megagpt {args.command}: not available yet ({NOT_YET[args.command]})", file=sys.stderr)
@@ -49,22 +49,39 @@ def _forward(name: str, target: str, rest: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megagpt", description="GPT pre-training on DeepSpeed, CPU to many nodes.")
+    p = argparse.ArgumentParser(
+        prog="megagpt", description="GPT pre-training on DeepSpeed, CPU to many nodes."
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, text in [("prep", "corpus -> tokenizer -> webdataset shards (see `megagpt prep -h`)"),
-                       ("plan", "what fits on your GPUs and how fast it runs (see `megagpt plan -h`)"),
-                       ("bench", "benchmarks: megagpt bench kernels|data|train ...")]:
+    for name, text in [
+        ("prep", "corpus -> tokenizer -> webdataset shards (see `megagpt prep -h`)"),
+        ("plan", "what fits on your GPUs and how fast it runs (see `megagpt plan -h`)"),
+        ("bench", "benchmarks: megagpt bench kernels|data|train ..."),
+    ]:
         sub.add_parser(name, help=text, add_help=False)
 
     t = sub.add_parser("train", help="train (bare, under torchrun, the deepspeed launcher or Slurm)")
     t.add_argument("config", help="YAML config, e.g. configs/shakespeare_char_cpu.yaml")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
-    t.add_argument("--run-dir", help="where config, metrics, tb/ and checkpoints go (default runs/<config name>)")
-    t.add_argument("--resume", default="auto",
-                   help="auto: continue from the run dir's latest good checkpoint; never; or a checkpoint tag dir")
-    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    t.add_argument(
+        "--run-dir", help="where config, metrics, tb/ and checkpoints go (default runs/<config name>)"
+    )
+    t.add_argument(
+        "--resume",
+        default="auto",
+        help="auto: continue from the run dir's latest good checkpoint; never; or a checkpoint tag dir",
+    )
+    t.add_argument(
+        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+    )  # the deepspeed launcher adds it
     t.set_defaults(run=_run_train)
 
     s = sub.add_parser("sample", help="generate text from a run dir or an export dir")

@@ -36,7 +36,9 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _heads_divide_width(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
         return self
 
     @property
@@ -57,7 +59,9 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     max_steps: int = Field(5000, ge=1)
     micro_batch_size: int = Field(64, ge=1)
-    grad_accum_steps: int | None = Field(None, ge=1, description="null: derived from global_batch_tokens, else 1")
+    grad_accum_steps: int | None = Field(
+        None, ge=1, description="null: derived from global_batch_tokens, else 1"
+    )
     global_batch_tokens: int | None = Field(None, ge=1)
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)
@@ -72,7 +76,9 @@ class TrainConfig(_Section):
     log_interval: int = Field(10, ge=1)
     checkpoint_interval: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(3, ge=1, description="the last K checkpoints are kept")
-    keep_every: int | None = Field(None, ge=1, description="also keep every checkpoint whose step is a multiple")
+    keep_every: int | None = Field(
+        None, ge=1, description="also keep every checkpoint whose step is a multiple"
+    )
     seed: int = 1337
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")

@@ -42,19 +42,24 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     import deepspeed
 
     info = read_dist_env()
-    os.environ.setdefault("RANK", str(info.rank))
-    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
-    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
-    if info.world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     if not torch.distributed.is_initialized():
+        kwargs = {"rank": info.rank, "world_size": info.world_size}
+        if not launched:
+            # A bare single process: its own rendezvous on a free port, and nothing written to os.environ,
+            # so a child process (a test, a launcher) never inherits a port this process is listening on.
+            kwargs["init_method"] = f"tcp://127.0.0.1:{_free_port()}"
+            kwargs["auto_mpi_discovery"] = False
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it; 0 is true for any child
+        elif "MASTER_ADDR" not in os.environ:  # Slurm without torchrun: the first node of the allocation
+            raise RuntimeError("MASTER_ADDR is not set: launch with launch/slurm.sbatch or torchrun")
         deepspeed.init_distributed(
             dist_backend="nccl" if torch.cuda.is_available() else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
             verbose=False,
+            **kwargs,
         )
     return info
 

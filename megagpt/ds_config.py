@@ -56,4 +56,3 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     return deep_merge(config, ds.extra)
-

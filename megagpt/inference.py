@@ -13,7 +13,9 @@ from megagpt.distributed import DistInfo
 from megagpt.errors import UserError
 from megagpt.model import GPT
 
-TOKENIZER_DIR = "tokenizer"  # in a run dir and an export dir: the dataset's manifest.json and tokenizer.* files
+TOKENIZER_DIR = (
+    "tokenizer"  # in a run dir and an export dir: the dataset's manifest.json and tokenizer.* files
+)
 
 
 def copy_tokenizer(dataset_dir: Path, dest: Path) -> None:

@@ -12,8 +12,15 @@ from tqdm import tqdm
 class RunLogger:
     """Every rank constructs one; only the main rank writes anything."""
 
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int,
-                 tensorboard: bool = True, progress_bar: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        start_step: int,
+        max_steps: int,
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+    ):
         self.enabled = enabled
         self._jsonl = self._tb = self._bar = None
         if not enabled:
@@ -25,7 +32,9 @@ class RunLogger:
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step or None)
         if progress_bar:
-            self._bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
 
     def info(self, message: str) -> None:
         if self.enabled:

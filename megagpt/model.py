@@ -141,7 +141,9 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is not set: take it from the dataset manifest before building GPT")
+            raise ValueError(
+                "model.vocab_size is not set: take it from the dataset manifest before building GPT"
+            )
         self.cfg = cfg
         self.transformer = nn.ModuleDict(
             dict(
@@ -178,7 +180,9 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = cache.past_length() if cache is not None else 0
         if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than model.block_size={self.cfg.block_size}")
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than model.block_size={self.cfg.block_size}"
+            )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
@@ -190,7 +194,9 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+            )
         return logits, loss
 
     def num_params(self, non_embedding: bool = True) -> int:

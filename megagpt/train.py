@@ -15,8 +15,8 @@ from megagpt.config import Config, ConfigError, save_config
 from megagpt.distributed import DistInfo, barrier, device_for, init_distributed
 from megagpt.ds_config import deepspeed_config, grad_accum_steps
 from megagpt.generate import generate
-from megagpt.inference import TOKENIZER_DIR, copy_tokenizer
 from megagpt.hardware import mfu, peak_flops
+from megagpt.inference import TOKENIZER_DIR, copy_tokenizer
 from megagpt.lr_schedule import lr_at
 from megagpt.metrics import RunLogger
 from megagpt.model import GPT
@@ -55,23 +55,38 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
         save_config(cfg, run_dir / "config.yaml")
         copy_tokenizer(dataset_dir, run_dir / TOKENIZER_DIR)
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.train.keep_checkpoints, cfg.train.keep_every)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", dist, cfg.train.keep_checkpoints, cfg.train.keep_every
+    )
     # Before the engine: a checkpoint from another world size is converted, and the engine built to load it.
     resume_point = find_resume_point(checkpointer, resume, dist)
     engine = build_engine(cfg, dist, load_universal=resume_point is not None and resume_point.universal)
     device = device_for(dist)
     accum = grad_accum_steps(cfg.train, cfg.model.block_size, dist.world_size)
     loader = TrainLoader(
-        dataset_dir, cfg.model.block_size, cfg.train.micro_batch_size, accum, dist.rank, dist.world_size,
-        seed=cfg.train.seed, num_workers=cfg.data.num_workers, on_corrupt_shard=cfg.data.on_corrupt_shard,
+        dataset_dir,
+        cfg.model.block_size,
+        cfg.train.micro_batch_size,
+        accum,
+        dist.rank,
+        dist.world_size,
+        seed=cfg.train.seed,
+        num_workers=cfg.data.num_workers,
+        on_corrupt_shard=cfg.data.on_corrupt_shard,
     )
     state = TrainState()
     manifest_hash = hashlib.sha256((Path(dataset_dir) / "manifest.json").read_bytes()).hexdigest()
     resumed_from = _resume(engine, resume_point, loader, state, cfg, manifest_hash)
     guard = StepGuard(engine, cfg.train.max_bad_steps, fp16=cfg.train.dtype == "fp16")
 
-    log = RunLogger(run_dir, dist.is_main, state.step, cfg.train.max_steps,
-                    cfg.logging.tensorboard, cfg.logging.progress_bar)
+    log = RunLogger(
+        run_dir,
+        dist.is_main,
+        state.step,
+        cfg.train.max_steps,
+        cfg.logging.tensorboard,
+        cfg.logging.progress_bar,
+    )
     if resumed_from:
         log.info(f"resumed from {resumed_from} at step {state.step}")
     tokens_per_step = cfg.train.micro_batch_size * accum * dist.world_size * cfg.model.block_size
@@ -82,9 +97,15 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
     batches = iter(loader)
 
     def client_state() -> dict[str, Any]:
-        return {"step": state.step, "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps,
-                "loader": loader.state_dict(), "config": cfg.to_dict(), "dataset_manifest_sha256": manifest_hash,
-                "world_size": dist.world_size}
+        return {
+            "step": state.step,
+            "tokens_seen": state.tokens_seen,
+            "skipped_steps": state.skipped_steps,
+            "loader": loader.state_dict(),
+            "config": cfg.to_dict(),
+            "dataset_manifest_sha256": manifest_hash,
+            "world_size": dist.world_size,
+        }
 
     meta = {"model": {key: getattr(cfg.model, key) for key in SHAPE_KEYS}}  # checked before any load
     last_saved = state.step if resumed_from else -1
@@ -104,9 +125,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
 
             if state.step % cfg.train.log_interval == 0 or state.step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - window_start
-                record = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
-                          "tokens_per_sec": window_steps * tokens_per_step / max(elapsed, 1e-9),
-                          "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps}
+                record = {
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": _grad_norm(engine),
+                    "tokens_per_sec": window_steps * tokens_per_step / max(elapsed, 1e-9),
+                    "tokens_seen": state.tokens_seen,
+                    "skipped_steps": state.skipped_steps,
+                }
                 utilisation = mfu(record["tokens_per_sec"], flops_per_token, dist.world_size, peak)
                 if utilisation is not None:
                     record["mfu"] = utilisation
@@ -124,7 +150,11 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
                 window_start = time.perf_counter()  # evaluation time is not training throughput
 
             stopping = stop.requested_on_any_rank()
-            if state.step % cfg.train.checkpoint_interval == 0 or state.step == cfg.train.max_steps or stopping:
+            if (
+                state.step % cfg.train.checkpoint_interval == 0
+                or state.step == cfg.train.max_steps
+                or stopping
+            ):
                 checkpointer.save(engine, state.step, client_state(), meta)
                 last_saved = state.step
                 window_start = time.perf_counter()
@@ -166,9 +196,18 @@ def evaluate(engine, dataset_dir, cfg: Config, dist: DistInfo, device: torch.dev
     from megagpt.data import eval_batches
 
     engine.eval()
-    losses = [engine(x.to(device), y.to(device))[1].float() for x, y in eval_batches(
-        dataset_dir, "val", cfg.model.block_size, cfg.train.micro_batch_size, cfg.train.eval_steps,
-        dist.rank, dist.world_size)]
+    losses = [
+        engine(x.to(device), y.to(device))[1].float()
+        for x, y in eval_batches(
+            dataset_dir,
+            "val",
+            cfg.model.block_size,
+            cfg.train.micro_batch_size,
+            cfg.train.eval_steps,
+            dist.rank,
+            dist.world_size,
+        )
+    ]
     engine.train()
     return _mean_over_ranks(torch.stack(losses).mean())
 
@@ -181,7 +220,10 @@ def build_engine(cfg: Config, dist: DistInfo, load_universal: bool = False):
     torch.manual_seed(cfg.train.seed + dist.rank)  # but a different dropout stream per rank
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     ds_config = deepspeed_config(cfg, dist.world_size)
     if load_universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
@@ -213,12 +255,15 @@ def _with_vocab(cfg: Config, manifest: dict[str, Any]) -> Config:
     if cfg.model.vocab_size is None:
         return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab})})
     if cfg.model.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's vocabulary ({vocab})")
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's vocabulary ({vocab})"
+        )
     return cfg
 
 
-def _resume(engine, point: ResumePoint | None, loader, state: TrainState, cfg: Config,
-            manifest_hash: str) -> str | None:
+def _resume(
+    engine, point: ResumePoint | None, loader, state: TrainState, cfg: Config, manifest_hash: str
+) -> str | None:
     if point is None:
         return None
     checkpointer, tag = point.checkpointer, point.tag
@@ -233,14 +278,18 @@ def _resume(engine, point: ResumePoint | None, loader, state: TrainState, cfg: C
     if client.get("dataset_manifest_sha256") != manifest_hash:
         import warnings
 
-        warnings.warn(f"the dataset in {cfg.data.dataset_dir} differs from the one checkpoint {tag} was trained on",
-                      stacklevel=2)
+        warnings.warn(
+            f"the dataset in {cfg.data.dataset_dir} differs from the one checkpoint {tag} was trained on",
+            stacklevel=2,
+        )
     state.step, state.tokens_seen = client["step"], client["tokens_seen"]
     state.skipped_steps = client.get("skipped_steps", 0)
     loader.load_state_dict(client["loader"])  # global positions: valid on any world size
     if point.universal:
-        return f"{tag} (saved on {point.saved_world_size} ranks, loaded on {checkpointer.dist.world_size} "\
-               f"via {point.load_tag})"
+        return (
+            f"{tag} (saved on {point.saved_world_size} ranks, loaded on {checkpointer.dist.world_size} "
+            f"via {point.load_tag})"
+        )
     return tag
 
 
@@ -249,14 +298,20 @@ def _grad_norm(engine) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def _write_sample(engine, tokenizer, cfg: Config, dist: DistInfo, device, run_dir: Path, log: RunLogger, step: int):
+def _write_sample(
+    engine, tokenizer, cfg: Config, dist: DistInfo, device, run_dir: Path, log: RunLogger, step: int
+):
     """A short sample at each evaluation; every rank runs it (ZeRO-3 needs all of them), rank 0 writes it."""
     if cfg.train.sample_tokens == 0:
         return
     prompt = tokenizer.encode(cfg.train.sample_prompt) or [0]
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed + step)  # leaves training RNG untouched
-    out = generate(engine.module, idx, cfg.train.sample_tokens, temperature=0.8, top_k=200, generator=generator)
+    generator = torch.Generator(device=device).manual_seed(
+        cfg.train.seed + step
+    )  # leaves training RNG untouched
+    out = generate(
+        engine.module, idx, cfg.train.sample_tokens, temperature=0.8, top_k=200, generator=generator
+    )
     engine.module.train()
     if dist.is_main:
         text = tokenizer.decode(out[0].tolist())

@@ -46,13 +46,33 @@ def shakespeare_dataset(shakespeare_path, tmp_path_factory) -> Path:
     return out
 
 
-TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.0"]
+TINY_MODEL = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "model.dropout=0.0",
+]
 
 
 def tiny_overrides(dataset_dir: Path, **train) -> list[str]:
     """A tiny GPT on a prepared dataset, quiet and quick: the base of most trainer tests."""
-    values = {"micro_batch_size": 8, "max_steps": 20, "eval_interval": 10, "eval_steps": 2, "log_interval": 1,
-              "checkpoint_interval": 10, "sample_tokens": 16, "warmup_steps": 5, "threads": 1}
+    values = {
+        "micro_batch_size": 8,
+        "max_steps": 20,
+        "eval_interval": 10,
+        "eval_steps": 2,
+        "log_interval": 1,
+        "checkpoint_interval": 10,
+        "sample_tokens": 16,
+        "warmup_steps": 5,
+        "threads": 1,
+    }
     values.update(train)
-    return [*TINY_MODEL, f"data.dataset_dir={dataset_dir}", "data.prepare=none", "logging.progress_bar=false",
-            *(f"train.{k}={v}" for k, v in values.items())]
+    return [
+        *TINY_MODEL,
+        f"data.dataset_dir={dataset_dir}",
+        "data.prepare=none",
+        "logging.progress_bar=false",
+        *(f"train.{k}={v}" for k, v in values.items()),
+    ]

@@ -18,9 +18,17 @@ def megagpt(*args, cwd=None) -> subprocess.CompletedProcess:
 
 def test_train_prepares_missing_data_then_sample_reads_the_run(shakespeare_path, tmp_path):
     data_dir, run_dir = tmp_path / "data" / "shakespeare_char", tmp_path / "run"
-    sets = [*TINY_MODEL, f"data.dataset_dir={data_dir}", f"data.source={shakespeare_path}",
-            "train.max_steps=12", "train.eval_interval=6", "train.eval_steps=2", "train.checkpoint_interval=6",
-            "train.sample_tokens=8", "logging.progress_bar=false"]
+    sets = [
+        *TINY_MODEL,
+        f"data.dataset_dir={data_dir}",
+        f"data.source={shakespeare_path}",
+        "train.max_steps=12",
+        "train.eval_interval=6",
+        "train.eval_steps=2",
+        "train.checkpoint_interval=6",
+        "train.sample_tokens=8",
+        "logging.progress_bar=false",
+    ]
     result = megagpt("train", CPU_CONFIG, *[a for s in sets for a in ("--set", s)], "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (data_dir / "manifest.json").is_file()
@@ -39,8 +47,19 @@ def test_sample_of_a_directory_without_a_run_is_a_one_line_error(tmp_path):
 def test_bench_train_times_megagpt_and_the_plain_torch_loop(shakespeare_dataset, tmp_path):
     sets = [*TINY_MODEL, f"data.dataset_dir={shakespeare_dataset}", "data.prepare=none", "train.threads=1"]
     out = tmp_path / "bench.json"
-    result = megagpt("bench", "train", CPU_CONFIG, *[a for s in sets for a in ("--set", s)],
-                     "--steps", 5, "--warmup", 2, "--baseline", "--json", out)
+    result = megagpt(
+        "bench",
+        "train",
+        CPU_CONFIG,
+        *[a for s in sets for a in ("--set", s)],
+        "--steps",
+        5,
+        "--warmup",
+        2,
+        "--baseline",
+        "--json",
+        out,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     import json
 

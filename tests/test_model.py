@@ -11,7 +11,15 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(**model):
-    base = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 50, "dropout": 0.0, "bias": True}
+    base = {
+        "n_layer": 2,
+        "n_head": 2,
+        "n_embd": 32,
+        "block_size": 16,
+        "vocab_size": 50,
+        "dropout": 0.0,
+        "bias": True,
+    }
     base.update(model)
     return load_config(None, [f"model.{k}={v}" for k, v in base.items()]).model
 
@@ -56,7 +64,7 @@ def test_math_and_sdpa_give_the_same_logits_and_gradients(bias):
     loss_a.backward()
     loss_b.backward()
     assert _rel(la, lb) <= 1e-5
-    for (name, pa), pb in zip(math_model.named_parameters(), sdpa_model.parameters()):
+    for (name, pa), pb in zip(math_model.named_parameters(), sdpa_model.parameters(), strict=True):
         assert _rel(pa.grad, pb.grad) <= 1e-5, name
 
 
@@ -77,7 +85,11 @@ def test_kv_cache_forward_matches_full_forward():
     idx = torch.randint(0, 50, (2, 12))
     full, _ = model(idx)
     cache = KVCache(model.cfg.n_layer)
-    pieces = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:6], cache=cache)[0], model(idx[:, 6:], cache=cache)[0]]
+    pieces = [
+        model(idx[:, :5], cache=cache)[0],
+        model(idx[:, 5:6], cache=cache)[0],
+        model(idx[:, 6:], cache=cache)[0],
+    ]
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -87,8 +99,15 @@ def test_generation_with_cache_equals_generation_without(new_tokens):
     model = GPT(tiny_cfg())
     prompt = torch.randint(0, 50, (2, 3))
     runs = [
-        generate(model, prompt, new_tokens, temperature=1.0, top_k=20,
-                 generator=torch.Generator().manual_seed(7), use_cache=use_cache)
+        generate(
+            model,
+            prompt,
+            new_tokens,
+            temperature=1.0,
+            top_k=20,
+            generator=torch.Generator().manual_seed(7),
+            use_cache=use_cache,
+        )
         for use_cache in (True, False)
     ]
     assert runs[0].shape == (2, 3 + new_tokens)
@@ -102,7 +121,7 @@ def test_activation_checkpointing_gives_equal_gradients():
     idx, targets = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
     plain(idx, targets)[1].backward()
     ckpt(idx, targets)[1].backward()
-    for pa, pb in zip(plain.parameters(), ckpt.parameters()):
+    for pa, pb in zip(plain.parameters(), ckpt.parameters(), strict=True):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-5)
 
 

@@ -21,8 +21,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained_run(shakespeare_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=200, eval_interval=100,
-                                                 checkpoint_interval=100, lr=3e-3, micro_batch_size=16))
+    cfg = load_config(
+        CPU_CONFIG,
+        tiny_overrides(
+            shakespeare_dataset,
+            max_steps=200,
+            eval_interval=100,
+            checkpoint_interval=100,
+            lr=3e-3,
+            micro_batch_size=16,
+        ),
+    )
     state = train(cfg, run_dir)
     return run_dir, state
 
@@ -43,7 +52,10 @@ def test_the_run_dir_holds_config_checkpoints_samples_and_tokenizer(trained_run)
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.model.vocab_size == 65 and resolved.train.max_steps == 200
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000200"
-    assert {p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()} == {"step_000100", "step_000200"}
+    assert {p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()} == {
+        "step_000100",
+        "step_000200",
+    }
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000100.txt", "step_000200.txt"]
     assert (run_dir / "tokenizer" / "manifest.json").is_file()
 
@@ -75,8 +87,14 @@ def test_sampling_with_a_seed_is_reproducible(trained_run):
 
 def test_resume_continues_identical_losses(shakespeare_dataset, tmp_path):
     """Stopped at step 12 and resumed: step 13 onwards equals the uninterrupted run bit for bit."""
-    common = tiny_overrides(shakespeare_dataset, checkpoint_interval=12, lr_decay_steps=24, max_steps=24,
-                            sample_tokens=0, eval_interval=100)
+    common = tiny_overrides(
+        shakespeare_dataset,
+        checkpoint_interval=12,
+        lr_decay_steps=24,
+        max_steps=24,
+        sample_tokens=0,
+        eval_interval=100,
+    )
     whole = train(load_config(CPU_CONFIG, common), tmp_path / "whole")
     stopped = train(load_config(CPU_CONFIG, [*common, "train.max_steps=12"]), tmp_path / "split")
     assert stopped.step == 12
@@ -106,11 +124,24 @@ def test_a_missing_dataset_names_the_directory(tmp_path):
 
 def test_loss_is_averaged_over_micro_batches_like_one_big_batch(shakespeare_dataset, tmp_path):
     """grad_accum 2 × micro 4 takes the same step as micro 8 (fp32, same windows)."""
-    big = train(load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0,
-                                                       micro_batch_size=8)), tmp_path / "a")
-    acc = train(load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0,
-                                                       micro_batch_size=4, grad_accum_steps=2)), tmp_path / "b")
-    for x, y in zip([r["loss"] for r in big.history if "loss" in r], [r["loss"] for r in acc.history if "loss" in r]):
+    big = train(
+        load_config(
+            CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0, micro_batch_size=8)
+        ),
+        tmp_path / "a",
+    )
+    acc = train(
+        load_config(
+            CPU_CONFIG,
+            tiny_overrides(
+                shakespeare_dataset, max_steps=3, sample_tokens=0, micro_batch_size=4, grad_accum_steps=2
+            ),
+        ),
+        tmp_path / "b",
+    )
+    for x, y in zip(
+        [r["loss"] for r in big.history if "loss" in r], [r["loss"] for r in acc.history if "loss" in r], strict=True
+    ):
         assert x == pytest.approx(y, rel=1e-5)
 
 
@@ -118,12 +149,16 @@ def test_mfu_is_logged_from_a_configured_peak_and_left_out_without_one(shakespea
     from megagpt.model import GPT
 
     peak = 1e12
-    cfg = load_config(CPU_CONFIG, [*tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0),
-                                   f"logging.peak_flops={peak}"])
+    cfg = load_config(
+        CPU_CONFIG,
+        [*tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0), f"logging.peak_flops={peak}"],
+    )
     state = train(cfg, tmp_path / "with_peak")
     flops = GPT(cfg.model.model_copy(update={"vocab_size": 65})).flops_per_token()
     for r in (r for r in state.history if "loss" in r):
         assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * flops / peak, rel=1e-9)
-    plain = train(load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=2, sample_tokens=0)),
-                  tmp_path / "cpu")
+    plain = train(
+        load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=2, sample_tokens=0)),
+        tmp_path / "cpu",
+    )
     assert all("mfu" not in r for r in plain.history)

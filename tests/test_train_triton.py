@@ -12,8 +12,16 @@ CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_char
 
 
 def test_triton_backends_follow_the_sdpa_run_for_ten_steps(shakespeare_dataset, tmp_path):
-    small = tiny_overrides(shakespeare_dataset, max_steps=10, micro_batch_size=2, sample_tokens=0, eval_steps=1,
-                           eval_interval=100, checkpoint_interval=100, lr=3e-3)
+    small = tiny_overrides(
+        shakespeare_dataset,
+        max_steps=10,
+        micro_batch_size=2,
+        sample_tokens=0,
+        eval_steps=1,
+        eval_interval=100,
+        checkpoint_interval=100,
+        lr=3e-3,
+    )
     small += ["model.block_size=16"]
     runs = {}
     for attention, norm in [("sdpa", "torch"), ("triton", "triton")]:
@@ -21,5 +29,5 @@ def test_triton_backends_follow_the_sdpa_run_for_ten_steps(shakespeare_dataset, 
         runs[attention] = [r["loss"] for r in train(cfg, tmp_path / attention).history if "loss" in r]
     assert len(runs["triton"]) == 10
     assert runs["triton"][-1] < runs["triton"][0]  # it trains
-    for step, (a, b) in enumerate(zip(runs["triton"], runs["sdpa"]), start=1):
+    for step, (a, b) in enumerate(zip(runs["triton"], runs["sdpa"], strict=True), start=1):
         assert a == pytest.approx(b, abs=1e-4), f"step {step}"
