@@ -20,11 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--baseline", action="store_true", help="also time a plain torch loop (nanoGPT-style)")
+    p.add_argument("--baseline-only", action="store_true", help="time only the plain torch loop (for A/B runs)")
     p.add_argument("--json", dest="json_out", help="write the results here")
     args = p.parse_args(argv)
 
-    results = {"megagpt": megagpt_tokens_per_sec(args.config, args.overrides, args.warmup, args.steps)}
-    if args.baseline:
+    results = {}
+    if not args.baseline_only:
+        results["megagpt"] = megagpt_tokens_per_sec(args.config, args.overrides, args.warmup, args.steps)
+    if args.baseline or args.baseline_only:
         results["plain_torch"] = baseline_tokens_per_sec(args.config, args.overrides, args.warmup, args.steps)
     for name, r in results.items():
         print(f"{name:12s} {r['ms_per_step']:8.1f} ms/step  {r['tokens_per_sec']:>10,.0f} tokens/s")
