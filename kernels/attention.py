@@ -20,11 +20,12 @@ the virtual (B, H, T, T) matrix, so backward draws exactly the mask that forward
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.runtime import interpreting
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 
@@ -323,15 +324,6 @@ INTERPRETER_TILES = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-def interpreting(t: torch.Tensor) -> bool:
-    """True when kernels run under Triton's CPU interpreter (fixed small tiles), not compiled for a GPU."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if t.device.type == "cpu" and not interpret:
-        raise RuntimeError("kernels: CPU tensors need Triton's interpreter; set TRITON_INTERPRET=1 before "
-                           "triton is imported (importing `kernels` does this when no CUDA device exists)")
-    return interpret
-
-
 def _check_qkv(q, k, v) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"causal_attention: q, k, v must share one (B, H, T, D) shape, got "
@@ -393,8 +385,7 @@ def attention_backward(do, q, k, v, o, lse, softmax_scale: float, dropout_p: flo
 def dropout_keep_mask(B: int, H: int, T: int, seed: int, dropout_p: float, device="cpu") -> torch.Tensor:
     """The (B, H, T, T) bool keep-mask the attention kernels draw for this seed and p (True = kept)."""
     keep = torch.empty((B, H, T, T), dtype=torch.bool, device=device)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    block = 64 if interpret else 32  # the interpreter is fastest with few, large programs here
+    block = 64 if interpreting(keep) else 32  # the interpreter is fastest with few, large programs here
     _dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
         keep, T, seed, dropout_p, BLOCK_M=block, BLOCK_N=block)
     return keep

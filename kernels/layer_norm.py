@@ -11,11 +11,11 @@ partial row to a (G, C) buffer; a second kernel sums the G partial rows per colu
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels.runtime import interpreting
 
 MAX_C = 65536  # one row lives in registers: beyond this a row would need a looped kernel
 
@@ -122,14 +122,6 @@ _ln_bwd_tuned = triton.autotune(_WARPS, key=["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-def _interpreting(t: torch.Tensor) -> bool:
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if t.device.type == "cpu" and not interpret:
-        raise RuntimeError("kernels: CPU tensors need Triton's interpreter; set TRITON_INTERPRET=1 before "
-                           "triton is imported (importing `kernels` does this when no CUDA device exists)")
-    return interpret
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as (N, C) rows with unit column stride (a view when possible)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -146,7 +138,7 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N == 0:
         return y, mean, rstd
-    kernel = _ln_fwd_kernel if _interpreting(x) else _ln_fwd_tuned
+    kernel = _ln_fwd_kernel if interpreting(x) else _ln_fwd_tuned
     kernel[(N,)](x2, y, weight, bias, mean, rstd, x2.stride(0), C, eps,
                  HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=triton.next_power_of_2(C))
     return y, mean, rstd
@@ -157,7 +149,7 @@ def layer_norm_backward(dy, x, weight, bias, mean, rstd):
     C = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
     N = x2.shape[0]
-    interpret = _interpreting(x)
+    interpret = interpreting(x)
     groups = min(N, 4 if interpret else 2 * torch.cuda.get_device_properties(x.device).multi_processor_count)
     groups = max(groups, 1)
     rows_per_program = triton.cdiv(N, groups)
