@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     for words, target in FORWARDED.items():
         if tuple(argv[: len(words)]) == words:
             return _forward(" ".join(words), target, argv[len(words) :])
+    if argv[:1] == ["bench"]:
+        print("usage: megagpt bench {kernels,data,train} ...  (each takes -h)", file=sys.stderr)
+        return 2
     args = _parser().parse_args(argv)
     if args.command in NOT_YET:
         print(f"megagpt {args.command}: not available yet ({NOT_YET[args.command]})", file=sys.stderr)

@@ -39,6 +39,8 @@ def _free_port() -> int:
 
 def init_distributed(timeout_minutes: float) -> DistInfo:
     """Join (or, for a bare single process, create) the process group that DeepSpeed's engine needs."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
     import deepspeed
 
     info = read_dist_env()

@@ -239,8 +239,9 @@ def prepare_dataset(cfg: Config, dist: DistInfo) -> Path:
     if not (dataset_dir / "manifest.json").is_file():
         if cfg.data.prepare == "none":
             raise ConfigError(
-                f"data.dataset_dir: {dataset_dir} has no manifest.json; run `megagpt prep ...` first "
-                f"or set data.prepare=shakespeare"
+                f"data.dataset_dir: {dataset_dir} has no manifest.json; prepare it first with "
+                f"`megagpt prep {{char,sentencepiece}} --input CORPUS --out {dataset_dir}` "
+                f"(or set data.prepare=shakespeare for Tiny Shakespeare)"
             )
         if dist.is_main:
             import data_prep
