@@ -38,6 +38,7 @@ class StepGuard:
         if getattr(optimizer, "check_grad_overflow", True) is False:
             optimizer.check_grad_overflow = True  # ZeRO 1/2 bf16: see the module docstring
         self._skipped_before = 0
+        self._plain_norm = float("nan")
 
     def watch(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to backward: itself when finite, NaN otherwise (no host sync: one multiply)."""
@@ -50,7 +51,16 @@ class StepGuard:
         if self._plain_optimizer:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.engine.optimizer.overflow = not bool(torch.isfinite(norm))
+            self._plain_norm = norm.item()
+            self.engine.optimizer.overflow = not math.isfinite(self._plain_norm)
+
+    def grad_norm(self) -> float:
+        """The last step's gradient norm before clipping: DeepSpeed's, or (ZeRO 0 fp32, where DeepSpeed keeps
+        none) the one this guard computed anyway."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._plain_norm
+        return float(norm)
 
     def after_update(self, loss: float, step: int) -> bool:
         """Whether the update was skipped; raises once `max_bad_steps` bad steps came in a row."""

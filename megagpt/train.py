@@ -128,7 +128,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
                 record = {
                     "loss": loss,
                     "lr": lr,
-                    "grad_norm": _grad_norm(engine),
+                    "grad_norm": guard.grad_norm(),
                     "tokens_per_sec": window_steps * tokens_per_step / max(elapsed, 1e-9),
                     "tokens_seen": state.tokens_seen,
                     "skipped_steps": state.skipped_steps,
@@ -292,11 +292,6 @@ def _resume(
             f"via {point.load_tag})"
         )
     return tag
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
 
 
 def _write_sample(

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_overrides
 
 from megagpt.config import ConfigError, load_config
@@ -125,17 +126,13 @@ def test_a_missing_dataset_names_the_directory(tmp_path):
 def test_loss_is_averaged_over_micro_batches_like_one_big_batch(shakespeare_dataset, tmp_path):
     """grad_accum 2 × micro 4 takes the same step as micro 8 (fp32, same windows)."""
     big = train(
-        load_config(
-            CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0, micro_batch_size=8)
-        ),
+        load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0, micro_batch_size=8)),
         tmp_path / "a",
     )
     acc = train(
         load_config(
             CPU_CONFIG,
-            tiny_overrides(
-                shakespeare_dataset, max_steps=3, sample_tokens=0, micro_batch_size=4, grad_accum_steps=2
-            ),
+            tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0, micro_batch_size=4, grad_accum_steps=2),
         ),
         tmp_path / "b",
     )
@@ -162,3 +159,49 @@ def test_mfu_is_logged_from_a_configured_peak_and_left_out_without_one(shakespea
         tmp_path / "cpu",
     )
     assert all("mfu" not in r for r in plain.history)
+
+
+def test_a_restart_drops_what_was_logged_after_the_last_checkpoint(shakespeare_dataset, tmp_path):
+    """Killed at step 7 with its last checkpoint at 5: the rerun's metrics hold each step exactly once."""
+    common = tiny_overrides(shakespeare_dataset, max_steps=10, checkpoint_interval=5, eval_interval=5, sample_tokens=0)
+    train(load_config(CPU_CONFIG, [*common, "train.max_steps=7"]), tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == list(range(1, 8))
+    tags = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_")]
+    for tag in tags:  # pretend the kill came before the save at the end: only step 5 survives
+        if tag != "step_000005":
+            import shutil
+
+            shutil.rmtree(tmp_path / "checkpoints" / tag)
+    (tmp_path / "checkpoints" / "latest").write_text("step_000005")
+    train(load_config(CPU_CONFIG, common), tmp_path)
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps == list(range(1, 11)), steps
+    assert metrics.read_text().count('"val_loss"') == 2  # evaluations at 5 and 10, once each
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_logged_grad_norm_is_the_first_steps_true_gradient_norm(shakespeare_dataset, tmp_path, zero_stage):
+    """Against plain autograd on the same initial weights and the same first batch."""
+    from megagpt.data import TrainLoader
+    from megagpt.model import GPT
+
+    cfg = load_config(
+        CPU_CONFIG,
+        [*tiny_overrides(shakespeare_dataset, max_steps=1, sample_tokens=0), f"deepspeed.zero_stage={zero_stage}"],
+    )
+    logged = train(cfg, tmp_path).history[0]
+    model_cfg = cfg.model.model_copy(update={"vocab_size": 65})
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(model_cfg)
+    x, y = next(
+        iter(
+            TrainLoader(
+                shakespeare_dataset, model_cfg.block_size, cfg.train.micro_batch_size, 1, 0, 1, seed=cfg.train.seed
+            )
+        )
+    )
+    model(x, y)[1].backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    assert logged["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"] is not None
