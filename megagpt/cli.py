@@ -16,8 +16,6 @@ FORWARDED = {
     ("bench", "data"): "data_prep.bench:main",
     ("bench", "train"): "megagpt.bench_train:main",
 }
-# Subcommands whose issue has not landed yet: they say so and exit 2.
-NOT_YET: dict[str, str] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +27,6 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: megagpt bench {kernels,data,train} ...  (each takes -h)", file=sys.stderr)
         return 2
     args = _parser().parse_args(argv)
-    if args.command in NOT_YET:
-        print(f"megagpt {args.command}: not available yet ({NOT_YET[args.command]})", file=sys.stderr)
-        return 2
     try:
         return args.run(args)
     except (UserError, FileNotFoundError) as e:  # bad config, data or paths: one line, no traceback
@@ -40,9 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _forward(name: str, target: str, rest: list[str]) -> int:
-    if name in NOT_YET:
-        print(f"megagpt {name}: not available yet ({NOT_YET[name]})", file=sys.stderr)
-        return 2
     module_name, func = target.split(":")
     try:
         return getattr(importlib.import_module(module_name), func)(rest)
