@@ -40,6 +40,9 @@ class ResumePoint:
 def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo) -> ResumePoint | None:
     """`auto`: the newest verified tag (None when there is none); `never`: None; else a tag dir's path."""
     if resume == "never":
+        if checkpointer.tags():  # starting over on top of them would mix two runs' checkpoints and metrics
+            raise UserError(f"--resume never: {checkpointer.directory} already holds checkpoints; "
+                            f"pass a new --run-dir, or delete that run dir to start over")
         return None
     if resume != "auto":
         path = Path(resume)

@@ -205,3 +205,13 @@ def test_logged_grad_norm_is_the_first_steps_true_gradient_norm(shakespeare_data
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
     assert logged["grad_norm"] == pytest.approx(norm, rel=1e-4)
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"] is not None
+
+
+def test_resume_never_refuses_a_run_dir_that_has_checkpoints(shakespeare_dataset, tmp_path):
+    cfg = load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=2, sample_tokens=0))
+    train(cfg, tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(cfg, tmp_path, resume="never")
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing lost
+    assert train(cfg, tmp_path / "fresh", resume="never").step == 2
