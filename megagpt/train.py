@@ -22,7 +22,7 @@ from megagpt.metrics import RunLogger
 from megagpt.model import GPT
 from megagpt.signals import StopRequest
 from megagpt.step_guard import StepGuard
-from megagpt.universal import ResumePoint, find_resume_point
+from megagpt.universal import ResumePoint, find_resume_point, repair_zero3_universal_load
 
 # Model keys that change parameter shapes: a checkpoint only resumes into a model that agrees on all of them.
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
@@ -276,6 +276,8 @@ def _resume(
                 f"{saved_model.get(key)!r}: resume with the same model shape or start a new --run-dir"
             )
     client = checkpointer.load(engine, tag, point.load_tag, seed=cfg.train.seed)
+    if point.universal:
+        repair_zero3_universal_load(engine, checkpointer.directory / point.load_tag)
     if client.get("dataset_manifest_sha256") != manifest_hash:
         import warnings
 

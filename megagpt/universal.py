@@ -5,7 +5,8 @@ W ranks only loads as it is on W ranks. When the world size changed, rank 0 conv
 `deepspeed.checkpoint.ds_to_universal` into `<tag>_universal/` (in a subprocess: the converter forks worker
 pools) and every rank loads that with `"checkpoint": {"load_universal": true}`, a flag the engine must be
 built with; hence this runs before the engine exists. Without ZeRO partitions (stage 0 in fp32) every rank's
-files hold the full state and load on any world size as they are.
+files hold the full state and load on any world size as they are. After a ZeRO-3 universal load,
+`repair_zero3_universal_load` undoes two slips of DeepSpeed's loader (see there and docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from megagpt.checkpoint import UNIVERSAL_SUFFIX, Checkpointer, verify_manifest
 from megagpt.distributed import DistInfo, barrier, on_main
@@ -91,3 +94,28 @@ def _is_partitioned(tag_dir: Path) -> bool:
     """ZeRO 1-3, and DeepSpeed's bf16 optimizer, write per-rank optimizer partitions."""
     return any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
 
+
+def repair_zero3_universal_load(engine, load_dir: Path) -> None:
+    """Fix the optimizer state DeepSpeed's ZeRO-3 universal loader leaves (0.19.8, stage3.py,
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`); ZeRO 1 and 2 load through another path, unaffected.
+
+    1. It puts one and the same `step` tensor into every sub-group's Adam state. torch's Adam increments that
+       tensor in place once per sub-group, so with our two groups (decay, no decay) it went up by 2 a step and
+       Adam's bias corrections were those of steps 5, 7, 9 and 6, 8, 10 instead of 5, 6, 7 after a resume
+       at step 4 (and the inflated count is saved). Each state gets its own copy here.
+    2. It copies param group 0's hyperparameters onto every group, so the no-decay group (norm gains) got
+       weight decay 0.1. Each group gets its own back from the checkpoint, as ZeRO 1 and 2 do.
+    """
+    if engine.zero_optimization_stage() != 3:
+        return
+    base = engine.optimizer.optimizer  # torch's (or DeepSpeed's) Adam under the ZeRO-3 wrapper
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    saved = torch.load(load_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    if len(saved_groups) != len(base.param_groups):
+        raise RuntimeError(f"{load_dir}: {len(saved_groups)} optimizer param groups, the model has "
+                           f"{len(base.param_groups)}")
+    for group, saved_group in zip(base.param_groups, saved_groups, strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
