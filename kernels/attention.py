@@ -335,7 +335,23 @@ def _check_qkv(q, k, v) -> None:
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _meta(q: torch.Tensor, dropout_p: float) -> dict:
+def forward_args(q, k, v, o, lse, softmax_scale: float, dropout_p: float, seed: int) -> tuple:
+    """The forward kernel's runtime arguments (one place: the launcher and kernels.compile_check use it)."""
+    H, T = q.shape[1], q.shape[2]
+    return (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            H, T, softmax_scale * LOG2E, dropout_p, seed)
+
+
+def backward_args(q, k, v, do, lse, delta, dq, dk, dv, softmax_scale: float, dropout_p: float,
+                  seed: int) -> tuple[tuple, tuple]:
+    """The dK/dV and dQ kernels' runtime arguments."""
+    H, T = q.shape[1], q.shape[2]
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(),
+              H, T, softmax_scale, softmax_scale * LOG2E, dropout_p, seed)
+    return (q, k, v, do, lse, delta, dk, dv, *common), (q, k, v, do, lse, delta, dq, *common)
+
+
+def kernel_meta(q: torch.Tensor, dropout_p: float) -> dict:
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DROPOUT=dropout_p > 0,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
@@ -346,13 +362,13 @@ def attention_forward(q, k, v, softmax_scale: float, dropout_p: float, seed: int
     B, H, T, D = q.shape
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            H, T, softmax_scale * LOG2E, dropout_p, seed)
+    args = forward_args(q, k, v, o, lse, softmax_scale, dropout_p, seed)
+    meta = kernel_meta(q, dropout_p)
     if interpreting(q):
         m, n = INTERPRETER_TILES["fwd"]
-        _attn_fwd_kernel[(triton.cdiv(T, m), B * H)](*args, **_meta(q, dropout_p), BLOCK_M=m, BLOCK_N=n)
+        _attn_fwd_kernel[(triton.cdiv(T, m), B * H)](*args, **meta, BLOCK_M=m, BLOCK_N=n)
     else:
-        _attn_fwd_tuned[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](*args, **_meta(q, dropout_p))
+        _attn_fwd_tuned[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](*args, **meta)
     return o, lse
 
 
@@ -361,16 +377,13 @@ def attention_backward(do, q, k, v, o, lse, softmax_scale: float, dropout_p: flo
     B, H, T, D = q.shape
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    meta = _meta(q, dropout_p)
+    meta = kernel_meta(q, dropout_p)
     interpret = interpreting(q)
     delta_block = 16 if interpret else 64
     _bwd_delta_kernel[(triton.cdiv(T, delta_block), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, T,
         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block)
-    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(),
-              H, T, softmax_scale, softmax_scale * LOG2E, dropout_p, seed)
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *common)
-    dq_args = (q, k, v, do, lse, delta, dq, *common)
+    dkdv_args, dq_args = backward_args(q, k, v, do, lse, delta, dq, dk, dv, softmax_scale, dropout_p, seed)
     if interpret:
         m, n = INTERPRETER_TILES["dkdv"]
         _attn_bwd_dkdv_kernel[(triton.cdiv(T, n), B * H)](*dkdv_args, **meta, BLOCK_M=m, BLOCK_N=n)

@@ -113,8 +113,9 @@ def _column_sum_kernel(
     tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=cols < C)
 
 
-# Hopper: only the warp count is worth searching; the tile is the whole row.
-_WARPS = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]
+# Hopper: only the warp count is worth searching; the tile is the whole row. 32 warps: at C = 16384 the row's
+# registers spill with 16 warps or fewer (python -m kernels.compile_check, docs/kernels.md).
+_WARPS = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16, 32)]
 _ln_fwd_tuned = triton.autotune(_WARPS, key=["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"])(_ln_fwd_kernel)
 _ln_bwd_tuned = triton.autotune(_WARPS, key=["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"])(_ln_bwd_kernel)
 
@@ -122,6 +123,22 @@ _ln_bwd_tuned = triton.autotune(_WARPS, key=["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
+def forward_args(x2, y, weight, bias, mean, rstd, eps: float) -> tuple:
+    """The forward kernel's runtime arguments over (N, C) rows (shared with kernels.compile_check)."""
+    return (x2, y, weight, bias, mean, rstd, x2.stride(0), x2.shape[1], eps)
+
+
+def backward_args(x2, dy2, dx, weight, mean, rstd, dw_part, db_part, rows_per_program: int) -> tuple:
+    """The row kernel's runtime arguments of the backward."""
+    N, C = x2.shape
+    return (x2, dy2, dx, weight, mean, rstd, dw_part, db_part, x2.stride(0), dy2.stride(0), N, C, rows_per_program)
+
+
+def row_meta(C: int, weight, bias) -> dict:
+    """The constexprs both row kernels compile for."""
+    return dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=triton.next_power_of_2(C))
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as (N, C) rows with unit column stride (a view when possible)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -139,8 +156,7 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     if N == 0:
         return y, mean, rstd
     kernel = _ln_fwd_kernel if interpreting(x) else _ln_fwd_tuned
-    kernel[(N,)](x2, y, weight, bias, mean, rstd, x2.stride(0), C, eps,
-                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=triton.next_power_of_2(C))
+    kernel[(N,)](*forward_args(x2, y, weight, bias, mean, rstd, eps), **row_meta(C, weight, bias))
     return y, mean, rstd
 
 
@@ -158,9 +174,8 @@ def layer_norm_backward(dy, x, weight, bias, mean, rstd):
     db_part = torch.zeros((groups, C), dtype=torch.float32, device=x.device)
     if N > 0:
         kernel = _ln_bwd_kernel if interpret else _ln_bwd_tuned
-        kernel[(groups,)](x2, dy2, dx, weight, mean, rstd, dw_part, db_part, x2.stride(0), dy2.stride(0),
-                          N, C, rows_per_program, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                          BLOCK_C=triton.next_power_of_2(C))
+        kernel[(groups,)](*backward_args(x2, dy2, dx, weight, mean, rstd, dw_part, db_part, rows_per_program),
+                          **row_meta(C, weight, bias))
     dw = _column_sum(dw_part, weight.dtype, interpret) if weight is not None else x.new_empty(0)
     db = _column_sum(db_part, bias.dtype, interpret) if bias is not None else x.new_empty(0)
     return dx, dw, db

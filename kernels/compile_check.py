@@ -1,0 +1,318 @@
+"""Compile every kernel for a GPU architecture on a machine without one: what the interpreter cannot show.
+
+The interpreter runs the kernels' maths in numpy and never lowers them, so a dot Hopper's MMA rejects, a tile that
+overflows shared memory or a config that spills registers only shows once compiled. Triton's compiler and the
+ptxas it ships need no GPU: this compiles each kernel x dtype x head dim (or row length) x autotune config to a
+cubin for the target (default sm_90, the H100), with the arguments the launchers pass, and reports shared memory,
+registers, spills and whether the dots became Hopper's wgmma.
+
+    python -m kernels.compile_check [--arch 90] [--quick] [--jobs N] [--out DIR]
+
+Exit status 1 when some (kernel, dtype, size) has no config that compiles and fits: on a GPU the autotuner would
+have nothing to run. Spilling configs are only reported; the autotuner times them like any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import csv
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Largest shared memory one block may opt into, per compute capability (CUDA programming guide, table 21).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+ATTENTION_KERNELS = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_delta")
+LN_KERNELS = ("ln_fwd", "ln_bwd", "ln_column_sum")
+COLUMNS = ["kernel", "dtype", "size", "dropout", "config", "status", "shared", "registers", "spill_bytes",
+           "wgmma", "seconds", "error"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One compile: a kernel, the problem it is specialised for, and the index of its autotune config."""
+    kernel: str
+    dtype: str  # fp16 | bf16 | fp32
+    size: int  # head dim D for attention, row length C for LayerNorm
+    dropout: bool = False
+    config: int = 0
+
+
+@dataclass
+class Result:
+    case: Case
+    config: str = ""
+    status: str = "ok"  # ok | spills | too-much-shared | error
+    shared: int = 0
+    registers: int = 0
+    spill_bytes: int = 0
+    wgmma: bool = False
+    seconds: float = 0.0
+    error: str = ""
+
+    def row(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "case"}
+        return {**asdict(self.case), **out, "config": self.config}
+
+
+# ----------------------------------------------------------------------------------------------------
+# What to compile (the worker side: kernels imported compiled, never interpreted)
+# ----------------------------------------------------------------------------------------------------
+def _attention_launch(kernel: str, dtype, D: int, dropout: bool, T: int = 4096, H: int = 2):
+    """(jit function, configs, args, constexprs) as the launchers build them for q, k, v split from a fused
+    qkv projection, the model's layout (strides (T*3C, D, 3C, 1)), and a grad from a transposed view."""
+    import torch
+
+    from kernels import attention
+
+    p = 0.1 if dropout else 0.0
+    qkv = torch.empty(1, T, 3, H, D, dtype=dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    do = torch.empty(1, T, H, D, dtype=dtype).transpose(1, 2)
+    o, dq, dk, dv = (torch.empty(1, H, T, D, dtype=dtype) for _ in range(4))
+    lse, delta = (torch.empty(1, H, T, dtype=torch.float32) for _ in range(2))
+    meta = attention.kernel_meta(q, p)
+    if kernel == "attn_fwd":
+        return attention._attn_fwd_tuned, attention.forward_args(q, k, v, o, lse, 0.125, p, 1234), meta
+    dkdv, dq_args = attention.backward_args(q, k, v, do, lse, delta, dq, dk, dv, 0.125, p, 1234)
+    if kernel == "attn_bwd_dkdv":
+        return attention._attn_bwd_dkdv_tuned, dkdv, meta
+    if kernel == "attn_bwd_dq":
+        return attention._attn_bwd_dq_tuned, dq_args, meta
+    args = (o, do, delta, *o.stride(), *do.stride(), H, T)
+    return attention._bwd_delta_kernel, args, dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
+
+
+def _layer_norm_launch(kernel: str, dtype, C: int, rows: int = 8192, groups: int = 264):
+    import importlib
+
+    import torch
+
+    ln = importlib.import_module("kernels.layer_norm")  # `kernels.layer_norm` the attribute is the function
+
+    x = torch.empty(rows, C, dtype=dtype)
+    w, b = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
+    stats = [torch.empty(rows, dtype=torch.float32) for _ in range(2)]
+    parts = [torch.empty(groups, C, dtype=torch.float32) for _ in range(2)]
+    if kernel == "ln_fwd":
+        return ln._ln_fwd_tuned, ln.forward_args(x, torch.empty_like(x), w, b, *stats, 1e-5), ln.row_meta(C, w, b)
+    if kernel == "ln_bwd":
+        args = ln.backward_args(x, torch.empty_like(x), torch.empty_like(x), w, *stats, *parts, rows // groups)
+        return ln._ln_bwd_tuned, args, ln.row_meta(C, w, b)
+    return ln._column_sum_kernel, (parts[0], w, groups, C), dict(BLOCK_G=32, BLOCK_C=128)
+
+
+def _launch(case: Case):
+    """(jit function, list of triton.Config, args, constexprs) of a case."""
+    import torch
+    import triton
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
+    if case.kernel in ATTENTION_KERNELS:
+        fn, args, meta = _attention_launch(case.kernel, dtype, case.size, case.dropout)
+    else:
+        fn, args, meta = _layer_norm_launch(case.kernel, dtype, case.size)
+    if hasattr(fn, "configs"):  # autotuned
+        return fn.fn, fn.configs, args, meta
+    fixed = triton.Config({}, num_warps=4, num_stages=3 if case.kernel == "ln_column_sum" else 2)
+    return fn, [fixed], args, meta
+
+
+def config_count(case: Case) -> int:
+    return len(_launch(case)[1])
+
+
+def compile_case(case: Case, arch: int) -> Result:
+    """Compile one case exactly as JITFunction.run would before launching it, for `arch`, and measure it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn, configs, args, meta = _launch(case)
+    config = configs[case.config]
+    result = Result(case, config=_describe(config))
+    started = time.perf_counter()
+    try:
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        # FOOTGUN: mirrors JITFunction.run (triton 3.9) up to the launch, private helpers included, so that the
+        # signature, the specialisations (strides of 1, 16-byte alignment) and the options are the launch's own.
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        kwargs = {**meta, **config.all_kwargs()}
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        compiled = compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    except Exception as error:  # noqa: BLE001  every failure is a finding, reported per case
+        result.status, result.error = "error", _first_line(error)
+        result.seconds = time.perf_counter() - started
+        return result
+    ptx = compiled.asm["ptx"]
+    result.shared = int(compiled.metadata.shared)
+    result.registers, result.spill_bytes = _ptxas_usage(ptx, arch)
+    result.wgmma = "wgmma.mma_async" in ptx
+    result.seconds = time.perf_counter() - started
+    if result.shared > SHARED_LIMIT.get(arch, SHARED_LIMIT[90]):
+        result.status = "too-much-shared"
+    elif result.spill_bytes:
+        result.status = "spills"
+    return result
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """Registers per thread and spill-store bytes, from the same ptxas triton used, run again with -v."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return int(registers.group(1)) if registers else 0, int(spills.group(1)) if spills else 0
+
+
+def _describe(config) -> str:
+    tiles = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{tiles + ' ' if tiles else ''}w{config.num_warps} s{config.num_stages}"
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The matrix, the pool, the report (the parent side: imports no kernels)
+# ----------------------------------------------------------------------------------------------------
+def problems(quick: bool, dtypes: list[str]) -> list[Case]:
+    """Config index 0 of every (kernel, dtype, size, dropout) to check; expanded to every config later."""
+    head_dims = [64, 128] if quick else [16, 32, 48, 64, 80, 96, 128]
+    rows = [768, 16384] if quick else [768, 1024, 2048, 4096, 5120, 8192, 12288, 16384, 65536]
+    cases = []
+    for dtype in dtypes:
+        for D in head_dims:
+            for dropout in (False, True):
+                cases += [Case(k, dtype, D, dropout) for k in ATTENTION_KERNELS if dropout is False
+                          or k != "attn_bwd_delta"]
+        cases += [Case(k, dtype, C) for C in rows for k in LN_KERNELS if k != "ln_column_sum" or C == rows[0]]
+    return cases
+
+
+def _expand(case: Case, one_config: bool = False) -> list[Case]:
+    """The case itself (its own config) with one_config, else one case per autotune config."""
+    if one_config:
+        return [case]
+    return [Case(case.kernel, case.dtype, case.size, case.dropout, i) for i in range(config_count(case))]
+
+
+def _worker_start() -> None:
+    os.environ["TRITON_INTERPRET"] = "0"
+
+
+def run(cases: list[Case], arch: int, jobs: int, one_config: bool = False, progress: bool = True) -> list[Result]:
+    """Compile every config (or the first) of every case in `jobs` fresh processes, where the kernels are
+    really compiled: the caller's own kernels may be the interpreter's."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # spawned workers inherit it before they import kernels
+    try:
+        context = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start) as pool:
+            expanded = [c for batch in pool.map(_expand, cases, [one_config] * len(cases)) for c in batch]
+            pending = [pool.submit(compile_case, c, arch) for c in expanded]
+            results = []
+            for i, done in enumerate(futures.as_completed(pending), 1):
+                results.append(done.result())
+                if progress:
+                    print(f"\rcompiled {i}/{len(pending)}", end="", file=sys.stderr, flush=True)
+            if progress and pending:
+                print(file=sys.stderr)
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    order = {c: i for i, c in enumerate(expanded)}
+    return sorted(results, key=lambda r: order[r.case])
+
+
+def unrunnable(results: list[Result]) -> list[tuple]:
+    """(kernel, dtype, size, dropout) groups where no config compiles within the shared memory limit."""
+    groups: dict[tuple, bool] = {}
+    for r in results:
+        key = (r.case.kernel, r.case.dtype, r.case.size, r.case.dropout)
+        groups[key] = groups.get(key, False) or r.status in ("ok", "spills")
+    return [key for key, runnable in groups.items() if not runnable]
+
+
+def summary(results: list[Result]) -> str:
+    """One line per (kernel, dtype, size, dropout): configs that run clean / spill / do not fit / fail."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.case.kernel, r.case.dtype, r.case.size, r.case.dropout), []).append(r)
+    header = (f"{'kernel':<15}{'dtype':<6}{'size':>6} {'drop':<5}{'clean':>6}{'spill':>6}{'shmem':>6}{'error':>6}"
+              f"  {'wgmma':<6}best clean config (fewest registers)")
+    lines = [header, "-" * len(header)]
+    for (kernel, dtype, size, dropout), rs in groups.items():
+        count = {s: sum(r.status == s for r in rs) for s in ("ok", "spills", "too-much-shared", "error")}
+        clean = [r for r in rs if r.status == "ok"]
+        best = min(clean, key=lambda r: r.registers) if clean else None
+        best_text = f"{best.config} ({best.registers} regs, {best.shared // 1024} KiB)" if best else "-"
+        lines.append(f"{kernel:<15}{dtype:<6}{size:>6} {'yes' if dropout else 'no':<5}{count['ok']:>6}"
+                     f"{count['spills']:>6}{count['too-much-shared']:>6}{count['error']:>6}  "
+                     f"{'yes' if any(r.wgmma for r in rs) else 'no':<6}{best_text}")
+    errors = sorted({r.error for r in results if r.error})
+    lines += [f"error: {e}" for e in errors]
+    return "\n".join(lines)
+
+
+def write(results: list[Result], out: Path, arch: int) -> None:
+    import triton
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r.row() for r in results]
+    with open(out / "compile_check.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + ["size_kind"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**row, "size_kind": "D" if row["kernel"].startswith("attn") else "C"} for row in rows)
+    (out / "compile_check.json").write_text(json.dumps(
+        {"arch": arch, "triton": triton.__version__, "shared_limit": SHARED_LIMIT.get(arch), "results": rows},
+        indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100, 80 = A100)")
+    parser.add_argument("--quick", action="store_true", help="D in {64, 128}, C in {768, 16384} only")
+    parser.add_argument("--one-config", action="store_true",
+                        help="only each kernel's first autotune config: a quick sweep for compile errors")
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--kernel", nargs="+", default=None, choices=ATTENTION_KERNELS + LN_KERNELS)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    parser.add_argument("--out", type=Path, default=None, help="write compile_check.csv / .json here")
+    args = parser.parse_args(argv)
+    cases = [c for c in problems(args.quick, args.dtype) if args.kernel is None or c.kernel in args.kernel]
+    started = time.perf_counter()
+    results = run(cases, args.arch, max(1, args.jobs), args.one_config)
+    print(summary(results))
+    print(f"{len(results)} compiles for sm_{args.arch} in {time.perf_counter() - started:.0f} s "
+          f"(shared memory limit {SHARED_LIMIT.get(args.arch, SHARED_LIMIT[90])} bytes)")
+    if args.out:
+        write(results, args.out, args.arch)
+    bad = unrunnable(results)
+    for key in bad:
+        print(f"FAIL: no config of {key} compiles within sm_{args.arch}'s limits", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
