@@ -31,3 +31,17 @@ def test_triton_backends_follow_the_sdpa_run_for_ten_steps(shakespeare_dataset, 
     assert runs["triton"][-1] < runs["triton"][0]  # it trains
     for step, (a, b) in enumerate(zip(runs["triton"], runs["sdpa"], strict=True), start=1):
         assert a == pytest.approx(b, abs=1e-4), f"step {step}"
+
+
+def test_train_compile_with_triton_backends_matches_eager(shakespeare_dataset, tmp_path):
+    """`train.compile: true` goes through DeepSpeed's engine.compile (inductor); the custom ops stay opaque."""
+    small = tiny_overrides(shakespeare_dataset, max_steps=3, micro_batch_size=2, sample_tokens=0, eval_steps=1,
+                           eval_interval=100, checkpoint_interval=100)
+    small += ["model.block_size=16", "model.attention=triton", "model.norm=triton"]
+    runs = {}
+    for compiled in (False, True):
+        cfg = load_config(CPU_CONFIG, [*small, f"train.compile={str(compiled).lower()}"])
+        runs[compiled] = [r["loss"] for r in train(cfg, tmp_path / str(compiled)).history if "loss" in r]
+    assert len(runs[True]) == 3
+    for step, (a, b) in enumerate(zip(runs[True], runs[False], strict=True), start=1):
+        assert a == pytest.approx(b, abs=1e-5), f"step {step}"
