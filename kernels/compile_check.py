@@ -277,6 +277,7 @@ def summary(results: list[Result]) -> str:
 
 def write(results: list[Result], out: Path, arch: int) -> None:
     import triton
+    from triton.backends.nvidia.compiler import get_ptxas
 
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.row() for r in results]
@@ -285,7 +286,8 @@ def write(results: list[Result], out: Path, arch: int) -> None:
         writer.writeheader()
         writer.writerows({**row, "size_kind": "D" if row["kernel"].startswith("attn") else "C"} for row in rows)
     (out / "compile_check.json").write_text(json.dumps(
-        {"arch": arch, "triton": triton.__version__, "shared_limit": SHARED_LIMIT.get(arch), "results": rows},
+        {"arch": arch, "triton": triton.__version__, "ptxas": get_ptxas(arch).version,
+         "shared_limit": SHARED_LIMIT.get(arch), "results": rows},
         indent=1))
 
 

@@ -75,6 +75,29 @@ def test_unequal_tiles_as_autotune_picks_them_on_gpu(monkeypatch):
         assert rel_err(a, r) <= FP32_TOL, (name, rel_err(a, r))
 
 
+def _tuned_tiles(tuned) -> list[tuple[int, int]]:
+    return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tuned.configs})
+
+
+FWD_TILES = _tuned_tiles(kernels.attention._attn_fwd_tuned)
+DKDV_TILES = _tuned_tiles(kernels.attention._attn_bwd_dkdv_tuned)
+DQ_TILES = _tuned_tiles(kernels.attention._attn_bwd_dq_tuned)
+
+
+@pytest.mark.parametrize("i", range(max(len(FWD_TILES), len(DKDV_TILES), len(DQ_TILES))))
+def test_every_autotune_tile_shape_is_exact_under_the_interpreter(monkeypatch, i):
+    """The GPU's own (BLOCK_M, BLOCK_N) tiles, each kernel cycling through its list, on a T spanning tiles."""
+    tiles = {"fwd": FWD_TILES[i % len(FWD_TILES)], "dkdv": DKDV_TILES[i % len(DKDV_TILES)],
+             "dq": DQ_TILES[i % len(DQ_TILES)]}
+    for kernel, tile in tiles.items():
+        monkeypatch.setitem(kernels.attention.INTERPRETER_TILES, kernel, tile)
+    q, k, v, do = make_qkv(1, 1, 150, 48, seed=i)
+    ours = run(kernels.causal_attention, q, k, v, do, torch.float32, dropout_p=0.1, seed=i)
+    ref = reference64(q, k, v, do, dropout_mask=dropout_keep_mask(1, 1, 150, i, 0.1), dropout_p=0.1)
+    for name, a, r in zip(["out", "dq", "dk", "dv"], ours, ref, strict=True):
+        assert rel_err(a, r) <= FP32_TOL, (name, tiles, rel_err(a, r))
+
+
 def test_softmax_scale_is_honoured():
     q, k, v, do = make_qkv(1, 2, 33, 32, seed=7)
     ours = run(kernels.causal_attention, q, k, v, do, torch.float32, softmax_scale=0.37)
