@@ -25,14 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # Largest shared memory one block may opt into, per compute capability (CUDA programming guide, table 21).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 ATTENTION_KERNELS = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_delta")
 LN_KERNELS = ("ln_fwd", "ln_bwd", "ln_column_sum")
-COLUMNS = ["kernel", "dtype", "size", "dropout", "config", "status", "shared", "registers", "spill_bytes",
+COLUMNS = ["kernel", "dtype", "size", "dropout", "bias", "config", "status", "shared", "registers", "spill_bytes",
            "wgmma", "seconds", "error"]
 
 
@@ -42,8 +42,20 @@ class Case:
     kernel: str
     dtype: str  # fp16 | bf16 | fp32
     size: int  # head dim D for attention, row length C for LayerNorm
-    dropout: bool = False
+    dropout: bool = False  # attention: compiled with dropout on
     config: int = 0
+    bias: bool = False  # LayerNorm: with a bias (the model's default, bias: false, has only a weight)
+
+    @property
+    def group(self) -> tuple:
+        """What the autotuner would choose a config for: everything but the config."""
+        return self.kernel, self.dtype, self.size, self.variant
+
+    @property
+    def variant(self) -> str:
+        if self.kernel in ATTENTION_KERNELS:
+            return "dropout" if self.dropout else "-"
+        return "bias" if self.bias else "no bias"
 
 
 @dataclass
@@ -91,7 +103,7 @@ def _attention_launch(kernel: str, dtype, D: int, dropout: bool, T: int = 4096, 
     return attention._bwd_delta_kernel, args, dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
 
 
-def _layer_norm_launch(kernel: str, dtype, C: int, rows: int = 8192, groups: int = 264):
+def _layer_norm_launch(kernel: str, dtype, C: int, bias: bool, rows: int = 8192, groups: int = 264):
     import importlib
 
     import torch
@@ -99,7 +111,7 @@ def _layer_norm_launch(kernel: str, dtype, C: int, rows: int = 8192, groups: int
     ln = importlib.import_module("kernels.layer_norm")  # `kernels.layer_norm` the attribute is the function
 
     x = torch.empty(rows, C, dtype=dtype)
-    w, b = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
+    w, b = torch.empty(C, dtype=dtype), (torch.empty(C, dtype=dtype) if bias else None)
     stats = [torch.empty(rows, dtype=torch.float32) for _ in range(2)]
     parts = [torch.empty(groups, C, dtype=torch.float32) for _ in range(2)]
     if kernel == "ln_fwd":
@@ -119,7 +131,7 @@ def _launch(case: Case):
     if case.kernel in ATTENTION_KERNELS:
         fn, args, meta = _attention_launch(case.kernel, dtype, case.size, case.dropout)
     else:
-        fn, args, meta = _layer_norm_launch(case.kernel, dtype, case.size)
+        fn, args, meta = _layer_norm_launch(case.kernel, dtype, case.size, case.bias)
     if hasattr(fn, "configs"):  # autotuned
         return fn.fn, fn.configs, args, meta
     fixed = triton.Config({}, num_warps=4, num_stages=3 if case.kernel == "ln_column_sum" else 2)
@@ -195,7 +207,7 @@ def _first_line(error: Exception) -> str:
 # The matrix, the pool, the report (the parent side: imports no kernels)
 # ----------------------------------------------------------------------------------------------------
 def problems(quick: bool, dtypes: list[str]) -> list[Case]:
-    """Config index 0 of every (kernel, dtype, size, dropout) to check; expanded to every config later."""
+    """Config index 0 of every (kernel, dtype, size, variant) to check; expanded to every config later."""
     head_dims = [64, 128] if quick else [16, 32, 48, 64, 80, 96, 128]
     rows = [768, 16384] if quick else [768, 1024, 2048, 4096, 5120, 8192, 12288, 16384, 65536]
     cases = []
@@ -204,7 +216,8 @@ def problems(quick: bool, dtypes: list[str]) -> list[Case]:
             for dropout in (False, True):
                 cases += [Case(k, dtype, D, dropout) for k in ATTENTION_KERNELS if dropout is False
                           or k != "attn_bwd_delta"]
-        cases += [Case(k, dtype, C) for C in rows for k in LN_KERNELS if k != "ln_column_sum" or C == rows[0]]
+        cases += [Case(k, dtype, C, bias=bias) for C in rows for bias in (False, True) for k in LN_KERNELS
+                  if k != "ln_column_sum" or (C == rows[0] and not bias)]
     return cases
 
 
@@ -212,7 +225,7 @@ def _expand(case: Case, one_config: bool = False) -> list[Case]:
     """The case itself (its own config) with one_config, else one case per autotune config."""
     if one_config:
         return [case]
-    return [Case(case.kernel, case.dtype, case.size, case.dropout, i) for i in range(config_count(case))]
+    return [replace(case, config=i) for i in range(config_count(case))]
 
 
 def _worker_start() -> None:
@@ -246,28 +259,27 @@ def run(cases: list[Case], arch: int, jobs: int, one_config: bool = False, progr
 
 
 def unrunnable(results: list[Result]) -> list[tuple]:
-    """(kernel, dtype, size, dropout) groups where no config compiles within the shared memory limit."""
+    """(kernel, dtype, size, variant) groups where no config compiles within the shared memory limit."""
     groups: dict[tuple, bool] = {}
     for r in results:
-        key = (r.case.kernel, r.case.dtype, r.case.size, r.case.dropout)
-        groups[key] = groups.get(key, False) or r.status in ("ok", "spills")
+        groups[r.case.group] = groups.get(r.case.group, False) or r.status in ("ok", "spills")
     return [key for key, runnable in groups.items() if not runnable]
 
 
 def summary(results: list[Result]) -> str:
-    """One line per (kernel, dtype, size, dropout): configs that run clean / spill / do not fit / fail."""
+    """One line per (kernel, dtype, size, variant): configs that run clean / spill / do not fit / fail."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
-        groups.setdefault((r.case.kernel, r.case.dtype, r.case.size, r.case.dropout), []).append(r)
-    header = (f"{'kernel':<15}{'dtype':<6}{'size':>6} {'drop':<5}{'clean':>6}{'spill':>6}{'shmem':>6}{'error':>6}"
+        groups.setdefault(r.case.group, []).append(r)
+    header = (f"{'kernel':<15}{'dtype':<6}{'size':>6} {'variant':<8}{'clean':>6}{'spill':>6}{'shmem':>6}{'error':>6}"
               f"  {'wgmma':<6}best clean config (fewest registers)")
     lines = [header, "-" * len(header)]
-    for (kernel, dtype, size, dropout), rs in groups.items():
+    for (kernel, dtype, size, variant), rs in groups.items():
         count = {s: sum(r.status == s for r in rs) for s in ("ok", "spills", "too-much-shared", "error")}
         clean = [r for r in rs if r.status == "ok"]
         best = min(clean, key=lambda r: r.registers) if clean else None
         best_text = f"{best.config} ({best.registers} regs, {best.shared // 1024} KiB)" if best else "-"
-        lines.append(f"{kernel:<15}{dtype:<6}{size:>6} {'yes' if dropout else 'no':<5}{count['ok']:>6}"
+        lines.append(f"{kernel:<15}{dtype:<6}{size:>6} {variant:<8}{count['ok']:>6}"
                      f"{count['spills']:>6}{count['too-much-shared']:>6}{count['error']:>6}  "
                      f"{'yes' if any(r.wgmma for r in rs) else 'no':<6}{best_text}")
     errors = sorted({r.error for r in results if r.error})
