@@ -316,6 +316,7 @@ _attn_bwd_dkdv_tuned = triton.autotune(_configs([(32, 128), (64, 128), (32, 64),
                                        key=_KEY)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq_tuned = triton.autotune(_configs([(128, 32), (128, 64), (64, 32), (64, 64)], stages=(2, 3)),
                                      key=_KEY)(_attn_bwd_dq_kernel)
+DELTA_BLOCK = {"gpu": 64, "interpreter": 16}  # rows per program of the (untuned) delta kernel
 # The interpreter runs programs one by one in numpy: one small fixed (BLOCK_M, BLOCK_N) per kernel. Tests swap
 # in unequal tiles, as autotune picks them on a GPU, to check the diagonal bookkeeping.
 INTERPRETER_TILES = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
@@ -379,7 +380,7 @@ def attention_backward(do, q, k, v, o, lse, softmax_scale: float, dropout_p: flo
     dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     meta = kernel_meta(q, dropout_p)
     interpret = interpreting(q)
-    delta_block = 16 if interpret else 64
+    delta_block = DELTA_BLOCK["interpreter" if interpret else "gpu"]
     _bwd_delta_kernel[(triton.cdiv(T, delta_block), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, T,
         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block)

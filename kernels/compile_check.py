@@ -79,8 +79,8 @@ class Result:
 # What to compile (the worker side: kernels imported compiled, never interpreted)
 # ----------------------------------------------------------------------------------------------------
 def _attention_launch(kernel: str, dtype, D: int, dropout: bool, T: int = 4096, H: int = 2):
-    """(jit function, configs, args, constexprs) as the launchers build them for q, k, v split from a fused
-    qkv projection, the model's layout (strides (T*3C, D, 3C, 1)), and a grad from a transposed view."""
+    """(kernel, args, constexprs) as the launchers build them, for q, k, v split from a fused qkv projection
+    (the model's layout, strides (T*3C, D, 3C, 1)) and an output grad from a transposed view."""
     import torch
 
     from kernels import attention
@@ -100,7 +100,8 @@ def _attention_launch(kernel: str, dtype, D: int, dropout: bool, T: int = 4096, 
     if kernel == "attn_bwd_dq":
         return attention._attn_bwd_dq_tuned, dq_args, meta
     args = (o, do, delta, *o.stride(), *do.stride(), H, T)
-    return attention._bwd_delta_kernel, args, dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
+    return attention._bwd_delta_kernel, args, dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"],
+                                                   BLOCK_M=attention.DELTA_BLOCK["gpu"])
 
 
 def _layer_norm_launch(kernel: str, dtype, C: int, bias: bool, rows: int = 8192, groups: int = 264):
@@ -119,7 +120,8 @@ def _layer_norm_launch(kernel: str, dtype, C: int, bias: bool, rows: int = 8192,
     if kernel == "ln_bwd":
         args = ln.backward_args(x, torch.empty_like(x), torch.empty_like(x), w, *stats, *parts, rows // groups)
         return ln._ln_bwd_tuned, args, ln.row_meta(C, w, b)
-    return ln._column_sum_kernel, (parts[0], w, groups, C), dict(BLOCK_G=32, BLOCK_C=128)
+    block_g, block_c = ln.COLUMN_SUM_TILE["gpu"]
+    return ln._column_sum_kernel, (parts[0], w, groups, C), dict(BLOCK_G=block_g, BLOCK_C=block_c)
 
 
 def _launch(case: Case):
@@ -134,8 +136,7 @@ def _launch(case: Case):
         fn, args, meta = _layer_norm_launch(case.kernel, dtype, case.size, case.bias)
     if hasattr(fn, "configs"):  # autotuned
         return fn.fn, fn.configs, args, meta
-    fixed = triton.Config({}, num_warps=4, num_stages=3 if case.kernel == "ln_column_sum" else 2)
-    return fn, [fixed], args, meta
+    return fn, [triton.Config({}, num_warps=4, num_stages=3)], args, meta  # triton's launch defaults
 
 
 def config_count(case: Case) -> int:

@@ -118,6 +118,7 @@ def _column_sum_kernel(
 _WARPS = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16, 32)]
 _ln_fwd_tuned = triton.autotune(_WARPS, key=["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"])(_ln_fwd_kernel)
 _ln_bwd_tuned = triton.autotune(_WARPS, key=["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"])(_ln_bwd_kernel)
+COLUMN_SUM_TILE = {"gpu": (32, 128), "interpreter": (16, 128)}  # (BLOCK_G, BLOCK_C) of the untuned column sums
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def layer_norm_backward(dy, x, weight, bias, mean, rstd):
 def _column_sum(part: torch.Tensor, dtype: torch.dtype, interpret: bool) -> torch.Tensor:
     G, C = part.shape
     out = torch.empty(C, dtype=dtype, device=part.device)
-    block_g, block_c = (16, 128) if interpret else (32, 128)
+    block_g, block_c = COLUMN_SUM_TILE["interpreter" if interpret else "gpu"]
     _column_sum_kernel[(triton.cdiv(C, block_c),)](part, out, G, C, BLOCK_G=block_g, BLOCK_C=block_c)
     return out
 
