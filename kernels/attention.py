@@ -13,8 +13,9 @@ Backward maths, derived once. Per (batch, head), with s = softmax_scale, r = 1/(
     dQ  = s dS K,            dK = s dS^T Q
 So delta = rowsum(dO * O) needs no T x T tensor, dropout included, and P is rebuilt tile by tile from the
 saved log-sum-exp: P_ij = exp2(S_ij log2(e) - lse_i), lse kept in base 2 (exp2 is the fast instruction).
-The dropout mask Z is never stored: Z_ij = tl.rand(seed, offset_ij) > p with offset_ij the element's index in
-the virtual (B, H, T, T) matrix, so backward draws exactly the mask that forward drew.
+The dropout mask Z is never stored: Z_ij = u_ij > p, u_ij one of the 4 uniforms of a Philox draw (tl.randint4x)
+whose counter is the index of (b, h, i, j // 4) in the virtual (B, H, T, ceil(T/4)) grid of column groups, so
+backward draws exactly the mask that forward drew.
 """
 
 from __future__ import annotations
@@ -34,17 +35,35 @@ LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 # Kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _keep_mask(seed, dropout_p, bh, T, offs_m, offs_n):
-    """Dropout keep-mask of a (len(offs_m), len(offs_n)) tile: one formula for forward, backward, tests."""
-    offsets = (bh * T + offs_m[:, None].to(tl.int64)) * T + offs_n[None, :]  # index in (B, H, T, T)
-    return tl.rand(seed, offsets) > dropout_p
+def _uniform4(seed, bh, T, offs_m, start_n, BLOCK_N: tl.constexpr):
+    """Four (len(offs_m), BLOCK_N // 4) uniform tiles, one Philox draw per group of 4 adjacent columns.
+
+    Group g of row i of (b, h) is counter (bh * T + i) * ceil(T / 4) + g; its 4 outputs go to columns
+    4g .. 4g + 3. One draw per 4 elements is 4x less Philox work and state than a draw per element.
+    """
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    counters = (bh * T + offs_m[:, None].to(tl.int64)) * tl.cdiv(T, 4) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    return (tl.random.uint_to_uniform_float(r0), tl.random.uint_to_uniform_float(r1),
+            tl.random.uint_to_uniform_float(r2), tl.random.uint_to_uniform_float(r3))
 
 
 @triton.jit
-def _keep_mask_t(seed, dropout_p, bh, T, offs_m, offs_n):
-    """The same mask for a transposed (len(offs_n), len(offs_m)) tile, as the dK/dV kernel walks it."""
-    offsets = (bh * T + offs_m[None, :].to(tl.int64)) * T + offs_n[:, None]
-    return tl.rand(seed, offsets) > dropout_p
+def _keep_mask(seed, dropout_p, bh, T, offs_m, start_n, BLOCK_N: tl.constexpr):
+    """Dropout keep-mask of a (len(offs_m), BLOCK_N) tile at columns start_n..: one formula for forward,
+    backward and tests."""
+    u0, u1, u2, u3 = _uniform4(seed, bh, T, offs_m, start_n, BLOCK_N)
+    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # (M, N/4, 2, 2): [.., k, l] = u_{2k+l}, column 4g + 2k + l
+    return tl.reshape(u, [offs_m.shape[0], BLOCK_N]) > dropout_p
+
+
+@triton.jit
+def _keep_mask_t(seed, dropout_p, bh, T, offs_m, start_n, BLOCK_N: tl.constexpr):
+    """The same mask for a transposed (BLOCK_N, len(offs_m)) tile, as the dK/dV kernel walks it."""
+    u0, u1, u2, u3 = _uniform4(seed, bh, T, offs_m, start_n, BLOCK_N)
+    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # (M, N/4, 2, 2)
+    u = tl.permute(u, (1, 2, 3, 0))  # (N/4, 2, 2, M): row 4g + 2k + l
+    return tl.reshape(u, [BLOCK_N, offs_m.shape[0]]) > dropout_p
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -58,7 +77,7 @@ def _dropout_mask_kernel(
     pid_m, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep_mask(seed, dropout_p, bh, T, offs_m, offs_n)
+    keep = _keep_mask(seed, dropout_p, bh, T, offs_m, pid_n * BLOCK_N, BLOCK_N)
     ptrs = KEEP + (bh * T + offs_m[:, None]) * T + offs_n[None, :]
     tl.store(ptrs, keep, mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
 
@@ -85,7 +104,7 @@ def _fwd_tile(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # counts dropped entries too: dropout acts after the softmax
         if DROPOUT:
-            keep = _keep_mask(seed, dropout_p, bh, T, offs_m, offs_n)
+            keep = _keep_mask(seed, dropout_p, bh, T, offs_m, start_n, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -161,9 +180,9 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_tile(
     dk, dv, k, v, Q_ptrs, DO_ptrs, LSE, DELTA, start, stop, stride_qt, stride_dot,
-    offs_n, offs_d, bh, T, qk_scale, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    start_n, offs_n, offs_d, bh, T, qk_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [start, stop), on transposed (N, M) tiles."""
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -180,7 +199,7 @@ def _bwd_dkdv_tile(
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M) = (dO V^T)^T
         if DROPOUT:
-            keepT = _keep_mask_t(seed, dropout_p, bh, T, offs_m, offs_n)
+            keepT = _keep_mask_t(seed, dropout_p, bh, T, offs_m, start_n, BLOCK_N)
             scale = 1.0 / (1.0 - dropout_p)
             dv += tl.dot(tl.where(keepT, pT * scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
             dpT = tl.where(keepT, dpT * scale, 0.0)
@@ -224,11 +243,11 @@ def _attn_bwd_dkdv_kernel(
     # Query tiles on the diagonal (masked), then every query tile below it; none above.
     diag_end = tl.minimum(start_n + BLOCK_N, T)
     dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q_ptrs, DO_ptrs, LSE, DELTA, start_n, diag_end,
-                            stride_qt, stride_dot, offs_n, offs_d, bh, T, qk_scale, dropout_p, seed,
-                            HEAD_DIM, BLOCK_M, True, DROPOUT, PRECISION)
+                            stride_qt, stride_dot, start_n, offs_n, offs_d, bh, T, qk_scale, dropout_p, seed,
+                            HEAD_DIM, BLOCK_M, BLOCK_N, True, DROPOUT, PRECISION)
     dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q_ptrs, DO_ptrs, LSE, DELTA, diag_end, T, stride_qt, stride_dot,
-                            offs_n, offs_d, bh, T, qk_scale, dropout_p, seed,
-                            HEAD_DIM, BLOCK_M, False, DROPOUT, PRECISION)
+                            start_n, offs_n, offs_d, bh, T, qk_scale, dropout_p, seed,
+                            HEAD_DIM, BLOCK_M, BLOCK_N, False, DROPOUT, PRECISION)
     out = bh * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_ok)
@@ -254,7 +273,7 @@ def _bwd_dq_tile(
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            keep = _keep_mask(seed, dropout_p, bh, T, offs_m, offs_n)
+            keep = _keep_mask(seed, dropout_p, bh, T, offs_m, start_n, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)

@@ -132,6 +132,20 @@ def test_dropout_keeps_one_minus_p_of_the_entries():
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
 
 
+def test_dropout_draws_are_independent_within_and_across_philox_groups():
+    """4 columns share one Philox call: neighbours in a group, across groups and across rows must still be
+    independent (a lane drawn twice would keep a pair with probability 1-p instead of (1-p)^2)."""
+    p = 0.5
+    keep = dropout_keep_mask(2, 4, 256, seed=99, dropout_p=p)
+    for shift in (1, 2, 3, 4, 5):  # within a group of 4, and across a group boundary
+        both = (keep[..., shift:] & keep[..., :-shift]).float().mean().item()
+        assert abs(both - (1 - p) ** 2) < 0.01, (shift, both)
+    both_rows = (keep[..., 1:, :] & keep[..., :-1, :]).float().mean().item()
+    assert abs(both_rows - (1 - p) ** 2) < 0.01, both_rows
+    lanes = keep.reshape(2, 4, 256, 64, 4).float().mean(dim=(0, 1, 2, 3))  # each lane of the 4 alike
+    assert torch.all((lanes - (1 - p)).abs() < 0.01), lanes
+
+
 def test_dropout_same_seed_same_result_different_seed_differs():
     q, k, v, _ = make_qkv(1, 2, 24, 16, seed=5)
     a = kernels.causal_attention(q, k, v, dropout_p=0.2, seed=11)
