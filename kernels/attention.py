@@ -328,13 +328,15 @@ def _configs(pairs, warps=(4, 8), stages=(2, 3, 4)):
             for m, n in pairs for w in warps for s in stages]
 
 
+# cache_results: the winning config is kept on disk (TRITON_CACHE_DIR), so a restarted run skips the search and
+# gets the same tiles, hence the same numerics, as before it stopped.
 _KEY = ["T", "HEAD_DIM", "DROPOUT"]
 _attn_fwd_tuned = triton.autotune(_configs([(128, 64), (128, 128), (128, 32), (64, 64), (64, 32)]),
-                                  key=_KEY)(_attn_fwd_kernel)
+                                  key=_KEY, cache_results=True)(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = triton.autotune(_configs([(32, 128), (64, 128), (32, 64), (64, 64)], stages=(2, 3)),
-                                       key=_KEY)(_attn_bwd_dkdv_kernel)
+                                       key=_KEY, cache_results=True)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq_tuned = triton.autotune(_configs([(128, 32), (128, 64), (64, 32), (64, 64)], stages=(2, 3)),
-                                     key=_KEY)(_attn_bwd_dq_kernel)
+                                     key=_KEY, cache_results=True)(_attn_bwd_dq_kernel)
 DELTA_BLOCK = {"gpu": 64, "interpreter": 16}  # rows per program of the (untuned) delta kernel
 # The interpreter runs programs one by one in numpy: one small fixed (BLOCK_M, BLOCK_N) per kernel. Tests swap
 # in unequal tiles, as autotune picks them on a GPU, to check the diagonal bookkeeping.

@@ -116,8 +116,9 @@ def _column_sum_kernel(
 # Hopper: only the warp count is worth searching; the tile is the whole row. 32 warps: at C = 16384 the row's
 # registers spill with 16 warps or fewer (python -m kernels.compile_check, docs/kernels.md).
 _WARPS = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16, 32)]
-_ln_fwd_tuned = triton.autotune(_WARPS, key=["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"])(_ln_fwd_kernel)
-_ln_bwd_tuned = triton.autotune(_WARPS, key=["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"])(_ln_bwd_kernel)
+_LN_KEY = ["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"]
+_ln_fwd_tuned = triton.autotune(_WARPS, key=_LN_KEY, cache_results=True)(_ln_fwd_kernel)  # on disk, as attention
+_ln_bwd_tuned = triton.autotune(_WARPS, key=_LN_KEY, cache_results=True)(_ln_bwd_kernel)
 COLUMN_SUM_TILE = {"gpu": (32, 128), "interpreter": (16, 128)}  # (BLOCK_G, BLOCK_C) of the untuned column sums
 
 
