@@ -172,7 +172,7 @@ def compile_case(case: Case, arch: int) -> Result:
     result.registers, result.spill_bytes = _ptxas_usage(ptx, arch)
     result.wgmma = "wgmma.mma_async" in ptx
     result.seconds = time.perf_counter() - started
-    if result.shared > SHARED_LIMIT.get(arch, SHARED_LIMIT[90]):
+    if result.shared > SHARED_LIMIT[arch]:
         result.status = "too-much-shared"
     elif result.spill_bytes:
         result.status = "spills"
@@ -229,10 +229,6 @@ def _expand(case: Case, one_config: bool = False) -> list[Case]:
     return [replace(case, config=i) for i in range(config_count(case))]
 
 
-def _worker_start() -> None:
-    os.environ["TRITON_INTERPRET"] = "0"
-
-
 def run(cases: list[Case], arch: int, jobs: int, one_config: bool = False, progress: bool = True) -> list[Result]:
     """Compile every config (or the first) of every case in `jobs` fresh processes, where the kernels are
     really compiled: the caller's own kernels may be the interpreter's."""
@@ -240,16 +236,16 @@ def run(cases: list[Case], arch: int, jobs: int, one_config: bool = False, progr
     os.environ["TRITON_INTERPRET"] = "0"  # spawned workers inherit it before they import kernels
     try:
         context = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start) as pool:
+        with futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
             expanded = [c for batch in pool.map(_expand, cases, [one_config] * len(cases)) for c in batch]
             pending = [pool.submit(compile_case, c, arch) for c in expanded]
             results = []
-            for i, done in enumerate(futures.as_completed(pending), 1):
-                results.append(done.result())
+            for future in futures.as_completed(pending):  # a counter, not tqdm: kernels/ imports torch, triton
+                results.append(future.result())
                 if progress:
-                    print(f"\rcompiled {i}/{len(pending)}", end="", file=sys.stderr, flush=True)
-            if progress and pending:
-                print(file=sys.stderr)
+                    end = "\n" if len(results) == len(pending) else ""
+                    print(f"\rcompiled {len(results)}/{len(pending)} for sm_{arch}", end=end, file=sys.stderr,
+                          flush=True)
     finally:
         if previous is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -300,13 +296,14 @@ def write(results: list[Result], out: Path, arch: int) -> None:
         writer.writerows({**row, "size_kind": "D" if row["kernel"].startswith("attn") else "C"} for row in rows)
     (out / "compile_check.json").write_text(json.dumps(
         {"arch": arch, "triton": triton.__version__, "ptxas": get_ptxas(arch).version,
-         "shared_limit": SHARED_LIMIT.get(arch), "results": rows},
+         "shared_limit": SHARED_LIMIT[arch], "results": rows},
         indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100, 80 = A100)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
+                        help="compute capability x10 (90 = H100, 80 = A100)")
     parser.add_argument("--quick", action="store_true", help="D in {64, 128}, C in {768, 16384} only")
     parser.add_argument("--one-config", action="store_true",
                         help="only each kernel's first autotune config: a quick sweep for compile errors")
@@ -320,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(cases, args.arch, max(1, args.jobs), args.one_config)
     print(summary(results))
     print(f"{len(results)} compiles for sm_{args.arch} in {time.perf_counter() - started:.0f} s "
-          f"(shared memory limit {SHARED_LIMIT.get(args.arch, SHARED_LIMIT[90])} bytes)")
+          f"(shared memory limit {SHARED_LIMIT[args.arch]} bytes)")
     if args.out:
         write(results, args.out, args.arch)
     bad = unrunnable(results)
