@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu (Triton interpreter)"
     note = (f"Kernel benchmark on {device_name}, {dtype_name}." if on_gpu else
             "INTERPRETER TIMINGS, NOT PERFORMANCE: no GPU, so the Triton kernels run one program at a time "
-            "in numpy under TRITON_INTERPRET=1 at toy sizes; they check the plumbing only.")
+            "in numpy under TRITON_INTERPRET=1 at toy sizes; they check the plumbing only. What the kernels "
+            "cost on an H100 in registers and shared memory: python -m kernels.compile_check --quick")
     print(note)
     dtype = DTYPES[dtype_name]
     rows = []
