@@ -373,6 +373,11 @@ def backward_args(q, k, v, do, lse, delta, dq, dk, dv, softmax_scale: float, dro
     return (q, k, v, do, lse, delta, dk, dv, *common), (q, k, v, do, lse, delta, dq, *common)
 
 
+def delta_args(o, do, delta) -> tuple:
+    """The delta kernel's runtime arguments."""
+    return (o, do, delta, *o.stride(), *do.stride(), o.shape[1], o.shape[2])
+
+
 def kernel_meta(q: torch.Tensor, dropout_p: float) -> dict:
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DROPOUT=dropout_p > 0,
@@ -403,8 +408,7 @@ def attention_backward(do, q, k, v, o, lse, softmax_scale: float, dropout_p: flo
     interpret = interpreting(q)
     delta_block = DELTA_BLOCK["interpreter" if interpret else "gpu"]
     _bwd_delta_kernel[(triton.cdiv(T, delta_block), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, T,
-        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block)
+        *delta_args(o, do, delta), HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block)
     dkdv_args, dq_args = backward_args(q, k, v, do, lse, delta, dq, dk, dv, softmax_scale, dropout_p, seed)
     if interpret:
         m, n = INTERPRETER_TILES["dkdv"]

@@ -99,8 +99,7 @@ def _attention_launch(kernel: str, dtype, D: int, dropout: bool, T: int = 4096, 
         return attention._attn_bwd_dkdv_tuned, dkdv, meta
     if kernel == "attn_bwd_dq":
         return attention._attn_bwd_dq_tuned, dq_args, meta
-    args = (o, do, delta, *o.stride(), *do.stride(), H, T)
-    return attention._bwd_delta_kernel, args, dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"],
+    return attention._bwd_delta_kernel, attention.delta_args(o, do, delta), dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"],
                                                    BLOCK_M=attention.DELTA_BLOCK["gpu"])
 
 

@@ -3,7 +3,9 @@
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_overrides
+from torch._dynamo.utils import counters
 
 from megagpt.config import load_config
 from megagpt.train import train
@@ -38,10 +40,14 @@ def test_train_compile_with_triton_backends_matches_eager(shakespeare_dataset, t
     small = tiny_overrides(shakespeare_dataset, max_steps=3, micro_batch_size=2, sample_tokens=0, eval_steps=1,
                            eval_interval=100, checkpoint_interval=100)
     small += ["model.block_size=16", "model.attention=triton", "model.norm=triton"]
-    runs = {}
+    runs, graphs = {}, {}
     for compiled in (False, True):
         cfg = load_config(CPU_CONFIG, [*small, f"train.compile={str(compiled).lower()}"])
+        torch._dynamo.reset()
+        counters.clear()
         runs[compiled] = [r["loss"] for r in train(cfg, tmp_path / str(compiled)).history if "loss" in r]
+        graphs[compiled] = counters["stats"]["unique_graphs"]
+    assert graphs[False] == 0 and graphs[True] >= 1, graphs  # the compiled run really went through dynamo
     assert len(runs[True]) == 3
     for step, (a, b) in enumerate(zip(runs[True], runs[False], strict=True), start=1):
         assert a == pytest.approx(b, abs=1e-5), f"step {step}"
