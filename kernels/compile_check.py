@@ -71,8 +71,8 @@ class Result:
     error: str = ""
 
     def row(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "case"}
-        return {**asdict(self.case), **out, "config": self.config}
+        """The case's fields, its config index replaced by the config's description, then the findings."""
+        return {**asdict(self.case), **{k: v for k, v in asdict(self).items() if k != "case"}}
 
 
 # ----------------------------------------------------------------------------------------------------
