@@ -89,6 +89,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
     )
     if resumed_from:
         log.info(f"resumed from {resumed_from} at step {state.step}")
+    if device.type == "cuda" and "triton" in (cfg.model.attention, cfg.model.norm):
+        log.info("the first step may pause while the Triton kernels autotune (minutes the first time on a "
+                 "machine; the choices are then cached on disk)")
     tokens_per_step = cfg.train.micro_batch_size * accum * dist.world_size * cfg.model.block_size
     # MFU only where the peak is known (a detected GPU or logging.peak_flops): never made up on a CPU.
     peak = peak_flops(cfg.train.dtype, cfg.logging.peak_flops)
