@@ -24,6 +24,15 @@ def grad_accum_steps(train: TrainConfig, block_size: int, world_size: int) -> in
     return train.global_batch_tokens // per_pass
 
 
+def _adam_implementation(offload_optimizer: str) -> dict[str, Any]:
+    """torch's fused AdamW (one multi-tensor kernel, on GPU and CPU alike) unless the optimizer is offloaded.
+
+    DeepSpeed's own FusedAdam JIT-builds a CUDA extension at first use, which needs nvcc and ninja on every
+    node; torch's needs nothing. ZeRO-Offload is the exception: it requires DeepSpeed's CPU Adam.
+    """
+    return {} if offload_optimizer != "none" else {"torch_adam": True, "fused": True}
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     t, ds = cfg.train, cfg.deepspeed
     accum = grad_accum_steps(t, cfg.model.block_size, world_size)
@@ -45,8 +54,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
                 "eps": 1e-8,
                 "weight_decay": t.weight_decay,
                 "adam_w_mode": True,
-                # FusedAdam needs CUDA; on CPU, torch's AdamW with its fused CPU kernel (~5% a step at 0.8M).
-                **({} if torch.cuda.is_available() else {"torch_adam": True, "fused": True}),
+                **_adam_implementation(ds.offload_optimizer),
             },
         },
         "zero_optimization": zero,

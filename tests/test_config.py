@@ -61,3 +61,20 @@ def test_gradient_accumulation_comes_from_global_batch_tokens():
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 48
     with pytest.raises(ConfigError, match="global_batch_tokens"):
         deepspeed_config(cfg, world_size=3)
+
+
+def test_adam_is_torchs_fused_adamw_unless_the_optimizer_is_offloaded():
+    """DeepSpeed's FusedAdam would JIT-build a CUDA extension (nvcc, ninja) on first use; torch's needs none."""
+    import torch
+
+    from megagpt.distributed import init_distributed
+    from megagpt.train import build_engine
+
+    cfg = load_config(CONFIGS / "shakespeare_char_cpu.yaml",
+                      ["model.vocab_size=65", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"])
+    engine = build_engine(cfg, init_distributed(cfg.deepspeed.timeout_minutes))
+    assert type(engine.optimizer) is torch.optim.AdamW and engine.optimizer.defaults["fused"] is True
+    offloaded = load_config(CONFIGS / "shakespeare_char_cpu.yaml", ["deepspeed.offload_optimizer=cpu",
+                                                                     "deepspeed.zero_stage=2"])
+    params = deepspeed_config(offloaded, world_size=1)["optimizer"]["params"]
+    assert "torch_adam" not in params  # ZeRO-Offload requires DeepSpeed's CPU Adam
