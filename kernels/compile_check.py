@@ -32,6 +32,9 @@ from pathlib import Path
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 ATTENTION_KERNELS = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_delta")
 LN_KERNELS = ("ln_fwd", "ln_bwd", "ln_column_sum")
+# The launch arguments are meta tensors: shapes, strides and dtypes without memory (8192 x 65536 rows would be
+# 2 GiB each); their data_ptr() is 0, which triton specialises as 16-byte aligned, as real allocations are.
+META = "meta"
 COLUMNS = ["kernel", "dtype", "size", "dropout", "bias", "config", "status", "shared", "registers", "spill_bytes",
            "wgmma", "seconds", "error"]
 
@@ -86,11 +89,11 @@ def _attention_launch(kernel: str, dtype, D: int, dropout: bool, T: int = 4096, 
     from kernels import attention
 
     p = 0.1 if dropout else 0.0
-    qkv = torch.empty(1, T, 3, H, D, dtype=dtype)
+    qkv = torch.empty(1, T, 3, H, D, dtype=dtype, device=META)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    do = torch.empty(1, T, H, D, dtype=dtype).transpose(1, 2)
-    o, dq, dk, dv = (torch.empty(1, H, T, D, dtype=dtype) for _ in range(4))
-    lse, delta = (torch.empty(1, H, T, dtype=torch.float32) for _ in range(2))
+    do = torch.empty(1, T, H, D, dtype=dtype, device=META).transpose(1, 2)
+    o, dq, dk, dv = (torch.empty(1, H, T, D, dtype=dtype, device=META) for _ in range(4))
+    lse, delta = (torch.empty(1, H, T, dtype=torch.float32, device=META) for _ in range(2))
     meta = attention.kernel_meta(q, p)
     if kernel == "attn_fwd":
         return attention._attn_fwd_tuned, attention.forward_args(q, k, v, o, lse, 0.125, p, 1234), meta
@@ -110,10 +113,10 @@ def _layer_norm_launch(kernel: str, dtype, C: int, bias: bool, rows: int = 8192,
 
     ln = importlib.import_module("kernels.layer_norm")  # `kernels.layer_norm` the attribute is the function
 
-    x = torch.empty(rows, C, dtype=dtype)
-    w, b = torch.empty(C, dtype=dtype), (torch.empty(C, dtype=dtype) if bias else None)
-    stats = [torch.empty(rows, dtype=torch.float32) for _ in range(2)]
-    parts = [torch.empty(groups, C, dtype=torch.float32) for _ in range(2)]
+    x = torch.empty(rows, C, dtype=dtype, device=META)
+    w, b = torch.empty(C, dtype=dtype, device=META), (torch.empty(C, dtype=dtype, device=META) if bias else None)
+    stats = [torch.empty(rows, dtype=torch.float32, device=META) for _ in range(2)]
+    parts = [torch.empty(groups, C, dtype=torch.float32, device=META) for _ in range(2)]
     if kernel == "ln_fwd":
         return ln._ln_fwd_tuned, ln.forward_args(x, torch.empty_like(x), w, b, *stats, 1e-5), ln.row_meta(C, w, b)
     if kernel == "ln_bwd":
