@@ -58,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="tokens per tar member (a packed run)")
 
     sh = sub.add_parser("shakespeare", help="Tiny Shakespeare, char level, from the copy shipped in the package",
-                        description="Tiny Shakespeare at char level (65-char vocabulary, first 90%% train, last "
-                                    "10%% val). Without --input it reads the copy shipped gzipped inside the "
+                        description="Tiny Shakespeare at char level (65-char vocabulary, first 90% train, last "
+                                    "10% val). Without --input it reads the copy shipped gzipped inside the "
                                     "package (sha256-checked); nothing is downloaded.")
     common(sh, input_required=False)
     sh.add_argument("--input", default=None,
