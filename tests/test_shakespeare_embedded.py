@@ -83,7 +83,8 @@ def _build_wheel(tmp_path: Path, env: dict) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
-    for package in ("megagpt", "kernels", "data_prep"):
+    for init in REPO.glob("*/__init__.py"):  # every top-level package; pyproject's find picks its own
+        package = init.parent.name
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", src,
           "-w", tmp_path / "wheels"], cwd=tmp_path, env=env)
