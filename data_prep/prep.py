@@ -24,13 +24,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.shards import ShardJob, sha256_file, write_shard
+from data_prep.shards import ShardJob, write_shard
 from data_prep.sources import describe_sources, expand_inputs, iter_chunks
+from megagpt.dataset import (
+    FORMAT_VERSION,
+    TOKENIZER_FILES,
+    Manifest,
+    sha256_file,
+    token_dtype_for,
+    write_manifest,
+)
 from megagpt.errors import UserError
-from megagpt.tokenizer import CHAR_FILE, SENTENCEPIECE_FILE, CharTokenizer, SentencePieceTokenizer
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+from megagpt.tokenizer import SENTENCEPIECE_FILE, CharTokenizer, SentencePieceTokenizer
 
 
 @dataclass
@@ -80,43 +85,36 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSetting
         char = settings.tokenizer == "char"
         tokenizer = None if char else _sentencepiece(paths, settings, work, progress)
         timings["tokenizer_s"], clock = time.perf_counter() - clock, time.perf_counter()
-        chunk_dtype = "uint32" if char else _token_dtype(tokenizer.vocab_size)
+        chunk_dtype = "uint32" if char else token_dtype_for(tokenizer.vocab_size)
         offsets, chunk_files, digests, documents = _tokenize(paths, settings, tokenizer, chunk_dtype, work,
                                                              progress, pool)
         remap = None
         if char:
             tokenizer, remap = _char_tokenizer(work, progress, documents, paths)
-        dtype = _token_dtype(tokenizer.vocab_size)
+        dtype = token_dtype_for(tokenizer.vocab_size)
         timings["tokenize_s"], clock = time.perf_counter() - clock, time.perf_counter()
         splits = _write_splits(offsets, chunk_files, settings, (chunk_dtype, dtype, remap), work, progress,
                                pool)
         timings["shards_s"] = time.perf_counter() - clock
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {"kind": tokenizer.kind, "file": _tokenizer_file(tokenizer.kind)},
-        "vocab_size": tokenizer.vocab_size,
-        "token_dtype": dtype,
-        "eos_id": tokenizer.eos_id,
-        "sample_tokens": settings.sample_tokens,
-        "splits": splits,
-        "sources": describe_sources(paths, digests),
-        "settings": settings.identity(),
-    }
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        kind="tokens",
+        tokenizer={"kind": tokenizer.kind, "file": TOKENIZER_FILES[tokenizer.kind]},
+        vocab_size=tokenizer.vocab_size,
+        token_dtype=dtype,
+        eos_id=tokenizer.eos_id,
+        sample_tokens=settings.sample_tokens,
+        splits=splits,
+        sources=describe_sources(paths, digests),
+        settings=settings.identity(),
+    )
+    write_manifest(work, manifest)
     shutil.rmtree(work / "chunks", ignore_errors=True)
     (work / _Progress.FILE).unlink(missing_ok=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(work, out_dir)
     return out_dir
-
-
-def _token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def _tokenizer_file(kind: str) -> str:
-    return CHAR_FILE if kind == "char" else SENTENCEPIECE_FILE
 
 
 def _check(s: PrepSettings) -> None:
@@ -225,7 +223,7 @@ def _char_tokenizer(work: Path, progress: _Progress, documents: int, paths) -> t
     if codes.size == 0:
         raise UserError(f"the inputs ({', '.join(map(str, paths[:3]))}) contain no text")
     tokenizer = CharTokenizer([chr(c) for c in codes], eos_id=len(codes) if documents > 1 else None)
-    tokenizer.save(work / CHAR_FILE)
+    tokenizer.save(work / TOKENIZER_FILES["char"])
     table = np.zeros(EOS_CODEPOINT + 1, dtype=np.uint32)
     table[codes] = np.arange(len(codes), dtype=np.uint32)
     table[EOS_CODEPOINT] = tokenizer.eos_id or 0

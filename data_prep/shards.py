@@ -28,14 +28,6 @@ class ShardJob:
     remap: str | None = None  # a .npy table applied to the chunks' ids (char level: code point -> id)
 
 
-def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
-
-
 def read_range(job: ShardJob, start: int, end: int) -> np.ndarray:
     """Tokens [start, end) of the stream, gathered from the chunk files that hold them."""
     offsets = job.chunk_offsets

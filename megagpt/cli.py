@@ -1,126 +1,147 @@
-"""The `megagpt` command: parses arguments and hands each subcommand to the module that owns it."""
+"""The `megagpt` command: one table of subcommands, one dispatch path, one error handler.
+
+Every subcommand is a `main(argv) -> int` of the module that owns it; this file maps the words a user types to
+those functions and turns every mistake a user can fix into one line on stderr with exit code 2. It is the only
+module of megagpt/ that may import data_prep (data flows one way: data_prep writes datasets, megagpt reads them).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import time
+from pathlib import Path
 
 from megagpt.errors import UserError
 
-# Subcommands that hand their remaining arguments to another module's `main(argv) -> int`.
-FORWARDED = {
+# Words -> "module:function"; the function takes the remaining arguments and returns the exit code.
+COMMANDS = {
     ("prep",): "data_prep.cli:main",
+    ("train",): "megagpt.cli:train_main",
+    ("sample",): "megagpt.cli:sample_main",
+    ("export",): "megagpt.cli:export_main",
     ("plan",): "megagpt.plan:main",
     ("bench", "kernels"): "kernels.bench:main",
-    ("bench", "data"): "data_prep.bench:main",
-    ("bench", "train"): "megagpt.bench_train:main",
+    ("bench", "data"): "benchmarks.data:main",
+    ("bench", "train"): "benchmarks.train:main",
+}
+HELP = {
+    "prep": "corpus -> tokenizer -> webdataset shards (megagpt prep {char,sentencepiece,shakespeare} -h)",
+    "train": "train (bare, under torchrun, the deepspeed launcher or Slurm)",
+    "sample": "generate text from a run dir or an export dir",
+    "export": "consolidate a run's checkpoint into a standalone folder",
+    "plan": "what fits on your GPUs and how fast it runs",
+    "bench": "benchmarks: megagpt bench kernels|data|train ...",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for words, target in FORWARDED.items():
-        if tuple(argv[: len(words)]) == words:
-            return _forward(" ".join(words), target, argv[len(words) :])
-    if argv[:1] == ["bench"]:
-        print("usage: megagpt bench {kernels,data,train} ...  (each takes -h)", file=sys.stderr)
-        return 2
-    args = _parser().parse_args(argv)
+    words = next((w for w in sorted(COMMANDS, key=len, reverse=True) if tuple(argv[: len(w)]) == w), None)
+    if words is None:
+        return _usage(argv)
+    name = " ".join(words)
+    module_name, function = COMMANDS[words].split(":")
     try:
-        return args.run(args)
-    except (UserError, FileNotFoundError) as e:  # bad config, data or paths: one line, no traceback
-        print(f"megagpt {args.command}: error: {e}", file=sys.stderr)
+        return getattr(importlib.import_module(module_name), function)(argv[len(words):])
+    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"megagpt {name}: error: {e}", file=sys.stderr)  # bad config, data or paths: one line
         return 2
 
 
-def _forward(name: str, target: str, rest: list[str]) -> int:
-    module_name, func = target.split(":")
-    try:
-        return getattr(importlib.import_module(module_name), func)(rest)
-    except UserError as e:
-        print(f"megagpt {name}: error: {e}", file=sys.stderr)
-        return 2
+def _usage(argv: list[str]) -> int:
+    lines = [f"  {word:<8} {text}" for word, text in HELP.items()]
+    usage = "usage: megagpt COMMAND ...  (each takes -h)\n\ncommands:\n" + "\n".join(lines)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    problem = f"unknown command {' '.join(argv[:2])!r}" if argv else "no command given"
+    print(f"{usage}\n\nmegagpt: error: {problem}", file=sys.stderr)
+    return 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megagpt", description="GPT pre-training on DeepSpeed, CPU to many nodes."
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    for name, text in [
-        ("prep", "corpus -> tokenizer -> webdataset shards (see `megagpt prep -h`)"),
-        ("plan", "what fits on your GPUs and how fast it runs (see `megagpt plan -h`)"),
-        ("bench", "benchmarks: megagpt bench kernels|data|train ..."),
-    ]:
-        sub.add_parser(name, help=text, add_help=False)
-
-    t = sub.add_parser("train", help="train (bare, under torchrun, the deepspeed launcher or Slurm)")
-    t.add_argument("config", help="YAML config, e.g. configs/shakespeare_char_cpu.yaml")
-    t.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
-    )
-    t.add_argument(
-        "--run-dir", help="where config, metrics, tb/ and checkpoints go (default runs/<config name>)"
-    )
-    t.add_argument(
-        "--resume",
-        default="auto",
-        help="auto: continue from the run dir's latest good checkpoint; never; or a checkpoint tag dir",
-    )
-    t.add_argument(
-        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
-    )  # the deepspeed launcher adds it
-    t.set_defaults(run=_run_train)
-
-    s = sub.add_parser("sample", help="generate text from a run dir or an export dir")
-    s.add_argument("path", help="RUN_DIR or EXPORT_DIR")
-    s.add_argument("--prompt", default="\n")
-    s.add_argument("--max-new-tokens", type=int, default=500)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=200)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=1337)
-    s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--step", type=int, help="checkpoint step of a run dir (default: latest)")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--no-cache", action="store_true", help="recompute the whole context each token")
-    s.set_defaults(run=_run_sample)
-
-    e = sub.add_parser("export", help="consolidate a run's checkpoint into a standalone folder")
-    e.add_argument("run_dir")
-    e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    e.add_argument("--out", required=True)
-    e.add_argument("--format", choices=["megagpt", "hf"], default="megagpt")
-    e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    e.set_defaults(run=_run_export)
-    return p
+# ---------------------------------------------------------------- train
 
 
-def _run_train(args) -> int:
+def train_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="megagpt train", description=HELP["train"])
+    p.add_argument("config", help="YAML config, e.g. configs/shakespeare_char_cpu.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--run-dir", help="where config, metrics, tb/ and checkpoints go (default runs/<config name>)")
+    p.add_argument("--resume", default="auto",
+                   help="auto: continue from the run dir's latest good checkpoint; never; or a checkpoint tag dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    args = p.parse_args(argv)
+
     from megagpt.config import load_config
     from megagpt.train import train
 
-    train(load_config(args.config, args.overrides), args.run_dir, args.resume)
+    cfg = load_config(args.config, args.overrides)
+    prepare_known_dataset(Path(cfg.data.dataset_dir))
+    train(cfg, args.run_dir, args.resume)
     return 0
 
 
-def _run_sample(args) -> int:
-    from megagpt.sample import sample_main
+# Datasets `megagpt train` prepares itself when its config points at them and they are missing, keyed by the
+# dataset dir's name: the README's first command then needs nothing else (and no network).
+KNOWN_DATASETS = {"shakespeare_char": "Tiny Shakespeare, char level (shipped inside megagpt)"}
+PREPARE_WAIT_S = 1800
 
-    return sample_main(args)
+
+def prepare_known_dataset(dataset_dir: Path) -> None:
+    """Rank 0 prepares a known dataset that is missing; the other ranks wait for its manifest to appear."""
+    from megagpt.dataset import MANIFEST
+    from megagpt.distributed import read_dist_env
+
+    if (dataset_dir / MANIFEST).is_file() or dataset_dir.name not in KNOWN_DATASETS:
+        return  # present, or unknown: the trainer says how to prepare it
+    if read_dist_env().is_main:
+        import data_prep
+
+        print(f"megagpt: preparing {KNOWN_DATASETS[dataset_dir.name]} into {dataset_dir}", file=sys.stderr)
+        data_prep.prepare_shakespeare(dataset_dir)
+        return
+    deadline = time.monotonic() + PREPARE_WAIT_S
+    while not (dataset_dir / MANIFEST).is_file():
+        if time.monotonic() > deadline:
+            raise UserError(f"{dataset_dir}: rank 0 did not finish preparing it within {PREPARE_WAIT_S} s")
+        time.sleep(1)
 
 
-def _run_export(args) -> int:
-    from megagpt.export import export_main
+# ---------------------------------------------------------------- sample and export
 
-    return export_main(args)
+
+def sample_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="megagpt sample", description=HELP["sample"])
+    p.add_argument("path", help="RUN_DIR or EXPORT_DIR")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--step", type=int, help="checkpoint step of a run dir (default: latest)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token")
+    from megagpt.sample import sample_main as run
+
+    return run(p.parse_args(argv))
+
+
+def export_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="megagpt export", description=HELP["export"])
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--out", required=True, help="a new or empty directory outside the run dir")
+    p.add_argument("--format", choices=["megagpt", "hf"], default="megagpt")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--force", action="store_true", help="replace --out when it is not empty")
+    from megagpt.export import export_main as run
+
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ class ModelConfig(_Section):
     bias: bool = False
     attention: Literal["math", "sdpa", "triton"] = "sdpa"
     norm: Literal["torch", "triton"] = "torch"
+    kernel_tuning: Literal["pruned", "full"] = Field(
+        "pruned", description="triton backends' GPU autotune search: a few configs per shape, or the wide one"
+    )
     activation_checkpointing: bool = False
     note: str | None = Field(None, description="free text, e.g. how a size's shape was resolved")
 
@@ -47,22 +50,25 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset_dir: str = "data/shakespeare_char"
-    prepare: Literal["shakespeare", "none"] = Field(
-        "none", description="what to prepare into dataset_dir when it does not exist yet"
+    dataset_dir: str = Field(
+        "data/shakespeare_char",
+        description="a dataset dir written by `megagpt prep`; `megagpt train` prepares the known datasets "
+        "(data/shakespeare_char) itself when missing",
     )
-    source: str | None = Field(None, description="local corpus for `prepare`; null downloads it")
     num_workers: int = Field(0, ge=0)
     on_corrupt_shard: Literal["error", "skip"] = "error"
 
 
 class TrainConfig(_Section):
+    stage: Literal["pretrain"] = Field("pretrain", description="the training stage (megagpt/stages/)")
     max_steps: int = Field(5000, ge=1)
     micro_batch_size: int = Field(64, ge=1)
     grad_accum_steps: int | None = Field(
-        None, ge=1, description="null: derived from global_batch_tokens, else 1"
+        None, ge=1, description="null: derived from global_batch_tokens, else 1; set one of the two, not both"
     )
-    global_batch_tokens: int | None = Field(None, ge=1)
+    global_batch_tokens: int | None = Field(
+        None, ge=1, description="tokens per optimizer step over all ranks; grad_accum_steps follows from it"
+    )
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
@@ -91,6 +97,16 @@ class TrainConfig(_Section):
     def _lr_order(self):
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        return self
+
+    @model_validator(mode="after")
+    def _one_batch_key(self):
+        if self.grad_accum_steps is not None and self.global_batch_tokens is not None:
+            raise ValueError(
+                f"train.grad_accum_steps ({self.grad_accum_steps}) and train.global_batch_tokens "
+                f"({self.global_batch_tokens}) are both set: set one (the other follows from it), e.g. "
+                f"--set train.global_batch_tokens=null"
+            )
         return self
 
 
@@ -139,6 +155,17 @@ def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
 
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def with_vocab_size(cfg: Config, vocab_size: int) -> Config:
+    """model.vocab_size filled in from a dataset's vocabulary (null in the config), or checked against it."""
+    if cfg.model.vocab_size is None:
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab_size})})
+    if cfg.model.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's vocabulary ({vocab_size})"
+        )
+    return cfg
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -14,9 +14,6 @@ and uncompressed, 512-byte aligned) and the whole file is np.memmap'ed as tokens
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,57 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megagpt.errors import UserError
+from megagpt.dataset import DataError, Dataset, ShardInfo, as_dataset, sha256_file
+from megagpt.distributed import warn_once
 
-FORMAT_VERSION = 1
 STATE_VERSION = 1
-TOKEN_DTYPES = ("uint16", "uint32")
 EVAL_SEED = 0  # eval windows come from a fixed permutation: the same batches at every evaluation
-log = logging.getLogger(__name__)
-
-
-class DataError(UserError):  # UserError is a ValueError: the CLI prints it as one line
-    """A dataset dir, manifest or shard that cannot be trained on; the message names the file."""
-
-
-def load_manifest(dataset_dir: str | Path) -> dict:
-    """dataset_dir/manifest.json, validated: every key the loader and trainer rely on is there and typed."""
-    path = Path(dataset_dir) / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"{path}: no manifest here; prepare the dataset with `megagpt prep ...`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a readable JSON manifest ({e})") from None
-
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise DataError(f"{path}: {what}; re-run `megagpt prep` to rewrite it")
-
-    need(isinstance(manifest, dict), "not a JSON object")
-    need(manifest.get("format_version") == FORMAT_VERSION,
-         f"format_version {manifest.get('format_version')!r}, this megagpt reads {FORMAT_VERSION}")
-    tok = manifest.get("tokenizer")
-    tok = tok if isinstance(tok, dict) else {}
-    need(tok.get("kind") in ("char", "sentencepiece") and isinstance(tok.get("file"), str),
-         "tokenizer must be {kind: char|sentencepiece, file: NAME}")
-    vocab = manifest.get("vocab_size")
-    need(isinstance(vocab, int) and vocab > 0, "vocab_size must be a positive int")
-    need(manifest.get("token_dtype") in TOKEN_DTYPES, f"token_dtype must be one of {TOKEN_DTYPES}")
-    eos = manifest.get("eos_id")
-    need(eos is None or isinstance(eos, int), "eos_id must be an int or null")
-    splits = manifest.get("splits")
-    need(isinstance(splits, dict) and "train" in splits and "val" in splits,
-         "splits.train and splits.val missing")
-    for name, split in splits.items():
-        shards = split.get("shards") if isinstance(split, dict) else None
-        need(isinstance(shards, list), f"splits.{name}.shards must be a list")
-        for i, shard in enumerate(shards):
-            need(isinstance(shard, dict) and isinstance(shard.get("name"), str)
-                 and all(isinstance(shard.get(k), int) for k in ("samples", "tokens"))
-                 and isinstance(shard.get("sha256"), str), f"splits.{name}.shards[{i}] needs name, samples, "
-                                                              "tokens, sha256")
-    return manifest
 
 
 def _is_url(name: str) -> bool:
@@ -84,7 +35,7 @@ def _is_url(name: str) -> bool:
 # ---------------------------------------------------------------- local shards: index, verify, random access
 
 
-def index_tar(path: Path, shard: dict, itemsize: int) -> list[tuple[int, int]]:
+def index_tar(path: Path, shard: ShardInfo, itemsize: int) -> list[tuple[int, int]]:
     """(token offset in the file, token count) per sample; DataError if the tar and manifest disagree."""
     size = path.stat().st_size if path.is_file() else -1
     if size < 0:
@@ -99,21 +50,18 @@ def index_tar(path: Path, shard: dict, itemsize: int) -> list[tuple[int, int]]:
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{path}: truncated or corrupt shard ({e})") from None
     tokens = sum(n for _, n in members)
-    if len(members) != shard["samples"] or tokens != shard["tokens"]:
+    if len(members) != shard.samples or tokens != shard.tokens:
         raise DataError(f"{path}: truncated or corrupt shard ({len(members)} samples / {tokens} tokens, "
-                        f"the manifest says {shard['samples']} / {shard['tokens']})")
+                        f"the manifest says {shard.samples} / {shard.tokens})")
     return members
 
 
-def verify_shard(path: Path, shard: dict, members, tokens: np.ndarray, vocab_size: int) -> None:
+def verify_shard(path: Path, shard: ShardInfo, members, tokens: np.ndarray, vocab_size: int) -> None:
     """sha256 against the manifest and every token id < vocab_size, or a DataError naming the shard."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    if digest.hexdigest() != shard["sha256"]:
-        raise DataError(f"{path}: sha256 {digest.hexdigest()[:12]}... does not match the manifest's "
-                        f"{shard['sha256'][:12]}...; the shard is corrupt or was replaced: re-run prep")
+    digest = sha256_file(path)
+    if digest != shard.sha256:
+        raise DataError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
+                        f"{shard.sha256[:12]}...; the shard is corrupt or was replaced: re-run prep")
     for offset, n in members:
         top = int(tokens[offset:offset + n].max()) if n else -1
         if top >= vocab_size:
@@ -124,19 +72,17 @@ def verify_shard(path: Path, shard: dict, members, tokens: np.ndarray, vocab_siz
 class TokenStream:
     """A split's tokens (its usable shards end to end), random access by global token offset."""
 
-    def __init__(self, dataset_dir, split: str, on_corrupt_shard: str = "error",
-                 manifest: dict | None = None):
+    def __init__(self, dataset: Dataset, split: str, on_corrupt_shard: str = "error"):
         if on_corrupt_shard not in ("error", "skip"):
             raise ValueError(f"on_corrupt_shard={on_corrupt_shard!r}: expected 'error' or 'skip'")
-        self.dir = Path(dataset_dir)
-        self.manifest = manifest or load_manifest(dataset_dir)
-        self.dtype = np.dtype(self.manifest["token_dtype"]).newbyteorder("<")
-        self.vocab_size = self.manifest["vocab_size"]
+        self.dir = dataset.dir
+        self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
+        self.vocab_size = dataset.vocab_size
         self.skipped_shards = 0
         self.shards, self.members = [], []
         eager = on_corrupt_shard == "skip"  # skipping decides up front, so every rank sees the same windows
-        for shard in self.manifest["splits"][split]["shards"]:
-            path = self.dir / shard["name"]
+        for shard in dataset.manifest.split(split).shards:
+            path = self.dir / shard.name
             try:
                 members = index_tar(path, shard, self.dtype.itemsize)
                 if eager:
@@ -144,7 +90,7 @@ class TokenStream:
             except DataError as e:
                 if not eager:
                     raise
-                log.warning("skipping shard: %s", e)
+                warn_once(f"skipping shard: {e}")
                 self.skipped_shards += 1
                 continue
             self.shards.append((path, shard))
@@ -253,17 +199,16 @@ class StreamingWindows:
     re-reads from the start of the shard holding the position, and every rank reads the whole stream.
     """
 
-    def __init__(self, dataset_dir, split: str, block_size: int, manifest: dict):
-        self.block_size, self.vocab_size = block_size, manifest["vocab_size"]
-        self.dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
-        self.shards = manifest["splits"][split]["shards"]
-        self.urls = [s["name"] if _is_url(s["name"]) else str(Path(dataset_dir) / s["name"])
-                     for s in self.shards]
-        self.starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in self.shards])]).astype(np.int64)
+    def __init__(self, dataset: Dataset, split: str, block_size: int):
+        self.block_size, self.vocab_size = block_size, dataset.vocab_size
+        self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
+        self.shards = dataset.manifest.split(split).shards
+        self.urls = [s.name if _is_url(s.name) else str(dataset.dir / s.name) for s in self.shards]
+        self.starts = np.concatenate([[0], np.cumsum([s.tokens for s in self.shards])]).astype(np.int64)
         self.num_windows = (int(self.starts[-1]) - 1) // block_size
         self.skipped_shards = 0
         if self.num_windows < 1:
-            raise DataError(f"{dataset_dir}: too few tokens in split {split} for block_size {block_size}")
+            raise DataError(f"{dataset.dir}: too few tokens in split {split} for block_size {block_size}")
 
     def _shard_tokens(self, k: int) -> Iterator[np.ndarray]:
         import webdataset as wds
@@ -280,9 +225,9 @@ class StreamingWindows:
             if isinstance(e, DataError):
                 raise
             raise DataError(f"{url}: cannot stream shard ({e})") from None
-        if seen != self.shards[k]["tokens"]:
+        if seen != self.shards[k].tokens:
             raise DataError(f"{url}: truncated or corrupt shard ({seen} tokens, the manifest says "
-                            f"{self.shards[k]['tokens']})")
+                            f"{self.shards[k].tokens})")
 
     def _tokens_from(self, start: int) -> Iterator[np.ndarray]:
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
@@ -354,23 +299,21 @@ class RankSampler:
 class TrainLoader:
     """Infinite iterator of (x, y) torch.long CPU tensors (micro_batch_size, block_size) for this rank."""
 
-    def __init__(self, dataset_dir, block_size: int, micro_batch_size: int, grad_accum_steps: int = 1,
-                 rank: int = 0, world_size: int = 1, seed: int = 1337, num_workers: int = 0,
-                 on_corrupt_shard: str = "error"):
+    def __init__(self, dataset: Dataset | str | Path, block_size: int, micro_batch_size: int,
+                 grad_accum_steps: int = 1, rank: int = 0, world_size: int = 1, seed: int = 1337,
+                 num_workers: int = 0, on_corrupt_shard: str = "error"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.dataset_dir, self.block_size, self.seed = Path(dataset_dir), block_size, seed
+        dataset = as_dataset(dataset)
+        self.block_size, self.seed = block_size, seed
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.global_batch = micro_batch_size * grad_accum_steps * world_size  # G windows per optimizer step
-        manifest = load_manifest(dataset_dir)
-        names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
-        self.streaming = any(_is_url(n) for n in names)
+        self.streaming = any(_is_url(s.name) for s in dataset.manifest.split("train").shards)
         if self.streaming:
-            self.dataset = StreamingWindows(self.dataset_dir, "train", block_size, manifest)
+            self.dataset = StreamingWindows(dataset, "train", block_size)
         else:
-            stream = TokenStream(dataset_dir, "train", on_corrupt_shard, manifest)
-            self.dataset = WindowDataset(stream, block_size, seed)
+            self.dataset = WindowDataset(TokenStream(dataset, "train", on_corrupt_shard), block_size, seed)
         self.num_windows = self.dataset.num_windows
         self.step, self.micro = 0, 0
         self._batches = None
@@ -432,20 +375,24 @@ class TrainLoader:
         self._batches = None
 
 
-_EVAL_CACHE: dict[tuple, TokenStream] = {}
+class EvalWindows:
+    """A split's fixed evaluation windows: indexed and shard-checked once, the same batches at every call."""
+
+    def __init__(self, dataset: Dataset | str | Path, split: str, block_size: int):
+        self.windows = WindowDataset(TokenStream(as_dataset(dataset), split), block_size, EVAL_SEED)
+
+    def batches(self, micro_batch_size: int, num_batches: int, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """num_batches (x, y) for this rank; ranks take interleaved slices of one fixed permutation."""
+        perm = self.windows.permutation(0)
+        for b in range(num_batches):
+            first = (b * world_size + rank) * micro_batch_size
+            positions = np.arange(first, first + micro_batch_size) % self.windows.num_windows
+            yield to_xy(self.windows.stream.windows(perm[positions], self.windows.block_size))
 
 
-def eval_batches(dataset_dir, split: str, block_size: int, micro_batch_size: int, num_batches: int,
-                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """num_batches (x, y) per rank from a fixed permutation of the split's windows: the same every call."""
-    path = Path(dataset_dir).resolve()
-    key = (str(path), split, (path / "manifest.json").stat().st_mtime_ns if path.exists() else 0)
-    if key not in _EVAL_CACHE:  # keeps the index and the per-shard verification across evaluations
-        _EVAL_CACHE.clear()
-        _EVAL_CACHE[key] = TokenStream(dataset_dir, split)
-    dataset = WindowDataset(_EVAL_CACHE[key], block_size, EVAL_SEED)
-    perm = dataset.permutation(0)
-    for b in range(num_batches):
-        first = (b * world_size + rank) * micro_batch_size
-        positions = np.arange(first, first + micro_batch_size) % dataset.num_windows
-        yield to_xy(dataset.stream.windows(perm[positions], block_size))
+def eval_batches(dataset: Dataset | str | Path, split: str, block_size: int, micro_batch_size: int,
+                 num_batches: int, rank: int = 0,
+                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One-off evaluation batches (the trainer keeps an EvalWindows across evaluations instead)."""
+    return EvalWindows(dataset, split, block_size).batches(micro_batch_size, num_batches, rank, world_size)

@@ -1,10 +1,12 @@
-"""Distributed facts read once (rank, local rank, world size) and the process group set-up, any launcher or none."""
+"""Distributed facts in one place: rank, world size and device, the process group for any launcher or none,
+and rank-0 output (every message once per job, not once per rank or DataLoader worker)."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -70,9 +72,48 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: the current GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_distributed() -> bool:
+    """More than one rank in the process group: collectives are needed."""
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the job (or no group at all), and not a DataLoader worker."""
+    if torch.utils.data.get_worker_info() is not None:
+        return False
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print_once(message: str) -> None:
+    """A line on stderr from the main process only."""
+    if is_main_process():
+        print(f"megagpt: {message}", file=sys.stderr, flush=True)
+
+
+def warn_once(message: str) -> None:
+    """A warning line from the main process only (the others would repeat it once per rank and worker)."""
+    print_once(f"warning: {message}")
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all ranks (a collective: every rank calls it); stays on the device."""
+    if is_distributed():
+        value = value.clone()
+        torch.distributed.all_reduce(value)  # SUM: gloo has no AVG
+        value = value / torch.distributed.get_world_size()
+    return value
+
+
 def barrier(slow: bool = False) -> None:
     """All ranks meet; `slow` for waits on rank-0-only work (hashing, converting) that outlast the timeout."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if is_distributed():
         torch.distributed.barrier(group=slow_group() if slow else None)
 
 
@@ -94,7 +135,7 @@ def slow_group():
 
 def on_main(compute):
     """Rank 0 computes (e.g. hashes every checkpoint file), every rank gets the answer."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+    if not is_distributed():
         return compute()
     box = [compute() if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(box, src=0, group=slow_group())

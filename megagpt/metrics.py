@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from megagpt.errors import UserError
 
 
 class RunLogger:
@@ -76,15 +79,62 @@ class RunLogger:
 
 
 def _drop_records_after(path: Path, step: int) -> None:
-    """Keep only records up to `step` (all of them, evaluation included, belong to the checkpoint there)."""
+    """Keep only records up to `step` (all of them, evaluation included, belong to the checkpoint there).
+
+    A crash in the middle of a write leaves a torn last line: it is dropped with a warning. Any other line
+    that is not a record is an error naming the line. The file is only rewritten when something goes.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # left by a rewrite that was killed
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    kept, dropped = [], bool(text) and not text.endswith("\n")  # an append would continue that line
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record_step = _step_of(line)
+        if record_step is None:
+            if number < len(lines):
+                raise UserError(f"{path}, line {number}: not a metrics record ({line[:60]!r}); delete that line")
+            print(f"megagpt: warning: {path}: dropping a torn last line (a crash in the middle of a write)",
+                  file=sys.stderr, flush=True)
+            dropped = True
+        elif record_step <= step:
+            kept.append(line)
+        else:
+            dropped = True
+    if dropped:
+        _replace(path, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling, then rename it over `path`; no temporary file survives a failure."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _json_number(value: Any) -> Any:
     """NaN and inf are not JSON: a non-finite metric is written as null (TensorBoard still gets the value)."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of run_dir/metrics.jsonl in order (what tests and benchmarks read instead of live state)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -8,6 +8,8 @@ from typing import Protocol
 
 import numpy as np
 
+from megagpt.errors import UserError
+
 CHAR_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
 
@@ -115,25 +117,14 @@ class SentencePieceTokenizer:
         self.__init__(state["model_path"])
 
 
-def load_tokenizer(dataset_dir: str | Path) -> CharTokenizer | SentencePieceTokenizer:
-    """The tokenizer named by dataset_dir/manifest.json (without a manifest: the tokenizer file there)."""
-    dataset_dir = Path(dataset_dir)
-    manifest = dataset_dir / "manifest.json"
-    if manifest.is_file():
-        info = json.loads(manifest.read_text()).get("tokenizer", {})
-        kind, name = info.get("kind"), info.get("file")
-    elif (dataset_dir / CHAR_FILE).is_file():
-        kind, name = "char", CHAR_FILE
-    elif (dataset_dir / SENTENCEPIECE_FILE).is_file():
-        kind, name = "sentencepiece", SENTENCEPIECE_FILE
-    else:
-        raise FileNotFoundError(f"{dataset_dir}: no manifest.json, {CHAR_FILE} or {SENTENCEPIECE_FILE}; "
-                                f"prepare a dataset with `megagpt prep ...`")
-    path = dataset_dir / (name or "")
+def tokenizer_from_file(kind: str, path: str | Path) -> Tokenizer:
+    """The tokenizer of `kind` (char | sentencepiece) stored in `path`; a one-line UserError otherwise."""
+    path = Path(path)
+    if kind not in ("char", "sentencepiece"):
+        raise UserError(f"{path}: unknown tokenizer kind {kind!r} (expected 'char' or 'sentencepiece')")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: tokenizer file named by {manifest} is missing")
-    if kind == "char":
-        return CharTokenizer.load(path)
-    if kind == "sentencepiece":
-        return SentencePieceTokenizer(path)
-    raise ValueError(f"{manifest}: unknown tokenizer kind {kind!r} (expected 'char' or 'sentencepiece')")
+        raise UserError(f"{path}: tokenizer file is missing")
+    try:
+        return CharTokenizer.load(path) if kind == "char" else SentencePieceTokenizer(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{path}: not a readable {kind} tokenizer ({e})") from None

@@ -16,13 +16,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megagpt.checkpoint import UNIVERSAL_SUFFIX, Checkpointer, verify_manifest
-from megagpt.distributed import DistInfo, barrier, on_main
+from megagpt.distributed import DistInfo, barrier, on_main, print_once
 from megagpt.errors import UserError
 
 DONE = ".megagpt_converted"  # written last: a conversion without it is redone
@@ -40,8 +41,11 @@ class ResumePoint:
         return self.load_tag != self.tag
 
 
-def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo) -> ResumePoint | None:
-    """`auto`: the newest verified tag (None when there is none); `never`: None; else a tag dir's path."""
+def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo,
+                      check: Callable[[dict, str], None] | None = None) -> ResumePoint | None:
+    """`auto`: the newest verified tag (None when there is none); `never`: None; else a tag dir's path.
+
+    `check(manifest, tag)` may refuse the tag (raise) before anything is converted or written."""
     if resume == "never":
         if checkpointer.tags():  # starting over on top of them would mix two runs' checkpoints and metrics
             raise UserError(f"--resume never: {checkpointer.directory} already holds checkpoints; "
@@ -58,9 +62,12 @@ def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo) -
         tag = on_main(checkpointer.latest_good_tag)
         if tag is None:
             return None
-    saved = int(checkpointer.read_manifest(tag).get("world_size", dist.world_size))
+    manifest = checkpointer.read_manifest(tag)
+    if check is not None:
+        check(manifest, tag)
+    saved = int(manifest.get("world_size", dist.world_size))
     load_tag = tag
-    if saved != dist.world_size and _is_partitioned(checkpointer.directory / tag):
+    if saved != dist.world_size and is_zero_partitioned(checkpointer.directory / tag):
         load_tag = convert_to_universal(checkpointer.directory, tag, dist)
     return ResumePoint(checkpointer, tag, load_tag, saved)
 
@@ -80,8 +87,7 @@ def _run_converter(tag_dir: Path, out: Path) -> None:
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(out), "--inject_missing_state",
            "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2))]
-    print(f"megagpt: the world size changed since {tag_dir.name}: converting it to a universal checkpoint "
-          f"in {out}", file=sys.stderr, flush=True)
+    print_once(f"the world size changed since {tag_dir.name}: converting it to a universal checkpoint in {out}")
     started = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -90,8 +96,9 @@ def _run_converter(tag_dir: Path, out: Path) -> None:
     (out / DONE).write_text(f"{time.perf_counter() - started:.1f} s\n")
 
 
-def _is_partitioned(tag_dir: Path) -> bool:
-    """ZeRO 1-3, and DeepSpeed's bf16 optimizer, write per-rank optimizer partitions."""
+def is_zero_partitioned(tag_dir: Path) -> bool:
+    """Whether a checkpoint tag holds per-rank optimizer partitions (ZeRO 1-3, and DeepSpeed's bf16 optimizer):
+    then it loads as it is only on its own world size, and its weights need merging for inference."""
     return any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
 
 

@@ -16,7 +16,7 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if _HAS_CUDA else "cpu")
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+from helpers import SHAKESPEARE  # noqa: E402  (after the environment above: helpers imports megagpt)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,35 +44,3 @@ def shakespeare_dataset(shakespeare_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "shakespeare_char"
     data_prep.prepare_shakespeare(out, shakespeare_path)
     return out
-
-
-TINY_MODEL = [
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "model.dropout=0.0",
-]
-
-
-def tiny_overrides(dataset_dir: Path, **train) -> list[str]:
-    """A tiny GPT on a prepared dataset, quiet and quick: the base of most trainer tests."""
-    values = {
-        "micro_batch_size": 8,
-        "max_steps": 20,
-        "eval_interval": 10,
-        "eval_steps": 2,
-        "log_interval": 1,
-        "checkpoint_interval": 10,
-        "sample_tokens": 16,
-        "warmup_steps": 5,
-        "threads": 1,
-    }
-    values.update(train)
-    return [
-        *TINY_MODEL,
-        f"data.dataset_dir={dataset_dir}",
-        "data.prepare=none",
-        "logging.progress_bar=false",
-        *(f"train.{k}={v}" for k, v in values.items()),
-    ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -12,24 +11,18 @@ import time
 from pathlib import Path
 
 import torch
+from helpers import CPU_CONFIG, REPO, losses, metrics, tiny_overrides  # noqa: F401 (re-exported)
 
-REPO = Path(__file__).absolute().parents[1]  # not resolve(): a symlinked checkout stays itself
-BASE_CONFIG = REPO / "configs" / "shakespeare_char_cpu.yaml"
+BASE_CONFIG = CPU_CONFIG
+# Multi-process runs: no evaluation or samples in the way, a fixed LR horizon, a higher LR so a few steps move.
+QUIET = {"micro_batch_size": 4, "max_steps": 8, "eval_interval": 10_000, "eval_steps": 2, "log_interval": 1,
+         "checkpoint_interval": 10_000, "sample_tokens": 0, "warmup_steps": 2, "lr_decay_steps": 400, "lr": 3e-3,
+         "threads": 1}
 
 
 def tiny(dataset_dir: Path, **train) -> list[str]:
-    """--set overrides: a 2-layer, 32-wide GPT that takes milliseconds a step, no eval/samples in the way."""
-    values = {"micro_batch_size": 4, "max_steps": 8, "eval_interval": 10_000, "eval_steps": 2,
-              "log_interval": 1, "checkpoint_interval": 10_000, "sample_tokens": 0, "warmup_steps": 2,
-              "lr_decay_steps": 400, "lr": 3e-3, "threads": 1}
-    values.update(train)
-    model = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0}
-    model.update({k.removeprefix("model_"): values.pop(k) for k in list(values) if k.startswith("model_")})
-    zero = values.pop("zero_stage", 0)
-    return [*(f"model.{k}={v}" for k, v in model.items()), f"data.dataset_dir={dataset_dir}",
-            "data.prepare=none", "logging.progress_bar=false", "logging.tensorboard=false",
-            f"deepspeed.zero_stage={zero}",
-            *(f"train.{k}={v}" for k, v in values.items())]
+    """helpers.tiny_overrides with the QUIET defaults and no TensorBoard."""
+    return tiny_overrides(dataset_dir, tensorboard=False, **{**QUIET, **train})
 
 
 def free_port() -> int:
@@ -111,16 +104,6 @@ def _log_tail(proc: subprocess.Popen, chars: int = 6000) -> str:
 def run(proc_factory, *args, **kwargs) -> None:
     """Start one launcher process and require exit 0."""
     finish(proc_factory(*args, **kwargs))
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss (a resumed run appends to metrics.jsonl)."""
-    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):

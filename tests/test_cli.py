@@ -3,11 +3,10 @@
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import TINY_MODEL
+from helpers import CPU_CONFIG, TINY_MODEL
 
-CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_char_cpu.yaml"
+TINY = [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
 
 
 def megagpt(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -16,12 +15,11 @@ def megagpt(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_train_prepares_missing_data_then_sample_reads_the_run(shakespeare_path, tmp_path):
+def test_train_prepares_missing_data_then_sample_reads_the_run(tmp_path):
     data_dir, run_dir = tmp_path / "data" / "shakespeare_char", tmp_path / "run"
     sets = [
-        *TINY_MODEL,
+        *TINY,
         f"data.dataset_dir={data_dir}",
-        f"data.source={shakespeare_path}",
         "train.max_steps=12",
         "train.eval_interval=6",
         "train.eval_steps=2",
@@ -45,7 +43,7 @@ def test_sample_of_a_directory_without_a_run_is_a_one_line_error(tmp_path):
 
 
 def test_bench_train_times_megagpt_and_the_plain_torch_loop(shakespeare_dataset, tmp_path):
-    sets = [*TINY_MODEL, f"data.dataset_dir={shakespeare_dataset}", "data.prepare=none", "train.threads=1"]
+    sets = [*TINY, f"data.dataset_dir={shakespeare_dataset}", "train.threads=1"]
     out = tmp_path / "bench.json"
     result = megagpt(
         "bench",

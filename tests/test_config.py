@@ -68,11 +68,12 @@ def test_adam_is_torchs_fused_adamw_unless_the_optimizer_is_offloaded():
     import torch
 
     from megagpt.distributed import init_distributed
-    from megagpt.train import build_engine
+    from megagpt.engine import build_engine
+    from megagpt.model import GPT
 
     cfg = load_config(CONFIGS / "shakespeare_char_cpu.yaml",
                       ["model.vocab_size=65", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"])
-    engine = build_engine(cfg, init_distributed(cfg.deepspeed.timeout_minutes))
+    engine = build_engine(cfg, init_distributed(cfg.deepspeed.timeout_minutes), lambda: GPT(cfg.model))
     assert type(engine.optimizer) is torch.optim.AdamW and engine.optimizer.defaults["fused"] is True
     offloaded = load_config(CONFIGS / "shakespeare_char_cpu.yaml", ["deepspeed.offload_optimizer=cpu",
                                                                      "deepspeed.zero_stage=2"])

@@ -3,17 +3,14 @@
 import gzip
 import json
 import math
-from pathlib import Path
 
-from conftest import TINY_MODEL
+from helpers import CPU_CONFIG, TINY_MODEL, train_records
 
 from data_prep.cli import main as prep_main
 from megagpt.config import load_config
+from megagpt.dataset import load_tokenizer
 from megagpt.sample import sample_texts
-from megagpt.tokenizer import load_tokenizer
 from megagpt.train import train
-
-CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_char_cpu.yaml"
 
 
 def test_sentencepiece_jsonl_corpus_trains_and_samples(shakespeare_path, tmp_path):
@@ -52,9 +49,8 @@ def test_sentencepiece_jsonl_corpus_trains_and_samples(shakespeare_path, tmp_pat
     cfg = load_config(
         CPU_CONFIG,
         [
-            *TINY_MODEL,
+            *(f"model.{k}={v}" for k, v in TINY_MODEL.items()),
             f"data.dataset_dir={data}",
-            "data.prepare=none",
             "train.max_steps=30",
             "train.micro_batch_size=8",
             "train.lr=3e-3",
@@ -66,8 +62,8 @@ def test_sentencepiece_jsonl_corpus_trains_and_samples(shakespeare_path, tmp_pat
             "logging.progress_bar=false",
         ],
     )
-    state = train(cfg, run)
-    losses = [r["loss"] for r in state.history if "loss" in r]
+    train(cfg, run)
+    losses = [r["loss"] for r in train_records(run)]
     assert losses[0] > math.log(512) - 0.5 and losses[-1] < losses[0] - 1.0
 
     texts = sample_texts(run, "KING RICHARD:", 20, num_samples=2, seed=5)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import data_prep
-from megagpt.data import DataError, TrainLoader, eval_batches, load_manifest
+from megagpt.data import TrainLoader, eval_batches
+from megagpt.dataset import DataError, load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_batches_are_long_tensors_and_y_is_x_shifted(shakespeare, shakespeare_pa
 
 
 def test_manifest_is_validated(shakespeare, tmp_path):
-    assert load_manifest(shakespeare)["vocab_size"] == 65
+    assert load_manifest(shakespeare).vocab_size == 65
     with pytest.raises(ValueError, match="manifest.json"):
         load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text('{"format_version": 1}')
@@ -124,7 +125,7 @@ def random_ds(tmp_path_factory):
 
 def test_the_random_dataset_has_several_uneven_shards(random_ds):
     manifest = load_manifest(random_ds[0])
-    tokens = [s["tokens"] for s in manifest["splits"]["train"]["shards"]]
+    tokens = [s.tokens for s in manifest.splits["train"].shards]
     assert len(tokens) >= 4 and len(set(tokens)) >= 2
 
 
@@ -238,17 +239,17 @@ def test_token_ids_beyond_the_vocabulary_are_an_error_naming_the_shard(random_ds
         next(loader)
 
 
-def test_skip_mode_excludes_a_corrupt_shard_and_counts_it(random_ds, tmp_path, caplog):
+def test_skip_mode_excludes_a_corrupt_shard_and_counts_it(random_ds, tmp_path, capsys):
     out = _copy_dataset(random_ds[0], tmp_path / "ds")
     manifest = load_manifest(out)
-    shards = manifest["splits"]["train"]["shards"]
-    (out / shards[1]["name"]).write_bytes(b"garbage")
+    shards = manifest.splits["train"].shards
+    (out / shards[1].name).write_bytes(b"garbage")
     loader = TrainLoader(out, 8, 4, on_corrupt_shard="skip")
-    assert loader.skipped_shards == 1 and shards[1]["name"] in caplog.text
-    kept = sum(s["tokens"] for s in shards) - shards[1]["tokens"]
+    assert loader.skipped_shards == 1 and shards[1].name in capsys.readouterr().err
+    kept = sum(s.tokens for s in shards) - shards[1].tokens
     assert loader.num_windows == (kept - 1) // 8
     # windows come from the other shards only: the kept token stream, read independently
-    stream = np.concatenate([np.frombuffer(b"".join(_payloads(out / s["name"])), "<u2")
+    stream = np.concatenate([np.frombuffer(b"".join(_payloads(out / s.name)), "<u2")
                              for i, s in enumerate(shards) if i != 1])
     expected = {stream[i * 8:i * 8 + 9].tobytes() for i in range(loader.num_windows)}
     for _ in range(5):

@@ -8,7 +8,8 @@ import pytest
 
 import data_prep
 from data_prep.prep import PrepSettings, prepare
-from megagpt.tokenizer import CharTokenizer, load_tokenizer
+from megagpt.dataset import load_tokenizer
+from megagpt.tokenizer import CharTokenizer
 
 
 def test_char_round_trip_on_shakespeare(shakespeare_path, tmp_path):

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 from dist_helpers import finish, losses, tiny, torchrun, wait_for, worker_pids
+from helpers import train_records
 
 from megagpt.checkpoint import Checkpointer
 from megagpt.config import load_config
@@ -58,11 +59,11 @@ def poison(monkeypatch, bad_steps: set[int]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_a_non_finite_step_is_skipped_and_counted(zero_stage, monkeypatch, shakespeare_dataset, tmp_path):
     seen = poison(monkeypatch, {3})
-    state = train(load_config(None, tiny(shakespeare_dataset, zero_stage=zero_stage, max_steps=6)), tmp_path)
+    train(load_config(None, tiny(shakespeare_dataset, zero_stage=zero_stage, max_steps=6)), tmp_path)
     assert torch.equal(seen[3], seen[2])  # step 3's update was skipped ...
     assert not torch.equal(seen[4], seen[3]) and not torch.equal(seen[2], seen[1])  # ... and only that one
     assert all(torch.isfinite(w).all() for w in seen)
-    assert [r["skipped_steps"] for r in state.history if "loss" in r] == [0, 0, 1, 1, 1, 1]
+    assert [r["skipped_steps"] for r in train_records(tmp_path)] == [0, 0, 1, 1, 1, 1]
 
 
 def test_too_many_bad_steps_in_a_row_stop_without_a_poisoned_checkpoint(monkeypatch, shakespeare_dataset,

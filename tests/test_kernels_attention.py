@@ -1,22 +1,15 @@
 """Triton causal attention against float64 references (interpreter on CPU): values, grads, dropout, ops."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 import kernels
 from kernels.reference import causal_attention_reference, dropout_keep_mask
 
 FP32_TOL = 1e-4  # relative L2 error against float64
 FP16_FACTOR = 2.0  # fp16: at most this times torch's own fp16 SDPA error against the same reference
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """||a - ref|| / ||ref||. An exactly-zero reference (T=1: dq, dk) is measured against an RMS floor of
-    0.01, 1% of the unit scale of the random inputs: rounding noise around zero passes, real errors do not."""
-    return ((a.double() - ref).norm() / max(ref.norm().item(), 1e-2 * math.sqrt(ref.numel()))).item()
 
 
 def make_qkv(B, H, T, D, seed):

@@ -5,16 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 import kernels
 from kernels.reference import causal_attention_reference, dropout_keep_mask, layer_norm_reference
 
 pytestmark = pytest.mark.gpu
 FACTOR = 2.0  # bf16/fp16: at most this times torch's own error against the same float64 reference
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref).norm() / max(ref.norm().item(), 1e-2 * math.sqrt(ref.numel()))).item()
 
 
 def run(fn, inputs, dout, dtype, **kw):

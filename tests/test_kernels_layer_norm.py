@@ -1,22 +1,15 @@
 """Triton LayerNorm against a float64 reference (under the interpreter on CPU): values, grads, shapes, ops."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 import kernels
 from kernels.reference import layer_norm_reference
 
 FP32_TOL = 1e-4
 FP16_FACTOR = 2.0  # fp16: at most this times F.layer_norm's own fp16 error against the same reference
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """||a - ref|| / ||ref||. An exactly-zero reference (C=1: dx, dw) is measured against an RMS floor of
-    0.01, 1% of the unit scale of the random inputs: rounding noise around zero passes, real errors do not."""
-    return ((a.double() - ref).norm() / max(ref.norm().item(), 1e-2 * math.sqrt(ref.numel()))).item()
 
 
 def make_inputs(shape, has_weight, has_bias, seed):

@@ -1,22 +1,17 @@
 """The trainer end to end on one process: loss falls, exact resume, TensorBoard, run dir, sampling."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import CPU_CONFIG, metrics, tiny_overrides, train_records
 
 from megagpt.config import ConfigError, load_config
 from megagpt.lr_schedule import lr_at
 from megagpt.sample import sample_texts
 from megagpt.train import train
 
-CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_char_cpu.yaml"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+read_metrics = metrics
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +91,14 @@ def test_resume_continues_identical_losses(shakespeare_dataset, tmp_path):
         sample_tokens=0,
         eval_interval=100,
     )
-    whole = train(load_config(CPU_CONFIG, common), tmp_path / "whole")
+    train(load_config(CPU_CONFIG, common), tmp_path / "whole")
     stopped = train(load_config(CPU_CONFIG, [*common, "train.max_steps=12"]), tmp_path / "split")
     assert stopped.step == 12
     resumed = train(load_config(CPU_CONFIG, common), tmp_path / "split")
-    logged = [r for r in resumed.history if "loss" in r]
+    assert resumed.resumed_from == "step_000012"
+    logged = train_records(tmp_path / "split")[12:]
     assert logged[0]["step"] == 13
-    reference = {r["step"]: r for r in whole.history if "loss" in r}
+    reference = {r["step"]: r for r in train_records(tmp_path / "whole")}
     for r in logged:
         assert r["loss"] == reference[r["step"]]["loss"]
         assert r["lr"] == reference[r["step"]]["lr"]
@@ -118,18 +114,18 @@ def test_resuming_into_a_different_model_shape_is_a_clear_error(shakespeare_data
 
 
 def test_a_missing_dataset_names_the_directory(tmp_path):
-    cfg = load_config(CPU_CONFIG, [f"data.dataset_dir={tmp_path / 'nope'}", "data.prepare=none"])
+    cfg = load_config(CPU_CONFIG, [f"data.dataset_dir={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="nope"):
         train(cfg, tmp_path / "run")
 
 
 def test_loss_is_averaged_over_micro_batches_like_one_big_batch(shakespeare_dataset, tmp_path):
     """grad_accum 2 × micro 4 takes the same step as micro 8 (fp32, same windows)."""
-    big = train(
+    train(
         load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0, micro_batch_size=8)),
         tmp_path / "a",
     )
-    acc = train(
+    train(
         load_config(
             CPU_CONFIG,
             tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0, micro_batch_size=4, grad_accum_steps=2),
@@ -137,7 +133,8 @@ def test_loss_is_averaged_over_micro_batches_like_one_big_batch(shakespeare_data
         tmp_path / "b",
     )
     for x, y in zip(
-        [r["loss"] for r in big.history if "loss" in r], [r["loss"] for r in acc.history if "loss" in r], strict=True
+        [r["loss"] for r in train_records(tmp_path / "a")], [r["loss"] for r in train_records(tmp_path / "b")],
+        strict=True,
     ):
         assert x == pytest.approx(y, rel=1e-5)
 
@@ -150,15 +147,15 @@ def test_mfu_is_logged_from_a_configured_peak_and_left_out_without_one(shakespea
         CPU_CONFIG,
         [*tiny_overrides(shakespeare_dataset, max_steps=3, sample_tokens=0), f"logging.peak_flops={peak}"],
     )
-    state = train(cfg, tmp_path / "with_peak")
+    train(cfg, tmp_path / "with_peak")
     flops = GPT(cfg.model.model_copy(update={"vocab_size": 65})).flops_per_token()
-    for r in (r for r in state.history if "loss" in r):
+    for r in train_records(tmp_path / "with_peak"):
         assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * flops / peak, rel=1e-9)
-    plain = train(
+    train(
         load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=2, sample_tokens=0)),
         tmp_path / "cpu",
     )
-    assert all("mfu" not in r for r in plain.history)
+    assert all("mfu" not in r for r in train_records(tmp_path / "cpu"))
 
 
 def test_a_restart_drops_what_was_logged_after_the_last_checkpoint(shakespeare_dataset, tmp_path):
@@ -190,7 +187,8 @@ def test_logged_grad_norm_is_the_first_steps_true_gradient_norm(shakespeare_data
         CPU_CONFIG,
         [*tiny_overrides(shakespeare_dataset, max_steps=1, sample_tokens=0), f"deepspeed.zero_stage={zero_stage}"],
     )
-    logged = train(cfg, tmp_path).history[0]
+    train(cfg, tmp_path)
+    logged = train_records(tmp_path)[0]
     model_cfg = cfg.model.model_copy(update={"vocab_size": 65})
     torch.manual_seed(cfg.train.seed)
     model = GPT(model_cfg)

@@ -1,16 +1,12 @@
 """The model with the Triton kernels trains like the plain-torch model (kernels under the interpreter on CPU)."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import CPU_CONFIG, tiny_overrides, train_records
 from torch._dynamo.utils import counters
 
 from megagpt.config import load_config
 from megagpt.train import train
-
-CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_char_cpu.yaml"
 
 
 def test_triton_backends_follow_the_sdpa_run_for_ten_steps(shakespeare_dataset, tmp_path):
@@ -28,7 +24,8 @@ def test_triton_backends_follow_the_sdpa_run_for_ten_steps(shakespeare_dataset, 
     runs = {}
     for attention, norm in [("sdpa", "torch"), ("triton", "triton")]:
         cfg = load_config(CPU_CONFIG, [*small, f"model.attention={attention}", f"model.norm={norm}"])
-        runs[attention] = [r["loss"] for r in train(cfg, tmp_path / attention).history if "loss" in r]
+        train(cfg, tmp_path / attention)
+        runs[attention] = [r["loss"] for r in train_records(tmp_path / attention)]
     assert len(runs["triton"]) == 10
     assert runs["triton"][-1] < runs["triton"][0]  # it trains
     for step, (a, b) in enumerate(zip(runs["triton"], runs["sdpa"], strict=True), start=1):
@@ -45,7 +42,8 @@ def test_train_compile_with_triton_backends_matches_eager(shakespeare_dataset, t
         cfg = load_config(CPU_CONFIG, [*small, f"train.compile={str(compiled).lower()}"])
         torch._dynamo.reset()
         counters.clear()
-        runs[compiled] = [r["loss"] for r in train(cfg, tmp_path / str(compiled)).history if "loss" in r]
+        train(cfg, tmp_path / str(compiled))
+        runs[compiled] = [r["loss"] for r in train_records(tmp_path / str(compiled))]
         graphs[compiled] = counters["stats"]["unique_graphs"]
     assert graphs[False] == 0 and graphs[True] >= 1, graphs  # the compiled run really went through dynamo
     assert len(runs[True]) == 3

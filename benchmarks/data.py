@@ -16,7 +16,7 @@ import torch
 
 from data_prep.prep import PrepSettings, prepare
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"  # optional
 
 
 def make_corpus(root: Path, megabytes: float, files: int = 8) -> int:
@@ -81,8 +81,9 @@ def bench_loader(dataset: Path, workers: int, batches: int, batch_size: int, blo
 def bench_baseline(dataset: Path, work: Path, batches: int, batch_size: int, block_size: int) -> dict:
     """nanoGPT's get_batch: a flat uint16 .bin, np.memmap, random offsets, torch.stack of per-row slices."""
     from megagpt.data import TokenStream
+    from megagpt.dataset import Dataset
 
-    stream = TokenStream(dataset, "train")
+    stream = TokenStream(Dataset(dataset), "train")
     flat = np.empty(stream.num_tokens, dtype=np.uint16)
     stream.read(0, stream.num_tokens, flat)
     path = work / "train.bin"

@@ -7,10 +7,12 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from megagpt.config import load_config
+from megagpt.config import load_config, with_vocab_size
+from megagpt.metrics import read_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +59,10 @@ def megagpt_tokens_per_sec(config: str, overrides: list[str], warmup: int, steps
         ],
     )
     with tempfile.TemporaryDirectory() as run_dir:
-        state = train(cfg, run_dir, resume="never")
-    per_step = [r for r in state.history if "tokens_per_sec" in r][warmup:]
-    tokens_per_step = state.tokens_seen / state.step
+        summary = train(cfg, run_dir, resume="never")
+        records = read_metrics(Path(run_dir))
+    per_step = [r for r in records if "tokens_per_sec" in r][warmup:]
+    tokens_per_step = summary.tokens_seen / summary.step
     seconds = [tokens_per_step / r["tokens_per_sec"] for r in per_step]
     median = statistics.median(seconds)
     return {"ms_per_step": 1000 * median, "tokens_per_sec": tokens_per_step / median}
@@ -67,14 +70,11 @@ def megagpt_tokens_per_sec(config: str, overrides: list[str], warmup: int, steps
 
 def baseline_tokens_per_sec(config: str, overrides: list[str], warmup: int, steps: int) -> dict[str, float]:
     """nanoGPT's CPU loop on the same model and batch shape: AdamW (foreach), clip, random windows."""
+    from megagpt.dataset import Dataset
     from megagpt.model import GPT
 
     cfg = load_config(config, overrides)
-    if cfg.model.vocab_size is None:
-        from megagpt.data import load_manifest
-
-        vocab = load_manifest(cfg.data.dataset_dir)["vocab_size"]
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab})})
+    cfg = with_vocab_size(cfg, Dataset(cfg.data.dataset_dir).vocab_size)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)

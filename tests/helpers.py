@@ -1,0 +1,55 @@
+"""Shared test helpers: the repo's paths, the one tiny-model builder, rel_err, and reading a run's metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from megagpt.metrics import read_metrics
+
+REPO = Path(__file__).absolute().parents[1]  # not resolve(): a symlinked checkout stays itself
+CONFIGS = REPO / "configs"
+CPU_CONFIG = CONFIGS / "shakespeare_char_cpu.yaml"
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0}
+TINY_TRAIN = {"micro_batch_size": 8, "max_steps": 20, "eval_interval": 10, "eval_steps": 2, "log_interval": 1,
+              "checkpoint_interval": 10, "sample_tokens": 16, "warmup_steps": 5, "threads": 1}
+
+
+def tiny_overrides(dataset_dir: Path, tensorboard: bool = True, **values) -> list[str]:
+    """`--set` overrides for a 2-layer, 32-wide GPT on a prepared dataset, quiet and quick.
+
+    Keyword arguments override TINY_TRAIN's train.* values; `model_<key>` sets model.<key> and `zero_stage`
+    deepspeed.zero_stage."""
+    model = {**TINY_MODEL, **{k.removeprefix("model_"): values.pop(k) for k in list(values)
+                              if k.startswith("model_")}}
+    zero = values.pop("zero_stage", 0)
+    train = {**TINY_TRAIN, **values}
+    return [*(f"model.{k}={v}" for k, v in model.items()), f"data.dataset_dir={dataset_dir}",
+            "logging.progress_bar=false", f"logging.tensorboard={str(tensorboard).lower()}",
+            f"deepspeed.zero_stage={zero}", *(f"train.{k}={v}" for k, v in train.items())]
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in float64. An exactly-zero reference (T=1: dq, dk; C=1: dx, dw) is measured against
+    an RMS floor of 0.01, 1% of the unit scale of random inputs: rounding noise around zero passes, real errors
+    do not."""
+    return ((a.double() - ref).norm() / max(ref.norm().item(), 1e-2 * math.sqrt(ref.numel()))).item()
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """run_dir/metrics.jsonl's records ([] before the run wrote any)."""
+    return read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss (a resumed run appends to metrics.jsonl)."""
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    """The logged training steps (not evaluations), in order."""
+    return [r for r in metrics(run_dir) if "loss" in r]
