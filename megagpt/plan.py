@@ -1,4 +1,5 @@
-"""`megagpt plan CONFIG`: what fits on your GPUs (ZeRO stage, micro batch, checkpointing) and its speed."""
+"""`megagpt plan CONFIG`: what fits on your GPUs (ZeRO stage, micro batch, checkpointing), what it communicates,
+and its speed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from megagpt import hardware
+from megagpt import plan_comm as pc
 from megagpt import plan_memory as pm
 from megagpt.config import Config, load_config
 from megagpt.errors import UserError
@@ -28,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem-gib", type=float, help="memory per GPU in GiB (overrides the GPU's)")
     p.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s per GPU (overrides the GPU's)")
     p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"assumed MFU (default {DEFAULT_MFU})")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--intra-node-gbps", type=float,
+                   help="GB/s (gigabytes) per GPU per direction inside a node (default: the GPU's NVLink/PCIe)")
+    p.add_argument("--inter-node-gbps", type=float,
+                   help="GB/s (gigabytes) per node per direction between nodes, all NICs together "
+                        "(default: 8 InfiniBand ports of the GPU's generation)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. --set model.n_layer=48")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -38,11 +46,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.gpus < 1 or not 0 < args.mfu <= 1:
-        raise UserError(f"--gpus must be >= 1 and --mfu in (0, 1] (got {args.gpus}, {args.mfu})")
+    if args.gpus < 1 or not 0 < args.mfu <= 1 or args.gpus_per_node < 1:
+        raise UserError(f"--gpus and --gpus-per-node must be >= 1 and --mfu in (0, 1] "
+                        f"(got {args.gpus}, {args.gpus_per_node}, {args.mfu})")
+    for flag, value in (("--intra-node-gbps", args.intra_node_gbps), ("--inter-node-gbps", args.inter_node_gbps)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} must be > 0 (got {value})")
     cfg = load_config(args.config, args.overrides)
     gpu_name, mem_gib, peak = _hardware(args, cfg.train.dtype)
-    result = plan(cfg, args.gpus, gpu_name, mem_gib, peak, args.mfu)
+    network = pc.network_for(gpu_name, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps)
+    result = plan(cfg, args.gpus, gpu_name, mem_gib, peak, args.mfu, network)
     result["config"] = args.config
     print(json.dumps(result, indent=2) if args.json else render(result))
     if args.write:
@@ -58,14 +71,15 @@ def _hardware(args, dtype: str) -> tuple[str, float, float]:
     if args.peak_tflops is not None:
         peak = args.peak_tflops * 1e12
     else:
-        peak = (gpu.tf32_tflops if dtype == "fp32" else gpu.bf16_tflops) * 1e12
+        peak = hardware.dense_peak_flops(gpu, dtype)
     return (gpu.name if gpu else "custom"), mem, peak
 
 
 # ---------------------------------------------------------------------------------------------
 # The plan: pure function of the config and the hardware, returns plain data (the --json output)
 # ---------------------------------------------------------------------------------------------
-def plan(cfg: Config, gpus: int, gpu_name: str, gpu_mem_gib: float, peak_flops: float, mfu: float) -> dict:
+def plan(cfg: Config, gpus: int, gpu_name: str, gpu_mem_gib: float, peak_flops: float, mfu: float,
+         network: pc.Network | None = None) -> dict:
     m, t = cfg.model, cfg.train
     if m.vocab_size is None:
         raise UserError(f"{cfg.name}: model.vocab_size is null; (--set model.vocab_size=N)")
@@ -88,6 +102,12 @@ def plan(cfg: Config, gpus: int, gpu_name: str, gpu_mem_gib: float, peak_flops: 
     flops = pm.flops_per_token(m, params)
     tokens_per_sec = gpus * peak_flops * mfu / flops
     step_tokens = batch["global_batch_tokens"] or b * m.block_size * gpus
+    network = network or pc.network_for(gpu_name)
+    comm = communication(cfg, params.total, gpus, stage, b, _accum(batch, b) or 1, e,
+                         step_tokens / tokens_per_sec, network)
+    if "with_zeropp" in comm:  # hpZ's secondary weight partition costs memory
+        hpz = pc.hpz_bytes(params.total, network.gpus_per_node)
+        comm["with_zeropp"]["memory_gib"] = (need(stage, b, ckpt) + hpz) / GIB
     return {
         "gpus": gpus,
         "gpu": {"name": gpu_name, "memory_gib": gpu_mem_gib, "peak_tflops": peak_flops / 1e12,
@@ -120,7 +140,36 @@ def plan(cfg: Config, gpus: int, gpu_name: str, gpu_mem_gib: float, peak_flops: 
                   "step_seconds": step_tokens / tokens_per_sec,
                   "days_for_max_steps": t.max_steps * step_tokens / tokens_per_sec / 86400,
                   "max_steps": t.max_steps},
+        "communication": comm,
     }
+
+
+def communication(cfg: Config, params: int, gpus: int, stage: int, micro: int, accum: int, e: int,
+                  compute_seconds: float, network: pc.Network) -> dict:
+    """Per ZeRO stage the bytes and seconds of a step's collectives; for the chosen stage what DeepSpeed does
+    with this config's zero_optimization (overlap_comm, ZeRO++), whether it is communication-bound, remedies."""
+    zero = cfg.deepspeed.extra.get("zero_optimization", {})
+    overlap_comm, zeropp = zero.get("overlap_comm"), pc.zeropp_in(zero)
+
+    def at(z: int, parts: frozenset[str] = frozenset()) -> dict:
+        return pc.step(params, z, gpus, accum, e, compute_seconds, network, overlap_comm, parts)
+
+    chosen = at(stage, zeropp if stage == 3 else frozenset())
+    result = {
+        "assumes": "gradients and weights communicated in the training dtype; ZeRO-2/3 every micro-batch",
+        "network": {"gpus_per_node": network.gpus_per_node, "nodes": -(-gpus // network.gpus_per_node),
+                    "intra": network.intra_name, "intra_gbytes_per_s": network.intra_gbytes_per_s,
+                    "inter": network.inter_name, "inter_gbytes_per_s": network.inter_gbytes_per_s,
+                    "gbytes_per_s_per_gpu": network.bandwidth(gpus) / pc.GB},
+        "micro_batch_size": micro, "grad_accum_steps": accum,
+        "stages": {f"zero{z}": at(z) for z in range(4)},
+        "choice": {**chosen, "zero_stage": stage, "zeropp": sorted(zeropp)},
+        "remedies": pc.remedies(stage, accum, micro, chosen["overlap"], gpus, network.gpus_per_node,
+                                cfg.train.global_batch_tokens, zeropp),
+    }
+    if stage == 3 and gpus > network.gpus_per_node and zeropp != frozenset(pc.ZEROPP):
+        result["with_zeropp"] = at(3, frozenset(pc.ZEROPP))
+    return result
 
 
 def _batch(cfg: Config, gpus: int) -> dict:
@@ -194,7 +243,40 @@ def render(r: dict) -> str:
               f"in {s['days_for_max_steps']:.1f} days"]
     if c["activation_checkpointing"]:
         lines.append("          (checkpointing recomputes the forward: GPUs run ~4/3 busier for this MFU)")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + render_communication(r["communication"], s))
+
+
+def render_communication(comm: dict, speed: dict) -> list[str]:
+    """The per-stage table, the chosen plan's verdict, ZeRO++'s effect and the remedies."""
+    net, ch = comm["network"], comm["choice"]
+    lines = [f"communication per GPU per step at micro batch {comm['micro_batch_size']}, grad accum "
+             f"{comm['grad_accum_steps']} ({net['nodes']} node(s) of {net['gpus_per_node']}; {net['intra']} "
+             f"{net['intra_gbytes_per_s']:g} GB/s per GPU, {net['inter']} {net['inter_gbytes_per_s']:g} GB/s per "
+             f"node: {net['gbytes_per_s_per_gpu']:g} GB/s per GPU for this job's rings)",
+             f"{'':8}{'sends GB':>10}{'comm s':>9}{'compute s':>11}{'overlapped s':>14}{'serial s':>10}"]
+    for stage, row in comm["stages"].items():
+        lines.append(f"{stage:8}{row['bytes_per_gpu'] / pc.GB:10.1f}{row['comm_seconds']:9.2f}"
+                     f"{row['compute_seconds']:11.2f}{row['step_seconds_overlapped']:14.2f}"
+                     f"{row['step_seconds_serial']:10.2f}")
+    how = "overlapped" if ch["overlap"] else "serial: DeepSpeed does not overlap it with this config"
+    zeropp = f" with ZeRO++ {'+'.join(ch['zeropp'])}" if ch["zeropp"] else ""
+    verdict = "COMMUNICATION-BOUND" if ch["communication_bound"] else "compute-bound"
+    mfu, slower = speed["mfu"], ch["step_seconds"] / ch["compute_seconds"]
+    lines.append(f"comm      ZeRO-{ch['zero_stage']}{zeropp}: {ch['comm_seconds']:.2f} s of communication vs "
+                 f"{ch['compute_seconds']:.2f} s of compute: {verdict}; step {ch['step_seconds']:.2f} s ({how}), "
+                 f"MFU {mfu / slower:.2f}, max_steps in {speed['days_for_max_steps'] * slower:.1f} days")
+    if "with_zeropp" in comm:
+        zp = comm["with_zeropp"]
+        lines.append(f"          with ZeRO++ hpZ+qwZ+qgZ: {zp['bytes_per_gpu'] / pc.GB:.1f} GB, "
+                     f"{zp['comm_seconds']:.2f} s of communication, step {zp['step_seconds']:.2f} s, "
+                     f"MFU {mfu * zp['compute_seconds'] / zp['step_seconds']:.2f}; hpZ's weight copy makes it "
+                     f"{zp['memory_gib']:.1f} GiB per GPU")
+    if comm["remedies"] and (ch["communication_bound"] or ch["comm_seconds"] > 0.1 * ch["compute_seconds"]):
+        lines.append("remedies  (DeepSpeed's own; megagpt passes deepspeed.extra into the DeepSpeed config)")
+        for remedy in comm["remedies"]:
+            value = str(remedy["value"]).lower() if isinstance(remedy["value"], bool) else remedy["value"]
+            lines.append(f"  --set {remedy['key']}={value}   # {remedy['why']}")
+    return lines
 
 
 def _si(n: float) -> str:
