@@ -8,7 +8,9 @@ module of megagpt/ that may import data_prep (data flows one way: data_prep writ
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"megagpt {name}: error: {e}", file=sys.stderr)  # bad config, data or paths: one line
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"megagpt {name}: error: {_disk_full(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started (once it has, Ctrl-C saves and exits 0)
+        print(f"\nmegagpt {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _disk_full(e: OSError) -> str:
+    where = Path(e.filename or ".")
+    folder = next((p for p in [where, *where.parents] if p.is_dir()), Path("."))
+    free = shutil.disk_usage(folder).free
+    return f"{e.strerror} writing {where} ({free / 2**20:.1f} MiB free there): free some space and run it again"
 
 
 def _usage(argv: list[str]) -> int:
@@ -114,15 +131,17 @@ def prepare_known_dataset(dataset_dir: Path) -> None:
 
 
 def sample_main(argv: list[str]) -> int:
+    from megagpt.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
+
     p = argparse.ArgumentParser(prog="megagpt sample", description=HELP["sample"])
     p.add_argument("path", help="RUN_DIR or EXPORT_DIR")
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--prompt", default="\n", help="text to continue (empty: start from EOS)")
+    p.add_argument("--max-new-tokens", type=int, default=500, help=">= 1")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help=">= 0 (0: greedy)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=">= 1")
+    p.add_argument("--top-p", type=float, default=None, help="in (0, 1]")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help=">= 1")
     p.add_argument("--step", type=int, help="checkpoint step of a run dir (default: latest)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from megagpt.config import Config, load_config, save_config
 from megagpt.errors import UserError
-from megagpt.inference import TOKENIZER_DIR, consolidated_state_dict, resolve_tag
+from megagpt.inference import EXPORT_MARKER, TOKENIZER_DIR, consolidated_state_dict, is_run_dir, resolve_tag
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight: stored once
@@ -19,36 +21,88 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 
 
 def export_main(args) -> int:
-    out = export(Path(args.run_dir), Path(args.out), args.step, args.format, args.dtype)
+    out = export(Path(args.run_dir), Path(args.out), args.step, args.format, args.dtype,
+                 force=getattr(args, "force", False))
     print(f"megagpt export: wrote {out}")
     return 0
 
 
 def export(run_dir: Path, out: Path, step: int | None = None, fmt: str = "megagpt",
-           dtype: str = "fp32") -> Path:
+           dtype: str = "fp32", force: bool = False) -> Path:
+    """Write the export into a temporary sibling of `out`, then rename it: a failed export leaves nothing."""
+    run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: no config.yaml here; expected a run dir written by `megagpt train`")
     if fmt not in ("megagpt", "hf"):
         raise UserError(f"--format {fmt!r}: expected megagpt or hf")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_out_dir(run_dir, out, force)
     cfg = load_config(run_dir / "config.yaml")
     tag = resolve_tag(run_dir, step)
     state = consolidated_state_dict(run_dir, tag)
     state = {name: t.to(DTYPES[dtype]).contiguous() for name, t in state.items() if name != TIED}
 
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "hf":
-        _save(hf_state_dict(state, cfg), out / "model.safetensors")
-        (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
-    else:
-        _save(state, out / "model.safetensors")
-        save_config(cfg, out / "config.yaml")
-    if (run_dir / TOKENIZER_DIR).is_dir():
-        shutil.copytree(run_dir / TOKENIZER_DIR, out / TOKENIZER_DIR, dirs_exist_ok=True)
-    source = {"run_dir": str(run_dir.resolve()), "checkpoint": tag, "format": fmt, "dtype": dtype}
-    (out / "export.json").write_text(json.dumps(source, indent=1) + "\n")
+    from safetensors import SafetensorError
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write(tmp, run_dir, state, cfg, fmt, dtype, tag)
+        _move_into_place(tmp, out)
+    except (OSError, SafetensorError) as e:  # a full disk, most often
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"--out {out}: could not write the export ({e}); nothing was left there") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def check_out_dir(run_dir: Path, out: Path, force: bool) -> None:
+    """--out is neither the run dir, nor inside a run dir, nor around it; not empty only with --force over
+    an earlier export (never over other files)."""
+    run, target = run_dir.resolve(), out.resolve()
+    if target == run or run in target.parents or target in run.parents:
+        where = "is" if target == run else "is inside" if run in target.parents else "contains"
+        raise UserError(f"--out {out}: {where} the run dir {run_dir}; export to a folder of its own")
+    for folder in [target, *target.parents]:
+        if is_run_dir(folder):
+            raise UserError(f"--out {out}: inside run dir {folder}; export to a folder of its own")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out {out}: is a file; export to a folder")
+    if target.is_dir() and any(target.iterdir()):
+        if not force:
+            raise UserError(f"--out {out}: is not empty; pass --force to replace an earlier export there, or "
+                            f"choose another folder")
+        if not (target / EXPORT_MARKER).is_file():
+            raise UserError(f"--out {out}: is not empty and holds no earlier export ({EXPORT_MARKER}); --force "
+                            f"only replaces an export: choose another folder")
+
+
+def _write(folder: Path, run_dir: Path, state, cfg: Config, fmt: str, dtype: str, tag: str) -> None:
+    if fmt == "hf":
+        _save(hf_state_dict(state, cfg), folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
+    else:
+        _save(state, folder / "model.safetensors")
+        save_config(cfg, folder / "config.yaml")
+    if (run_dir / TOKENIZER_DIR).is_dir():
+        shutil.copytree(run_dir / TOKENIZER_DIR, folder / TOKENIZER_DIR)
+    source = {"run_dir": str(run_dir.resolve()), "checkpoint": tag, "format": fmt, "dtype": dtype}
+    (folder / EXPORT_MARKER).write_text(json.dumps(source, indent=1) + "\n")  # last: marks a finished export
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """rename(2) replaces an empty folder; an earlier export (--force) is moved aside first, then deleted."""
+    tmp.chmod(0o755)  # mkdtemp made it private
+    if out.is_dir() and any(out.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -6,6 +6,15 @@ import torch
 
 from megagpt.model import GPT, KVCache
 
+# The sampling defaults of `megagpt sample`, `megagpt chat` and the samples written during training.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 200
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; an empty prompt starts from EOS (id 0 in a vocabulary without one)."""
+    return tokenizer.encode(prompt) or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Keep the top-k tokens and the smallest set whose probability reaches top_p; the rest get -inf."""

@@ -1,13 +1,61 @@
-"""`megagpt sample`: text from a run dir or export dir, seeded and reproducible."""
+"""`megagpt sample`: text from a run dir or export dir, seeded and reproducible; every argument checked first."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
 
-from megagpt.generate import generate
+from megagpt.errors import UserError
+from megagpt.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, generate, prompt_ids
 from megagpt.inference import load_for_inference
+
+
+def check_sampling_args(
+    num_samples: int = 1,
+    max_new_tokens: int = 1,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int | None = DEFAULT_TOP_K,
+    top_p: float | None = None,
+) -> None:
+    """A one-line UserError, named as the command-line flag, for the first argument out of range."""
+    if num_samples < 1:
+        raise UserError(f"--num-samples {num_samples}: must be at least 1")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if not (temperature >= 0 and math.isfinite(temperature)):  # also false for NaN
+        raise UserError(f"--temperature {temperature}: must be a finite number >= 0 (0: always the likeliest token)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k {top_k}: must be at least 1 (or left out)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids; for a char vocabulary every character outside it is named in one line."""
+    if tokenizer.kind == "char":
+        known = set(tokenizer.chars)
+        unknown = list(dict.fromkeys(c for c in prompt if c not in known))  # in order of appearance, once each
+        if unknown:
+            shown = " ".join(repr(c) for c in unknown)
+            raise UserError(f"--prompt: {len(unknown)} character{'s' * (len(unknown) > 1)} not in the model's "
+                            f"char vocabulary: {shown}")
+    return prompt_ids(tokenizer, prompt)
+
+
+def resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: expected cpu or cuda (or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: expected cpu or cuda (or cuda:N)")
+    return device
 
 
 def sample_texts(
@@ -15,17 +63,18 @@ def sample_texts(
     prompt: str,
     max_new_tokens: int,
     num_samples: int = 1,
-    temperature: float = 0.8,
-    top_k: int | None = 200,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int | None = DEFAULT_TOP_K,
     top_p: float | None = None,
     seed: int = 1337,
     step: int | None = None,
     device: str | None = None,
     use_cache: bool = True,
 ) -> list[str]:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p)
+    device = resolve_device(device)
     model, tokenizer, _ = load_for_inference(path, step, device)
-    ids = tokenizer.encode(prompt) or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+    ids = encode_prompt(tokenizer, prompt)
     generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)

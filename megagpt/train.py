@@ -19,6 +19,7 @@ from megagpt.hardware import mfu, peak_flops
 from megagpt.inference import TOKENIZER_DIR
 from megagpt.lr_schedule import lr_at
 from megagpt.metrics import RunLogger
+from megagpt.run_lock import RunLock, lock_run_dir, start_parent_watchdog
 from megagpt.signals import StopRequest
 from megagpt.stages import build_stage
 from megagpt.step_guard import StepGuard
@@ -66,6 +67,7 @@ class Run:
     state: TrainState
     throughput: Throughput
     resumed_from: str | None
+    lock: RunLock | None  # rank 0's: one job per run dir
 
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint holds beside DeepSpeed's state (see DESIGN.md, "Decisions already taken")."""
@@ -113,6 +115,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
     finally:
         stop.restore()
         run.log.close()
+        if run.lock is not None:
+            run.lock.release()
     return RunSummary(run.run_dir, state.step, state.tokens_seen, state.skipped_steps, val_loss, run.resumed_from)
 
 
@@ -151,15 +155,33 @@ def _evaluate(run: Run) -> float | None:
 def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") -> Run:
     """Decide (dataset, resume point, compatibility) before writing anything, then write and build."""
     dist = init_distributed(cfg.deepspeed.timeout_minutes)
+    start_parent_watchdog()  # a launched worker stops within a second of its launcher's death
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dataset = _open_dataset(cfg)
     cfg = with_vocab_size(cfg, dataset.vocab_size)
     checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.train.keep_checkpoints, cfg.train.keep_every)
-    # Before the engine: a checkpoint from another world size is converted, and the engine built to load it.
-    point = find_resume_point(checkpointer, resume, dist, check=lambda manifest, tag: _check_shape(cfg, manifest,
-                                                                                                 tag))
+    lock = lock_run_dir(run_dir, dist)  # one job per run dir, before anything about it is decided
+    try:
+        # Before the engine: a checkpoint from another world size is converted, and the engine built to load it.
+        point = find_resume_point(checkpointer, resume, dist,
+                                  check=lambda manifest, tag: _check_shape(cfg, manifest, tag))
+    except BaseException:
+        if lock is not None:
+            lock.release(undo=True)  # refused: the run dir is left byte-identical
+        raise
+    try:
+        return _build(cfg, dist, run_dir, dataset, checkpointer, point, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpointer: Checkpointer,
+           point: ResumePoint | None, lock: RunLock | None) -> Run:
+    """What build_run does once it has decided to run: write the run dir, build, load the resume point."""
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -180,7 +202,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
     tokens_per_step = cfg.train.micro_batch_size * accum * dist.world_size * cfg.model.block_size
     guard = StepGuard(engine, cfg.train.max_bad_steps, fp16=cfg.train.dtype == "fp16")
     return Run(cfg, dist, run_dir, dataset, stage, engine, checkpointer, guard, log, state,
-               Throughput(tokens_per_step), resumed_from)
+               Throughput(tokens_per_step), resumed_from, lock)
 
 
 def _open_dataset(cfg: Config) -> Dataset:

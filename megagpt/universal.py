@@ -43,7 +43,8 @@ class ResumePoint:
 
 def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo,
                       check: Callable[[dict, str], None] | None = None) -> ResumePoint | None:
-    """`auto`: the newest verified tag (None when there is none); `never`: None; else a tag dir's path.
+    """`auto`: the newest verified tag (None when there is none; NoVerifiedCheckpoint when there are tags but
+    none verifies); `never`: None; else a tag dir's path.
 
     `check(manifest, tag)` may refuse the tag (raise) before anything is converted or written."""
     if resume == "never":
@@ -59,9 +60,13 @@ def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo,
             raise UserError(f"--resume {resume}: {problem}")
         tag = path.name
     else:
-        tag = on_main(checkpointer.latest_good_tag)
-        if tag is None:
+        choice = on_main(checkpointer.newest_verified)
+        refusal = choice.refusal(checkpointer.directory)
+        if refusal is not None:  # checkpoints, none of them usable: not a silent start from step 0
+            raise refusal
+        if choice.tag is None:
             return None
+        tag = choice.tag
     manifest = checkpointer.read_manifest(tag)
     if check is not None:
         check(manifest, tag)

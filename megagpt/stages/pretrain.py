@@ -10,7 +10,7 @@ from megagpt.config import Config
 from megagpt.data import EvalWindows, TrainLoader
 from megagpt.dataset import Dataset
 from megagpt.distributed import DistInfo, mean_over_ranks
-from megagpt.generate import generate
+from megagpt.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, generate, prompt_ids
 from megagpt.model import GPT
 from megagpt.stages import LossStage
 
@@ -53,11 +53,11 @@ class PretrainStage(LossStage):
         if self.cfg.train.sample_tokens == 0:
             return None
         tokenizer = self.dataset.tokenizer
-        prompt = torch.tensor([tokenizer.encode(self.cfg.train.sample_prompt) or [0]], device=self.device)
+        prompt = torch.tensor([prompt_ids(tokenizer, self.cfg.train.sample_prompt)], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + step)  # not the
         # training RNG: sampling at an evaluation leaves the run's random stream untouched
-        out = generate(engine.module, prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=200,
-                       generator=generator)
+        out = generate(engine.module, prompt, self.cfg.train.sample_tokens, temperature=DEFAULT_TEMPERATURE,
+                       top_k=DEFAULT_TOP_K, generator=generator)
         engine.module.train()
         return tokenizer.decode(out[0].tolist())
 

@@ -1,0 +1,502 @@
+"""Faults and bad input: Ctrl-C saves, a run dir has one owner, a refused command changes nothing, a torn
+metrics line, `latest` as a hint, a full disk, export and sample arguments; real processes and real signals."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from dist_helpers import REPO, child_env, finish, losses, metrics, single, tiny, torchrun, wait_for, worker_pids
+
+from megagpt.checkpoint import (
+    Checkpointer,
+    CheckpointSaveError,
+    NoVerifiedCheckpoint,
+    tag_for,
+    verify_manifest,
+    write_manifest,
+)
+from megagpt.config import load_config
+from megagpt.distributed import DistInfo
+from megagpt.errors import UserError
+from megagpt.export import export
+from megagpt.metrics import RunLogger
+from megagpt.run_lock import LOCK_NAME, RunDirBusy, RunLock
+from megagpt.sample import check_sampling_args, sample_texts
+from megagpt.train import train
+
+ONE_RANK = DistInfo(0, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file's sha256 and every folder, by relative path: equal snapshots mean a byte-identical tree."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in metrics(run_dir) if "loss" in r]
+
+
+def checkpoints(run_dir: Path) -> Checkpointer:
+    return Checkpointer(run_dir / "checkpoints", ONE_RANK)
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def error_lines(log: str) -> list[str]:
+    """The lines a user would read as the error (DeepSpeed's import-time notices aside)."""
+    return [line for line in log.splitlines() if "error" in line.lower() or "Traceback" in line]
+
+
+def python(code: str, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=child_env(), cwd=REPO,
+                            **popen)
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie counts: its parent may be an init that does not reap)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture(scope="module")
+def trained(shakespeare_dataset, tmp_path_factory) -> Path:
+    """One process, 6 steps, a checkpoint every 2: tags step_000002, 4 and 6. Copy it before changing it."""
+    run_dir = tmp_path_factory.mktemp("faults") / "run"
+    train(load_config(None, tiny(shakespeare_dataset, max_steps=6, checkpoint_interval=2)), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C
+# ---------------------------------------------------------------------------------------------
+def test_ctrl_c_saves_at_the_next_step_and_exits_zero_with_one_line(shakespeare_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = single(run_dir, tiny(shakespeare_dataset, max_steps=100_000))
+    wait_for(lambda: len(losses(run_dir)) >= 3, 120, "step 3")
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc, timeout=60, ok=False) == [0]
+    log = proc.log_path.read_text()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    k = max(losses(run_dir))
+    assert f"stop requested (SIGINT): saved step {k}, exiting" in log
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag_for(k)  # nothing lost: the last step saved
+    assert verify_manifest(run_dir / "checkpoints" / tag_for(k)) is None
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback(shakespeare_dataset, tmp_path):
+    """Steps of ~1 s, so the second Ctrl-C lands before the save the first one asked for."""
+    run_dir = tmp_path / "run"
+    slow = tiny(shakespeare_dataset, max_steps=100_000, checkpoint_interval=2, micro_batch_size=32,
+                model_n_embd=128, model_block_size=128, model_n_layer=4)
+    proc = single(run_dir, slow)
+    wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file(), 180, "the first checkpoint")
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "Ctrl-C: saving" in proc.log_path.read_text(), 30, "the first Ctrl-C's message")
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    assert finish(proc, timeout=30, ok=False) == [130]
+    assert time.monotonic() - sent < 5
+    log = proc.log_path.read_text()
+    assert "Traceback" not in log and "exiting now without saving" in log
+    assert "stop requested" not in log  # it did not save
+    ckpt = checkpoints(run_dir)
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert ckpt.latest_good_tag() == latest  # the newest complete checkpoint is still the newest verified one
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing that refuses to run changes a run
+# ---------------------------------------------------------------------------------------------
+def test_a_refused_train_command_is_one_line_and_leaves_the_run_dir_byte_identical(run_copy, shakespeare_dataset):
+    before = snapshot(run_copy)
+    proc = single(run_copy, tiny(shakespeare_dataset, max_steps=8, checkpoint_interval=2, model_n_layer=3))
+    assert finish(proc, timeout=120, ok=False) == [2]
+    lines = error_lines(proc.log_path.read_text())
+    assert len(lines) == 1 and "model.n_layer=3" in lines[0] and "step_000006" in lines[0], lines
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("case", ["resume never", "other model", "all tags damaged"])
+def test_refusals_leave_the_run_dir_byte_identical(case, run_copy, shakespeare_dataset):
+    resume, overrides = "auto", tiny(shakespeare_dataset, max_steps=8, checkpoint_interval=2)
+    if case == "resume never":
+        resume, error, match = "never", UserError, "already holds checkpoints"
+    elif case == "other model":
+        overrides, error, match = [*overrides, "model.n_embd=48"], UserError, "model.n_embd=48"
+    else:
+        for tag in checkpoints(run_copy).tags():
+            flip_a_byte(run_copy / "checkpoints" / tag / "mp_rank_00_model_states.pt")
+        error, match = NoVerifiedCheckpoint, "no checkpoint verifies .*step_000006: .*--resume never"
+    before = snapshot(run_copy)
+    with pytest.raises(error, match=match):
+        train(load_config(None, overrides), run_copy, resume=resume)
+    assert snapshot(run_copy) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# One owner per run dir
+# ---------------------------------------------------------------------------------------------
+HOLD = """
+    import sys, time
+    from megagpt.run_lock import RunLock
+    lock = RunLock.acquire(sys.argv[1])
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_job_on_a_run_dir_exits_at_once_naming_the_holder(run_copy, shakespeare_dataset):
+    holder = python(HOLD, str(run_copy), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(run_copy)
+        proc = single(run_copy, tiny(shakespeare_dataset, max_steps=8, checkpoint_interval=2))
+        assert finish(proc, timeout=120, ok=False) == [2]
+        lines = error_lines(proc.log_path.read_text())
+        assert len(lines) == 1, lines
+        assert f"in use by pid {holder.pid} on host {socket.gethostname()}" in lines[0]
+        assert snapshot(run_copy) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock.acquire(run_copy).release()  # the kernel released the dead holder's lock: no stale lock
+
+
+def test_the_lock_names_its_holder_and_a_refusal_puts_the_run_dir_back(tmp_path):
+    fresh = tmp_path / "new" / "run"
+    lock = RunLock.acquire(fresh)
+    holder = json.loads((fresh / LOCK_NAME).read_text())
+    assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
+    other = python("import sys; from megagpt.run_lock import RunLock; RunLock.acquire(sys.argv[1])", str(fresh),
+                   stderr=subprocess.PIPE, text=True)
+    _, err = other.communicate(timeout=60)
+    assert other.returncode == 1 and f"in use by pid {os.getpid()}" in err
+    with pytest.raises(RunDirBusy, match=f"in use by pid {os.getpid()}"):  # a second open file: also refused
+        RunLock.acquire(fresh)
+    lock.release(undo=True)
+    assert not (tmp_path / "new").exists()  # the lock file and the folders it made are gone
+
+    existing = tmp_path / "old"
+    existing.mkdir()
+    (existing / LOCK_NAME).write_text("a previous job's holder line\n")
+    RunLock.acquire(existing).release(undo=True)
+    assert (existing / LOCK_NAME).read_text() == "a previous job's holder line\n"
+
+
+WATCHED = """
+    import os, sys, time
+    os.environ["RANK"] = "0"
+    from megagpt.run_lock import start_parent_watchdog
+    assert start_parent_watchdog(interval=0.2)
+    while True:
+        open(sys.argv[1], "w").write(str(time.time()))
+        time.sleep(0.05)
+"""
+LAUNCHER = """
+    import subprocess, sys
+    worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+    print(worker.pid, flush=True)
+    worker.wait()
+"""
+
+
+def test_a_worker_whose_launcher_is_killed_stops_within_a_second(tmp_path):
+    beat = tmp_path / "heartbeat"
+    launcher = python(LAUNCHER, textwrap.dedent(WATCHED), str(beat), stdout=subprocess.PIPE, text=True)
+    worker = int(launcher.stdout.readline())
+    wait_for(beat.exists, 60, "the worker's first heartbeat")
+    launcher.kill()  # SIGKILL: the launcher cannot tell its worker anything
+    launcher.wait()
+    killed = time.monotonic()
+    wait_for(lambda: gone(worker), 5, "the orphaned worker to exit")
+    assert time.monotonic() - killed < 2
+    last = beat.read_text()
+    time.sleep(0.3)
+    assert beat.read_text() == last
+
+
+@pytest.mark.distributed
+def test_workers_stop_when_torchrun_is_killed_and_write_nothing_after(shakespeare_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = torchrun(run_dir, tiny(shakespeare_dataset, max_steps=100_000, checkpoint_interval=3))
+    wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file(), 120, "the first checkpoint")
+    workers = worker_pids(launcher)
+    assert len(workers) == 2
+    os.kill(launcher.pid, signal.SIGKILL)  # the agent only: its workers are in sessions of their own
+    killed = time.monotonic()
+    wait_for(lambda: all(gone(pid) for pid in workers), 10, "the workers to exit")
+    assert time.monotonic() - killed < 3
+    finish(launcher, ok=False)
+    before = snapshot(run_dir)
+    time.sleep(1)
+    assert snapshot(run_dir) == before
+    assert launcher.log_path.read_text().count("the launcher (pid") == 2  # each worker said why it stopped
+    RunLock.acquire(run_dir).release()  # and rank 0's lock went with it
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl
+# ---------------------------------------------------------------------------------------------
+def test_a_torn_last_metrics_line_is_dropped_with_one_warning(tmp_path, capfd):
+    records = [{"step": s, "loss": 4.0 - s / 10} for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5, "lo')
+    RunLogger(tmp_path, True, start_step=3, max_steps=10, tensorboard=False, progress_bar=False).close()
+    assert metrics(tmp_path) == records[:3]
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "dropping a torn last line" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no metrics.jsonl.tmp
+
+
+def test_a_torn_metrics_line_does_not_stop_the_resume(run_copy, shakespeare_dataset):
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 3.1')  # the crash came in the middle of a write
+    train(load_config(None, tiny(shakespeare_dataset, max_steps=8, checkpoint_interval=2)), run_copy)
+    assert train_steps(run_copy) == list(range(1, 9))
+
+
+def test_a_metrics_line_in_the_middle_that_is_not_a_record_is_named(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(UserError, match="metrics.jsonl, line 2: not a metrics record"):
+        RunLogger(tmp_path, True, start_step=1, max_steps=10, tensorboard=False, progress_bar=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# `latest` is a hint
+# ---------------------------------------------------------------------------------------------
+def make_tags(directory: Path, steps: list[int], sealed: bool = True) -> None:
+    for step in steps:
+        tag_dir = directory / tag_for(step)
+        tag_dir.mkdir(parents=True)
+        (tag_dir / "weights.pt").write_bytes(os.urandom(64))
+        if sealed:
+            write_manifest(tag_dir, {"step": step})
+
+
+@pytest.mark.parametrize("latest, picked, note", [
+    (None, 6, "latest is missing; using step_000006"),
+    ("", 6, "latest is empty; using step_000006"),
+    ("garbage\x00", 6, "latest holds 'garbage\\x00', not a checkpoint tag; using step_000006"),
+    ("step_000009", 6, "latest names step_000009, which does not exist; using step_000006"),
+    ("step_000002", 6, "latest names step_000002, but step_000006 is newer and verifies"),
+    ("step_000006", 6, None),
+])
+def test_latest_is_a_hint_the_newest_verified_tag_wins(latest, picked, note, tmp_path, capfd):
+    make_tags(tmp_path, [2, 4, 6])
+    make_tags(tmp_path, [8], sealed=False)  # a save that was interrupted: never a candidate, not worth a word
+    if latest is not None:
+        (tmp_path / "latest").write_text(latest)
+    assert Checkpointer(tmp_path, ONE_RANK).latest_good_tag() == tag_for(picked)
+    err = capfd.readouterr().err
+    if note is None:
+        assert err == ""
+    else:
+        assert err.count("\n") == 1 and note in err
+
+
+def test_a_damaged_newest_tag_is_skipped_with_a_line_each(tmp_path, capfd):
+    make_tags(tmp_path, [2, 4, 6])
+    flip_a_byte(tmp_path / "step_000006" / "weights.pt")
+    (tmp_path / "latest").write_text("step_000006")
+    assert Checkpointer(tmp_path, ONE_RANK).latest_good_tag() == "step_000004"
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert "skipping checkpoint step_000006: " in lines[0] and "does not match its sha256" in lines[0]
+    assert "using step_000004, the newest checkpoint that verifies, not step_000006" in lines[1]
+
+
+def test_all_tags_damaged_is_a_refusal_but_unfinished_saves_are_not(tmp_path):
+    make_tags(tmp_path, [2, 4])
+    for step in (2, 4):
+        flip_a_byte(tmp_path / tag_for(step) / "weights.pt")
+    choice = Checkpointer(tmp_path, ONE_RANK).choose_tag()
+    assert choice.tag is None and [d.split(":")[0] for d in choice.damaged] == ["step_000004", "step_000002"]
+    assert "--resume never" in str(choice.refusal(tmp_path))
+
+    unfinished = tmp_path / "unfinished"
+    make_tags(unfinished, [2], sealed=False)  # killed during its first save: starting over loses nothing
+    choice = Checkpointer(unfinished, ONE_RANK).choose_tag()
+    assert choice.tag is None and choice.refusal(unfinished) is None
+    assert any("did not finish" in note for note in choice.notes)
+
+
+def test_a_garbage_latest_resumes_from_the_newest_verified_tag(run_copy, shakespeare_dataset, capfd):
+    (run_copy / "checkpoints" / "latest").write_text("\x00\x00")
+    train(load_config(None, tiny(shakespeare_dataset, max_steps=8, checkpoint_interval=2)), run_copy)
+    assert train_steps(run_copy) == list(range(1, 9))  # resumed at 6: nothing repeated
+    assert "not a checkpoint tag; using step_000006" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root can mount one); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    filler = disk / "filler"
+    free = shutil.disk_usage(disk).free
+    filler.write_bytes(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(trained, small_disk,
+                                                                                     shakespeare_dataset):
+    run_dir = Path(shutil.copytree(trained, small_disk / "run", ignore=shutil.ignore_patterns("step_000002",
+                                                                                               "step_000004")))
+    tag_bytes = sum(p.stat().st_size for p in (run_dir / "checkpoints" / "step_000006").rglob("*"))
+    filler = fill(small_disk, leave=tag_bytes // 2)  # room for the metrics lines, not for a checkpoint
+    cfg = load_config(None, tiny(shakespeare_dataset, max_steps=10, checkpoint_interval=2))
+    with pytest.raises(CheckpointSaveError) as failed:
+        train(cfg, run_dir)
+    message = str(failed.value)
+    assert "\n" not in message and str(run_dir / "checkpoints" / "step_000008") in message
+    assert "no space left on device" in message and "(step_000006)" in message and "free there" in message
+    assert checkpoints(run_dir).tags() == ["step_000006"]  # the partial tag was removed
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000006"
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+
+    filler.unlink()
+    train(cfg, run_dir)  # space again: the same command resumes from step 6
+    assert train_steps(run_dir) == list(range(1, 11))
+
+
+def test_disk_full_while_dropping_metrics_leaves_no_temporary_file(small_disk):
+    records = "".join(json.dumps({"step": s, "loss": 1.0, "pad": "x" * 200}) + "\n" for s in range(1, 2000))
+    (small_disk / "metrics.jsonl").write_text(records)
+    fill(small_disk, leave=4096)
+    with pytest.raises(OSError) as full:
+        RunLogger(small_disk, True, start_step=1000, max_steps=2000, tensorboard=False, progress_bar=False)
+    assert full.value.errno == errno.ENOSPC
+    assert not (small_disk / "metrics.jsonl.tmp").exists()
+    assert (small_disk / "metrics.jsonl").read_text() == records  # untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+def test_export_refuses_a_non_empty_out_unless_force_replaces_an_earlier_export(trained, tmp_path):
+    out = tmp_path / "export"
+    export(trained, out, fmt="hf")
+    with pytest.raises(UserError, match="is not empty; pass --force"):
+        export(trained, out)
+    export(trained, out, force=True)  # megagpt format over the hf one: nothing of the hf export is left
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "export.json", "model.safetensors",
+                                                     "tokenizer"]
+    assert sample_texts(out, "ROMEO:", 8, seed=1) == sample_texts(trained, "ROMEO:", 8, seed=1)
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="holds no earlier export"):
+        export(trained, other, force=True)
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "notes"]  # no temporary folders left
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda run: run, "is the run dir"),
+    (lambda run: run / "export", "is inside the run dir"),
+    (lambda run: run / "checkpoints" / "x", "is inside the run dir"),
+    (lambda run: run.parent, "contains the run dir"),
+])
+def test_export_refuses_an_out_in_or_around_the_run_dir(where, message, run_copy):
+    before = snapshot(run_copy.parent)
+    with pytest.raises(UserError, match=message):
+        export(run_copy, where(run_copy), force=True)
+    assert snapshot(run_copy.parent) == before
+
+
+def test_a_failed_export_leaves_nothing_behind(trained, small_disk):
+    fill(small_disk, leave=8192)  # the weights do not fit
+    with pytest.raises(UserError, match="could not write the export .*No space left on device"):
+        export(trained, small_disk / "export")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+# ---------------------------------------------------------------------------------------------
+# sample
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_samples": 0}, "--num-samples 0: must be at least 1"),
+    ({"max_new_tokens": -5}, "--max-new-tokens -5: must be at least 1"),
+    ({"temperature": -1.0}, "--temperature -1.0: must be a finite number >= 0"),
+    ({"temperature": float("nan")}, "--temperature nan"),
+    ({"top_k": 0}, "--top-k 0: must be at least 1"),
+    ({"top_p": 1.5}, r"--top-p 1.5: must be in \(0, 1\]"),
+    ({"top_p": 0.0}, r"--top-p 0.0: must be in \(0, 1\]"),
+])
+def test_sampling_arguments_out_of_range_are_one_line_errors(kwargs, message):
+    with pytest.raises(UserError, match=message) as bad:
+        check_sampling_args(**kwargs)
+    assert "\n" not in str(bad.value)
+
+
+def test_sampling_arguments_in_range_pass():
+    check_sampling_args(num_samples=1, max_new_tokens=1, temperature=0.0, top_k=None, top_p=1.0)
+    check_sampling_args(num_samples=3, max_new_tokens=5, temperature=2.0, top_k=1, top_p=1e-3)
+
+
+def test_characters_outside_the_vocabulary_are_named_once_each(trained):
+    with pytest.raises(UserError, match="2 characters not in the model's char vocabulary: '@' '#'"):
+        sample_texts(trained, "@#ROMEO@", 4)
+
+
+def test_sample_tells_a_run_dir_from_an_export_dir(run_copy, tmp_path):
+    out = export(run_copy, tmp_path / "export", step=4)
+    with pytest.raises(UserError, match="--step 2: .* is an export of one checkpoint \\(step_000004\\)"):
+        sample_texts(out, "A", 4, step=2)
+    with pytest.raises(UserError, match="--step 5: .* no checkpoint of that step; available steps: 2, 4, 6"):
+        sample_texts(run_copy, "A", 4, step=5)
+    # an export written into the run dir by an older megagpt: the run's checkpoints are still what it samples
+    for name in ("model.safetensors", "export.json"):
+        shutil.copy(out / name, run_copy / name)
+    assert sample_texts(run_copy, "A", 16, step=6, seed=3) != sample_texts(out, "A", 16, seed=3)
+    assert sample_texts(run_copy, "A", 16, step=4, seed=3) == sample_texts(out, "A", 16, seed=3)
+    with pytest.raises(UserError, match="neither a run dir .* nor an export dir"):
+        sample_texts(tmp_path / "nothing", "A", 4)
+
+
+def test_bad_sample_arguments_are_one_line_on_the_command_line(trained):
+    result = subprocess.run([sys.executable, "-m", "megagpt", "sample", str(trained), "--top-p", "1.5"],
+                            env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "megagpt sample: error: --top-p 1.5: must be in (0, 1]"
+    assert "Traceback" not in result.stderr
