@@ -34,6 +34,15 @@ class ModelConfig(_Section):
         "pruned", description="triton backends' GPU autotune search: a few configs per shape, or the wide one"
     )
     activation_checkpointing: bool = False
+    init_std: float = Field(0.02, gt=0, description="σ: std of the normal init of every weight matrix and "
+                            "embedding (GPT-2's 0.02); residual projections get σ/√(2·n_layer)")
+    parametrization: Literal["standard", "mup"] = Field(
+        "standard", description="standard (GPT-2's) or mup: the maximal update parametrization (docs/mup.md), "
+        "under which the LR, init and multipliers tuned at width mup_base_width carry over to any n_embd")
+    mup_base_width: int = Field(256, ge=1, description="mup: the width (n_embd) the hyperparameters were tuned "
+                                "at; hidden matrices get init variance σ²/m and LR lr/m, m = n_embd / this")
+    mup_input_alpha: float = Field(1.0, gt=0, description="mup: α_in, multiplies the embeddings' output")
+    mup_output_alpha: float = Field(1.0, gt=0, description="mup: α_out, the logits are multiplied by α_out / m")
     note: str | None = Field(None, description="free text, e.g. how a size's shape was resolved")
 
     @model_validator(mode="after")
@@ -47,6 +56,11 @@ class ModelConfig(_Section):
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mup_width_multiplier(self) -> float:
+        """µP's m = n_embd / mup_base_width; 1 under the standard parametrization."""
+        return self.n_embd / self.mup_base_width if self.parametrization == "mup" else 1.0
 
 
 class DataConfig(_Section):
@@ -183,7 +197,10 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    return deep_merge(_read_with_bases(path.parent / base, seen + (path,)), data)
+    merged: dict[str, Any] = {}
+    for one in base if isinstance(base, list) else [base]:  # a list: merged in order, later ones win
+        merged = deep_merge(merged, _read_with_bases(path.parent / one, seen + (path,)))
+    return deep_merge(merged, data)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

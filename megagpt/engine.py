@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from megagpt.config import Config
+from megagpt.config import Config, ModelConfig
 from megagpt.distributed import DistInfo
 from megagpt.ds_config import deepspeed_config
+from megagpt.model import is_hidden_matrix
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights), none on gains and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+def param_groups(model: torch.nn.Module, weight_decay: float, model_cfg: ModelConfig | None = None) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights), none on gains and biases. Under µP the hidden
+    matrices form a group of their own with LR lr/m (m = n_embd / mup_base_width); embeddings, norms and
+    biases keep lr. Each group's "lr_scale" is saved with the optimizer state (ZeRO 1-3, universal
+    checkpoints); the training loop sets group["lr"] = lr × group["lr_scale"] every step."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    no_decay = {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}
+    if model_cfg is None or model_cfg.parametrization == "standard":
+        decay = {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0}
+        return [decay, no_decay]
+    hidden = [p for name, p in named if is_hidden_matrix(name, p)]
+    others = [p for name, p in named if p.dim() >= 2 and not is_hidden_matrix(name, p)]
+    return [{"params": hidden, "weight_decay": weight_decay, "lr_scale": 1.0 / model_cfg.mup_width_multiplier},
+            {"params": others, "weight_decay": weight_decay, "lr_scale": 1.0}, no_decay]
 
 
 def build_engine(cfg: Config, dist: DistInfo, build_model, load_universal: bool = False):
@@ -28,7 +36,7 @@ def build_engine(cfg: Config, dist: DistInfo, build_model, load_universal: bool 
     ds_config = deepspeed_config(cfg, dist.world_size)
     if load_universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    groups = param_groups(model, cfg.train.weight_decay)
+    groups = param_groups(model, cfg.train.weight_decay, cfg.model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     if cfg.train.compile:
         engine.compile()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,12 +15,14 @@ from megagpt.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # Backends: the one spot where `attention` and `norm` are chosen; the rest of the model never branches.
-# Every attention function takes q, k, v of shape (B, nh, T, hs) and returns (B, nh, T, hs), causal.
+# Every attention function takes q, k, v of shape (B, nh, T, hs) and returns (B, nh, T, hs), causal; `scale`
+# multiplies the scores (None: 1/√hs).
 # ---------------------------------------------------------------------------------------------
-def _math_attention(q, k, v, dropout_p: float):
+def _math_attention(q, k, v, dropout_p: float, scale: float | None = None):
     # The spelled-out version: scores, causal mask, softmax, dropout on the weights, weighted sum.
     T = q.size(-2)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
+    scale = (1.0 / math.sqrt(q.size(-1))) if scale is None else scale
+    att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     att = att.masked_fill(~causal, float("-inf"))
     att = F.softmax(att, dim=-1)
@@ -28,17 +31,28 @@ def _math_attention(q, k, v, dropout_p: float):
     return att @ v
 
 
-def _sdpa_attention(q, k, v, dropout_p: float):
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+def _sdpa_attention(q, k, v, dropout_p: float, scale: float | None = None):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
 
 
-def _triton_attention(q, k, v, dropout_p: float):
+def _triton_attention(q, k, v, dropout_p: float, scale: float | None = None):
     import kernels  # lazily: only the triton backend needs triton
 
-    return kernels.causal_attention(q, k, v, dropout_p=dropout_p)
+    return kernels.causal_attention(q, k, v, softmax_scale=scale, dropout_p=dropout_p)
 
 
 ATTENTION_BACKENDS = {"math": _math_attention, "sdpa": _sdpa_attention, "triton": _triton_attention}
+
+
+def attention_backend(cfg: ModelConfig):
+    """cfg.attention's function with the parametrization's score scale."""
+    return functools.partial(ATTENTION_BACKENDS[cfg.attention], scale=attention_scale(cfg))
+
+
+def attention_scale(cfg: ModelConfig) -> float | None:
+    """µP scales the scores by 1/d_head (q and k become correlated as they learn, so q·k grows like d_head);
+    standard: None, every backend's own 1/√d_head."""
+    return 1.0 / cfg.head_dim if cfg.parametrization == "mup" else None
 
 
 class TritonLayerNorm(nn.LayerNorm):
@@ -55,13 +69,49 @@ def make_norm(cfg: ModelConfig) -> nn.LayerNorm:
     return norm_class(cfg.n_embd, bias=cfg.bias)
 
 
-def cached_attention(q, k, v, past_len: int):
+def cached_attention(q, k, v, past_len: int, scale: float | None = None):
     """Attention of T new queries over past_len cached + T new keys (inference only, no dropout)."""
     T, S = q.size(-2), k.size(-2)
     if T == 1:  # one new token sees everything before it: no mask needed
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past_len)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parametrization: which weights are hidden matrices, and their init (µP's table is in docs/mup.md)
+# ---------------------------------------------------------------------------------------------
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A matrix inside the blocks (width x width-ish): µP gives it variance σ²/m and LR lr/m. Embeddings (the
+    head is tied to wte), norms and biases are not."""
+    return p.dim() >= 2 and (name.startswith("transformer.h.") or ".transformer.h." in name)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Every weight matrix and embedding ~ N(0, σ²), biases 0, norm gains 1; then GPT-2 draws the residual
+    projections again with σ/√(2·n_layer), so the residual stream's variance does not grow with depth (two
+    residual additions per block); µP divides each hidden matrix's variance by m = n_embd / mup_base_width
+    (by scaling the draws: at m = 1 the weights are the standard ones, bit for bit)."""
+    model.apply(functools.partial(_init_module, std=cfg.init_std))
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        if cfg.parametrization == "mup" and is_hidden_matrix(name, p):
+            p.mul_(1.0 / math.sqrt(cfg.mup_width_multiplier))
+
+
+def _init_module(module: nn.Module, std: float) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +143,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.dropout = cfg.dropout
-        self.attend = ATTENTION_BACKENDS[cfg.attention]
+        self.attend, self.scale = attention_backend(cfg), attention_scale(cfg)
 
     def forward(self, x, cache: KVCache | None = None):
         B, T, C = x.size()
@@ -105,7 +155,7 @@ class CausalSelfAttention(nn.Module):
         else:
             past_len = cache.past_length(self.layer)
             k, v = cache.extend(self.layer, k, v)
-            y = cached_attention(q, k, v, past_len)
+            y = cached_attention(q, k, v, past_len, self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -156,25 +206,11 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
-        self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2·n_layer) so the residual stream's variance does not
-        # grow with depth (two residual additions per block).
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        # µP's multipliers (1 under the standard parametrization, and then not applied at all)
+        mup = cfg.parametrization == "mup"
+        self.input_multiplier = cfg.mup_input_alpha if mup else 1.0
+        self.output_multiplier = cfg.mup_output_alpha / cfg.mup_width_multiplier if mup else 1.0
+        init_weights(self, cfg)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None):
         B, T = idx.size()
@@ -185,12 +221,16 @@ class GPT(nn.Module):
             )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        if self.input_multiplier != 1.0:
+            x = x * self.input_multiplier
         for block in self.transformer.h:
             if self.cfg.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, cache)
         x = self.transformer.ln_f(x)
+        if self.output_multiplier != 1.0:  # µP's α_out/m on the logits, applied to their (narrower) input
+            x = x * self.output_multiplier
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -207,6 +247,11 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token, PaLM accounting: 6·N (non-embedding) + 12·L·T·d for attention."""
-        c = self.cfg
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.block_size * c.n_embd
+        return flops_per_token(self.cfg, self.num_params(non_embedding=True))
+
+
+def flops_per_token(cfg: ModelConfig, params: int) -> float:
+    """Training FLOPs per token, PaLM accounting: 6·N + 12·L·T·d for attention, N the parameters without the
+    position embeddings (wte stays in N: it doubles as the output layer, whose matmul costs FLOPs). The one
+    formula: MFU in training and the planner both call it."""
+    return 6 * params + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd

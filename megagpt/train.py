@@ -91,7 +91,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
         while state.step < cfg.train.max_steps:
             lr = lr_at(state.step, cfg.train)
             for group in run.engine.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # µP: lr/m for hidden matrices (engine.param_groups)
             loss = run.stage.train_step(run.engine, run.guard).item()
             state.step += 1
             state.tokens_seen += run.throughput.tokens_per_step
