@@ -24,6 +24,7 @@ COMMANDS = {
     ("sample",): "megagpt.cli:sample_main",
     ("export",): "megagpt.cli:export_main",
     ("plan",): "megagpt.plan:main",
+    ("mup", "coord-check"): "megagpt.mup:coord_check_main",
     ("bench", "kernels"): "kernels.bench:main",
     ("bench", "data"): "benchmarks.data:main",
     ("bench", "train"): "benchmarks.train:main",
@@ -34,6 +35,7 @@ HELP = {
     "sample": "generate text from a run dir or an export dir",
     "export": "consolidate a run's checkpoint into a standalone folder",
     "plan": "what fits on your GPUs and how fast it runs",
+    "mup": "µP: megagpt mup coord-check CONFIG --widths 64,128,... --out DIR",
     "bench": "benchmarks: megagpt bench kernels|data|train ...",
 }
 

@@ -1,0 +1,251 @@
+"""`megagpt mup coord-check`: microsoft/mup's coordinate check, standard vs µP, as a JSON of slopes and plots.
+
+Each width's model is trained for a few steps (AdamW on engine.param_groups, a constant LR, no clipping) while
+forward hooks record the mean |value| of each layer type's output. Under µP these sizes stay put as the width
+grows (log-log slope ≈ 0); under the standard parametrization Adam's updates grow the hidden activations and the
+logits with the width. The head size stays that of the config: a width w has w / head_dim heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megagpt.config import Config, ModelConfig, load_config, with_vocab_size
+from megagpt.errors import UserError
+
+LAYER_TYPES = ("embedding", "attn_logits", "attn_output", "mlp_output", "residual", "logits")
+PARAMETRIZATIONS = ("standard", "mup")
+
+
+def coord_check(cfg: Config, widths: list[int], steps: int = 10, seeds: int = 3, lr: float | None = None,
+                head_dim: int | None = None, progress: bool = False) -> dict:
+    """{"values": {param: {layer: {width: [mean |act| per step]}}}, "slopes": {param: {layer: slope}}, ...};
+    step 1 is the forward pass at initialisation, step t the one after t-1 updates."""
+    from megagpt.dataset import Dataset
+
+    dataset = Dataset(Path(cfg.data.dataset_dir))
+    cfg = with_vocab_size(cfg, dataset.vocab_size)
+    head_dim = head_dim or cfg.model.head_dim
+    _check_widths(widths, head_dim)
+    lr = lr or cfg.train.lr
+    batches = {seed: _batches(cfg, dataset, seed, steps) for seed in range(seeds)}
+    runs = [(p, w, s) for p in PARAMETRIZATIONS for w in widths for s in range(seeds)]
+    sums: dict = defaultdict(lambda: np.zeros(steps))
+    for param, width, seed in _progress(runs, progress):
+        model_cfg = width_config(cfg.model, width, head_dim, param)
+        sizes = _train_and_record(model_cfg, cfg, batches[seed], lr, seed)
+        for layer in LAYER_TYPES:
+            sums[param, layer, width] += np.array(sizes[layer]) / seeds
+    values = {p: {layer: {str(w): sums[p, layer, w].tolist() for w in widths} for layer in LAYER_TYPES}
+              for p in PARAMETRIZATIONS}
+    return {"widths": widths, "steps": steps, "seeds": seeds, "lr": lr, "head_dim": head_dim,
+            "mup_base_width": cfg.model.mup_base_width, "values": values,
+            "slopes": {p: {layer: slope(widths, values[p][layer], -1) for layer in LAYER_TYPES}
+                       for p in PARAMETRIZATIONS},
+            "slopes_by_step": {p: {layer: [slope(widths, values[p][layer], t) for t in range(steps)]
+                                   for layer in LAYER_TYPES} for p in PARAMETRIZATIONS}}
+
+
+def slope(widths: list[int], by_width: dict[str, list[float]], step: int) -> float:
+    """Least-squares slope of log(mean |act|) against log(width) at one step: 0 is flat, 1 grows like width."""
+    y = [math.log(by_width[str(w)][step]) for w in widths]
+    return float(np.polyfit(np.log(widths), y, 1)[0])
+
+
+def width_config(model: ModelConfig, width: int, head_dim: int, parametrization: str) -> ModelConfig:
+    """The config's model at another width (same head size, so width / head_dim heads), no dropout."""
+    values = {**model.model_dump(), "n_embd": width, "n_head": width // head_dim, "dropout": 0.0,
+              "parametrization": parametrization, "activation_checkpointing": False}
+    return ModelConfig.model_validate(values)
+
+
+def _check_widths(widths: list[int], head_dim: int) -> None:
+    if len(widths) < 2:
+        raise UserError(f"--widths {','.join(map(str, widths))}: give at least two widths")
+    for w in widths:
+        if w % head_dim or w < head_dim:
+            raise UserError(f"--widths: {w} is not a multiple of the head size {head_dim} (model.n_embd / "
+                            f"model.n_head, or --head-dim): the check keeps the head size and varies the heads")
+
+
+def _batches(cfg: Config, dataset, seed: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from megagpt.data import TrainLoader
+
+    loader = TrainLoader(dataset, cfg.model.block_size, cfg.train.micro_batch_size, seed=cfg.train.seed + seed)
+    return [next(loader) for _ in range(steps)]
+
+
+def _train_and_record(model_cfg: ModelConfig, cfg: Config, batches, lr: float, seed: int) -> dict[str, list]:
+    from megagpt.engine import param_groups
+    from megagpt.model import GPT
+
+    torch.manual_seed(cfg.train.seed + seed)
+    model = GPT(model_cfg).train()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay, model_cfg), lr=lr,
+                                  betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    sizes: dict[str, list] = {layer: [] for layer in LAYER_TYPES}
+    with ActivationSizes(model) as recorder:
+        for x, y in batches:
+            recorder.start_step()
+            _, loss = model(x, y)
+            for layer, value in recorder.step_means().items():
+                sizes[layer].append(value)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return sizes
+
+
+class ActivationSizes:
+    """Forward hooks that record mean |output| per layer type (averaged over the blocks) for one forward."""
+
+    def __init__(self, model):
+        from megagpt.model import attention_scale
+
+        self.model, self.handles = model, []
+        self.scale = attention_scale(model.cfg) or 1.0 / math.sqrt(model.cfg.head_dim)
+        self.current: dict[str, list[float]] = defaultdict(list)
+
+    def __enter__(self):
+        h = self.model.transformer.h
+        self._hook(h[0], "embedding", pre=True)  # the block stack's input: embeddings × α_in
+        for block in h:
+            self._hook(block.attn.c_attn, "attn_logits", transform=self._attention_logits)
+            self._hook(block.attn, "attn_output")
+            self._hook(block.mlp, "mlp_output")
+            self._hook(block, "residual")
+        self._hook(self.model.lm_head, "logits")  # its input already carries µP's α_out/m
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def start_step(self) -> None:
+        self.current.clear()
+
+    def step_means(self) -> dict[str, float]:
+        return {layer: float(np.mean(self.current[layer])) for layer in LAYER_TYPES}
+
+    def _hook(self, module, layer: str, pre: bool = False, transform=None):
+        def record(output):
+            with torch.no_grad():
+                value = transform(output) if transform else output
+                self.current[layer].append(value.float().abs().mean().item())
+
+        if pre:
+            self.handles.append(module.register_forward_pre_hook(lambda m, args: record(args[0])))
+        else:
+            self.handles.append(module.register_forward_hook(lambda m, args, out: record(out)))
+
+    def _attention_logits(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The scaled scores q·k × scale of the causal (visible) pairs, from c_attn's output (B, T, 3C)."""
+        B, T, C3 = qkv.shape
+        n_head = self.model.cfg.n_head
+        q, k, _ = (t.view(B, T, n_head, -1).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
+        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, T)
+        return scores[..., torch.ones(T, T, dtype=torch.bool).tril()]
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="coord check", unit="model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: JSON and one plot per parametrization
+# ---------------------------------------------------------------------------------------------
+def write_results(result: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "coord_check.json").write_text(json.dumps(result, indent=1) + "\n")
+    written = [out / "coord_check.json"]
+    try:
+        import matplotlib
+    except ImportError:
+        print("megagpt mup coord-check: matplotlib is not installed (pip install 'megagpt[plot]'): wrote the "
+              "JSON only")
+        return written
+    matplotlib.use("Agg")
+    for param in PARAMETRIZATIONS:
+        written.append(_plot(result, param, out / f"coord_check_{param}.png"))
+    return written
+
+
+def _plot(result: dict, param: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    widths, steps = result["widths"], result["steps"]
+    fig, axes = plt.subplots(1, len(LAYER_TYPES), figsize=(3.2 * len(LAYER_TYPES), 3.2), sharex=True)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, steps))
+    for ax, layer in zip(axes, LAYER_TYPES, strict=True):
+        for t in range(steps):
+            ax.plot(widths, [result["values"][param][layer][str(w)][t] for w in widths], "o-", ms=3,
+                    color=colors[t], label=f"step {t + 1}")
+        ax.set(xscale="log", yscale="log", xlabel="width (n_embd)",
+               title=f"{layer}\nslope {result['slopes'][param][layer]:+.2f}")
+        ax.set_xticks(widths, [str(w) for w in widths], minor=False)
+    axes[0].set_ylabel("mean |activation|")
+    axes[-1].legend(fontsize=6, loc="best")
+    fig.suptitle(f"coordinate check, {param} parametrization (lr {result['lr']:g}, {result['seeds']} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def coord_check_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="megagpt mup coord-check",
+                                description="microsoft/mup's coordinate check: activation sizes over the first "
+                                            "steps across widths, standard vs mup (a PNG each, a JSON of slopes)")
+    p.add_argument("config", help="YAML config: its depth, head size, data, batch, LR and µP settings")
+    p.add_argument("--widths", required=True, help="comma-separated n_embd values, e.g. 64,128,256,512,1024")
+    p.add_argument("--steps", type=int, default=10, help="training steps recorded (default 10)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds averaged (default 3)")
+    p.add_argument("--lr", type=float, help="constant learning rate (default: the config's train.lr)")
+    p.add_argument("--head-dim", type=int, help="head size kept at every width (default: the config's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="folder for coord_check.json and the plots")
+    args = p.parse_args(argv)
+    widths = _parse_widths(args.widths)
+    if args.steps < 1 or args.seeds < 1:
+        raise UserError(f"--steps {args.steps} --seeds {args.seeds}: both must be at least 1")
+
+    from megagpt.cli import prepare_known_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    _check_widths(widths, args.head_dim or cfg.model.head_dim)
+    prepare_known_dataset(Path(cfg.data.dataset_dir))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    result = coord_check(cfg, widths, args.steps, args.seeds, args.lr, args.head_dim, progress=True)
+    for path in write_results(result, Path(args.out)):
+        print(f"megagpt mup coord-check: wrote {path}")
+    for param in PARAMETRIZATIONS:
+        slopes = ", ".join(f"{layer} {value:+.2f}" for layer, value in result["slopes"][param].items())
+        print(f"  {param:>8}: slope at step {args.steps}: {slopes}")
+    return 0
+
+
+def _parse_widths(text: str) -> list[int]:
+    try:
+        widths = sorted({int(w) for w in text.split(",") if w.strip()})
+    except ValueError:
+        raise UserError(f"--widths {text!r}: expected comma-separated integers, e.g. 64,128,256") from None
+    if any(w < 1 for w in widths):
+        raise UserError(f"--widths {text!r}: widths must be positive")
+    return widths

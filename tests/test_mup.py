@@ -1,0 +1,227 @@
+"""µP: standard unchanged bit for bit, µP's init and LR table, m = 1, every attention path, coordinate check."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megagpt.config import ModelConfig, load_config
+from megagpt.engine import param_groups
+from megagpt.generate import generate
+from megagpt.model import GPT, KVCache, _math_attention, attention_backend
+from megagpt.mup import coord_check
+
+# Losses of a tiny 12-step run of the trainer recorded at commit bcde61e, before µP existed
+# (torch 2.13.0+cpu, 1 thread): `standard` must reproduce them bit for bit.
+BEFORE_MUP_TORCH = "2.13.0+cpu"
+BEFORE_MUP = ["0x1.0bff660000000p+2", "0x1.0a9f960000000p+2", "0x1.0a4e780000000p+2", "0x1.093bb80000000p+2",
+              "0x1.0777180000000p+2", "0x1.0556d00000000p+2", "0x1.025b960000000p+2", "0x1.0061bc0000000p+2",
+              "0x1.ffc9c20000000p+1", "0x1.f59d860000000p+1", "0x1.f7e8ec0000000p+1", "0x1.f53a540000000p+1"]
+GOLDEN_RUN = ["name=shakespeare_char_cpu", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+              "model.block_size=32", "model.dropout=0.0", "model.bias=false", "logging.progress_bar=false",
+              "logging.tensorboard=false", "deepspeed.zero_stage=0", "train.micro_batch_size=8", "train.max_steps=12",
+              "train.eval_interval=10", "train.eval_steps=2", "train.log_interval=1", "train.checkpoint_interval=10",
+              "train.sample_tokens=0", "train.warmup_steps=5", "train.threads=1", "train.lr=1e-3", "train.min_lr=1e-4",
+              "train.lr_decay_steps=2000", "train.beta1=0.9", "train.beta2=0.99", "train.weight_decay=0.1",
+              "train.grad_clip=1.0", "train.seed=1337", "train.dtype=fp32"]
+
+
+def model_cfg(**values) -> ModelConfig:
+    base = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 50, "dropout": 0.0,
+            "bias": True, "attention": "math"}
+    return ModelConfig.model_validate({**base, **values})
+
+
+def built(cfg: ModelConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(cfg)
+
+
+def group_of(model: GPT, groups: list[dict]) -> dict[str, dict]:
+    """parameter name -> the optimizer group holding it"""
+    where = {id(p): g for g in groups for p in g["params"]}
+    return {name: where[id(p)] for name, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# standard: unchanged
+# ---------------------------------------------------------------------------------------------------------------
+def test_standard_training_reproduces_the_losses_from_before_mup(shakespeare_dataset, tmp_path):
+    from helpers import losses
+
+    from megagpt.train import train
+
+    cfg = load_config(None, [*GOLDEN_RUN, f"data.dataset_dir={shakespeare_dataset}"])
+    assert cfg.model.parametrization == "standard"  # the default
+    train(cfg, tmp_path / "run", "never")
+    got = [losses(tmp_path / "run")[step] for step in range(1, 13)]
+    want = [float.fromhex(h) for h in BEFORE_MUP]
+    if torch.__version__ == BEFORE_MUP_TORCH:
+        assert got == want
+    else:  # another torch may sum in another order: then the same run up to rounding
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_standard_ignores_every_mup_key():
+    plain = built(model_cfg())
+    odd = built(model_cfg(mup_base_width=7, mup_input_alpha=3.0, mup_output_alpha=0.25))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), odd.state_dict().values(),
+                                                 strict=True))
+    idx = torch.randint(0, 50, (2, 16))
+    assert torch.equal(plain(idx)[0], odd(idx)[0])
+    groups = param_groups(odd, 0.1, odd.cfg)
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.1, 1.0), (0.0, 1.0)]  # as before µP
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# µP's table
+# ---------------------------------------------------------------------------------------------------------------
+def mup_table(name: str, width: int, base: int, n_layer: int, sigma: float):
+    """(init std, LR multiplier, weight decay) of each parameter, written out from Dey et al. 2024, Table 1."""
+    m = width / base
+    if name.endswith(("wte.weight", "wpe.weight")):
+        return sigma, 1.0, 0.1  # embeddings (wte is also the tied output head): σ, η
+    if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        return 0.0, 1.0, 0.0  # gains are ones: std 0; η, no decay
+    if name.endswith(".bias"):
+        return 0.0, 1.0, 0.0  # zeros; η, no decay
+    if name.endswith("c_proj.weight"):
+        return sigma / math.sqrt(2 * n_layer * m), 1.0 / m, 0.1  # hidden, GPT-2's depth scaling kept
+    assert name.endswith(("c_attn.weight", "c_fc.weight")), name
+    return sigma / math.sqrt(m), 1.0 / m, 0.1  # hidden: σ²/m, η/m
+
+
+@pytest.mark.parametrize("width", [64, 128])
+def test_mup_init_std_and_lr_follow_the_table(width):
+    base, sigma, n_layer = 32, 0.03, 2
+    cfg = model_cfg(n_embd=width, n_head=4, parametrization="mup", mup_base_width=base, init_std=sigma)
+    model = built(cfg, seed=width)
+    groups = group_of(model, param_groups(model, 0.1, cfg))
+    for name, p in model.named_parameters():
+        std, lr_scale, decay = mup_table(name, width, base, n_layer, sigma)
+        assert groups[name]["lr_scale"] == pytest.approx(lr_scale, rel=1e-12), name
+        assert groups[name]["weight_decay"] == decay, name
+        sample_std = p.detach().double().std().item()
+        assert sample_std == pytest.approx(std, rel=0.1, abs=1e-12), name  # >= 2048 draws: 3% sampling error
+
+
+def test_mup_updates_each_weight_by_its_groups_lr():
+    """Adam's first step moves every entry by lr × lr_scale (the gradient's sign): the LR really is per group."""
+    width, base, lr = 64, 16, 1e-3
+    cfg = model_cfg(n_embd=width, parametrization="mup", mup_base_width=base)
+    model = built(cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0, cfg), lr=lr, eps=1e-12)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]  # as the training loop does
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    idx = torch.randint(0, 50, (4, 16))
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        moved = (p.detach() - before[name]).abs()
+        moved = moved[p.grad.abs() > 1e-7]  # entries the batch reached (e.g. not unseen embedding rows)
+        _, lr_scale, _ = mup_table(name, width, base, 2, 0.02)
+        assert moved.numel() and torch.allclose(moved, torch.full_like(moved, lr * lr_scale), rtol=1e-3), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# m = 1: standard but for the attention scale (and the multipliers when they are not 1)
+# ---------------------------------------------------------------------------------------------------------------
+def with_score_scale(model: GPT, scale: float) -> GPT:
+    for block in model.transformer.h:
+        block.attn.attend = lambda q, k, v, p, s=scale: _math_attention(q, k, v, p, scale=s)
+    return model
+
+
+def test_mup_at_width_multiplier_one_is_standard_but_for_the_attention_scale():
+    std_cfg = model_cfg()
+    mup_cfg = model_cfg(parametrization="mup", mup_base_width=32)  # m = 1
+    standard, mup = built(std_cfg), built(mup_cfg)
+    assert all(torch.equal(a, b) for a, b in zip(standard.state_dict().values(), mup.state_dict().values(),
+                                                 strict=True))
+    idx = torch.randint(0, 50, (2, 16))
+    assert not torch.equal(standard(idx)[0], mup(idx)[0])  # 1/d_head instead of 1/√d_head
+    with_score_scale(standard, 1.0 / std_cfg.head_dim)
+    assert torch.equal(standard(idx)[0], mup(idx)[0])
+    # one AdamW step each, through their own param groups (2 vs 3 groups, every lr_scale 1): same weights
+    for model, cfg in ((standard, std_cfg), (mup, mup_cfg)):
+        optimizer = torch.optim.AdamW(param_groups(model, 0.1, cfg), lr=1e-2)
+        model(idx, idx)[1].backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(standard.state_dict().values(), mup.state_dict().values(),
+                                                 strict=True))
+
+
+def test_mup_multipliers_scale_the_input_and_the_logits():
+    idx = torch.randint(0, 50, (2, 16))
+    one = built(model_cfg(parametrization="mup", mup_base_width=32))
+    out2 = built(model_cfg(parametrization="mup", mup_base_width=32, mup_output_alpha=2.0))
+    torch.testing.assert_close(out2(idx)[0], 2 * one(idx)[0], rtol=0, atol=0)  # α_out/m with m = 1
+    wide = built(model_cfg(parametrization="mup", mup_base_width=8))  # m = 4: logits / 4
+    assert wide.output_multiplier == 0.25
+    in3 = built(model_cfg(parametrization="mup", mup_base_width=32, mup_input_alpha=3.0))
+    seen = []
+    in3.transformer.h[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    in3(idx)
+    tok_pos = in3.transformer.wte(idx) + in3.transformer.wpe(torch.arange(16))
+    torch.testing.assert_close(seen[0], 3.0 * tok_pos)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every attention path uses 1/d_head
+# ---------------------------------------------------------------------------------------------------------------
+def reference_attention(q, k, v, scale):
+    q, k, v = (t.double() for t in (q, k, v))
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return F.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("attention", ["math", "sdpa", "triton"])
+def test_every_attention_backend_scales_scores_by_one_over_head_dim(attention):
+    cfg = model_cfg(n_embd=64, n_head=2, parametrization="mup", attention=attention)  # d_head 32
+    q, k, v = torch.randn(3, 1, 2, 16, 32).unbind(0)
+    got = attention_backend(cfg)(q, k, v, 0.0)
+    torch.testing.assert_close(got.double(), reference_attention(q, k, v, 1 / 32), rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_path_uses_the_mup_scale():
+    model = built(model_cfg(n_embd=64, parametrization="mup", mup_base_width=16)).eval()
+    idx = torch.randint(0, 50, (1, 12))
+    full, _ = model(idx)
+    cache = KVCache(2)
+    first, _ = model(idx[:, :7], cache=cache)
+    rest = torch.cat([model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 12)], dim=1)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
+    greedy = generate(model, idx[:, :4], 6, temperature=0)
+    assert torch.equal(greedy, generate(model, idx[:, :4], 6, temperature=0, use_cache=False))
+
+
+def test_activation_checkpointing_gives_the_same_gradients_under_mup():
+    grads = []
+    for checkpointing in (False, True):
+        model = built(model_cfg(n_embd=64, parametrization="mup", mup_base_width=16, mup_input_alpha=2.0,
+                                activation_checkpointing=checkpointing)).train()
+        idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+        model(idx, idx)[1].backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the coordinate check
+# ---------------------------------------------------------------------------------------------------------------
+def test_coord_check_is_flat_under_mup_and_grows_under_standard(shakespeare_dataset):
+    cfg = load_config(None, ["model.n_layer=2", "model.n_head=2", "model.n_embd=16", "model.block_size=32",
+                             "model.mup_base_width=32", f"data.dataset_dir={shakespeare_dataset}",
+                             "train.micro_batch_size=4"])
+    result = coord_check(cfg, [16, 32, 64, 128], steps=4, seeds=1, lr=1e-2)  # head size 8: 2 to 16 heads
+    mup, standard = result["slopes"]["mup"], result["slopes"]["standard"]
+    assert set(mup) == {"embedding", "attn_logits", "attn_output", "mlp_output", "residual", "logits"}
+    assert all(abs(s) < 0.4 for s in mup.values()), mup
+    for layer in ("attn_logits", "mlp_output", "residual", "logits"):  # Adam's updates grow with width
+        assert standard[layer] > 0.6, (layer, standard)
+    assert abs(standard["embedding"]) < 0.2  # the embeddings' output does not depend on the width
