@@ -1,4 +1,5 @@
-"""`megagpt prep {char,sentencepiece,shakespeare}` (also `python -m data_prep`): arguments -> PrepSettings."""
+"""`megagpt prep {char,sentencepiece,shakespeare,chat,shakespeare-qa}` (also `python -m data_prep`): arguments ->
+PrepSettings; chat and shakespeare-qa bring their own sub-parsers (data_prep/chat.py, data_prep/shakespeare_qa.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from megagpt.errors import UserError
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if args.kind == "shakespeare":
+        if getattr(args, "run", None) is not None:  # kinds with their own parser and runner
+            out = args.run(args)
+        elif args.kind == "shakespeare":
             from data_prep.shakespeare import prepare_shakespeare
 
             out = prepare_shakespeare(args.out, args.input, force=args.force, workers=args.workers)
@@ -76,4 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--character-coverage", type=float, default=d.character_coverage)
     sp.add_argument("--sample-size", type=int, default=d.sample_size, help="lines sampled to train on")
     sp.add_argument("--threads", type=int, default=d.threads, help="trainer threads (0: all cores)")
+    from data_prep import chat, shakespeare_qa
+
+    chat.add_parser(sub)
+    shakespeare_qa.add_parser(sub)
     return p

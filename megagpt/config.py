@@ -74,7 +74,10 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    stage: Literal["pretrain"] = Field("pretrain", description="the training stage (megagpt/stages/)")
+    stage: Literal["pretrain", "sft"] = Field("pretrain", description="the training stage (megagpt/stages/)")
+    init_from: str | None = Field(
+        None, description="start from these weights (only): a run dir (PATH@STEP for a step), an export dir or a "
+        "Hugging Face GPT-2 folder; the model shape comes from it (megagpt/init_from.py)")
     max_steps: int = Field(5000, ge=1)
     micro_batch_size: int = Field(64, ge=1)
     grad_accum_steps: int | None = Field(

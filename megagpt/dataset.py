@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from megagpt.errors import UserError
-from megagpt.tokenizer import CHAR_FILE, SENTENCEPIECE_FILE, Tokenizer, tokenizer_from_file
+from megagpt.tokenizer import CHAR_FILE, SENTENCEPIECE_FILE, Tokenizer, tokenizer_from_file, with_special_tokens
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,13 +70,15 @@ class SplitInfo(_Strict):
 
 
 class TokenizerInfo(_Strict):
-    kind: Literal["char", "sentencepiece"]
+    kind: Literal["char", "sentencepiece", "huggingface"]
     file: str
 
 
 class Manifest(_Strict):
     format_version: Literal[1]
-    kind: Literal["tokens"] = Field("tokens", description="tokens: packed runs of token ids (pre-training)")
+    kind: Literal["tokens", "chat"] = Field(
+        "tokens", description="tokens: packed runs of token ids (pre-training); chat: one conversation per sample, "
+        "token ids plus a loss mask (data_prep/chat.py)")
     tokenizer: TokenizerInfo
     vocab_size: int = Field(ge=1)
     token_dtype: Literal["uint16", "uint32"]
@@ -143,8 +145,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer of a dataset dir, or of the tokenizer/ folder a run or export dir carries."""
     directory = Path(directory)
     if (directory / MANIFEST).is_file():
-        info = load_manifest(directory).tokenizer
-        return tokenizer_from_file(info.kind, directory / info.file)
+        manifest = load_manifest(directory)
+        info = manifest.tokenizer
+        return with_special_tokens(tokenizer_from_file(info.kind, directory / info.file), manifest.special_tokens)
     for kind, name in TOKENIZER_FILES.items():
         if (directory / name).is_file():
             return tokenizer_from_file(kind, directory / name)
@@ -178,7 +181,8 @@ class Dataset:
     @cached_property
     def tokenizer(self) -> Tokenizer:
         info = self.manifest.tokenizer
-        return tokenizer_from_file(info.kind, self.dir / info.file)
+        return with_special_tokens(tokenizer_from_file(info.kind, self.dir / info.file),
+                                   self.manifest.special_tokens)
 
     def copy_tokenizer_to(self, dest: Path) -> None:
         """The manifest (as read) and the tokenizer file into dest: a run or export then needs no dataset."""

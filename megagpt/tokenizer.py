@@ -1,4 +1,5 @@
-"""Tokenizers of a dataset dir: the char vocabulary (tokenizer.json) and sentencepiece (tokenizer.model)."""
+"""Tokenizers of a dataset dir: the char vocabulary (tokenizer.json), sentencepiece (tokenizer.model), a Hugging
+Face `tokenizers` file (tokenizer.json of a GPT-2 folder), and named special tokens appended after any of them."""
 
 from __future__ import annotations
 
@@ -117,14 +118,91 @@ class SentencePieceTokenizer:
         self.__init__(state["model_path"])
 
 
+class HuggingFaceTokenizer:
+    """A Hugging Face `tokenizers` file (the tokenizer.json of a GPT-2 folder): byte-level BPE, any text encodes."""
+
+    kind = "huggingface"
+
+    def __init__(self, path: str | Path):
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError:
+            raise UserError(f"{path}: reading a Hugging Face tokenizer needs the `tokenizers` package "
+                            f"(pip install tokenizers)") from None
+        self.path = Path(path)
+        self.hf = _HFTokenizer.from_file(str(path))
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        self.eos_id = self.hf.token_to_id("<|endoftext|>")
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+
+class WithSpecialTokens:
+    """A base tokenizer plus named special tokens with the ids right after its vocabulary (in the order given).
+
+    Text never encodes to them (encode is the base's), and decode drops them, so decode(encode(text)) == text as
+    before; code that builds a chat template places them by id. The names and ids are recorded in the dataset
+    manifest's `special_tokens`; a model whose vocabulary lacks them grows embedding rows (megagpt/init_from.py).
+    """
+
+    def __init__(self, base: Tokenizer, special_tokens: dict[str, int]):
+        expected = {name: base.vocab_size + i for i, name in enumerate(special_tokens)}
+        if dict(special_tokens) != expected:
+            raise UserError(f"special tokens {dict(special_tokens)} do not follow the base vocabulary of "
+                            f"{base.vocab_size} ids in order (expected {expected})")
+        self.base = base
+        self.special_tokens = dict(special_tokens)
+        self.base_vocab_size = base.vocab_size
+        self.vocab_size = base.vocab_size + len(special_tokens)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.base.encode_array(text), dtype=np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.base.decode([int(i) for i in ids if int(i) < self.base_vocab_size])
+
+    def __getattr__(self, name):  # kind, eos_id, chars, ...: the base's (never during unpickling's setup)
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+def with_special_tokens(tokenizer: Tokenizer, special_tokens: dict[str, int]) -> Tokenizer:
+    """The tokenizer as it is when there are no special tokens, else wrapped by WithSpecialTokens."""
+    return WithSpecialTokens(tokenizer, special_tokens) if special_tokens else tokenizer
+
+
 def tokenizer_from_file(kind: str, path: str | Path) -> Tokenizer:
-    """The tokenizer of `kind` (char | sentencepiece) stored in `path`; a one-line UserError otherwise."""
+    """The tokenizer of `kind` (char | sentencepiece | huggingface) stored in `path`; a one-line UserError otherwise."""
     path = Path(path)
-    if kind not in ("char", "sentencepiece"):
-        raise UserError(f"{path}: unknown tokenizer kind {kind!r} (expected 'char' or 'sentencepiece')")
+    if kind not in ("char", "sentencepiece", "huggingface"):
+        raise UserError(f"{path}: unknown tokenizer kind {kind!r} (expected 'char', 'sentencepiece' or "
+                        f"'huggingface')")
     if not path.is_file():
         raise UserError(f"{path}: tokenizer file is missing")
+    classes = {"char": CharTokenizer.load, "sentencepiece": SentencePieceTokenizer,
+               "huggingface": HuggingFaceTokenizer}
+    # The `tokenizers` library raises plain Exceptions for a file it cannot parse.
+    errors = (Exception,) if kind == "huggingface" else (OSError, ValueError, KeyError, RuntimeError)
     try:
-        return CharTokenizer.load(path) if kind == "char" else SentencePieceTokenizer(path)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        return classes[kind](path)
+    except UserError:
+        raise
+    except errors as e:
         raise UserError(f"{path}: not a readable {kind} tokenizer ({e})") from None

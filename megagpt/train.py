@@ -16,6 +16,8 @@ from megagpt.distributed import DistInfo, device_for, init_distributed, warn_onc
 from megagpt.ds_config import grad_accum_steps
 from megagpt.engine import build_engine
 from megagpt.hardware import mfu, peak_flops
+from megagpt.init_from import loader as init_loader
+from megagpt.init_from import resolve as resolve_init_from
 from megagpt.inference import TOKENIZER_DIR
 from megagpt.lr_schedule import lr_at
 from megagpt.metrics import RunLogger
@@ -160,6 +162,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dataset = _open_dataset(cfg)
+    cfg, init_source = resolve_init_from(cfg, dataset)  # train.init_from: the model's shape from the source
     cfg = with_vocab_size(cfg, dataset.vocab_size)
     checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.train.keep_checkpoints, cfg.train.keep_every)
     lock = lock_run_dir(run_dir, dist)  # one job per run dir, before anything about it is decided
@@ -172,7 +175,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
             lock.release(undo=True)  # refused: the run dir is left byte-identical
         raise
     try:
-        return _build(cfg, dist, run_dir, dataset, checkpointer, point, lock)
+        return _build(cfg, dist, run_dir, dataset, checkpointer, point, lock, init_source)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -180,7 +183,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
 
 
 def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpointer: Checkpointer,
-           point: ResumePoint | None, lock: RunLock | None) -> Run:
+           point: ResumePoint | None, lock: RunLock | None, init_source=None) -> Run:
     """What build_run does once it has decided to run: write the run dir, build, load the resume point."""
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,13 +192,18 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
     device = device_for(dist)
     accum = grad_accum_steps(cfg.train, cfg.model.block_size, dist.world_size)
     stage = build_stage(cfg.train.stage, cfg=cfg, dataset=dataset, dist=dist, device=device, grad_accum_steps=accum)
-    engine = build_engine(cfg, dist, stage.build_model, load_universal=point is not None and point.universal)
+    build_model = stage.build_model  # weights from train.init_from only when not resuming the run's own checkpoint
+    if init_source is not None and point is None:
+        build_model = init_loader(stage.build_model, source=init_source)
+    engine = build_engine(cfg, dist, build_model, load_universal=point is not None and point.universal)
     state = TrainState()
     resumed_from = _resume(engine, point, stage, state, cfg, dataset)
     log = RunLogger(run_dir, dist.is_main, state.step, cfg.train.max_steps, cfg.logging.tensorboard,
                     cfg.logging.progress_bar)
     if resumed_from:
         log.info(f"resumed from {resumed_from} at step {state.step}")
+    elif init_source is not None:
+        log.info(f"weights from {init_source.describe()}")
     if device.type == "cuda" and "triton" in (cfg.model.attention, cfg.model.norm):
         log.info("the first step may pause while the Triton kernels autotune (minutes the first time on a "
                  "machine; the choices are then cached on disk)")

@@ -20,7 +20,7 @@ import torch
 
 from megagpt.distributed import mean_over_ranks
 
-STAGES = {"pretrain": "megagpt.stages.pretrain:PretrainStage"}
+STAGES = {"pretrain": "megagpt.stages.pretrain:PretrainStage", "sft": "megagpt.stages.sft:SFTStage"}
 
 
 class LossStage:

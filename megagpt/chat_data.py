@@ -1,0 +1,192 @@
+"""The chat data loader: a `chat` dataset's conversations as exact, resumable, rank-sliced (x, y) batches.
+
+One conversation per row, never two: a row is a conversation's tokens, then padding up to the longest row of its
+micro-batch (at most block_size). Attention is causal, so a token sees only its own conversation's earlier
+tokens: the padding after it is invisible to it and nothing crosses rows (tests/test_sft.py checks the logits).
+Targets are -1 (ignored by the loss) wherever the loss mask is 0 and on the padding: y[t] = tokens[t+1] where
+mask[t+1] is 1. A conversation longer than block_size + 1 is cut there (prep's --max-length avoids that).
+
+The order is the pre-training loader's (megagpt/data.py), with a conversation in the place of a window:
+global position p -> epoch p // N, conversation perm(seed, epoch)[p % N]; step s uses positions [s*G, (s+1)*G),
+G = micro_batch_size * grad_accum_steps * world_size, and rank r its contiguous slice (RankSampler). So a
+checkpoint resumes exactly, and 2 ranks see the micro-batches that 1 rank with twice the accumulation sees.
+
+Shards: each sample holds `<key>.tokens` (little-endian ids in the manifest's token_dtype) and `<key>.mask`
+(one uint8 per token), written by data_prep/chat.py; read by random access (members indexed once, the file
+np.memmap'ed), each shard's sha256 checked against the manifest when it is opened.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from megagpt.data import RankSampler, WindowDataset
+from megagpt.dataset import DataError, Dataset, sha256_file
+from megagpt.distributed import warn_once
+
+STATE_VERSION = 1
+TOKENS, MASK = "tokens", "mask"  # the two members of a sample
+
+
+class Conversations:
+    """A split's conversations: (ids, mask) by index, from the shards' members (checked once, memmapped)."""
+
+    def __init__(self, dataset: Dataset, split: str):
+        if dataset.kind != "chat":
+            raise DataError(f"{dataset.dir}: a dataset of kind {dataset.kind!r}; the sft stage reads kind 'chat' "
+                            f"(prepare it with `megagpt prep chat`)")
+        self.dir, self.vocab_size = dataset.dir, dataset.vocab_size
+        self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
+        self.files, index = [], []
+        for k, shard in enumerate(dataset.manifest.split(split).shards):
+            path = dataset.dir / shard.name
+            samples = _index_shard(path, self.dtype.itemsize)
+            if len(samples) != shard.samples or sum(n for _, n, _ in samples) != shard.tokens:
+                raise DataError(f"{path}: {len(samples)} conversations / {sum(n for _, n, _ in samples)} tokens, "
+                                f"the manifest says {shard.samples} / {shard.tokens}: re-run `megagpt prep chat`")
+            digest = sha256_file(path)
+            if digest != shard.sha256:
+                raise DataError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
+                                f"{shard.sha256[:12]}...; the shard is corrupt or was replaced: re-run prep")
+            self.files.append(np.memmap(path, dtype=np.uint8, mode="r"))
+            index += [(k, *sample) for sample in samples]
+        self.index = np.asarray(index, dtype=np.int64).reshape(-1, 4)  # shard, token byte offset, length, mask off
+        self.lengths = self.index[:, 2]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        k, offset, n, mask_offset = (int(v) for v in self.index[i])
+        data = self.files[k]
+        ids = data[offset:offset + n * self.dtype.itemsize].view(self.dtype)
+        if n and int(ids.max()) >= self.vocab_size:
+            raise DataError(f"{self.dir}: token id {int(ids.max())} >= vocab_size {self.vocab_size} in "
+                            f"conversation {i}; the shard does not belong to this manifest's tokenizer")
+        return ids, data[mask_offset:mask_offset + n]
+
+
+def _index_shard(path: Path, itemsize: int) -> list[tuple[int, int, int]]:
+    """(token byte offset, token count, mask byte offset) per sample, in the tar's order."""
+    if not path.is_file():
+        raise DataError(f"{path}: shard listed in the manifest is missing")
+    members: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                key, _, field = info.name.rpartition(".")
+                members.setdefault(key, {})[field] = info
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{path}: truncated or corrupt shard ({e})") from None
+    out = []
+    for key, fields in members.items():
+        if set(fields) != {TOKENS, MASK} or fields[TOKENS].size != fields[MASK].size * itemsize:
+            raise DataError(f"{path}: sample {key} is not a conversation ({'/'.join(sorted(fields))}); expected "
+                            f"{TOKENS} and {MASK} of matching length")
+        out.append((fields[TOKENS].offset_data, fields[MASK].size, fields[MASK].offset_data))
+    return out
+
+
+def sample_order(num_samples: int, seed: int) -> WindowDataset:
+    """megagpt/data.py's shuffle over num_samples items: its WindowDataset over a stand-in stream in which item
+    i is the one-token window i. One definition of the global order for both loaders."""
+    stand_in = SimpleNamespace(num_tokens=num_samples + 1, dir="<conversations>")
+    return WindowDataset(stand_in, 1, seed)
+
+
+def to_rows(samples: list[tuple[np.ndarray, np.ndarray]], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conversations -> x, y (n, T) int64, T = the longest (cut to block_size + 1) minus one; y = -1 off-mask."""
+    span = min(max(len(ids) for ids, _ in samples), block_size + 1)
+    x = np.zeros((len(samples), span - 1), dtype=np.int64)
+    y = np.full((len(samples), span - 1), -1, dtype=np.int64)
+    for row, (ids, mask) in enumerate(samples):
+        ids, mask = ids[:span].astype(np.int64), mask[:span].astype(bool)
+        x[row, :len(ids) - 1] = ids[:-1]
+        y[row, :len(ids) - 1] = np.where(mask[1:], ids[1:], -1)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class ChatLoader:
+    """Infinite iterator of (x, y) torch.long CPU tensors (micro_batch_size, T <= block_size) for this rank."""
+
+    def __init__(self, dataset: Dataset, block_size: int, micro_batch_size: int, grad_accum_steps: int = 1,
+                 rank: int = 0, world_size: int = 1, seed: int = 1337):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.conversations = Conversations(dataset, "train")
+        if len(self.conversations) == 0:
+            raise DataError(f"{dataset.dir}: the train split holds no conversations")
+        self.block_size, self.seed = block_size, seed
+        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = micro_batch_size * grad_accum_steps * world_size
+        self.order = sample_order(len(self.conversations), seed)
+        self.step, self.micro = 0, 0
+        self._positions = None
+        too_long = int((self.conversations.lengths > block_size + 1).sum())
+        if too_long:
+            warn_once(f"{dataset.dir}: {too_long} of {len(self.conversations)} conversations are longer than "
+                      f"block_size + 1 = {block_size + 1} tokens and are cut there; re-prepare with "
+                      f"`megagpt prep chat --max-length {block_size + 1}` to cut them at turn boundaries")
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.conversations)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._positions is None:
+            self._positions = iter(RankSampler(self.micro_batch_size, self.grad_accum_steps, self.rank,
+                                               self.world_size, self.step, self.micro))
+        indices = self.order.window_ids(np.asarray(next(self._positions)))
+        batch = to_rows([self.conversations[int(i)] for i in indices], self.block_size)
+        self.micro += 1
+        if self.micro == self.grad_accum_steps:
+            self.step, self.micro = self.step + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        consumed = self.step * self.global_batch
+        return {"format_version": STATE_VERSION, "seed": self.seed, "samples_consumed": consumed,
+                "epoch": consumed // self.num_samples, "micro_batches_into_step": self.micro,
+                "global_batch_samples": self.global_batch, "num_samples": self.num_samples,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the same global sequence; the world size may change when G (the global batch) does not."""
+        if state.get("format_version") != STATE_VERSION or "samples_consumed" not in state:
+            raise DataError(f"chat loader state {state.get('format_version')!r} is not this loader's "
+                            f"(version {STATE_VERSION}): was the checkpoint written by another stage?")
+        for key, mine in (("seed", self.seed), ("num_samples", self.num_samples)):
+            if state[key] != mine:
+                raise DataError(f"cannot resume the data order: saved {key}={state[key]}, now {mine}")
+        consumed, micro = state["samples_consumed"], state["micro_batches_into_step"]
+        if consumed % self.global_batch or (micro and (state["global_batch_samples"] != self.global_batch
+                                                       or state["world_size"] != self.world_size)):
+            raise DataError(f"cannot resume exactly: {consumed} conversations consumed (+{micro} micro-batches) "
+                            f"with a global batch of {state['global_batch_samples']}, now {self.global_batch}")
+        self.step, self.micro = consumed // self.global_batch, micro
+        self._positions = None
+
+
+def eval_batches(conversations: Conversations, micro_batch_size: int, limit: int, rank: int = 0,
+                 world_size: int = 1, block_size: int = 1 << 30):
+    """The split's first min(len, limit) conversations, each once, as fixed micro-batches for this rank (ranks
+    interleaved, the same at every evaluation). Every rank gets the same number of batches (ZeRO-3's forward is
+    a collective); places past the end hold a conversation with every target -1, which weighs nothing."""
+    n = len(conversations)
+    count = min(n, limit)
+    per_batch = micro_batch_size * world_size
+    for b in range(-(-count // per_batch)):
+        first = (b * world_size + rank) * micro_batch_size
+        positions = range(first, first + micro_batch_size)
+        x, y = to_rows([conversations[p % n] for p in positions], block_size)
+        y[[p >= count for p in positions]] = -1
+        yield x, y

@@ -1,0 +1,208 @@
+"""`megagpt eval qa`: a fine-tuned model against its base model on held-out Shakespeare questions.
+
+Reads the val questions that `megagpt prep shakespeare-qa` wrote (questions about the last 10% of the text,
+which neither model trained on) and reports, with greedy decoding:
+  * the fine-tuned model (chat template): the stop rate (replies that end with the end-of-turn token within
+    --max-new-tokens), exact-match accuracy of the speaker answers ("who"), and of the next lines ("next");
+  * the base model, the fair baselines for a document completer:
+      - few-shot generation: k solved train questions as plain text ("Who says: ...\\nSPEAKER\\n\\n"), then the
+        question; the reply is what it writes up to the newline (its stop); k in 0..3, the best on 100 train
+        questions (a base model with a short block_size only sees the last block_size tokens of the prompt);
+      - ranking in the play's own format: each of the --candidates most frequent train speakers heads the line
+        as a speech ("\\nSPEAKER:\\n<line>\\n"), and the speaker under which the base model finds the line
+        likeliest is its answer;
+  * chance: uniform over the speakers of the held-out questions, and always the most frequent train speaker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megagpt.chat import generate_reply
+from megagpt.chat_template import END, chat_token_ids, check_messages, prompt_ids
+from megagpt.errors import UserError
+
+QUESTION_FILES = {"train": "questions-train.jsonl", "val": "questions-val.jsonl"}  # data_prep/shakespeare_qa.py
+SHOTS = (0, 1, 2, 3)
+
+
+def load_questions(data_dir: str | Path, split: str) -> list[dict]:
+    path = Path(data_dir) / QUESTION_FILES[split]
+    if not path.is_file():
+        raise UserError(f"--data {data_dir}: no {QUESTION_FILES[split]}; prepare it with "
+                        f"`megagpt prep shakespeare-qa --out {data_dir}`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def subset(questions: list[dict], kind: str, limit: int, seed: int) -> list[dict]:
+    """At most `limit` questions of a kind, drawn at random (seeded), in file order."""
+    found = [q for q in questions if q["kind"] == kind]
+    keep = sorted(np.random.default_rng(seed).permutation(len(found))[:limit].tolist())
+    return [found[i] for i in keep]
+
+
+# ---------------------------------------------------------------- the fine-tuned model
+
+
+def ask_chat_model(model, tokenizer, questions: list[dict], max_new_tokens: int) -> list[tuple[str, bool]]:
+    """(reply, stopped at end-of-turn) per question, greedy."""
+    special = chat_token_ids(tokenizer)
+    out = []
+    for q in questions:
+        ids = prompt_ids(tokenizer, check_messages(q["messages"][:1], final_role="user"))
+        reply = generate_reply(model, ids, special[END], max_new_tokens, temperature=0.0)
+        out.append((tokenizer.decode(reply.ids), reply.stopped))
+    return out
+
+
+# ---------------------------------------------------------------- the base model
+
+
+def few_shot_prompt(examples: list[dict], question: dict) -> str:
+    shots = "".join(f"{q['messages'][0]['content']}\n{q['answer']}\n\n" for q in examples)
+    return f"\n{shots}{question['messages'][0]['content']}\n"
+
+
+def ask_completer(model, tokenizer, questions: list[dict], examples: list[dict],
+                  max_new_tokens: int) -> list[tuple[str, bool]]:
+    """(text up to the first newline, a newline came within max_new_tokens) per question, greedy."""
+    newline = tokenizer.encode("\n")[-1]
+    out = []
+    for q in questions:
+        ids = tokenizer.encode(few_shot_prompt(examples, q))
+        reply = generate_reply(model, ids, newline, max_new_tokens, temperature=0.0)
+        out.append((tokenizer.decode(reply.ids), reply.stopped))
+    return out
+
+
+@torch.no_grad()
+def rank_speakers(model, tokenizer, questions: list[dict], candidates: list[str]) -> list[str]:
+    """Per "who" question, the candidate under whose heading ("\\nSPEAKER:\\n<line>\\n") the line is likeliest."""
+    block = model.cfg.block_size
+    out = []
+    for q in questions:
+        line = q["messages"][0]["content"].removeprefix("Who says: ")
+        rows = [tokenizer.encode(f"\n{speaker}:\n{line}\n")[-(block + 1):] for speaker in candidates]
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+        logits, _ = model(ids[:, :-1])
+        logp = -F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (rows, width-1)
+        valid = torch.arange(width - 1)[None, :] < torch.tensor([len(r) - 1 for r in rows])[:, None]
+        out.append(candidates[int((logp * valid).sum(dim=1).argmax())])
+    return out
+
+
+# ---------------------------------------------------------------- scoring and the report
+
+
+def exact(replies: list[tuple[str, bool]], questions: list[dict]) -> float:
+    hits = sum(reply.strip() == q["answer"].strip() for (reply, _), q in zip(replies, questions))
+    return hits / max(len(questions), 1)
+
+
+def stop_rate(replies: list[tuple[str, bool]]) -> float:
+    return sum(stopped for _, stopped in replies) / max(len(replies), 1)
+
+
+def evaluate(run_dir, data_dir, base=None, limit: int = 400, max_new_tokens: int = 48, candidates: int = 40,
+             seed: int = 0, device: str = "cpu", step: int | None = None) -> dict:
+    """Every number of the report, as a dict."""
+    from megagpt.inference import load_for_inference
+    from megagpt.init_from import parse_spec
+
+    val, train = load_questions(data_dir, "val"), load_questions(data_dir, "train")
+    who, following = subset(val, "who", limit, seed), subset(val, "next", limit, seed)
+    model, tokenizer, cfg = load_for_inference(run_dir, step, device)
+    if chat_token_ids(tokenizer) is None:
+        raise UserError(f"{run_dir}: not a fine-tuned model (its tokenizer has no chat tokens); pass a run of "
+                        f"`train.stage: sft`")
+    replies_who = ask_chat_model(model, tokenizer, who, max_new_tokens)
+    replies_next = ask_chat_model(model, tokenizer, following, max_new_tokens)
+    train_who = [q["answer"] for q in train if q["kind"] == "who"]
+    most_common = Counter(train_who).most_common(1)[0][0]
+    report = {"run_dir": str(run_dir), "questions": {"who": len(who), "next": len(following)},
+              "finetuned": {"stop_rate": stop_rate(replies_who + replies_next), "speaker_accuracy":
+                            exact(replies_who, who), "next_line_accuracy": exact(replies_next, following)},
+              "chance": {"uniform": 1 / len({q["answer"] for q in who}),
+                         "most_frequent_train_speaker": most_common,
+                         "always_most_frequent": sum(q["answer"] == most_common for q in who) / len(who)}}
+    base = base or cfg.train.init_from
+    if base:
+        path, base_step = parse_spec(str(base))
+        report["base"] = evaluate_base(path, base_step, device, train, who, max_new_tokens,
+                                       [s for s, _ in Counter(train_who).most_common(candidates)], seed)
+    report["examples"] = [{"question": q["messages"][0]["content"], "answer": q["answer"], "reply": r}
+                          for q, (r, _) in list(zip(who, replies_who))[:3] + list(zip(following, replies_next))[:3]]
+    return report
+
+
+def evaluate_base(path: Path, step: int | None, device: str, train: list[dict], who: list[dict],
+                  max_new_tokens: int, candidates: list[str], seed: int) -> dict:
+    from megagpt.inference import load_for_inference
+
+    model, tokenizer, _ = load_for_inference(path, step, device)
+    train_who = subset(train, "who", 100 + max(SHOTS), seed)
+    examples, dev = train_who[:max(SHOTS)], train_who[max(SHOTS):]
+    by_shots = {k: exact(ask_completer(model, tokenizer, dev, examples[:k], max_new_tokens), dev) for k in SHOTS}
+    best = max(SHOTS, key=lambda k: (by_shots[k], -k))
+    replies = ask_completer(model, tokenizer, who, examples[:best], max_new_tokens)
+    ranked = rank_speakers(model, tokenizer, who, candidates)
+    return {"path": str(path), "few_shot_k": best, "few_shot_dev_accuracy": by_shots,
+            "few_shot_stop_rate": stop_rate(replies), "few_shot_speaker_accuracy": exact(replies, who),
+            "ranking_candidates": len(candidates),
+            "ranking_speaker_accuracy": sum(r == q["answer"] for r, q in zip(ranked, who)) / len(who)}
+
+
+def format_report(r: dict) -> str:
+    f, c, n = r["finetuned"], r["chance"], r["questions"]
+    lines = [f"held-out questions: {n['who']} who (speaker), {n['next']} next (following line)",
+             f"fine-tuned {r['run_dir']}:",
+             f"  stop rate (end-of-turn within --max-new-tokens)  {f['stop_rate']:.1%}",
+             f"  speaker exact match                              {f['speaker_accuracy']:.1%}",
+             f"  next line exact match                            {f['next_line_accuracy']:.1%}"]
+    if "base" in r:
+        b = r["base"]
+        lines += [f"base {b['path']}:",
+                  f"  few-shot generation (k={b['few_shot_k']}): stop rate {b['few_shot_stop_rate']:.1%}, "
+                  f"speaker exact match {b['few_shot_speaker_accuracy']:.1%}",
+                  f"  ranking {b['ranking_candidates']} speakers in the play's format: speaker accuracy "
+                  f"{b['ranking_speaker_accuracy']:.1%}"]
+    lines += [f"chance: uniform over the {round(1 / c['uniform'])} speakers {c['uniform']:.1%}; always "
+              f"{c['most_frequent_train_speaker']} (the most frequent train speaker) {c['always_most_frequent']:.1%}"]
+    lines += [f"  e.g. {e['question']!r} -> {e['reply']!r} (answer {e['answer']!r})" for e in r["examples"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="megagpt eval qa", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="RUN_DIR or EXPORT_DIR of the fine-tuned model")
+    p.add_argument("--data", required=True, help="the dir `megagpt prep shakespeare-qa` wrote")
+    p.add_argument("--base", help="the base model (default: the run's train.init_from)")
+    p.add_argument("--limit", type=int, default=400, help="held-out questions per kind (a seeded random subset)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--candidates", type=int, default=40, help="speakers the base model's ranking chooses from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, help="checkpoint step of the run dir (default: latest)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    if args.limit < 1 or args.max_new_tokens < 1 or args.candidates < 1:
+        raise UserError("--limit, --max-new-tokens and --candidates must be at least 1")
+    torch.manual_seed(args.seed)
+    report = evaluate(args.run_dir, args.data, args.base, args.limit, args.max_new_tokens, args.candidates,
+                      args.seed, args.device, args.step)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,98 @@
+"""Hugging Face GPT-2 <-> megagpt: the one weight-name mapping and config translation, used both ways.
+
+GPT2LMHeadModel has megagpt's architecture (pre-LN blocks, learned positions, tied head, 4x MLP) with another
+weight layout: its Conv1D keeps weights as (in, out) where nn.Linear keeps (out, in), so those four matrices are
+transposed on the way in and on the way out; every other name is the same. `megagpt export --format hf` uses
+`hf_state_dict`/`hf_config`; `train.init_from` of a GPT-2 folder uses `megagpt_state_dict`/`model_shape`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megagpt.errors import UserError
+
+# nn.Linear keeps weights as (out, in); GPT-2's Conv1D as (in, out): these are transposed both ways.
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Non-persistent buffers that older transformers versions saved with the weights (the causal mask).
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight
+
+
+def hf_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """megagpt names and layout -> GPT2LMHeadModel's; bias=False models get the zero biases GPT-2 has."""
+    m = cfg.model
+    out = {name: (t.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else t) for name, t in state.items()}
+    like = state["transformer.wte.weight"]
+    widths = {"ln_1": m.n_embd, "ln_2": m.n_embd, "attn.c_attn": 3 * m.n_embd, "attn.c_proj": m.n_embd,
+              "mlp.c_fc": 4 * m.n_embd, "mlp.c_proj": m.n_embd}
+    prefixes = [f"transformer.h.{i}.{module}" for i in range(m.n_layer) for module in widths]
+    for prefix in [*prefixes, "transformer.ln_f"]:
+        width = widths[prefix.split(".", 3)[-1]] if prefix != "transformer.ln_f" else m.n_embd
+        out.setdefault(f"{prefix}.bias", torch.zeros(width, dtype=like.dtype))
+    return out
+
+
+def megagpt_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's (or GPT2Model's, without the `transformer.` prefix) weights -> megagpt's, fp32."""
+    out = {}
+    for name, t in hf_state.items():
+        if name.endswith(HF_BUFFERS) or name == TIED:
+            continue
+        name = name if name.startswith("transformer.") else f"transformer.{name}"
+        out[name] = (t.t() if name.endswith(CONV1D_SUFFIXES) else t).float().contiguous()
+    out[TIED] = out["transformer.wte.weight"]
+    return out
+
+
+def hf_config(cfg, dtype: str) -> dict:
+    m = cfg.model
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": m.vocab_size,
+        "n_positions": m.block_size,
+        "n_ctx": m.block_size,
+        "n_embd": m.n_embd,
+        "n_layer": m.n_layer,
+        "n_head": m.n_head,
+        "n_inner": 4 * m.n_embd,
+        "activation_function": "gelu",  # exact erf GELU like nn.GELU(); GPT-2's default gelu_new is tanh
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": m.dropout,
+        "embd_pdrop": m.dropout,
+        "attn_pdrop": m.dropout,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype],
+    }
+
+
+# What megagpt's GPT computes; a config.json asking for anything else is refused (or, for GELU, warned about).
+_REQUIRED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+             "add_cross_attention": False, "tie_word_embeddings": True}
+APPROXIMATE_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def model_shape(config: dict, where: str) -> tuple[dict, list[str]]:
+    """(megagpt model keys, warnings) from a GPT-2 config.json; a UserError for what megagpt cannot compute."""
+    if config.get("model_type") != "gpt2":
+        raise UserError(f"{where}: model_type {config.get('model_type')!r}, expected 'gpt2' (GPT2LMHeadModel)")
+    n_embd = config.get("n_embd", 768)
+    for key, value in _REQUIRED.items():
+        if config.get(key, value) != value:
+            raise UserError(f"{where}: {key}={config[key]!r}; megagpt's GPT computes {key}={value!r}")
+    if config.get("n_inner") not in (None, 4 * n_embd):
+        raise UserError(f"{where}: n_inner={config['n_inner']}; megagpt's MLP is 4 x n_embd = {4 * n_embd}")
+    warnings = []
+    activation = config.get("activation_function", "gelu_new")
+    if activation in APPROXIMATE_GELUS:
+        warnings.append(f"{where}: activation_function {activation!r} is GELU's tanh approximation; megagpt "
+                        f"computes the exact GELU (outputs differ by < 1e-3 per activation)")
+    elif activation != "gelu":
+        raise UserError(f"{where}: activation_function {activation!r}; megagpt's MLP uses GELU")
+    shape = {"n_layer": config.get("n_layer", 12), "n_head": config.get("n_head", 12), "n_embd": n_embd,
+             "block_size": config.get("n_positions", 1024), "vocab_size": config.get("vocab_size", 50257),
+             "bias": True}
+    return shape, warnings

@@ -1,0 +1,197 @@
+"""`train.init_from`: start a run from another model's weights (only): a megagpt run dir (`PATH@STEP` picks a
+checkpoint; any ZeRO stage, any world size), a megagpt export dir, or a Hugging Face GPT-2 folder.
+
+Weights only: the optimizer, step counter, LR schedule and data position are the new run's own. The model's
+shape (layers, heads, width, positions, bias) comes from the source; a config that sets one of those keys to
+something else is an error naming both values. The vocabulary is the larger of the source's and the dataset's:
+a chat dataset appends special tokens after the base vocabulary, and their embedding rows (the tied head's too)
+start at the mean of the source's rows. A run resuming from its own checkpoints never reads init_from again
+(megagpt/train.py only calls `loader` when there is no resume point).
+
+The weights are loaded into the module before deepspeed.initialize, so every ZeRO stage partitions, and every
+optimizer copies, the loaded weights: the first step starts from them (Megatron-LM once built its optimizer
+before loading, and the model reverted to its random init after one step; tests/test_init_from.py pins this).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megagpt.config import Config, ConfigError
+from megagpt.dataset import MANIFEST, Dataset, load_manifest, sha256_file
+from megagpt.distributed import on_main, warn_once
+from megagpt.errors import UserError
+from megagpt.hf_gpt2 import TIED, megagpt_state_dict, model_shape
+from megagpt.inference import EXPORT_MARKER, TOKENIZER_DIR, consolidated_state_dict, is_export_dir, is_run_dir
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HF_TOKENIZER = "tokenizer.json"
+WTE = "transformer.wte.weight"
+
+
+@dataclass
+class InitSource:
+    """Where the weights come from and what they look like; the weights themselves load on demand."""
+
+    path: Path
+    kind: str  # run | export | hf
+    shape: dict[str, Any]  # n_layer, n_head, n_embd, block_size, vocab_size, bias
+    tag: str | None = None  # the checkpoint of a run dir
+    tokenizer_file: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        what = {"run": "run dir", "export": "export dir", "hf": "Hugging Face GPT-2 folder"}[self.kind]
+        return f"{what} {self.path}" + (f" ({self.tag})" if self.tag else "")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 weights under megagpt's names, the tied head included."""
+        if self.kind == "run":
+            state = consolidated_state_dict(self.path, self.tag)
+        elif self.kind == "export":
+            from safetensors.torch import load_file
+
+            state = load_file(str(self.path / "model.safetensors"))
+        else:
+            state = megagpt_state_dict(_read_hf_weights(self.path))
+        state = {name: t.float() for name, t in state.items()}
+        state[TIED] = state[WTE]
+        return state
+
+
+def parse_spec(spec: str) -> tuple[Path, int | None]:
+    """`PATH` or `PATH@STEP`."""
+    path, at, step = spec.rpartition("@")
+    if at and step.isdigit():
+        return Path(path), int(step)
+    if at and not Path(spec).exists():
+        raise ConfigError(f"train.init_from={spec!r}: @{step} is not a step number (PATH@STEP, e.g. runs/x@500)")
+    return Path(spec), None
+
+
+def open_source(spec: str) -> InitSource:
+    """The source named by train.init_from: kind, shape and tokenizer, read from its small files only."""
+    path, step = parse_spec(spec)
+    where = f"train.init_from={spec}"
+    if not path.exists():
+        raise ConfigError(f"{where}: no such directory")
+    hf_config = path / "config.json"
+    if step is not None and not is_run_dir(path):
+        raise ConfigError(f"{where}: @{step} picks a checkpoint of a run dir, and {path} is not one")
+    if is_run_dir(path):
+        from megagpt.config import load_config
+        from megagpt.inference import resolve_tag
+
+        tag = on_main(lambda: _resolve(resolve_tag, path, step, where))
+        model = load_config(path / "config.yaml").model
+        return InitSource(path, "run", _keys(model), tag, _megagpt_tokenizer(path))
+    if is_export_dir(path) and json.loads((path / EXPORT_MARKER).read_text()).get("format") != "hf":
+        from megagpt.config import load_config
+
+        return InitSource(path, "export", _keys(load_config(path / "config.yaml").model), None,
+                          _megagpt_tokenizer(path))
+    if hf_config.is_file() and any((path / name).is_file() for name in HF_WEIGHTS):
+        try:
+            config = json.loads(hf_config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{hf_config}: not readable JSON ({e})") from None
+        shape, warnings = model_shape(config, str(hf_config))
+        tokenizer = path / HF_TOKENIZER if (path / HF_TOKENIZER).is_file() else None
+        if tokenizer is None and (path / TOKENIZER_DIR).is_dir():  # megagpt's own HF export
+            tokenizer = _megagpt_tokenizer(path)
+        return InitSource(path, "hf", shape, None, tokenizer, warnings)
+    raise ConfigError(f"{where}: neither a megagpt run dir (config.yaml + checkpoints/), a megagpt export dir "
+                      f"(model.safetensors + {EXPORT_MARKER}) nor a Hugging Face GPT-2 folder (config.json + "
+                      f"{' or '.join(HF_WEIGHTS)})")
+
+
+def _resolve(resolve_tag, path: Path, step: int | None, where: str) -> str:
+    try:
+        return resolve_tag(path, step)
+    except UserError as e:
+        raise ConfigError(f"{where}: {str(e).replace('--step', 'step')}") from None
+
+
+def _keys(model) -> dict[str, Any]:
+    return {key: getattr(model, key) for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
+
+
+def _megagpt_tokenizer(path: Path) -> Path | None:
+    folder = path / TOKENIZER_DIR
+    if not (folder / MANIFEST).is_file():
+        return None
+    return folder / load_manifest(folder).tokenizer.file
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- the run's config from the source
+
+
+def resolve(cfg: Config, dataset: Dataset) -> tuple[Config, InitSource | None]:
+    """The config with the source's model shape filled in (or an error on a conflict), and the source."""
+    if not cfg.train.init_from:
+        return cfg, None
+    source = open_source(cfg.train.init_from)
+    for message in source.warnings:
+        warn_once(message)
+    _check_tokenizer(source, dataset)
+    shape = {**source.shape, "vocab_size": max(source.shape["vocab_size"], dataset.vocab_size)}
+    explicit = cfg.model.model_fields_set
+    for key, value in shape.items():
+        mine = getattr(cfg.model, key)
+        if key in explicit and mine is not None and mine != value:
+            raise ConfigError(f"model.{key}={mine!r} conflicts with train.init_from={cfg.train.init_from} "
+                              f"({key}={value!r}): the model's shape comes from the source; remove model.{key}")
+    model = cfg.model.model_copy(update=shape)
+    return cfg.model_copy(update={"model": type(cfg.model).model_validate(model.model_dump())}), source
+
+
+def _check_tokenizer(source: InitSource, dataset: Dataset) -> None:
+    """The dataset must be tokenized with the source's tokenizer (chat tokens appended are fine)."""
+    if source.tokenizer_file is None:
+        warn_once(f"train.init_from: {source.describe()} carries no tokenizer; make sure {dataset.dir} was "
+                  f"prepared with the tokenizer the model was trained with")
+        return
+    mine = dataset.dir / dataset.manifest.tokenizer.file
+    if sha256_file(mine) != sha256_file(source.tokenizer_file):
+        raise ConfigError(f"train.init_from: {source.describe()} was trained with the tokenizer "
+                          f"{source.tokenizer_file}, but data.dataset_dir {dataset.dir} uses another one ({mine}); "
+                          f"prepare the data with `megagpt prep chat --tokenizer {source.path}`")
+
+
+# ---------------------------------------------------------------- the weights into a new model
+
+
+def load_into(model: torch.nn.Module, source: InitSource) -> torch.nn.Module:
+    """The source's weights into `model` (built with the resolved config); new vocabulary rows at the mean."""
+    state = source.state_dict()
+    wte = state[WTE]
+    rows = model.transformer.wte.weight.shape[0]
+    if wte.shape[0] < rows:
+        mean = wte.mean(dim=0, keepdim=True).expand(rows - wte.shape[0], -1)
+        state[WTE] = state[TIED] = torch.cat([wte, mean])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        detail = lines[-1 if len(lines) > 1 else 0].strip()[:200]
+        raise UserError(f"train.init_from: the weights of {source.describe()} do not fit the model ({detail})") \
+            from None
+    return model
+
+
+def loader(build_model, source: InitSource):
+    """build_model, then the source's weights into what it built (before deepspeed.initialize sees it)."""
+    return lambda: load_into(build_model(), source)
