@@ -6,7 +6,8 @@ shape (layers, heads, width, positions, bias) comes from the source; a config th
 something else is an error naming both values. The vocabulary is the larger of the source's and the dataset's:
 a chat dataset appends special tokens after the base vocabulary, and their embedding rows (the tied head's too)
 start at the mean of the source's rows. A run resuming from its own checkpoints never reads init_from again
-(megagpt/train.py only calls `loader` when there is no resume point).
+(its shape comes from its own config.yaml, and megagpt/train.py only loads the source when there is no
+resume point).
 
 The weights are loaded into the module before deepspeed.initialize, so every ZeRO stage partitions, and every
 optimizer copies, the loaded weights: the first step starts from them (Megatron-LM once built its optimizer
@@ -139,10 +140,19 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- the run's config from the source
 
 
-def resolve(cfg: Config, dataset: Dataset) -> tuple[Config, InitSource | None]:
-    """The config with the source's model shape filled in (or an error on a conflict), and the source."""
+def resolve(cfg: Config, dataset: Dataset, run_dir: Path) -> tuple[Config, InitSource | None]:
+    """The config with the source's model shape filled in (or an error on a conflict), and the source.
+
+    A run dir that already holds checkpoints resumes from them: the shape is the one its config.yaml recorded,
+    and the source is not opened (it may be gone); a shape key set otherwise then fails the resume check."""
     if not cfg.train.init_from:
         return cfg, None
+    if _has_checkpoints(run_dir) and (run_dir / "config.yaml").is_file():
+        from megagpt.config import load_config
+
+        saved = _keys(load_config(run_dir / "config.yaml").model)
+        update = {key: value for key, value in saved.items() if key not in cfg.model.model_fields_set}
+        return _with_model(cfg, update), None
     source = open_source(cfg.train.init_from)
     for message in source.warnings:
         warn_once(message)
@@ -154,8 +164,19 @@ def resolve(cfg: Config, dataset: Dataset) -> tuple[Config, InitSource | None]:
         if key in explicit and mine is not None and mine != value:
             raise ConfigError(f"model.{key}={mine!r} conflicts with train.init_from={cfg.train.init_from} "
                               f"({key}={value!r}): the model's shape comes from the source; remove model.{key}")
-    model = cfg.model.model_copy(update=shape)
-    return cfg.model_copy(update={"model": type(cfg.model).model_validate(model.model_dump())}), source
+    return _with_model(cfg, shape), source
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    from megagpt.checkpoint import TAG_PATTERN
+
+    folder = Path(run_dir) / "checkpoints"
+    return folder.is_dir() and any(TAG_PATTERN.match(p.name) for p in folder.iterdir())
+
+
+def _with_model(cfg: Config, update: dict[str, Any]) -> Config:
+    model = type(cfg.model).model_validate({**cfg.model.model_dump(), **update})
+    return cfg.model_copy(update={"model": model})
 
 
 def _check_tokenizer(source: InitSource, dataset: Dataset) -> None:

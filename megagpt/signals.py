@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from megagpt.distributed import collective_device, is_distributed, is_main_process
+from megagpt.distributed import is_distributed, is_main_process, slow_group
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_NOW_CODE = 130  # what a shell reports for a process ended by SIGINT
@@ -43,9 +43,9 @@ class StopRequest:
     def requested_on_any_rank(self) -> bool:
         """All ranks agree, so all of them save the same step (a collective: call it on every rank)."""
         flag = self.signal_name is not None
-        if is_distributed():
-            t = torch.tensor([int(flag)], device=collective_device())
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        if is_distributed():  # on the CPU over gloo: agreeing needs no read back from a GPU
+            t = torch.tensor([int(flag)])
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=slow_group())
             if t.item() and self.signal_name is None:
                 self.signal_name = "another rank's signal"
             flag = bool(t.item())

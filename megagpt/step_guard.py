@@ -1,4 +1,5 @@
-"""Non-finite steps: a NaN/inf loss or gradient norm skips the optimizer update on every rank, and is counted.
+"""Non-finite steps: a NaN/inf loss or gradient norm skips the optimizer update on every rank, and is counted,
+without reading anything back to the host: the counts stay on the device until a log interval or a checkpoint.
 
 DeepSpeed already skips an update whose gradients are not finite in every optimizer wrapper it builds for
 ZeRO 1-3, fp16 and bf16 (the fp16 dynamic-loss-scale overflow path; `engine.skipped_steps` counts them).
@@ -7,16 +8,14 @@ megagpt reuses that path and closes its gaps:
     loss is multiplied by 1 or NaN before backward: a bad micro-batch on any rank poisons the reduced
     gradient, and the overflow check skips the update everywhere;
   * ZeRO 1/2 in bf16 only checks when `bf16.check_grad_overflow` is on: the guard switches it on;
-  * ZeRO 0 in fp32 hands the gradients to a plain torch optimizer with no check at all: the guard checks the
-    (already all-reduced, hence identical on every rank) gradient norm and gives the optimizer the same
-    `overflow` flag DeepSpeed's wrappers have, which the engine reads to count the skip; the optimizer's
-    step is wrapped to do nothing while it is set (weights, moments and AdamW's step count untouched).
+  * ZeRO 0 in fp32 hands the gradients to torch's fused AdamW with no check at all: the guard computes the
+    (already all-reduced, hence identical on every rank) gradient norm and gives the optimizer a `found_inf`
+    tensor, the same on-device skip torch's GradScaler uses: weights, moments and AdamW's step count stay
+    untouched when it is 1, and nothing is read back to the host.
 A skipped step with a finite loss under fp16 is ordinary loss scaling, not a bad step.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -28,17 +27,19 @@ class NonFiniteTraining(UserError):
 
 
 class StepGuard:
-    def __init__(self, engine, max_bad_steps: int, fp16: bool):
+    def __init__(self, engine, max_bad_steps: int, fp16: bool, device: torch.device, skipped_steps: int = 0):
         self.engine, self.max_bad_steps, self.fp16 = engine, max_bad_steps, fp16
-        self.bad_in_row = 0
         optimizer = engine.optimizer
-        self._plain_optimizer = not hasattr(optimizer, "overflow")  # ZeRO 0 fp32: a torch optimizer
-        if self._plain_optimizer:
-            _make_skippable(optimizer)
+        self._plain_optimizer = not hasattr(optimizer, "overflow")  # ZeRO 0 fp32: torch's fused AdamW
+        if self._plain_optimizer and not optimizer.defaults.get("fused"):
+            raise RuntimeError("ZeRO 0 in fp32 needs torch's fused AdamW (it skips on `found_inf`)")
         if getattr(optimizer, "check_grad_overflow", True) is False:
             optimizer.check_grad_overflow = True  # ZeRO 1/2 bf16: see the module docstring
+        self._bad_in_row = torch.zeros((), dtype=torch.int64, device=device)
+        self._worst_run = torch.zeros((), dtype=torch.int64, device=device)  # the longest since the last check
+        self._skipped = torch.full((), skipped_steps, dtype=torch.int64, device=device)
         self._skipped_before = 0
-        self._plain_norm = float("nan")
+        self._plain_norm = torch.full((), float("nan"), device=device)
 
     def watch(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to backward: itself when finite, NaN otherwise (no host sync: one multiply)."""
@@ -51,38 +52,40 @@ class StepGuard:
         if self._plain_optimizer:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self._plain_norm = norm.item()
-            self.engine.optimizer.overflow = not math.isfinite(self._plain_norm)
+            self._plain_norm = norm
+            self.engine.optimizer.found_inf = (~torch.isfinite(norm)).float()
+
+    def after_update(self, loss: torch.Tensor) -> None:
+        """Count the step as skipped and/or bad, on the device."""
+        if self._plain_optimizer:
+            skipped = self.engine.optimizer.found_inf.to(torch.int64)
+        else:  # DeepSpeed's wrappers decided on the host already (their own sync)
+            skipped = torch.tensor(int(self.engine.skipped_steps > self._skipped_before),
+                                   device=self._skipped.device)
+        bad = ~torch.isfinite(loss) | ((skipped > 0) & (not self.fp16))
+        self._bad_in_row = (self._bad_in_row + 1) * bad
+        self._worst_run = torch.maximum(self._worst_run, self._bad_in_row)
+        self._skipped += skipped
+
+    def check(self, step: int) -> None:
+        """Raise once `max_bad_steps` bad steps came in a row (a host read: call it at log intervals and before
+        every checkpoint, so a poisoned state is never saved)."""
+        bad_in_row = int(self._worst_run.item())
+        if bad_in_row >= self.max_bad_steps:
+            raise NonFiniteTraining(
+                f"{bad_in_row} non-finite steps in a row (loss or gradient norm), the last by step {step}: "
+                f"stopping without saving; the last checkpoint is untouched (lower train.lr, check the data, "
+                f"or raise train.max_bad_steps)"
+            )
+
+    def skipped_steps(self) -> int:
+        """Skipped updates since the run began (a host read)."""
+        return int(self._skipped.item())
 
     def grad_norm(self) -> float:
         """The last step's gradient norm before clipping: DeepSpeed's, or (ZeRO 0 fp32, where DeepSpeed keeps
-        none) the one this guard computed anyway."""
+        none) the one this guard computed anyway (a host read)."""
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = self._plain_norm
         return float(norm)
-
-    def after_update(self, loss: float, step: int) -> bool:
-        """Whether the update was skipped; raises once `max_bad_steps` bad steps came in a row."""
-        skipped = self.engine.skipped_steps > self._skipped_before
-        bad = not math.isfinite(loss) or (skipped and not self.fp16)
-        self.bad_in_row = self.bad_in_row + 1 if bad else 0
-        if self.bad_in_row >= self.max_bad_steps:
-            raise NonFiniteTraining(
-                f"{self.bad_in_row} non-finite steps in a row (loss or gradient norm), the last at step "
-                f"{step}: "
-                f"stopping without saving; the last checkpoint is untouched (lower train.lr, check the data, "
-                f"or raise train.max_bad_steps)"
-            )
-        return skipped
-
-
-def _make_skippable(optimizer) -> None:
-    """A torch optimizer whose step() does nothing while `optimizer.overflow` is set, as DeepSpeed's do."""
-    step = optimizer.step
-
-    def step_unless_overflow(*args, **kwargs):
-        return None if optimizer.overflow else step(*args, **kwargs)
-
-    optimizer.overflow = False
-    optimizer.step = step_unless_overflow

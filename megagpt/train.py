@@ -78,6 +78,8 @@ class Run:
                 "dataset_manifest_sha256": self.dataset.manifest_sha256, "world_size": self.dist.world_size}
 
     def save(self) -> None:
+        self.guard.check(self.state.step)  # never save a state that too many bad steps in a row produced
+        self.state.skipped_steps = self.guard.skipped_steps()
         meta = {"model": {key: getattr(self.cfg.model, key) for key in SHAPE_KEYS}}  # checked before any load
         with self.throughput.paused():
             self.checkpointer.save(self.engine, self.state.step, self.client_state(), meta)
@@ -94,12 +96,11 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
             lr = lr_at(state.step, cfg.train)
             for group in run.engine.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # µP: lr/m for hidden matrices (engine.param_groups)
-            loss = run.stage.train_step(run.engine, run.guard).item()
+            loss = run.stage.train_step(run.engine, run.guard)  # on the device: read back only when logged
             state.step += 1
             state.tokens_seen += run.throughput.tokens_per_step
             run.throughput.step()
-            # A non-finite loss or gradient norm (or an fp16 overflow) skipped the update; many in a row stop.
-            state.skipped_steps += run.guard.after_update(loss, state.step)
+            run.guard.after_update(loss)  # a non-finite loss or gradient norm skipped the update: counted
             last = state.step == cfg.train.max_steps
             if state.step % cfg.train.log_interval == 0 or last:
                 _log_train(run, loss, lr)
@@ -122,7 +123,11 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
     return RunSummary(run.run_dir, state.step, state.tokens_seen, state.skipped_steps, val_loss, run.resumed_from)
 
 
-def _log_train(run: Run, loss: float, lr: float) -> None:
+def _log_train(run: Run, loss: torch.Tensor, lr: float) -> None:
+    """The host reads of the loop: loss, gradient norm, skipped and bad-step counts, once per log interval."""
+    run.guard.check(run.state.step)  # too many non-finite steps in a row stop the run
+    run.state.skipped_steps = run.guard.skipped_steps()
+    loss = loss.item()
     steps, tokens_per_sec = run.throughput.report()
     record = {"loss": loss, "lr": lr, "grad_norm": run.guard.grad_norm(), "tokens_per_sec": tokens_per_sec,
               "tokens_seen": run.state.tokens_seen, "skipped_steps": run.state.skipped_steps}
@@ -162,7 +167,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dataset = _open_dataset(cfg)
-    cfg, init_source = resolve_init_from(cfg, dataset)  # train.init_from: the model's shape from the source
+    cfg, init_source = resolve_init_from(cfg, dataset, run_dir)  # train.init_from: the shape from the source
     cfg = with_vocab_size(cfg, dataset.vocab_size)
     checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.train.keep_checkpoints, cfg.train.keep_every)
     lock = lock_run_dir(run_dir, dist)  # one job per run dir, before anything about it is decided
@@ -208,7 +213,7 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
         log.info("the first step may pause while the Triton kernels autotune (minutes the first time on a "
                  "machine; the choices are then cached on disk)")
     tokens_per_step = cfg.train.micro_batch_size * accum * dist.world_size * cfg.model.block_size
-    guard = StepGuard(engine, cfg.train.max_bad_steps, fp16=cfg.train.dtype == "fp16")
+    guard = StepGuard(engine, cfg.train.max_bad_steps, cfg.train.dtype == "fp16", device, state.skipped_steps)
     return Run(cfg, dist, run_dir, dataset, stage, engine, checkpointer, guard, log, state,
                Throughput(tokens_per_step), resumed_from, lock)
 

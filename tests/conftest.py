@@ -29,11 +29,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def shakespeare_path() -> Path:
-    """Tiny Shakespeare from ../shared; CI has no network, so skip cleanly when it is absent."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
-    return SHAKESPEARE
+def shakespeare_path(tmp_path_factory) -> Path:
+    """Tiny Shakespeare's input.txt: ../shared's copy, else the one shipped inside data_prep, decompressed once."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE
+    import gzip
+
+    from data_prep.shakespeare import embedded_copy
+
+    path = tmp_path_factory.mktemp("shakespeare") / "input.txt"
+    path.write_bytes(gzip.decompress(embedded_copy().read_bytes()))
+    return path
 
 
 @pytest.fixture(scope="session")
