@@ -35,6 +35,7 @@ def _settings(args) -> PrepSettings:
     if args.kind == "sentencepiece":
         s.vocab_size, s.model_type, s.byte_fallback = args.vocab_size, args.model_type, args.byte_fallback
         s.character_coverage, s.sample_size = args.character_coverage, args.sample_size
+        s.sample_chars = args.sample_chars
         s.threads = args.threads
     return s
 
@@ -78,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="unknown characters become UTF-8 bytes (so any text round-trips)")
     sp.add_argument("--character-coverage", type=float, default=d.character_coverage)
     sp.add_argument("--sample-size", type=int, default=d.sample_size, help="lines sampled to train on")
+    sp.add_argument("--sample-chars", type=int, default=d.sample_chars,
+                    help="at most this many characters sampled to train on (bounds the trainer's memory)")
     sp.add_argument("--threads", type=int, default=d.threads, help="trainer threads (0: all cores)")
     from data_prep import chat, shakespeare_qa
 

@@ -1,9 +1,14 @@
-"""The prep pipeline: corpus -> tokenizer -> tokenized chunks -> shards -> manifest, parallel and atomic.
+"""The prep pipeline: corpus -> tokenizer -> tokenized chunks -> shards -> manifest, parallel, atomic, resumable.
 
 Determinism: the corpus is cut into chunks by `sources.iter_chunks` alone, chunks are tokenized independently
 and laid end to end in order, and shard boundaries are fixed token offsets; so the shards are byte-identical
-whatever --workers is. Work happens in `<out>.partial/` and is renamed to `<out>` only when complete; a
-re-run with the same inputs and settings reuses the chunks and shards already finished there (sha256-checked).
+whatever --workers is. Work happens in `<out>.partial/` and is renamed to `<out>` only when complete.
+
+Costs that do not grow with the corpus per step: progress is an append-only log (`progress.jsonl`, one line per
+finished chunk or shard, replayed by a re-run, which reuses what is finished and verified); a shard job names
+only the chunks it reads; chunks hold ids in the final width (char level: uint16 ids into a per-chunk table of
+code points) and each is deleted once the shards holding its tokens are written, so the disk peaks at about
+the output plus the shards in flight.
 """
 
 from __future__ import annotations
@@ -14,22 +19,25 @@ import json
 import os
 import shutil
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.shards import ShardJob, write_shard
-from data_prep.sources import describe_sources, expand_inputs, iter_chunks
+from data_prep.shards import ShardJob, chunk_file, write_shard
+from data_prep.sources import input_files, iter_chunks
 from megagpt.dataset import (
     FORMAT_VERSION,
+    SOURCES_FILE,
     TOKENIZER_FILES,
     Manifest,
+    index_name,
     sha256_file,
     token_dtype_for,
     write_manifest,
@@ -53,6 +61,7 @@ class PrepSettings:
     byte_fallback: bool = True
     character_coverage: float = 0.9995
     sample_size: int = 300_000  # lines (long lines cut at 4,000 chars) drawn by reservoir sampling
+    sample_chars: int = 100_000_000  # and at most this many characters in all
     # how, not what: not part of the output's identity
     workers: int = 1
     threads: int = 0  # sentencepiece trainer threads; 0: all cores
@@ -62,7 +71,8 @@ class PrepSettings:
         for key in ("workers", "threads"):
             d.pop(key)
         if self.tokenizer == "char":
-            for key in ("vocab_size", "model_type", "byte_fallback", "character_coverage", "sample_size"):
+            for key in ("vocab_size", "model_type", "byte_fallback", "character_coverage", "sample_size",
+                        "sample_chars"):
                 d.pop(key)
         return d
 
@@ -76,26 +86,25 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSetting
     _check(settings)
     if out_dir.exists() and not force:
         raise UserError(f"--out {out_dir}: already exists; pass --force to replace it")
-    paths = expand_inputs(inputs)
+    paths = input_files(inputs)
     work = out_dir.with_name(out_dir.name + ".partial")
-    stats = [{"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
-    fingerprint = _hash_json({"settings": settings.identity(), "sources": stats, "format": FORMAT_VERSION})
-    progress = _Progress(work, fingerprint)
-    with _pool(settings.workers) as pool:
-        char = settings.tokenizer == "char"
-        tokenizer = None if char else _sentencepiece(paths, settings, work, progress)
-        timings["tokenizer_s"], clock = time.perf_counter() - clock, time.perf_counter()
-        chunk_dtype = "uint32" if char else token_dtype_for(tokenizer.vocab_size)
-        offsets, chunk_files, digests, documents = _tokenize(paths, settings, tokenizer, chunk_dtype, work,
-                                                             progress, pool)
-        remap = None
-        if char:
-            tokenizer, remap = _char_tokenizer(work, progress, documents, paths)
-        dtype = token_dtype_for(tokenizer.vocab_size)
-        timings["tokenize_s"], clock = time.perf_counter() - clock, time.perf_counter()
-        splits = _write_splits(offsets, chunk_files, settings, (chunk_dtype, dtype, remap), work, progress,
-                               pool)
-        timings["shards_s"] = time.perf_counter() - clock
+    progress = _Progress(work, _fingerprint(paths, settings))
+    try:
+        with _pool(settings.workers) as pool:
+            char = settings.tokenizer == "char"
+            tokenizer = None if char else _sentencepiece(paths, settings, work, progress)
+            timings["tokenizer_s"], clock = time.perf_counter() - clock, time.perf_counter()
+            tokenized = _tokenize(paths, settings, tokenizer, work, progress, pool)
+            vocab = None
+            if char:
+                tokenizer, vocab = _char_tokenizer(work, progress, tokenized["documents"], paths)
+            dtype = token_dtype_for(tokenizer.vocab_size)
+            timings["tokenize_s"], clock = time.perf_counter() - clock, time.perf_counter()
+            splits = _write_splits(_Layout(progress, settings, dtype), vocab, work, progress, pool,
+                                   _in_flight(settings))
+            timings["shards_s"] = time.perf_counter() - clock
+    finally:
+        progress.close()
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         kind="tokens",
@@ -105,7 +114,7 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSetting
         eos_id=tokenizer.eos_id,
         sample_tokens=settings.sample_tokens,
         splits=splits,
-        sources=describe_sources(paths, digests),
+        sources=tokenized["sources"],
         settings=settings.identity(),
     )
     write_manifest(work, manifest)
@@ -122,37 +131,94 @@ def _check(s: PrepSettings) -> None:
         raise UserError(f"tokenizer {s.tokenizer!r}: expected char or sentencepiece")
     if not 0.0 <= s.val_fraction < 1.0:
         raise UserError(f"--val-fraction {s.val_fraction}: must be in [0, 1)")
-    if s.workers < 1 or s.sample_tokens < 1 or s.chunk_chars < 1 or s.shard_size_mb <= 0:
-        raise UserError("--workers, --sample-tokens and --shard-size-mb must be positive")
+    if s.workers < 1 or s.sample_tokens < 1 or s.chunk_chars < 1 or s.shard_size_mb <= 0 or s.sample_chars < 1:
+        raise UserError("--workers, --sample-tokens, --shard-size-mb and --sample-chars must be positive")
 
 
-# ---------------------------------------------------------------- resumable progress in <out>.partial
+def _fingerprint(paths: list[str], settings: PrepSettings) -> str:
+    """What defines the output: settings, format, and each input's path, size and mtime (streamed, no list)."""
+    digest = hashlib.sha256(json.dumps({"settings": settings.identity(), "format": FORMAT_VERSION},
+                                       sort_keys=True).encode())
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- resumable progress: an append-only log
 
 
 class _Progress:
-    """What <out>.partial already holds (chunk and shard sha256s) for a given fingerprint; reset otherwise."""
+    """`<out>.partial/progress.jsonl`: the fingerprint, then one JSON line per finished step (the tokenizer, a
+    chunk, new code points, the end of tokenization, a shard), appended and flushed: O(1) per update. A re-run
+    with the same fingerprint replays it (a torn last line from a kill is dropped); another one starts over."""
 
-    FILE = "progress.json"
+    FILE = "progress.jsonl"
 
     def __init__(self, work: Path, fingerprint: str):
-        self.work, self.path = work, work / self.FILE
-        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        if data.get("fingerprint") != fingerprint:
+        self.path = work / self.FILE
+        self.tokenizer_sha256: str | None = None
+        self.chunk_tokens = array("q")  # per chunk: token count, sha256 (32 bytes), 1 if uint32 ids
+        self.chunk_digests, self.chunk_wide = bytearray(), bytearray()
+        self.codepoints: set[int] = set()
+        self.tokenized: dict | None = None
+        self.shards: dict[str, dict] = {}
+        records = self._read()
+        if not records or records[0].get("fingerprint") != fingerprint:
             shutil.rmtree(work, ignore_errors=True)
-            data = {"fingerprint": fingerprint}
-        (work / "chunks").mkdir(parents=True, exist_ok=True)
-        self.data = data
-        self.data.setdefault("chunks", {})
-        self.data.setdefault("shards", {})
+            (work / "chunks").mkdir(parents=True)
+            records = []
+            self.path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+        for record in records[1:]:
+            self._apply(record)
+        self._file = open(self.path, "a")  # noqa: SIM115 - closed by close()
 
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data))
-        os.replace(tmp, self.path)
+    def _read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        records, good = [], 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    break
+                if not line.endswith(b"\n"):
+                    records.pop()
+                    break
+                good += len(line)
+        os.truncate(self.path, good)  # appends must not follow a torn line
+        return records
 
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._apply(record)
 
-def _hash_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    def _apply(self, record: dict) -> None:
+        if "chunk" in record:
+            if record["chunk"] == len(self.chunk_tokens):
+                self.chunk_tokens.append(record["tokens"])
+                self.chunk_digests += bytes.fromhex(record["sha256"])
+                self.chunk_wide.append(record["dtype"] == "uint32")
+        elif "codepoints" in record:
+            self.codepoints.update(record["codepoints"])
+        elif "shard" in record:
+            self.shards[record["shard"]["name"]] = record["shard"]
+        elif "tokenized" in record:
+            self.tokenized = record["tokenized"]
+        elif "tokenizer_sha256" in record:
+            self.tokenizer_sha256 = record["tokenizer_sha256"]
+
+    def chunk(self, i: int) -> tuple[int, str, str] | None:
+        """(tokens, sha256, dtype) of a finished chunk, or None."""
+        if i >= len(self.chunk_tokens):
+            return None
+        return (self.chunk_tokens[i], self.chunk_digests[32 * i:32 * i + 32].hex(),
+                "uint32" if self.chunk_wide[i] else "uint16")
+
+    def close(self) -> None:
+        self._file.close()
 
 
 # ---------------------------------------------------------------- worker pool with bounded, ordered results
@@ -180,7 +246,7 @@ class _Done:
 def _pool(workers: int):
     if workers == 1:
         return _InProcess()
-    method = "fork" if "fork" in __import__("multiprocessing").get_all_start_methods() else "spawn"
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(workers, mp_context=get_context(method))
 
 
@@ -201,35 +267,31 @@ def _in_flight(settings: PrepSettings) -> int:
 
 # ---------------------------------------------------------------- tokenizers
 
-EOS_CODEPOINT = 0x110000  # char level: chunks hold code points (EOS: one past Unicode's last) until remapped
+EOS_CODEPOINT = 0x110000  # char level: chunk tables hold code points (EOS: one past Unicode's last)
 
 
 def _sentencepiece(paths, settings: PrepSettings, work: Path, progress: _Progress) -> SentencePieceTokenizer:
     path = work / SENTENCEPIECE_FILE
-    if not (path.is_file() and progress.data.get("tokenizer_sha256") == sha256_file(path)):
+    if not (path.is_file() and progress.tokenizer_sha256 == sha256_file(path)):
         from data_prep.spm import train_sentencepiece
 
         train_sentencepiece(paths, settings, path)
-        progress.data["tokenizer_sha256"] = sha256_file(path)
-        progress.save()
+        progress.append({"tokenizer_sha256": sha256_file(path)})
     return SentencePieceTokenizer(path)
 
 
 def _char_tokenizer(work: Path, progress: _Progress, documents: int, paths) -> tuple[CharTokenizer, str]:
-    """The sorted characters seen while tokenizing, EOS reserved only for several documents; and the
-    code point -> id table the shard writers apply."""
-    codes = np.asarray(progress.data.get("codepoints", []), dtype=np.int64)
-    codes = codes[codes < EOS_CODEPOINT]
-    if codes.size == 0:
+    """The sorted characters seen while tokenizing, EOS reserved only for several documents; and the file of
+    the vocabulary's code points (EOS last) through which the shard writers map the chunks' tables."""
+    vocab = np.array(sorted(progress.codepoints), dtype=np.int64)
+    chars = vocab[vocab < EOS_CODEPOINT]
+    if chars.size == 0:
         raise UserError(f"the inputs ({', '.join(map(str, paths[:3]))}) contain no text")
-    tokenizer = CharTokenizer([chr(c) for c in codes], eos_id=len(codes) if documents > 1 else None)
+    tokenizer = CharTokenizer([chr(c) for c in chars], eos_id=len(chars) if documents > 1 else None)
     tokenizer.save(work / TOKENIZER_FILES["char"])
-    table = np.zeros(EOS_CODEPOINT + 1, dtype=np.uint32)
-    table[codes] = np.arange(len(codes), dtype=np.uint32)
-    table[EOS_CODEPOINT] = tokenizer.eos_id or 0
-    remap = work / "chunks" / "remap.npy"
-    np.save(remap, table)
-    return tokenizer, str(remap)
+    path = work / "chunks" / "vocab.npy"
+    np.save(path, vocab)
+    return tokenizer, str(path)
 
 
 # ---------------------------------------------------------------- tokenization
@@ -251,99 +313,179 @@ def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
-def _encode_chunk(index: int, chunk, tokenizer_file: str | None, dtype: str, path: str, known: list | None):
-    """Tokenize a chunk into path, EOS before each document but the first: (tokens, sha256, chars, code
-    points seen). tokenizer_file None: char level, which stores code points (one pass, no vocabulary pass)."""
-    n_chars = sum(len(text) for text, _ in chunk)
-    if known is not None and os.path.isfile(path) and sha256_file(path) == known[1]:
-        return known[0], known[1], n_chars, None
-    tokenizer = _tokenizer_in_worker(tokenizer_file) if tokenizer_file else None
-    eos = tokenizer.eos_id if tokenizer else EOS_CODEPOINT
+def _chunk_digest(path: str, char: bool) -> str | None:
+    """sha256 of a chunk's files (ids, then the char table), or None when one is missing."""
+    digest = hashlib.sha256()
+    for name in (path, path[:-len(".bin")] + ".cp") if char else (path,):
+        if not os.path.isfile(name):
+            return None
+        digest.update(Path(name).read_bytes())
+    return digest.hexdigest()
+
+
+def _encode_chunk(index: int, chunk, tokenizer_file: str | None, path: str, known: tuple | None):
+    """Tokenize a chunk into path, EOS before each document but the first: (tokens, sha256, dtype, code points
+    seen). known = (tokens, sha256, dtype, reuse_unchecked): a finished chunk, reused when no longer needed or
+    when its files still match. Char level (tokenizer_file None) stores ids into the chunk's own sorted table
+    of code points (NNNNNN.cp), uint16 unless the chunk holds more than 65,536 distinct characters."""
+    char = tokenizer_file is None
+    if known is not None and (known[3] or _chunk_digest(path, char) == known[1]):
+        return known[0], known[1], known[2], None
+    tokenizer = None if char else _tokenizer_in_worker(tokenizer_file)
+    eos = EOS_CODEPOINT if char else tokenizer.eos_id
     parts = []
     for i, (text, starts_doc) in enumerate(chunk):
         if starts_doc and eos is not None and not (index == 0 and i == 0):
-            parts.append(np.array([eos], dtype=dtype))
-        parts.append(tokenizer.encode_array(text) if tokenizer else _codepoints(text))
-    ids = np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype=dtype)
-    seen = None if tokenizer else np.flatnonzero(np.bincount(ids))  # 3x faster than np.unique
-    tmp = path + ".tmp"
-    ids.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(tmp)
-    os.replace(tmp, path)
-    return len(ids), hashlib.sha256(ids.tobytes()).hexdigest(), n_chars, seen
+            parts.append(np.array([eos], dtype=np.int64))
+        parts.append(_codepoints(text) if char else tokenizer.encode_array(text))
+    ids = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+    seen = None
+    if char:
+        seen = np.flatnonzero(np.bincount(ids)) if ids.size else np.empty(0, dtype=np.int64)  # 3x np.unique
+        table = np.zeros(int(seen[-1]) + 1 if seen.size else 1, dtype=np.int64)
+        table[seen] = np.arange(seen.size)
+        ids = table[ids]
+        _write_atomic(path[:-len(".bin")] + ".cp", seen.astype("<u4").tobytes())
+    dtype = token_dtype_for(seen.size if char else tokenizer.vocab_size)
+    _write_atomic(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
+    return len(ids), _chunk_digest(path, char), dtype, seen
 
 
-def _tokenize(paths, settings: PrepSettings, tokenizer, dtype: str, work: Path, progress: _Progress, pool):
-    """(token offsets of the chunks, chunk files, source digests, number of documents)."""
-    digests: dict = {}
-    chunk_files: list[str] = []
+def _write_atomic(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def _tokenize(paths, settings: PrepSettings, tokenizer, work: Path, progress: _Progress, pool) -> dict:
+    """Chunk files for every chunk a shard still needs; returns {"chunks", "documents", "sources"}.
+
+    A re-run after tokenization finished skips reading the corpus when the chunks still needed are intact."""
+    vocab_size = tokenizer.vocab_size if tokenizer else len(progress.codepoints)
+    needed = _needed_chunks(progress, settings, work, token_dtype_for(vocab_size))
+    if progress.tokenized is not None and all(
+            _chunk_digest(chunk_file(work / "chunks", i), tokenizer is None) == progress.chunk(i)[1]
+            for i in np.flatnonzero(needed)):
+        return progress.tokenized
+    chunk_dir = work / "chunks"
     tokenizer_file = str(work / SENTENCEPIECE_FILE) if tokenizer else None
+    sources = _SourceList(work)
     documents = 0
 
     def jobs():
         nonlocal documents
-        for index, chunk in enumerate(iter_chunks(paths, settings.text_field, settings.chunk_chars, digests)):
+        for index, chunk in enumerate(iter_chunks(paths, settings.text_field, settings.chunk_chars, sources.add)):
             documents += sum(starts for _, starts in chunk)
-            path = str(work / "chunks" / f"{index:06d}.bin")
-            chunk_files.append(path)
-            yield index, chunk, tokenizer_file, dtype, path, progress.data["chunks"].get(str(index))
+            bar.update(sum(len(text) for text, _ in chunk))
+            known = progress.chunk(index)
+            if known is not None:
+                known = (*known, needed is not None and not needed[index])
+            yield index, chunk, tokenizer_file, chunk_file(chunk_dir, index), known
 
-    def save():
-        if pending_codes:
-            known = np.asarray(progress.data.get("codepoints", []), np.int64)
-            merged = np.concatenate([known, *pending_codes])
-            progress.data["codepoints"] = np.unique(merged).tolist()
-            pending_codes.clear()
-        progress.save()
-
-    total_bytes = sum(p.stat().st_size for p in paths)
-    counts, pending_codes = [], []
-    start = time.perf_counter()
+    total_bytes = sum(os.path.getsize(p) for p in paths)
+    tokens, start, index = 0, time.perf_counter(), -1
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=None) as bar:
-        for tokens, digest, n_chars, seen in ordered_map(pool, _encode_chunk, jobs(), _in_flight(settings)):
-            progress.data["chunks"][str(len(counts))] = [tokens, digest]
-            counts.append(tokens)
-            if seen is not None:
-                pending_codes.append(seen)
-            bar.update(n_chars)
-            tokens_per_sec = sum(counts) / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
-            if len(counts) % 16 == 0:
-                save()
-    save()
-    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
-    return offsets, chunk_files, digests, documents
+        for index, (n, digest, dtype, seen) in enumerate(ordered_map(pool, _encode_chunk, jobs(),
+                                                                     _in_flight(settings))):
+            if progress.chunk(index) is None:
+                progress.append({"chunk": index, "tokens": n, "sha256": digest, "dtype": dtype})
+            new = [] if seen is None else sorted(set(seen.tolist()) - progress.codepoints)
+            if new:
+                progress.append({"codepoints": new})
+            tokens += n
+            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
+    progress.append({"tokenized": {"chunks": index + 1, "documents": documents, "sources": sources.finish()}})
+    return progress.tokenized
+
+
+class _SourceList:
+    """sources.jsonl, written as the files are read (path, bytes, sha256): the manifest holds only a summary."""
+
+    def __init__(self, work: Path):
+        self.path = work / SOURCES_FILE
+        self.tmp = open(self.path.with_name(SOURCES_FILE + ".tmp"), "w")  # noqa: SIM115 - closed by finish()
+        self.files, self.bytes = 0, 0
+
+    def add(self, path: str, size: int, digest: str) -> None:
+        self.tmp.write(json.dumps({"path": path, "bytes": size, "sha256": digest}) + "\n")
+        self.files, self.bytes = self.files + 1, self.bytes + size
+
+    def finish(self) -> dict:
+        self.tmp.close()
+        os.replace(self.tmp.name, self.path)
+        return {"files": self.files, "bytes": self.bytes, "sha256": sha256_file(self.path),
+                "list": SOURCES_FILE}
+
+
+def _needed_chunks(progress: _Progress, settings: PrepSettings, work: Path, dtype: str) -> np.ndarray | None:
+    """After tokenization: a flag per chunk, whether a shard not yet written (and verified) reads it; None before.
+    Finished shards that no longer match their sha256 are forgotten here, so they are rewritten."""
+    if progress.tokenized is None:
+        return None
+    for name, entry in list(progress.shards.items()):
+        index = work / index_name(name)
+        if not ((work / name).is_file() and sha256_file(work / name) == entry["sha256"] and index.is_file()
+                and sha256_file(index) == entry["index_sha256"]):
+            del progress.shards[name]
+    layout = _Layout(progress, settings, dtype)
+    needed = np.zeros(len(progress.chunk_tokens), dtype=bool)
+    for job in layout.jobs(str(work / "chunks"), None):
+        if job.name not in progress.shards:
+            needed[job.first_chunk:job.first_chunk + len(job.chunk_dtypes)] = True
+    return needed
 
 
 # ---------------------------------------------------------------- shards
 
 
+class _Layout:
+    """Where the shards lie in the token stream: splits cut at int(total * (1 - val_fraction)), shards of a
+    fixed number of tokens (whole samples) from each split's start."""
+
+    def __init__(self, progress: _Progress, settings: PrepSettings, dtype: str):
+        self.progress, self.dtype, self.sample = progress, dtype, settings.sample_tokens
+        self.offsets = np.concatenate([[0], np.cumsum(np.asarray(progress.chunk_tokens, dtype=np.int64))])
+        self.total = int(self.offsets[-1])
+        self.train_end = int(self.total * (1.0 - settings.val_fraction))
+        per_shard = int(settings.shard_size_mb * (1 << 20) / np.dtype(dtype).itemsize)
+        self.shard_tokens = max(self.sample, per_shard // self.sample * self.sample)
+
+    def jobs(self, chunk_dir: str, vocab: str | None) -> Iterator[ShardJob]:
+        for split, lo, hi in (("train", 0, self.train_end), ("val", self.train_end, self.total)):
+            for k, start in enumerate(range(lo, hi, self.shard_tokens)):
+                end = min(start + self.shard_tokens, hi)
+                first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+                last = int(np.searchsorted(self.offsets, end, side="left"))
+                wide = self.progress.chunk_wide
+                yield ShardJob(f"{split}-{k:06d}.tar", start, end, self.sample, self.dtype, chunk_dir, first,
+                               tuple(self.offsets[first:last + 1].tolist()),
+                               tuple("uint32" if wide[i] else "uint16" for i in range(first, last)) if vocab
+                               else (self.dtype,) * (last - first), vocab)
+
+
 def _write_shard_job(job: ShardJob, work: str, known: dict | None) -> dict:
-    path = Path(work) / job.name
-    if known is not None and path.is_file() and sha256_file(path) == known["sha256"]:
-        return known
-    return write_shard(job, Path(work))
+    return known if known is not None else write_shard(job, Path(work))
 
 
-def _write_splits(offsets, chunk_files, settings: PrepSettings, dtypes: tuple, work: Path,
-                  progress: _Progress, pool):
-    chunk_dtype, dtype, remap = dtypes
-    total = offsets[-1]
-    train_end = int(total * (1.0 - settings.val_fraction))
-    itemsize = np.dtype(dtype).itemsize
-    sample = settings.sample_tokens
-    shard_tokens = max(sample, int(settings.shard_size_mb * (1 << 20) / itemsize) // sample * sample)
-    jobs = []
-    for split, lo, hi in (("train", 0, train_end), ("val", train_end, total)):
-        for k, start in enumerate(range(lo, hi, shard_tokens)):
-            jobs.append(ShardJob(f"{split}-{k:06d}.tar", start, min(start + shard_tokens, hi), sample, dtype,
-                                 tuple(chunk_files), tuple(offsets), chunk_dtype, remap))
-    splits = {"train": {"tokens": train_end, "samples": 0, "shards": []},
-              "val": {"tokens": total - train_end, "samples": 0, "shards": []}}
-    items = ((job, str(work), progress.data["shards"].get(job.name)) for job in jobs)
-    for entry in ordered_map(pool, _write_shard_job, items, _in_flight(settings)):
-        progress.data["shards"][entry["name"]] = entry
-        progress.save()
-        split = splits[entry["name"].split("-")[0]]
+def _write_splits(layout: _Layout, vocab: str | None, work: Path, progress: _Progress, pool,
+                  in_flight: int) -> dict:
+    """Every shard not yet written (in parallel, results in order); a chunk is deleted once every shard that
+    reads it is written."""
+    splits = {"train": {"tokens": layout.train_end, "samples": 0, "shards": []},
+              "val": {"tokens": layout.total - layout.train_end, "samples": 0, "shards": []}}
+    jobs = list(layout.jobs(str(work / "chunks"), vocab))
+    items = ((job, str(work), progress.shards.get(job.name)) for job in jobs)
+    retired = 0  # chunks [0, retired) are deleted
+    for job, entry in zip(jobs, ordered_map(pool, _write_shard_job, items, in_flight),
+                          strict=True):
+        if entry is not progress.shards.get(job.name):
+            progress.append({"shard": entry})
+        split = splits[job.name.split("-")[0]]
         split["shards"].append(entry)
         split["samples"] += entry["samples"]
+        done = int(np.searchsorted(layout.offsets, job.end, side="right")) - 1  # chunks before `done` end by now
+        for i in range(retired, done):
+            for suffix in (".bin", ".cp"):
+                Path(chunk_file(work / "chunks", i, suffix)).unlink(missing_ok=True)
+        retired = max(retired, done)
     return splits

@@ -1,48 +1,72 @@
-"""Shard writing: a token range of the tokenized chunk files as a reproducible webdataset tar."""
+"""Shard writing: a token range of the tokenized chunk files as a reproducible webdataset tar plus its index."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 
+from megagpt.dataset import INDEX_RECORD, index_name
+
 TOKENS_FIELD = "tokens"  # each sample is {"__key__": "000042", "tokens": raw little-endian token ids}
+
+
+def chunk_file(chunk_dir: str | Path, index: int, suffix: str = ".bin") -> str:
+    """Chunk `index`'s token file (.bin) or, at char level, its table of code points (.cp)."""
+    return os.path.join(chunk_dir, f"{index:06d}{suffix}")
 
 
 @dataclass(frozen=True)
 class ShardJob:
-    """Tokens [start, end) of the corpus stream (all chunk files laid end to end) as one shard."""
+    """Tokens [start, end) of the corpus stream (the chunk files laid end to end) as one shard; the job names
+    only the chunks that hold those tokens, so its size does not grow with the corpus."""
 
     name: str
     start: int
     end: int
     sample_tokens: int
     dtype: str
-    chunk_files: tuple[str, ...]
-    chunk_offsets: tuple[int, ...]  # cumulative token count before each chunk, plus the total at the end
-    chunk_dtype: str
-    remap: str | None = None  # a .npy table applied to the chunks' ids (char level: code point -> id)
+    chunk_dir: str
+    first_chunk: int
+    chunk_offsets: tuple[int, ...]  # stream offset of each of its chunks, plus the end of the last one
+    chunk_dtypes: tuple[str, ...]
+    vocab: str | None = None  # char level: a .npy of the vocabulary's code points (EOS last), see _tables
 
 
-def read_range(job: ShardJob, start: int, end: int) -> np.ndarray:
-    """Tokens [start, end) of the stream, gathered from the chunk files that hold them."""
+class _Tables:
+    """Char level: chunk i holds ids into its own sorted code point table (chunks/NNNNNN.cp), so that it fits
+    in uint16 whatever the corpus's alphabet; table -> vocabulary id is one searchsorted, cached per chunk."""
+
+    def __init__(self, job: ShardJob):
+        self.job, self.vocab, self.cache = job, np.load(job.vocab), {}
+
+    def __call__(self, i: int) -> np.ndarray:
+        if i not in self.cache:
+            codes = np.fromfile(chunk_file(self.job.chunk_dir, self.job.first_chunk + i, ".cp"), dtype="<u4")
+            self.cache[i] = np.searchsorted(self.vocab, codes).astype(self.job.dtype)
+        return self.cache[i]
+
+
+def read_range(job: ShardJob, start: int, end: int, tables: _Tables | None = None) -> np.ndarray:
+    """Tokens [start, end) of the stream as vocabulary ids, gathered from the chunk files that hold them."""
     offsets = job.chunk_offsets
-    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    i = bisect_right(offsets, start) - 1
     parts = []
-    i = first
     while start < end:
         lo, hi = offsets[i], offsets[i + 1]
         if hi > start:
-            mm = np.memmap(job.chunk_files[i], dtype=job.chunk_dtype, mode="r")
             take = min(end, hi) - start
-            parts.append(np.asarray(mm[start - lo:start - lo + take]))
+            path = chunk_file(job.chunk_dir, job.first_chunk + i)
+            ids = np.asarray(np.memmap(path, dtype=job.chunk_dtypes[i], mode="r")[start - lo:start - lo + take])
+            parts.append(tables(i)[ids] if tables is not None else ids)
             start += take
         i += 1
-    return np.concatenate(parts) if parts else np.empty(0, dtype=job.chunk_dtype)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=job.dtype)
 
 
 class _HashingWriter:
@@ -58,26 +82,33 @@ class _HashingWriter:
 
 
 def write_shard(job: ShardJob, out_dir: Path) -> dict:
-    """Write the shard via a temp name (a killed write leaves no complete-looking file); its manifest entry.
+    """Write the shard and its member index via temp names (a killed write leaves no complete-looking file);
+    returns its manifest entry.
 
     Byte-identical for identical tokens: fixed mtime, owner and mode, samples in order. No fsync: a shard
-    damaged by a crash fails its manifest sha256 when the loader opens it.
+    damaged by a crash fails its member sha256 when read, and `megagpt data verify`.
     """
     path = Path(out_dir) / job.name
     tmp = path.with_name(path.name + ".tmp")
-    samples = 0
-    table = np.load(job.remap) if job.remap else None
+    tables = _Tables(job) if job.vocab else None
+    dtype = np.dtype(job.dtype).newbyteorder("<")
+    index, max_token = [], 0
     with open(tmp, "wb") as raw:
         f = _HashingWriter(raw)
         writer = wds.TarWriter(f, user="megagpt", group="megagpt", mode=0o444, encoder=False, mtime=0)
         for lo in range(job.start, job.end, job.sample_tokens):
-            tokens = read_range(job, lo, min(lo + job.sample_tokens, job.end))
-            if table is not None:
-                tokens = table[tokens]
-            payload = tokens.astype(np.dtype(job.dtype).newbyteorder("<"), copy=False).tobytes()
-            writer.write({"__key__": f"{samples:06d}", TOKENS_FIELD: payload})
-            samples += 1
+            tokens = read_range(job, lo, min(lo + job.sample_tokens, job.end), tables)
+            payload = tokens.astype(dtype, copy=False).tobytes()
+            writer.write({"__key__": f"{len(index):06d}", TOKENS_FIELD: payload})
+            data_offset = writer.tarstream.offset - -(-len(payload) // 512) * 512  # payloads are 512-byte padded
+            index.append((data_offset, len(payload), hashlib.sha256(payload).digest()))
+            max_token = max(max_token, int(tokens.max(initial=0)))
         writer.close()
+    index_bytes = np.array(index, dtype=INDEX_RECORD).tobytes()
+    index_path = path.with_name(index_name(job.name))
+    index_path.with_name(index_path.name + ".tmp").write_bytes(index_bytes)
+    os.replace(index_path.with_name(index_path.name + ".tmp"), index_path)
     os.replace(tmp, path)
-    return {"name": job.name, "samples": samples, "tokens": job.end - job.start,
-            "bytes": f.size, "sha256": f.digest.hexdigest()}
+    return {"name": job.name, "samples": len(index), "tokens": job.end - job.start, "bytes": f.size,
+            "sha256": f.digest.hexdigest(), "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
+            "max_token": max_token}

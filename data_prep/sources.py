@@ -1,4 +1,11 @@
-"""Corpus reading: files, dirs, globs of .txt/.jsonl (optionally .gz) streamed as bounded text chunks."""
+"""Corpus reading: files, dirs, globs of .txt/.jsonl (optionally .gz) streamed as bounded text pieces.
+
+Memory is bounded by a few pieces whatever the corpus, a file or a record holds: a .txt file is read in blocks,
+a .jsonl record longer than LONG_RECORD pieces is parsed as a stream (its text field decoded block by block),
+and every text is cut into pieces of about `piece_chars` characters at a newline, else just before a space that
+follows a non-space (a word boundary for sentencepiece, so pieces encode exactly as the whole text would), else
+anywhere (a single word longer than a piece).
+"""
 
 from __future__ import annotations
 
@@ -7,43 +14,71 @@ import gzip
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from megagpt.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+LONG_RECORD = 4  # a .jsonl line longer than this many pieces is parsed as a stream, not loaded whole
 
 # A chunk is a list of (text, starts_document) pieces; EOS goes before every document but the first.
 Chunk = list[tuple[str, bool]]
 
 
-def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files, directories (recursively) and globs, each expanded in sorted order, duplicates dropped."""
-    found: list[Path] = []
-    for spec in inputs:
-        spec = str(spec)
-        path = Path(spec)
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
-        elif path.is_file():
-            matches = [path]
+# ---------------------------------------------------------------- which files
+
+
+def input_files(inputs: list[str | Path]) -> list[str]:
+    """Files, directories (recursively) and globs as absolute paths, each expanded in the order of sorting by
+    path components, duplicates dropped. Strings, not Path objects: a million inputs stay ~150 MB."""
+    found: dict[str, None] = {}
+    for spec in map(str, inputs):
+        if os.path.isdir(spec):
+            matches = list(_walk(os.path.realpath(spec)))
+        elif os.path.isfile(spec):
+            matches = [os.path.realpath(spec)]
         else:
-            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            hits = sorted(glob.glob(spec, recursive=True), key=lambda p: Path(p).parts)
+            matches = [os.path.realpath(p) for p in hits if os.path.isfile(p)]
+            for m in matches:
+                if not m.endswith(SUFFIXES):
+                    raise UserError(f"--input {m}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
         if not matches:
             raise UserError(f"--input {spec}: no such file, or no {'/'.join(SUFFIXES)} files in it")
-        for m in matches:
-            if not m.name.endswith(SUFFIXES):
-                raise UserError(f"--input {m}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
-        found.extend(m.resolve() for m in matches)
-    return list(dict.fromkeys(found))
+        if not matches[0].endswith(SUFFIXES):
+            raise UserError(f"--input {matches[0]}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+        found.update(dict.fromkeys(matches))
+    return list(found)
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """input_files as Path objects (for callers with few inputs)."""
+    return [Path(p) for p in input_files(inputs)]
+
+
+def _walk(directory: str) -> Iterator[str]:
+    """Corpus files under directory, depth first, each directory's entries sorted by name (the order of sorting
+    whole paths by components), one directory held at a time; symlinked directories are not entered."""
+    with os.scandir(directory) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(entry.path)
+        elif entry.name.endswith(SUFFIXES) and entry.is_file():
+            yield entry.path
+
+
+# ---------------------------------------------------------------- reading, hashing
 
 
 class _HashingReader(io.RawIOBase):
-    """Passes a binary file through while hashing it, so a source is hashed in the pass that reads it."""
+    """Passes a binary file through while hashing and counting it: a source is hashed in the pass that reads it."""
 
-    def __init__(self, raw, digest):
-        self.raw, self.digest = raw, digest
+    def __init__(self, raw):
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
 
     def readable(self) -> bool:
         return True
@@ -51,48 +86,82 @@ class _HashingReader(io.RawIOBase):
     def readinto(self, buffer) -> int:
         n = self.raw.readinto(buffer)
         self.digest.update(memoryview(buffer)[:n])
+        self.size += n
         return n
 
 
-def _open_text(path: Path, digest=None) -> io.TextIOBase:
-    raw = open(path, "rb")  # noqa: SIM115 - closed through the wrapper
-    if digest is not None:
-        raw = io.BufferedReader(_HashingReader(raw, digest), 1 << 20)
-    stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
+def _open_text(path: str, hashing: _HashingReader) -> io.TextIOBase:
+    raw = io.BufferedReader(hashing, 1 << 20)
+    stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
     # newline="": "\r\n" and lone "\r" reach the tokenizer unchanged.
     return io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline="")
 
 
-def _iter_pieces(path: Path, text_field: str, piece_chars: int, digest=None) -> Iterator[tuple[str, bool]]:
-    """(text, starts_document) pieces of one file, each at most ~piece_chars characters."""
-    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+def _boundary(text: str) -> int:
+    """Where to cut text: after its last newline, else before its last space that follows a non-space."""
+    cut = text.rfind("\n") + 1
+    if cut:
+        return cut
+    space = text.rfind(" ")
+    while space > 0 and text[space - 1] == " ":
+        space -= 1
+    return space if space > 0 else len(text)
+
+
+def _pieces(blocks: Iterable[str], piece_chars: int) -> Iterator[str]:
+    """One document given as blocks of at most piece_chars, re-cut at boundaries into pieces of about that size."""
+    text = ""
+    for block in blocks:
+        text += block
+        while len(text) >= piece_chars:
+            cut = _boundary(text)
+            yield text[:cut]
+            text = text[cut:]
+    if text:
+        yield text
+
+
+def _document(blocks: Iterable[str], piece_chars: int) -> Iterator[tuple[str, bool]]:
+    """(piece, starts_document) for one document; an empty document is one empty piece (it still takes an EOS)."""
+    first = True
+    for piece in _pieces(blocks, piece_chars):
+        yield piece, first
+        first = False
+    if first:
+        yield "", True
+
+
+def _iter_pieces(path: str, text_field: str, piece_chars: int,
+                 hashing: _HashingReader) -> Iterator[tuple[str, bool]]:
+    """(text, starts_document) pieces of one file, each about piece_chars characters."""
     try:
-        with _open_text(path, digest) as f:
-            if jsonl:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    text = _jsonl_text(path, line_no, line, text_field)
-                    for i in range(0, max(len(text), 1), piece_chars):
-                        yield text[i:i + piece_chars], i == 0
-                return
-            carry, first = "", True  # a .txt file is one document, cut at newlines into pieces
-            while block := f.read(piece_chars):
-                text = carry + block
-                cut = text.rfind("\n") + 1 or len(text)
-                carry = text[cut:]
-                if cut:
-                    yield text[:cut], first
-                    first = False
-            if carry or first:
-                yield carry, first
+        with _open_text(path, hashing) as f:
+            if path.endswith((".jsonl", ".jsonl.gz")):
+                yield from _jsonl_pieces(f, path, text_field, piece_chars)
+            else:  # a .txt file is one document
+                yield from _document(iter(lambda: f.read(piece_chars), ""), piece_chars)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except (OSError, EOFError) as e:
         raise UserError(f"{path}: cannot read: {e}") from None
 
 
-def _jsonl_text(path: Path, line_no: int, line: str, text_field: str) -> str:
+def _jsonl_pieces(f, path: str, text_field: str, piece_chars: int) -> Iterator[tuple[str, bool]]:
+    limit = LONG_RECORD * piece_chars
+    line_no = 0
+    while line := f.readline(limit):
+        line_no += 1
+        if len(line) == limit and not line.endswith("\n"):
+            blocks = _RecordStream(f, line, f"{path}:{line_no}", piece_chars).text_blocks(text_field)
+        elif not line.strip():
+            continue
+        else:
+            text = _jsonl_text(path, line_no, line, text_field)
+            blocks = (text[i:i + piece_chars] for i in range(0, len(text), piece_chars))
+        yield from _document(blocks, piece_chars)
+
+
+def _jsonl_text(path: str, line_no: int, line: str, text_field: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -102,28 +171,159 @@ def _jsonl_text(path: Path, line_no: int, line: str, text_field: str) -> str:
     return record[text_field]
 
 
-def iter_chunks(paths: list[Path], text_field: str = "text", chunk_chars: int = 1 << 20,
-                digests: dict[Path, object] | None = None) -> Iterator[Chunk]:
+# ---------------------------------------------------------------- an over-long .jsonl record as a stream
+
+_STRING_BODY = re.compile(r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
+_HIGH_SURROGATE_TAIL = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}$")
+_SCALAR = re.compile(r"[^,}\]\s]*")
+_NESTING = re.compile(r'["{}\[\]]')
+
+
+class _RecordStream:
+    """The rest of one over-long .jsonl line, read in blocks: its object's text field decoded block by block,
+    other fields skipped (scalars and nested values checked only for balance; the first text field counts)."""
+
+    def __init__(self, f, head: str, where: str, block: int):
+        self.f, self.buf, self.pos, self.where, self.block = f, head, 0, where, block
+        self.at_end = head.endswith("\n")
+
+    def _more(self) -> bool:
+        """Append the next block of this line to the unread part; False at its end."""
+        if self.at_end:
+            return False
+        more = self.f.readline(self.block)
+        self.at_end = not more or more.endswith("\n")
+        self.buf, self.pos = self.buf[self.pos:] + more, 0
+        return bool(more)
+
+    def _peek(self) -> str:
+        while self.pos >= len(self.buf) or self.buf[self.pos] in " \t\r\n":
+            if self.pos < len(self.buf):
+                self.pos += 1
+            elif not self._more():
+                return ""
+        return self.buf[self.pos]
+
+    def _expect(self, chars: str) -> str:
+        c = self._peek()
+        if not c or c not in chars:
+            self._fail(f"expected {' or '.join(map(repr, chars))}, found {c[:1]!r}")
+        self.pos += 1
+        return c
+
+    def _fail(self, problem: str):
+        raise UserError(f"{self.where}: not valid JSON ({problem})")
+
+    def text_blocks(self, field: str) -> Iterator[str]:
+        found = False
+        self._expect("{")
+        if self._peek() == "}":
+            self.pos += 1
+        else:
+            while True:
+                self._expect('"')
+                key = "".join(self._string())
+                self._expect(":")
+                if key == field and not found and self._peek() == '"':
+                    self.pos += 1
+                    found = True
+                    yield from self._string()
+                else:
+                    self._skip_value()
+                if self._expect(",}") == "}":
+                    break
+        if self._peek():
+            self._fail("text after the record")
+        if not found:
+            raise UserError(f"{self.where}: no string field {field!r} (set --text-field)")
+
+    def _string(self) -> Iterator[str]:
+        """A JSON string's content (after its opening quote), decoded in blocks; never splits an escape or a
+        surrogate pair, so the blocks join to exactly what json.loads gives."""
+        while True:
+            end = _STRING_BODY.match(self.buf, self.pos).end()
+            if end < len(self.buf) and self.buf[end] == '"':
+                yield self._decode(self.buf[self.pos:end])
+                self.pos = end + 1
+                return
+            if end < len(self.buf) and end + 6 <= len(self.buf):  # not a partial escape at the buffer's end
+                self._fail(f"bad character {self.buf[end]!r} in a string")
+            raw = self.buf[self.pos:end]
+            if _HIGH_SURROGATE_TAIL.search(raw) and (len(raw) - 6 - len(raw[:-6].rstrip("\\"))) % 2 == 0:
+                end -= 6  # keep a pair's first half with its second
+            if end > self.pos:
+                yield self._decode(self.buf[self.pos:end])
+            self.pos = end
+            if not self._more():
+                self._fail("unterminated string")
+
+    def _decode(self, raw: str) -> str:
+        try:
+            return json.loads(f'"{raw}"')
+        except json.JSONDecodeError as e:
+            self._fail(e.msg)
+
+    def _skip_value(self) -> None:
+        c = self._peek()
+        if c == '"':
+            self.pos += 1
+            for _ in self._string():
+                pass
+        elif c in ("{", "["):
+            self._skip_nested()
+        else:
+            end = _SCALAR.match(self.buf, self.pos).end()
+            while end == len(self.buf) and self._more():
+                end = _SCALAR.match(self.buf, self.pos).end()
+            try:
+                json.loads(self.buf[self.pos:end])
+            except json.JSONDecodeError:
+                self._fail(f"bad value {self.buf[self.pos:end][:20]!r}")
+            self.pos = end
+
+    def _skip_nested(self) -> None:
+        depth = 0
+        while True:
+            m = _NESTING.search(self.buf, self.pos)
+            if m is None:
+                self.pos = len(self.buf)
+                if not self._more():
+                    self._fail("unterminated object or array")
+                continue
+            self.pos = m.end()
+            if m.group() == '"':
+                for _ in self._string():
+                    pass
+                continue
+            depth += 1 if m.group() in "{[" else -1
+            if depth == 0:
+                return
+
+
+# ---------------------------------------------------------------- chunks
+
+
+def iter_chunks(paths: list[str | Path], text_field: str = "text", chunk_chars: int = 1 << 20,
+                on_file: Callable[[str, int, str], None] | None = None) -> Iterator[Chunk]:
     """The corpus as chunks of about chunk_chars characters, cut the same way whatever reads them.
 
-    Memory stays bounded by a few chunks whatever the corpus size. `digests`, when given, receives a
-    sha256 object per path that has hashed the file's bytes once the iterator is exhausted.
+    Memory stays bounded by a few chunks whatever the corpus, file or record size. `on_file(path, bytes,
+    sha256)` is called once a file has been read through (its bytes as stored, e.g. gzipped).
     """
     chunk: Chunk = []
     size = 0
-    for path in paths:
-        digest = None
-        if digests is not None:
-            digest = digests[path] = hashlib.sha256()
-        for text, starts_doc in _iter_pieces(path, text_field, chunk_chars, digest):
+    for path in map(str, paths):
+        try:
+            hashing = _HashingReader(open(path, "rb"))  # noqa: SIM115 - closed with the text wrapper
+        except OSError as e:
+            raise UserError(f"{path}: cannot read: {e}") from None
+        for text, starts_doc in _iter_pieces(path, text_field, chunk_chars, hashing):
             chunk.append((text, starts_doc))
             size += len(text)
             if size >= chunk_chars:
                 yield chunk
                 chunk, size = [], 0
+        if on_file is not None:
+            on_file(path, hashing.size, hashing.digest.hexdigest())
     if chunk:
         yield chunk
-
-
-def describe_sources(paths: list[Path], digests: dict[Path, object]) -> list[dict]:
-    return [{"path": str(p), "bytes": p.stat().st_size, "sha256": digests[p].hexdigest()} for p in paths]

@@ -1,4 +1,5 @@
-"""Sentencepiece training on a bounded, seeded sample of the corpus; settings that round-trip any UTF-8."""
+"""Sentencepiece training on a seeded sample of the corpus bounded in lines and characters; settings that
+round-trip any UTF-8."""
 
 from __future__ import annotations
 
@@ -13,24 +14,33 @@ from megagpt.errors import UserError
 MAX_LINE_CHARS = 4000  # sentencepiece drops longer "sentences" (max_sentence_length is in bytes)
 
 
-def sample_lines(paths: list[Path], text_field: str, chunk_chars: int, sample_size: int,
-                 seed: int) -> list[str]:
-    """Up to sample_size lines drawn uniformly from the whole corpus (reservoir sampling): bounded memory."""
+def sample_lines(paths: list, text_field: str, chunk_chars: int, sample_size: int, seed: int,
+                 sample_chars: int = 100_000_000) -> list[str]:
+    """Up to sample_size lines (cut at MAX_LINE_CHARS) drawn uniformly from the whole corpus by reservoir
+    sampling, and at most sample_chars characters in all: memory bounded by the sample, not the corpus. Once
+    the character budget binds, the reservoir stops growing and a replacement that would exceed it is skipped
+    (a slight bias toward shorter lines, only for corpora whose sample would not fit)."""
     rng = random.Random(seed)
     reservoir: list[str] = []
-    seen = 0
+    seen = chars = 0
+    capacity = sample_size
     for chunk in iter_chunks(paths, text_field, chunk_chars):
         for text, _ in chunk:
             for line in text.split("\n"):
                 for i in range(0, len(line), MAX_LINE_CHARS):
                     piece = line[i:i + MAX_LINE_CHARS]
                     seen += 1
-                    if len(reservoir) < sample_size:
-                        reservoir.append(piece)
-                    else:
-                        j = rng.randrange(seen)
-                        if j < sample_size:
-                            reservoir[j] = piece
+                    if len(reservoir) < capacity:
+                        if chars + len(piece) > sample_chars:
+                            capacity = len(reservoir)
+                        else:
+                            reservoir.append(piece)
+                            chars += len(piece)
+                        continue
+                    j = rng.randrange(seen)
+                    if j < capacity and chars - len(reservoir[j]) + len(piece) <= sample_chars:
+                        chars += len(piece) - len(reservoir[j])
+                        reservoir[j] = piece
     return reservoir
 
 
@@ -39,7 +49,7 @@ def train_sentencepiece(paths: list[Path], settings, model_path: Path) -> None:
     import sentencepiece as spm
 
     lines = sample_lines(paths, settings.text_field, settings.chunk_chars, settings.sample_size,
-                         settings.seed)
+                         settings.seed, settings.sample_chars)
     if not any(lines):
         raise UserError("the inputs contain no text to train sentencepiece on")
     model = io.BytesIO()  # not a model_prefix: the model would record that (temporary) path

@@ -20,6 +20,7 @@ from megagpt.errors import UserError
 # Words -> "module:function"; the function takes the remaining arguments and returns the exit code.
 COMMANDS = {
     ("prep",): "data_prep.cli:main",
+    ("data", "verify"): "megagpt.dataset:verify_main",
     ("train",): "megagpt.cli:train_main",
     ("sample",): "megagpt.cli:sample_main",
     ("export",): "megagpt.cli:export_main",
@@ -33,6 +34,7 @@ COMMANDS = {
 }
 HELP = {
     "prep": "corpus -> tokenizer -> webdataset shards (megagpt prep {char,sentencepiece,shakespeare} -h)",
+    "data": "megagpt data verify DIR: read every shard in full and check it against the manifest",
     "train": "train (bare, under torchrun, the deepspeed launcher or Slurm)",
     "sample": "generate text from a run dir or an export dir",
     "export": "consolidate a run's checkpoint into a standalone folder",

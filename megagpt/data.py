@@ -2,75 +2,86 @@
 
 The order of training windows is a function of (seed, global position) only:
   window w = tokens [w*B, w*B + B + 1) of a split's token stream (all shards end to end), N windows;
-  global position p -> epoch p // N, window perm(seed, epoch)[p % N];
+  global position p -> epoch p // N, window order(seed, epoch)(p % N), a keyed bijection of [0, N);
   optimizer step s uses positions [s*G, (s+1)*G), G = micro_batch_size * grad_accum_steps * world_size,
   rank r the contiguous slice [s*G + r*G/W, s*G + (r+1)*G/W), as grad_accum_steps micro-batches in order.
 So a checkpoint (one global position) resumes exactly, on any world size with the same G.
 
-Local shards are read by random access: each tar's members are indexed once (payloads are stored contiguously
-and uncompressed, 512-byte aligned) and the whole file is np.memmap'ed as tokens. Shards whose names are URLs
-(`pipe:...`, `http://...`) are streamed with webdataset instead (windows in corpus order; see docs/data.md).
+Start-up reads the manifest and one stat per shard, never the shards: a shard's member index (a small side
+file) is read the first time this process reads from the shard, and each member's sha256 is checked the first
+time it is read. Local shards are memmapped (payloads are contiguous and uncompressed); shards whose names are
+URLs (`pipe:...`, `http://...`) are streamed with webdataset instead (corpus order; see docs/data.md).
 """
 
 from __future__ import annotations
 
-import tarfile
+import hashlib
+from bisect import bisect_right
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megagpt.dataset import DataError, Dataset, ShardInfo, as_dataset, sha256_file
+from megagpt.dataset import DataError, Dataset, ShardInfo, as_dataset, check_shard_file, is_remote, read_index
 from megagpt.distributed import warn_once
 
-STATE_VERSION = 1
-EVAL_SEED = 0  # eval windows come from a fixed permutation: the same batches at every evaluation
+STATE_VERSION = 2  # 2: windows ordered by WindowOrder (1 was a stored numpy permutation per epoch)
+EVAL_SEED = 0  # eval windows come from a fixed order: the same batches at every evaluation
 
 
-def _is_url(name: str) -> bool:
-    return name.startswith("pipe:") or "://" in name
+# ---------------------------------------------------------------- local shards: opened lazily, checked as read
 
 
-# ---------------------------------------------------------------- local shards: index, verify, random access
+class OpenShard:
+    """One local shard, opened from its index: member m is tokens [offset[m], offset[m] + length[m]) of the
+    memmapped file. Opening checks the index's hash and the manifest's largest token id; a member's sha256 is
+    checked the first time this process reads it, before any of its tokens is used."""
 
+    def __init__(self, directory: Path, shard: ShardInfo, dtype: np.dtype, vocab_size: int):
+        self.path, self.dtype = directory / shard.name, dtype
+        if shard.max_token is None:
+            raise DataError(f"{self.path}: the manifest records no max_token; re-run `megagpt prep`")
+        if shard.max_token >= vocab_size:
+            raise DataError(f"{self.path}: token id {shard.max_token} >= vocab_size {vocab_size}; the shard does "
+                            f"not belong to this manifest's tokenizer")
+        index = read_index(directory, shard)
+        if ((index["offset"] | index["nbytes"]) % dtype.itemsize).any():
+            raise DataError(f"{self.path}: its index is not aligned to {dtype.itemsize}-byte tokens; re-run prep")
+        self.offset = (index["offset"] // dtype.itemsize).astype(np.int64)
+        length = (index["nbytes"] // dtype.itemsize).astype(np.int64)
+        self.start = np.concatenate([[0], np.cumsum(length)]).tolist()  # member starts in the shard's stream
+        self.digests = index["sha256"]
+        self.verified = np.zeros(len(index), dtype=bool)
+        self._tokens: np.ndarray | None = None
 
-def index_tar(path: Path, shard: ShardInfo, itemsize: int) -> list[tuple[int, int]]:
-    """(token offset in the file, token count) per sample; DataError if the tar and manifest disagree."""
-    size = path.stat().st_size if path.is_file() else -1
-    if size < 0:
-        raise DataError(f"{path}: shard listed in the manifest is missing")
-    members = []
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                if info.offset_data + info.size > size or info.size % itemsize:
-                    raise DataError(f"{path}: truncated or corrupt shard (member {info.name})")
-                members.append((info.offset_data // itemsize, info.size // itemsize))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{path}: truncated or corrupt shard ({e})") from None
-    tokens = sum(n for _, n in members)
-    if len(members) != shard.samples or tokens != shard.tokens:
-        raise DataError(f"{path}: truncated or corrupt shard ({len(members)} samples / {tokens} tokens, "
-                        f"the manifest says {shard.samples} / {shard.tokens})")
-    return members
+    def __getstate__(self):  # DataLoader workers map the file themselves
+        return {**self.__dict__, "_tokens": None}
 
+    def member(self, m: int) -> np.ndarray:
+        """Member m's tokens, sha256-checked on this process's first read."""
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r").view(np.ndarray)
+        lo = int(self.offset[m])
+        tokens = self._tokens[lo:lo + self.start[m + 1] - self.start[m]]
+        if not self.verified[m]:
+            if hashlib.sha256(tokens).digest() != self.digests[m].tobytes():
+                raise DataError(f"{self.path}: sha256 of member {m} does not match its index; the shard is "
+                                f"corrupt or was replaced: re-run prep (`megagpt data verify` checks them all)")
+            self.verified[m] = True
+        return tokens
 
-def verify_shard(path: Path, shard: ShardInfo, members, tokens: np.ndarray, vocab_size: int) -> None:
-    """sha256 against the manifest and every token id < vocab_size, or a DataError naming the shard."""
-    digest = sha256_file(path)
-    if digest != shard.sha256:
-        raise DataError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
-                        f"{shard.sha256[:12]}...; the shard is corrupt or was replaced: re-run prep")
-    for offset, n in members:
-        top = int(tokens[offset:offset + n].max()) if n else -1
-        if top >= vocab_size:
-            raise DataError(f"{path}: token id {top} >= vocab_size {vocab_size}; the shard does not "
-                            f"belong to this manifest's tokenizer")
+    def verify_all(self) -> None:
+        for m in range(len(self.verified)):
+            self.member(m)
 
 
 class TokenStream:
-    """A split's tokens (its usable shards end to end), random access by global token offset."""
+    """A split's tokens (its usable shards end to end), random access by global token offset.
+
+    Building it costs one stat per shard (size against the manifest), whatever the shards hold; with
+    on_corrupt_shard="skip" every shard is instead read and checked up front, so all ranks agree on the windows.
+    """
 
     def __init__(self, dataset: Dataset, split: str, on_corrupt_shard: str = "error"):
         if on_corrupt_shard not in ("error", "skip"):
@@ -79,83 +90,132 @@ class TokenStream:
         self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
         self.vocab_size = dataset.vocab_size
         self.skipped_shards = 0
-        self.shards, self.members = [], []
-        eager = on_corrupt_shard == "skip"  # skipping decides up front, so every rank sees the same windows
+        self.shards: list[ShardInfo] = []
+        self._open: dict[int, OpenShard] = {}
+        eager = on_corrupt_shard == "skip"
         for shard in dataset.manifest.split(split).shards:
-            path = self.dir / shard.name
             try:
-                members = index_tar(path, shard, self.dtype.itemsize)
+                check_shard_file(self.dir / shard.name, shard)
                 if eager:
-                    verify_shard(path, shard, members, self._memmap(path), self.vocab_size)
+                    opened = OpenShard(self.dir, shard, self.dtype, self.vocab_size)
+                    opened.verify_all()
+                    self._open[len(self.shards)] = opened
             except DataError as e:
                 if not eager:
                     raise
                 warn_once(f"skipping shard: {e}")
                 self.skipped_shards += 1
                 continue
-            self.shards.append((path, shard))
-            self.members.append(members)
-        # One segment per sample: its start in the stream, its length, its shard and offset in that file.
-        segs = [(k, off, n) for k, ms in enumerate(self.members) for off, n in ms if n]
-        self.seg_shard = np.array([s[0] for s in segs], dtype=np.int64)
-        self.seg_offset = np.array([s[1] for s in segs], dtype=np.int64)
-        self.seg_len = np.array([s[2] for s in segs], dtype=np.int64)
-        self.seg_start = np.concatenate([[0], np.cumsum(self.seg_len)]).astype(np.int64)
-        self.num_tokens = int(self.seg_start[-1])
-        self._maps: dict[int, np.ndarray] = {}
-        self._verified = set(range(len(self.shards))) if eager else set()
+            self.shards.append(shard)
+        self.shard_start = np.concatenate([[0], np.cumsum([s.tokens for s in self.shards])]).astype(np.int64)
+        self._starts = self.shard_start.tolist()
+        self.num_tokens = int(self.shard_start[-1])
 
-    def __getstate__(self):  # DataLoader workers re-open the memmaps themselves
-        return {**self.__dict__, "_maps": {}}
-
-    def _memmap(self, path: Path) -> np.ndarray:
-        return np.memmap(path, dtype=self.dtype, mode="r").view(np.ndarray)
-
-    def _tokens_of(self, k: int) -> np.ndarray:
-        if k not in self._maps:
-            path, shard = self.shards[k]
-            tokens = self._memmap(path)
-            if k not in self._verified:  # checked once per process, before any of its tokens is used
-                verify_shard(path, shard, self.members[k], tokens, self.vocab_size)
-                self._verified.add(k)
-            self._maps[k] = tokens
-        return self._maps[k]
+    def _shard(self, k: int) -> OpenShard:
+        if k not in self._open:
+            self._open[k] = OpenShard(self.dir, self.shards[k], self.dtype, self.vocab_size)
+        return self._open[k]
 
     def read(self, start: int, length: int, out: np.ndarray) -> None:
-        """Tokens [start, start+length) into out, across sample and shard boundaries."""
+        """Tokens [start, start+length) into out, across member and shard boundaries."""
         done = 0
-        seg = int(np.searchsorted(self.seg_start, start, side="right")) - 1
+        k = bisect_right(self._starts, start) - 1
         while done < length:
-            lo = start + done - int(self.seg_start[seg])
-            take = min(length - done, int(self.seg_len[seg]) - lo)
-            src = self._tokens_of(int(self.seg_shard[seg]))
-            base = int(self.seg_offset[seg]) + lo
-            out[done:done + take] = src[base:base + take]
-            done += take
-            seg += 1
+            shard, pos = self._shard(k), start + done - self._starts[k]
+            while done < length and pos < self._starts[k + 1] - self._starts[k]:
+                m = bisect_right(shard.start, pos) - 1
+                lo = pos - shard.start[m]
+                take = min(length - done, shard.start[m + 1] - shard.start[m] - lo)
+                out[done:done + take] = shard.member(m)[lo:lo + take]
+                done, pos = done + take, pos + take
+            k += 1
 
     def windows(self, window_ids: np.ndarray, block_size: int) -> np.ndarray:
         """Tokens [w*B, w*B+B+1) of each window w as rows (n, B+1), in the shards' compact dtype."""
-        n, span = len(window_ids), block_size + 1
-        buf = np.empty((n, span), dtype=self.dtype)
-        starts = np.asarray(window_ids, dtype=np.int64) * block_size
-        segs = np.searchsorted(self.seg_start, starts, side="right") - 1
-        inside = starts + span <= self.seg_start[segs + 1]
-        for i in range(n):
-            if inside[i]:  # the common case: one slice of one sample
-                s = segs[i]
-                base = self.seg_offset[s] + starts[i] - self.seg_start[s]
-                buf[i] = self._tokens_of(int(self.seg_shard[s]))[base:base + span]
-            else:
-                self.read(int(starts[i]), span, buf[i])
+        buf = np.empty((len(window_ids), block_size + 1), dtype=self.dtype)
+        for i, window in enumerate(np.asarray(window_ids, dtype=np.int64).tolist()):
+            self.read(window * block_size, block_size + 1, buf[i])
         return buf
 
 
 # ---------------------------------------------------------------- the global window order
 
 
+_U64 = np.uint64
+_MIX1, _MIX2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)  # splitmix64's finaliser
+
+
+def _mix(v: np.ndarray, key: np.uint64) -> np.ndarray:
+    z = v ^ key
+    z = (z ^ (z >> _U64(30))) * _MIX1
+    z = (z ^ (z >> _U64(27))) * _MIX2
+    return z ^ (z >> _U64(31))
+
+
+class WindowOrder:
+    """A keyed bijection of [0, N) per (seed, epoch): an alternating Feistel network over the ceil(log2 N) bits
+    of an index, cycle-walking until the result is < N (fewer than 2 passes on average, as 2**bits < 2N).
+
+    O(1) memory and time per position whatever N: nothing is materialised per epoch, so start-up and resume
+    cost the same at a thousand and a trillion windows, and every process and worker computes the same order.
+    Each round is invertible (one half XORed with a keyed splitmix64 hash of the other), so every window
+    comes exactly once per epoch; 8 rounds with 64-bit round keys from SeedSequence([seed, epoch]) mix well
+    (tests/test_data_scale.py compares it with numpy's random permutation).
+    """
+
+    ROUNDS = 8
+
+    def __init__(self, num_windows: int, seed: int):
+        if num_windows < 1:
+            raise ValueError(f"num_windows={num_windows}: need at least one")
+        self.num_windows, self.seed = num_windows, seed
+        bits = max(1, (num_windows - 1).bit_length())
+        self.lo_bits = bits // 2
+        self.lo_mask, self.hi_mask = _U64((1 << self.lo_bits) - 1), _U64((1 << (bits - self.lo_bits)) - 1)
+        self._keys: dict[int, np.ndarray] = {}
+
+    def _round_keys(self, epoch: int) -> np.ndarray:
+        if epoch not in self._keys:
+            if len(self._keys) >= 4:
+                self._keys.pop(next(iter(self._keys)))
+            self._keys[epoch] = np.random.SeedSequence([self.seed, epoch]).generate_state(self.ROUNDS, np.uint64)
+        return self._keys[epoch]
+
+    def _feistel(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        shift = _U64(self.lo_bits)
+        hi, lo = x >> shift, x & self.lo_mask
+        for r, key in enumerate(keys):
+            if r % 2 == 0:
+                hi = hi ^ (_mix(lo, key) & self.hi_mask)
+            else:
+                lo = lo ^ (_mix(hi, key) & self.lo_mask)
+        return (hi << shift) | lo
+
+    def permute(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
+        """order(seed, epoch) of each offset in [0, N)."""
+        keys = self._round_keys(epoch)
+        out = self._feistel(np.asarray(offsets, dtype=np.uint64), keys)
+        todo = np.flatnonzero(out >= self.num_windows)
+        while todo.size:  # cycle walking: a bijection of [0, 2**bits) restricted to [0, N) stays one
+            out[todo] = self._feistel(out[todo], keys)
+            todo = todo[out[todo] >= self.num_windows]
+        return out.astype(np.int64)
+
+    def window_ids(self, positions: np.ndarray) -> np.ndarray:
+        """Global positions -> window ids: position p is window order(seed, p // N)(p % N)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.num_windows)
+        if positions.size and epochs[0] == epochs[-1] and (epochs == epochs[0]).all():
+            return self.permute(int(epochs[0]), offsets)
+        out = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            out[sel] = self.permute(int(epoch), offsets[sel])
+        return out
+
+
 class WindowDataset(torch.utils.data.Dataset):
-    """Map-style over global positions: position p -> window perm(seed, p // N)[p % N]."""
+    """Map-style over global positions: position p -> window order(seed, p // N)(p % N) of the stream."""
 
     def __init__(self, stream: TokenStream, block_size: int, seed: int):
         self.stream, self.block_size, self.seed = stream, block_size, seed
@@ -163,23 +223,10 @@ class WindowDataset(torch.utils.data.Dataset):
         if self.num_windows < 1:
             raise DataError(f"{stream.dir}: {stream.num_tokens} usable tokens, fewer than block_size+1 = "
                             f"{block_size + 1}; use a smaller block_size or more data")
-        self._perms: dict[int, np.ndarray] = {}
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-        return self._perms[epoch]
+        self.order = WindowOrder(self.num_windows, seed)
 
     def window_ids(self, positions: np.ndarray) -> np.ndarray:
-        positions = np.asarray(positions, dtype=np.int64)
-        epochs, offsets = np.divmod(positions, self.num_windows)
-        out = np.empty_like(positions)
-        for epoch in np.unique(epochs):
-            sel = epochs == epoch
-            out[sel] = self.permutation(int(epoch))[offsets[sel]]
-        return out
+        return self.order.window_ids(positions)
 
     def __len__(self) -> int:
         return self.num_windows
@@ -203,7 +250,7 @@ class StreamingWindows:
         self.block_size, self.vocab_size = block_size, dataset.vocab_size
         self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
         self.shards = dataset.manifest.split(split).shards
-        self.urls = [s.name if _is_url(s.name) else str(dataset.dir / s.name) for s in self.shards]
+        self.urls = [s.name if is_remote(s.name) else str(dataset.dir / s.name) for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum([s.tokens for s in self.shards])]).astype(np.int64)
         self.num_windows = (int(self.starts[-1]) - 1) // block_size
         self.skipped_shards = 0
@@ -309,7 +356,7 @@ class TrainLoader:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.global_batch = micro_batch_size * grad_accum_steps * world_size  # G windows per optimizer step
-        self.streaming = any(_is_url(s.name) for s in dataset.manifest.split("train").shards)
+        self.streaming = any(is_remote(s.name) for s in dataset.manifest.split("train").shards)
         if self.streaming:
             self.dataset = StreamingWindows(dataset, "train", block_size)
         else:
@@ -360,7 +407,9 @@ class TrainLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue the same global sequence; the world size may change when G (the global batch) does not."""
         if state.get("format_version") != STATE_VERSION:
-            raise DataError(f"loader state format {state.get('format_version')!r}, expected {STATE_VERSION}")
+            raise DataError(f"loader state format {state.get('format_version')!r}, expected {STATE_VERSION}: "
+                            f"saved by a megagpt with another window order, so it cannot resume exactly; "
+                            f"start a new --run-dir (or --resume never)")
         for key, mine in (("seed", self.seed), ("block_size", self.block_size),
                           ("num_windows", self.num_windows)):
             if state[key] != mine:
@@ -376,19 +425,18 @@ class TrainLoader:
 
 
 class EvalWindows:
-    """A split's fixed evaluation windows: indexed and shard-checked once, the same batches at every call."""
+    """A split's fixed evaluation windows: the same batches at every call (the order of seed EVAL_SEED)."""
 
     def __init__(self, dataset: Dataset | str | Path, split: str, block_size: int):
         self.windows = WindowDataset(TokenStream(as_dataset(dataset), split), block_size, EVAL_SEED)
 
     def batches(self, micro_batch_size: int, num_batches: int, rank: int = 0,
                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """num_batches (x, y) for this rank; ranks take interleaved slices of one fixed permutation."""
-        perm = self.windows.permutation(0)
+        """num_batches (x, y) for this rank; ranks take interleaved slices of one fixed order."""
         for b in range(num_batches):
             first = (b * world_size + rank) * micro_batch_size
             positions = np.arange(first, first + micro_batch_size) % self.windows.num_windows
-            yield to_xy(self.windows.stream.windows(perm[positions], self.windows.block_size))
+            yield to_xy(self.windows.__getitems__(positions))
 
 
 def eval_batches(dataset: Dataset | str | Path, split: str, block_size: int, micro_batch_size: int,

@@ -30,6 +30,16 @@ def _tokens(dataset_dir, split):
     return np.concatenate(out) if out else np.empty(0, np.uint16)
 
 
+def _sources(dataset_dir):
+    """The input files prep recorded (sources.jsonl: path, bytes, sha256), checked against the manifest's summary."""
+    summary = json.loads((dataset_dir / "manifest.json").read_text())["sources"]
+    listing = (dataset_dir / summary["list"]).read_bytes()
+    assert hashlib.sha256(listing).hexdigest() == summary["sha256"]
+    files = [json.loads(line) for line in listing.decode().splitlines()]
+    assert len(files) == summary["files"] and sum(f["bytes"] for f in files) == summary["bytes"]
+    return files
+
+
 def test_shakespeare_has_65_chars_and_nanogpt_split(shakespeare_path, tmp_path):
     out = data_prep.prepare_shakespeare(tmp_path / "sh", shakespeare_path)
     text = shakespeare_path.read_text()
@@ -44,7 +54,7 @@ def test_shakespeare_has_65_chars_and_nanogpt_split(shakespeare_path, tmp_path):
     assert tok.decode(_tokens(out, "train").tolist()) == text[: int(n * 0.9)]
     assert tok.decode(_tokens(out, "val").tolist()) == text[int(n * 0.9):]
     assert _tokens(out, "train")[:5].tolist() == [chars.index(c) for c in text[:5]]
-    assert manifest["sources"][0]["sha256"] == hashlib.sha256(shakespeare_path.read_bytes()).hexdigest()
+    assert _sources(out)[0]["sha256"] == hashlib.sha256(shakespeare_path.read_bytes()).hexdigest()
 
 
 def test_prep_twice_gives_byte_identical_files(shakespeare_path, tmp_path):
@@ -95,7 +105,7 @@ def test_documents_are_joined_by_eos_in_input_order(tmp_path):
     assert manifest["vocab_size"] == len(chars) + 1 and manifest["eos_id"] == eos
     assert _tokens(out, "train").tolist() == expected
     assert len(manifest["splits"]["train"]["shards"]) > 2 and manifest["splits"]["val"]["tokens"] == 0
-    assert [s["path"].rsplit("/", 1)[1] for s in manifest["sources"]] == ["a.txt", "b.jsonl.gz", "c.txt.gz"]
+    assert [s["path"].rsplit("/", 1)[1] for s in _sources(out)] == ["a.txt", "b.jsonl.gz", "c.txt.gz"]
 
 
 @pytest.mark.parametrize("kind", ["char", "sentencepiece"])
@@ -130,7 +140,8 @@ def test_rerun_after_interruption_reuses_verified_shards(tmp_path, monkeypatch):
     assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.partial" / "manifest.json").exists()
     damaged = tmp_path / "ds.partial" / written[0]
     damaged.write_bytes(b"x" + damaged.read_bytes()[1:])  # a finished shard that went bad is rewritten
-    finished = set(json.loads((tmp_path / "ds.partial" / "progress.json").read_text())["shards"])
+    log = (tmp_path / "ds.partial" / "progress.jsonl").read_text().splitlines()
+    finished = {json.loads(line)["shard"]["name"] for line in log if '"shard"' in line}
     assert damaged.name in finished and len(finished) >= 2
 
     written.clear()

@@ -51,7 +51,7 @@ def test_default_prep_reads_the_embedded_copy_offline_into_the_raw_texts_shards(
     monkeypatch.setattr(socket.socket, "connect", no_network)
     out = data_prep.prepare_shakespeare(tmp_path / "shakespeare_char")
     assert shard_digests(out) == raw_digests
-    sources = json.loads((out / "manifest.json").read_text())["sources"]
+    sources = [json.loads(line) for line in (out / "sources.jsonl").read_text().splitlines()]  # manifest: a summary
     assert [Path(s["path"]).name for s in sources] == ["tinyshakespeare.txt.gz"]
 
 
@@ -118,5 +118,5 @@ def test_an_installed_wheel_preps_the_embedded_copy_offline_into_the_raw_texts_s
     out = tmp_path / "data" / "shakespeare_char"
     _run([venv / "bin" / "megagpt", "prep", "shakespeare", "--out", out], cwd=tmp_path, env=env)
     assert shard_digests(out) == raw_digests
-    (source,) = json.loads((out / "manifest.json").read_text())["sources"]
+    (source,) = [json.loads(line) for line in (out / "sources.jsonl").read_text().splitlines()]
     assert Path(source["path"]).is_relative_to(venv)
