@@ -5,16 +5,20 @@ included), so there are no stale locks to clean up. The file names the holder (h
 second job on the same run dir can say who owns it. A command that takes the lock and then refuses to run
 gives it back with `release(undo=True)`, which leaves the run dir exactly as it found it.
 
-The watchdog: a worker whose launcher (torchrun's agent, the deepspeed launcher) died is reparented; it
-notices within a second and exits at once, before it writes another checkpoint.
+The watchdog: a worker whose launcher (torchrun's agent, the deepspeed launcher) died must not train on and
+write checkpoints beside a new job. On Linux the kernel kills it the moment the launcher dies
+(PR_SET_PDEATHSIG); everywhere, a thread that sees it was reparented exits within a second, and a checkpoint
+save checks first.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import fcntl
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -25,6 +29,7 @@ from megagpt.errors import UserError
 
 LOCK_NAME = ".lock"
 WATCHDOG_INTERVAL = 1.0  # seconds between checks of the parent pid
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class RunDirBusy(UserError):
@@ -159,8 +164,21 @@ def start_parent_watchdog(interval: float = WATCHDOG_INTERVAL) -> bool:
     if _launcher_pid == 1:  # already orphaned (or started by init itself): nothing to watch
         _launcher_pid = None
         return False
+    _die_with_parent()
     threading.Thread(target=_watch, args=(interval,), name="megagpt-launcher-watchdog", daemon=True).start()
     return True
+
+
+def _die_with_parent() -> bool:
+    """Linux: the kernel sends SIGKILL when the parent exits, so not one more step runs. (The parent is the
+    thread that started us: torchrun's agent and the deepspeed launcher start workers from their main thread.)"""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def launcher_died() -> bool:

@@ -215,23 +215,26 @@ def test_the_lock_names_its_holder_and_a_refusal_puts_the_run_dir_back(tmp_path)
 WATCHED = """
     import os, sys, time
     os.environ["RANK"] = "0"
-    from megagpt.run_lock import start_parent_watchdog
-    assert start_parent_watchdog(interval=0.2)
+    from megagpt import run_lock
+    if sys.argv[2] == "poll":  # without the kernel's help (PR_SET_PDEATHSIG): the thread that polls getppid
+        run_lock._die_with_parent = lambda: False
+    assert run_lock.start_parent_watchdog(interval=0.2)
     while True:
         open(sys.argv[1], "w").write(str(time.time()))
         time.sleep(0.05)
 """
 LAUNCHER = """
     import subprocess, sys
-    worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+    worker = subprocess.Popen([sys.executable, "-c", *sys.argv[1:]])
     print(worker.pid, flush=True)
     worker.wait()
 """
 
 
-def test_a_worker_whose_launcher_is_killed_stops_within_a_second(tmp_path):
+@pytest.mark.parametrize("how", ["kernel", "poll"])
+def test_a_worker_whose_launcher_is_killed_stops_within_a_second(how, tmp_path):
     beat = tmp_path / "heartbeat"
-    launcher = python(LAUNCHER, textwrap.dedent(WATCHED), str(beat), stdout=subprocess.PIPE, text=True)
+    launcher = python(LAUNCHER, textwrap.dedent(WATCHED), str(beat), how, stdout=subprocess.PIPE, text=True)
     worker = int(launcher.stdout.readline())
     wait_for(beat.exists, 60, "the worker's first heartbeat")
     launcher.kill()  # SIGKILL: the launcher cannot tell its worker anything
@@ -254,12 +257,11 @@ def test_workers_stop_when_torchrun_is_killed_and_write_nothing_after(shakespear
     os.kill(launcher.pid, signal.SIGKILL)  # the agent only: its workers are in sessions of their own
     killed = time.monotonic()
     wait_for(lambda: all(gone(pid) for pid in workers), 10, "the workers to exit")
-    assert time.monotonic() - killed < 3
+    assert time.monotonic() - killed < 1.5
     finish(launcher, ok=False)
     before = snapshot(run_dir)
     time.sleep(1)
     assert snapshot(run_dir) == before
-    assert launcher.log_path.read_text().count("the launcher (pid") == 2  # each worker said why it stopped
     RunLock.acquire(run_dir).release()  # and rank 0's lock went with it
 
 
