@@ -13,6 +13,7 @@ import torch
 from megagpt.config import Config, load_config, save_config
 from megagpt.errors import UserError
 from megagpt.inference import EXPORT_MARKER, TOKENIZER_DIR, consolidated_state_dict, is_run_dir, resolve_tag
+from megagpt.mup import fold_multipliers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight: stored once
@@ -82,7 +83,7 @@ def check_out_dir(run_dir: Path, out: Path, force: bool) -> None:
 
 def _write(folder: Path, run_dir: Path, state, cfg: Config, fmt: str, dtype: str, tag: str) -> None:
     if fmt == "hf":
-        _save(hf_state_dict(state, cfg), folder / "model.safetensors")
+        _save(hf_state_dict(fold_multipliers(state, cfg.model), cfg), folder / "model.safetensors")  # µP folded
         (folder / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
     else:
         _save(state, folder / "model.safetensors")

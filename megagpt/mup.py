@@ -1,9 +1,10 @@
-"""`megagpt mup coord-check`: microsoft/mup's coordinate check, standard vs µP, as a JSON of slopes and plots.
+"""µP beyond the model: the coordinate check (`megagpt mup coord-check`) and µP's multipliers folded into weights.
 
-Each width's model is trained for a few steps (AdamW on engine.param_groups, a constant LR, no clipping) while
+The coordinate check is microsoft/mup's, standard vs µP, written as a JSON of slopes and a plot each. Each
+width's model is trained for a few steps (AdamW on engine.param_groups, a constant LR, no clipping) while
 forward hooks record the mean |value| of each layer type's output. Under µP these sizes stay put as the width
-grows (log-log slope ≈ 0); under the standard parametrization Adam's updates grow the hidden activations and the
-logits with the width. The head size stays that of the config: a width w has w / head_dim heads.
+grows (log-log slope ≈ 0); under the standard parametrization Adam's updates grow the hidden activations and
+the logits with the width. The head size stays that of the config: a width w has w / head_dim heads.
 """
 
 from __future__ import annotations
@@ -165,6 +166,39 @@ def _progress(items, enabled: bool):
 
 
 # ---------------------------------------------------------------------------------------------
+# Export: a model without µP's multipliers (Hugging Face GPT-2) computing the same function
+# ---------------------------------------------------------------------------------------------
+def fold_multipliers(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A µP model's weights rewritten so that GPT-2's maths (scores / √d_head, no multipliers) gives its logits.
+
+    Every multiplier folds, exactly in real arithmetic (one rounding of one product per weight in practice):
+      * scores q·k / d_head = (q / √d_head)·k / √d_head: the query rows of c_attn (weight and bias) × 1/√d_head;
+      * α_in × (wte[i] + wpe[t]): wte and wpe × α_in; the head is tied to wte, so its logits grew by α_in too,
+      * which the final LayerNorm takes back with the output multiplier: ln_f's weight and bias × α_out/(m·α_in)
+        (ln_f feeds only the head, so nothing else sees it).
+    """
+    if cfg.parametrization != "mup":
+        return state
+    C = cfg.n_embd
+    out_scale = cfg.mup_output_alpha / cfg.mup_width_multiplier / cfg.mup_input_alpha
+    folded = dict(state)
+    for name, t in state.items():
+        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+            scale = torch.ones(t.size(0), *([1] * (t.dim() - 1)), dtype=torch.float64)
+            scale[:C] = 1.0 / math.sqrt(cfg.head_dim)  # rows 0..C-1 are q (out, in layout)
+            folded[name] = _scaled(t, scale)
+        elif name in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"):
+            folded[name] = _scaled(t, cfg.mup_input_alpha)
+        elif name in ("transformer.ln_f.weight", "transformer.ln_f.bias"):
+            folded[name] = _scaled(t, out_scale)
+    return folded
+
+
+def _scaled(t: torch.Tensor, scale) -> torch.Tensor:
+    return (t.double() * scale).to(t.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # Output: JSON and one plot per parametrization
 # ---------------------------------------------------------------------------------------------
 def write_results(result: dict, out: Path) -> list[Path]:
@@ -225,11 +259,9 @@ def coord_check_main(argv: list[str]) -> int:
     if args.steps < 1 or args.seeds < 1:
         raise UserError(f"--steps {args.steps} --seeds {args.seeds}: both must be at least 1")
 
-    from megagpt.cli import prepare_known_dataset
-
     cfg = load_config(args.config, args.overrides)
     _check_widths(widths, args.head_dim or cfg.model.head_dim)
-    prepare_known_dataset(Path(cfg.data.dataset_dir))
+    _require_dataset(Path(cfg.data.dataset_dir))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     result = coord_check(cfg, widths, args.steps, args.seeds, args.lr, args.head_dim, progress=True)
@@ -239,6 +271,14 @@ def coord_check_main(argv: list[str]) -> int:
         slopes = ", ".join(f"{layer} {value:+.2f}" for layer, value in result["slopes"][param].items())
         print(f"  {param:>8}: slope at step {args.steps}: {slopes}")
     return 0
+
+
+def _require_dataset(directory: Path) -> None:
+    from megagpt.dataset import MANIFEST
+
+    if not (directory / MANIFEST).is_file():
+        raise UserError(f"data.dataset_dir: {directory} has no {MANIFEST}; prepare it first, e.g. `megagpt prep "
+                        f"shakespeare --out {directory}` (`megagpt train` does that itself for data/shakespeare_char)")
 
 
 def _parse_widths(text: str) -> list[int]:

@@ -12,19 +12,22 @@ from megagpt.generate import generate
 from megagpt.model import GPT, KVCache, _math_attention, attention_backend
 from megagpt.mup import coord_check
 
-# Losses of a tiny 12-step run of the trainer recorded at commit bcde61e, before µP existed
-# (torch 2.13.0+cpu, 1 thread): `standard` must reproduce them bit for bit.
+# A tiny model trained 6 AdamW steps on fixed random batches, then 8 greedy tokens through the KV cache, recorded
+# with the code of commit bcde61e, before µP existed (torch 2.13.0+cpu, 1 thread; loss as float.hex). `standard`
+# must reproduce it bit for bit: same init draws, same forward, same optimizer groups.
 BEFORE_MUP_TORCH = "2.13.0+cpu"
-BEFORE_MUP = ["0x1.0bff660000000p+2", "0x1.0a9f960000000p+2", "0x1.0a4e780000000p+2", "0x1.093bb80000000p+2",
-              "0x1.0777180000000p+2", "0x1.0556d00000000p+2", "0x1.025b960000000p+2", "0x1.0061bc0000000p+2",
-              "0x1.ffc9c20000000p+1", "0x1.f59d860000000p+1", "0x1.f7e8ec0000000p+1", "0x1.f53a540000000p+1"]
-GOLDEN_RUN = ["name=shakespeare_char_cpu", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-              "model.block_size=32", "model.dropout=0.0", "model.bias=false", "logging.progress_bar=false",
-              "logging.tensorboard=false", "deepspeed.zero_stage=0", "train.micro_batch_size=8", "train.max_steps=12",
-              "train.eval_interval=10", "train.eval_steps=2", "train.log_interval=1", "train.checkpoint_interval=10",
-              "train.sample_tokens=0", "train.warmup_steps=5", "train.threads=1", "train.lr=1e-3", "train.min_lr=1e-4",
-              "train.lr_decay_steps=2000", "train.beta1=0.9", "train.beta2=0.99", "train.weight_decay=0.1",
-              "train.grad_clip=1.0", "train.seed=1337", "train.dtype=fp32"]
+BEFORE_MUP = {  # case: (model keys, losses, greedy tokens)
+    "math_bias_dropout": (
+        dict(attention="math", bias=True, dropout=0.1),
+        ["0x1.0b45c00000000p+2", "0x1.0d81b20000000p+2", "0x1.0bd4840000000p+2", "0x1.0afba00000000p+2",
+         "0x1.0b25d80000000p+2", "0x1.0b86ae0000000p+2"],
+        [6, 15, 36, 42, 9, 40, 40, 40, 40, 40, 40, 40, 40]),
+    "sdpa_checkpointing": (
+        dict(attention="sdpa", bias=False, activation_checkpointing=True),
+        ["0x1.0c8a1a0000000p+2", "0x1.0b4c5e0000000p+2", "0x1.0c80ec0000000p+2", "0x1.0b43a40000000p+2",
+         "0x1.0a721a0000000p+2", "0x1.0bae400000000p+2"],
+        [6, 15, 36, 42, 9, 9, 9, 9, 9, 9, 9, 9, 9]),
+}
 
 
 def model_cfg(**values) -> ModelConfig:
@@ -47,20 +50,39 @@ def group_of(model: GPT, groups: list[dict]) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------------------------
 # standard: unchanged
 # ---------------------------------------------------------------------------------------------------------------
-def test_standard_training_reproduces_the_losses_from_before_mup(shakespeare_dataset, tmp_path):
-    from helpers import losses
-
-    from megagpt.train import train
-
-    cfg = load_config(None, [*GOLDEN_RUN, f"data.dataset_dir={shakespeare_dataset}"])
-    assert cfg.model.parametrization == "standard"  # the default
-    train(cfg, tmp_path / "run", "never")
-    got = [losses(tmp_path / "run")[step] for step in range(1, 13)]
-    want = [float.fromhex(h) for h in BEFORE_MUP]
+@pytest.mark.parametrize("case", BEFORE_MUP)
+def test_standard_reproduces_the_model_from_before_mup(case):
+    extra, want_losses, want_tokens = BEFORE_MUP[case]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as recorded: the summation order of the CPU kernels depends on it
+    try:
+        got, tokens = train_six_steps(extra)
+    finally:
+        torch.set_num_threads(threads)
+    want = [float.fromhex(h) for h in want_losses]
     if torch.__version__ == BEFORE_MUP_TORCH:
         assert got == want
-    else:  # another torch may sum in another order: then the same run up to rounding
+    else:  # another torch may round differently: then the same numbers up to rounding
         assert got == pytest.approx(want, rel=1e-5)
+    assert tokens == want_tokens
+
+
+def train_six_steps(extra: dict) -> tuple[list[float], list[int]]:
+    torch.manual_seed(1337)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, **extra)
+    assert cfg.parametrization == "standard"  # the default
+    model = GPT(cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1, cfg), lr=1e-3, betas=(0.9, 0.99))
+    batches = torch.Generator().manual_seed(0)
+    got = []
+    for _ in range(6):
+        idx = torch.randint(0, 65, (4, 33), generator=batches)
+        _, loss = model(idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        got.append(loss.item())
+    return got, generate(model, idx[:1, :5], 8, temperature=0)[0].tolist()
 
 
 def test_standard_ignores_every_mup_key():
@@ -225,3 +247,131 @@ def test_coord_check_is_flat_under_mup_and_grows_under_standard(shakespeare_data
     for layer in ("attn_logits", "mlp_output", "residual", "logits"):  # Adam's updates grow with width
         assert standard[layer] > 0.6, (layer, standard)
     assert abs(standard["embedding"]) < 0.2  # the embeddings' output does not depend on the width
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export: the HF GPT-2 layout computes the µP model's logits
+# ---------------------------------------------------------------------------------------------------------------
+def hf_logits(folder, idx):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def test_hf_export_folds_every_mup_multiplier(tmp_path):
+    pytest.importorskip("transformers")
+    import json
+
+    from safetensors.torch import save_file
+
+    from megagpt.config import Config
+    from megagpt.export import hf_config, hf_state_dict
+    from megagpt.mup import fold_multipliers
+
+    cfg = Config(model=model_cfg(n_layer=3, n_head=3, n_embd=48, vocab_size=71, parametrization="mup",
+                                 mup_base_width=12, mup_input_alpha=1.7, mup_output_alpha=5.0))  # m = 4, d = 16
+    model = built(cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # biases, gains and q/k away from their initialisation
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(hf_state_dict(fold_multipliers(state, cfg.model), cfg), str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(cfg, "fp32")))
+    idx = torch.randint(0, 71, (2, 16))
+    with torch.no_grad():
+        want = model(idx)[0]
+    torch.testing.assert_close(hf_logits(tmp_path, idx), want, atol=1e-5, rtol=1e-5)
+    unfolded = {k: v for k, v in hf_state_dict(state, cfg).items()}  # without the folding: another function
+    save_file(unfolded, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    assert not torch.allclose(hf_logits(tmp_path, idx), want, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer under µP: ZeRO-2 on 2 ranks = 1 rank, exact resume, elastic resume keeps the per-group LR
+# ---------------------------------------------------------------------------------------------------------------
+MUP_RUN = {"model_parametrization": "mup", "model_mup_base_width": 16, "model_mup_output_alpha": 2.0}  # m = 2
+
+
+def mup_overrides(dataset, max_steps):
+    from dist_helpers import tiny
+
+    # 8 sequences of 32 tokens per step: accumulation 2 on one rank, 1 on two
+    return tiny(dataset, zero_stage=2, global_batch_tokens=4 * 32 * 2, max_steps=max_steps, checkpoint_interval=4,
+                keep_checkpoints=10, **MUP_RUN)
+
+
+def saved_groups(run_dir, tag):
+    """The torch AdamW param groups rank 0 saved in a ZeRO-2 tag: lr, lr_scale, weight_decay per group."""
+    path = sorted((run_dir / "checkpoints" / tag).glob("*optim_states.pt"))[0]
+    zero = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    return zero["base_optimizer_state"]["param_groups"]
+
+
+def assert_mup_groups(run_dir, tag, step):
+    from dist_helpers import metrics
+
+    lr = next(r["lr"] for r in metrics(run_dir) if r.get("step") == step and "lr" in r)
+    groups = saved_groups(run_dir, tag)
+    assert [(g["lr_scale"], g["weight_decay"]) for g in groups] == [(0.5, 0.1), (1.0, 0.1), (1.0, 0.0)]
+    assert [g["lr"] for g in groups] == pytest.approx([lr / 2, lr, lr], rel=1e-12)  # hidden: lr/m
+
+
+@pytest.fixture(scope="module")
+def one_rank_mup(shakespeare_dataset, tmp_path_factory):
+    from dist_helpers import finish, single
+
+    run_dir = tmp_path_factory.mktemp("mup") / "one_rank"
+    finish(single(run_dir, mup_overrides(shakespeare_dataset, 8)))
+    return run_dir
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero2_on_two_ranks_equals_one_rank_under_mup(one_rank_mup, shakespeare_dataset, tmp_path):
+    from dist_helpers import finish, losses, torchrun
+
+    finish(torchrun(tmp_path / "two", mup_overrides(shakespeare_dataset, 8), 2))
+    one, two = losses(one_rank_mup), losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 9))
+    assert [two[s] for s in two] == pytest.approx([one[s] for s in two], rel=1e-5)  # summation order only
+    assert_mup_groups(one_rank_mup, "step_000008", 8)
+    assert_mup_groups(tmp_path / "two", "step_000008", 8)
+
+    # elastic: the 2-rank step-4 checkpoint goes on one rank (a universal checkpoint) with its group LRs intact
+    start = tmp_path / "two" / "checkpoints" / "step_000004"
+    finish(torchrun(tmp_path / "elastic", mup_overrides(shakespeare_dataset, 8), 1, "--resume", str(start)))
+    elastic = losses(tmp_path / "elastic")
+    assert sorted(elastic) == [5, 6, 7, 8]
+    assert [elastic[s] for s in elastic] == pytest.approx([one[s] for s in elastic], rel=1e-5)
+    assert_mup_groups(tmp_path / "elastic", "step_000008", 8)
+
+
+@pytest.mark.distributed
+def test_resume_under_mup_continues_bit_identically(one_rank_mup, shakespeare_dataset, tmp_path):
+    from dist_helpers import finish, losses, single
+
+    start = one_rank_mup / "checkpoints" / "step_000004"
+    finish(single(tmp_path / "resumed", mup_overrides(shakespeare_dataset, 8), "--resume", str(start)))
+    want = losses(one_rank_mup)
+    assert losses(tmp_path / "resumed") == {step: want[step] for step in range(5, 9)}
+
+
+@pytest.mark.distributed
+def test_mup_run_samples_and_exports(one_rank_mup, tmp_path):
+    from megagpt.export import export
+    from megagpt.inference import load_for_inference
+    from megagpt.sample import sample_texts
+
+    ours, _, cfg = load_for_inference(one_rank_mup)
+    assert cfg.model.parametrization == "mup" and ours.output_multiplier == 1.0  # α_out 2 / m 2
+    idx = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.block_size))
+    with torch.no_grad():
+        want = ours(idx)[0]
+    exported, _, _ = load_for_inference(export(one_rank_mup, tmp_path / "export"))
+    assert torch.equal(exported(idx)[0], want)
+    assert sample_texts(tmp_path / "export", "ROMEO:", 20, seed=3) == sample_texts(one_rank_mup, "ROMEO:", 20, seed=3)
+    if __import__("importlib").util.find_spec("transformers"):
+        torch.testing.assert_close(hf_logits(export(one_rank_mup, tmp_path / "hf", fmt="hf"), idx), want,
+                                   atol=1e-5, rtol=1e-5)

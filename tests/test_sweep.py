@@ -1,0 +1,92 @@
+"""`megagpt sweep`: every point trained as its own run, finished points skipped, an interrupted point resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from dist_helpers import child_env, metrics, set_args, tiny, wait_for
+from helpers import CPU_CONFIG, REPO
+
+from megagpt.cli import main
+from megagpt.config import load_config
+from megagpt.model import GPT
+from megagpt.sweep import parse_grid
+
+pytestmark = pytest.mark.distributed  # spawns `megagpt train` processes
+
+
+def commands_run(out, point) -> int:
+    """How many times the sweep started `megagpt train` for a point (each start is logged with its command)."""
+    return sum(line.startswith("$ ") for line in (out / point / "sweep.log").read_text().splitlines())
+
+
+def test_sweep_trains_every_point_once_and_tabulates_them(shakespeare_dataset, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", str(CPU_CONFIG), "--grid", "train.lr=1e-3,3e-3", "--grid", "model.n_embd=16",
+            *set_args(tiny(shakespeare_dataset, max_steps=4, eval_interval=4)), "--out", str(out)]
+    assert main(args) == 0
+    points = ["lr=1e-3__n_embd=16", "lr=3e-3__n_embd=16"]
+    assert [commands_run(out, p) for p in points] == [1, 1]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["point"] for r in rows] == points and [r["train.lr"] for r in rows] == ["1e-3", "3e-3"]
+    for row in rows:
+        run_dir = out / row["point"]
+        assert row["val_loss"] == next(r["val_loss"] for r in metrics(run_dir) if "val_loss" in r and r["step"] == 4)
+        cfg = load_config(run_dir / "config.yaml")
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        assert (cfg.model.n_embd, cfg.train.lr) == (16, float(row["train.lr"]))
+        assert row["tokens"] == 4 * 4 * 32  # 4 steps of 4 sequences of 32 tokens (one rank, no accumulation)
+        assert row["flops"] == model.flops_per_token() * row["tokens"] and row["wall_s"] > 0
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("train.lr,model.n_embd,point,status")
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert (out / "val_loss_vs_lr.png").stat().st_size > 0
+
+    capsys.readouterr()
+    assert main(args) == 0  # again: nothing left to train
+    assert [commands_run(out, p) for p in points] == [1, 1]
+    assert capsys.readouterr().out.count("done (skipped)") == 2
+
+
+@pytest.mark.slow
+def test_an_interrupted_point_resumes_from_its_checkpoint(shakespeare_dataset, tmp_path):
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "megagpt", "sweep", str(CPU_CONFIG), "--grid", "train.lr=2e-3",
+            *set_args(tiny(shakespeare_dataset, max_steps=150, eval_interval=150, checkpoint_interval=5,
+                           keep_checkpoints=2)), "--out", str(out)]
+    sweep = subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True, text=True)
+    run_dir = out / "lr=2e-3"
+    wait_for(lambda: list((run_dir / "checkpoints").glob("step_*")), 120, "a first checkpoint")
+    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C in a terminal: the sweep and its `megagpt train`
+    _, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, err
+    assert "run the same command to resume" in err
+    stopped = max(r["step"] for r in metrics(run_dir) if "loss" in r)
+    assert stopped < 150, "the point finished before the interrupt"
+
+    assert subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, timeout=300).returncode == 0
+    steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, 151))  # resumed where the checkpoint was: no step twice, none missing
+    assert commands_run(out, "lr=2e-3") == 2
+    assert "resumed from step_" in (run_dir / "sweep.log").read_text()
+    assert json.loads((out / "results.json").read_text())[0]["status"] == "done"
+
+
+@pytest.mark.parametrize("item, message", [("train.lr", "expected KEY=V1,V2"), ("train.lr=", "expected KEY"),
+                                           ("train.lr=1,1", "listed twice")])
+def test_bad_grid_is_one_line(item, message):
+    from megagpt.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        parse_grid([item])
+
+
+def test_a_typo_in_a_swept_key_fails_before_anything_runs(tmp_path, capsys):
+    code = main(["sweep", str(CPU_CONFIG), "--grid", "train.lrr=1e-3,2e-3", "--out", str(tmp_path / "s")])
+    assert code == 2 and "train.lrr" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
