@@ -31,7 +31,6 @@ COMMANDS = {
     ("sweep",): "megagpt.sweep:sweep_main",
     ("scaling", "fit"): "megagpt.scaling:fit_main",
     ("scaling", "predict"): "megagpt.scaling:predict_main",
-    ("mup", "coord-check"): "megagpt.mup:coord_check_main",
     ("bench", "kernels"): "kernels.bench:main",
     ("bench", "data"): "benchmarks.data:main",
     ("bench", "train"): "benchmarks.train:main",
@@ -48,7 +47,6 @@ HELP = {
     "mup": "µP: megagpt mup coord-check CONFIG --widths 64,128,... --out DIR",
     "sweep": "train every point of a grid (resumable): megagpt sweep CONFIG --grid KEY=V1,V2 ... --out DIR",
     "scaling": "scaling laws: megagpt scaling fit DIR... --out DIR | megagpt scaling predict FIT CONFIG",
-    "mup": "µP: megagpt mup coord-check CONFIG --widths 64,128,... --out DIR",
     "bench": "benchmarks: megagpt bench kernels|data|train ...",
 }
 
