@@ -34,6 +34,7 @@ COMMANDS = {
     ("bench", "kernels"): "kernels.bench:main",
     ("bench", "data"): "benchmarks.data:main",
     ("bench", "train"): "benchmarks.train:main",
+    ("bench", "syncs"): "benchmarks.syncs:main",
 }
 HELP = {
     "prep": "corpus -> tokenizer -> webdataset shards (megagpt prep {char,sentencepiece,shakespeare} -h)",
@@ -47,7 +48,7 @@ HELP = {
     "mup": "µP: megagpt mup coord-check CONFIG --widths 64,128,... --out DIR",
     "sweep": "train every point of a grid (resumable): megagpt sweep CONFIG --grid KEY=V1,V2 ... --out DIR",
     "scaling": "scaling laws: megagpt scaling fit DIR... --out DIR | megagpt scaling predict FIT CONFIG",
-    "bench": "benchmarks: megagpt bench kernels|data|train ...",
+    "bench": "benchmarks: megagpt bench kernels|data|train|syncs ...",
 }
 
 
