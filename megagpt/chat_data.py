@@ -7,9 +7,10 @@ Targets are -1 (ignored by the loss) wherever the loss mask is 0 and on the padd
 mask[t+1] is 1. A conversation longer than block_size + 1 is cut there (prep's --max-length avoids that).
 
 The order is the pre-training loader's (megagpt/data.py), with a conversation in the place of a window:
-global position p -> epoch p // N, conversation perm(seed, epoch)[p % N]; step s uses positions [s*G, (s+1)*G),
-G = micro_batch_size * grad_accum_steps * world_size, and rank r its contiguous slice (RankSampler). So a
-checkpoint resumes exactly, and 2 ranks see the micro-batches that 1 rank with twice the accumulation sees.
+global position p -> conversation order(seed, p // N)(p % N) (data.py's WindowOrder); step s uses positions
+[s*G, (s+1)*G), G = micro_batch_size * grad_accum_steps * world_size, and rank r its contiguous slice
+(RankSampler). So a checkpoint resumes exactly, and 2 ranks see the micro-batches that 1 rank with twice the
+accumulation sees.
 
 Shards: each sample holds `<key>.tokens` (little-endian ids in the manifest's token_dtype) and `<key>.mask`
 (one uint8 per token), written by data_prep/chat.py; read by random access (members indexed once, the file
@@ -20,12 +21,11 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from megagpt.data import RankSampler, WindowDataset
+from megagpt.data import RankSampler, WindowOrder
 from megagpt.dataset import DataError, Dataset, sha256_file
 from megagpt.distributed import warn_once
 
@@ -92,13 +92,6 @@ def _index_shard(path: Path, itemsize: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def sample_order(num_samples: int, seed: int) -> WindowDataset:
-    """megagpt/data.py's shuffle over num_samples items: its WindowDataset over a stand-in stream in which item
-    i is the one-token window i. One definition of the global order for both loaders."""
-    stand_in = SimpleNamespace(num_tokens=num_samples + 1, dir="<conversations>")
-    return WindowDataset(stand_in, 1, seed)
-
-
 def to_rows(samples: list[tuple[np.ndarray, np.ndarray]], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Conversations -> x, y (n, T) int64, T = the longest (cut to block_size + 1) minus one; y = -1 off-mask."""
     span = min(max(len(ids) for ids, _ in samples), block_size + 1)
@@ -125,7 +118,7 @@ class ChatLoader:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.rank, self.world_size = rank, world_size
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
-        self.order = sample_order(len(self.conversations), seed)
+        self.order = WindowOrder(len(self.conversations), seed)  # the pre-training loader's shuffle
         self.step, self.micro = 0, 0
         self._positions = None
         too_long = int((self.conversations.lengths > block_size + 1).sum())

@@ -106,7 +106,7 @@ def rank_speakers(model, tokenizer, questions: list[dict], candidates: list[str]
 
 
 def exact(replies: list[tuple[str, bool]], questions: list[dict]) -> float:
-    hits = sum(reply.strip() == q["answer"].strip() for (reply, _), q in zip(replies, questions))
+    hits = sum(reply.strip() == q["answer"].strip() for (reply, _), q in zip(replies, questions, strict=True))
     return hits / max(len(questions), 1)
 
 
@@ -142,7 +142,8 @@ def evaluate(run_dir, data_dir, base=None, limit: int = 400, max_new_tokens: int
         report["base"] = evaluate_base(path, base_step, device, train, who, max_new_tokens,
                                        [s for s, _ in Counter(train_who).most_common(candidates)], seed)
     report["examples"] = [{"question": q["messages"][0]["content"], "answer": q["answer"], "reply": r}
-                          for q, (r, _) in list(zip(who, replies_who))[:3] + list(zip(following, replies_next))[:3]]
+                          for q, (r, _) in list(zip(who, replies_who, strict=True))[:3]
+                          + list(zip(following, replies_next, strict=True))[:3]]
     return report
 
 
@@ -160,7 +161,7 @@ def evaluate_base(path: Path, step: int | None, device: str, train: list[dict], 
     return {"path": str(path), "few_shot_k": best, "few_shot_dev_accuracy": by_shots,
             "few_shot_stop_rate": stop_rate(replies), "few_shot_speaker_accuracy": exact(replies, who),
             "ranking_candidates": len(candidates),
-            "ranking_speaker_accuracy": sum(r == q["answer"] for r, q in zip(ranked, who)) / len(who)}
+            "ranking_speaker_accuracy": sum(r == q["answer"] for r, q in zip(ranked, who, strict=True)) / len(who)}
 
 
 def format_report(r: dict) -> str:

@@ -40,9 +40,9 @@ class SFTStage(LossStage):
                  grad_accum_steps: int):
         self.cfg, self.dataset, self.dist, self.device = cfg, dataset, dist, device
         self.grad_accum_steps = grad_accum_steps
-        self.special = require_chat_tokens(dataset.tokenizer)
         self.loader = ChatLoader(dataset, cfg.model.block_size, cfg.train.micro_batch_size, grad_accum_steps,
-                                 dist.rank, dist.world_size, seed=cfg.train.seed)
+                                 dist.rank, dist.world_size, seed=cfg.train.seed)  # first: refuses kind tokens
+        self.special = require_chat_tokens(dataset.tokenizer)
         self._val: Conversations | None = None  # indexed at the first evaluation, then kept
 
     def build_model(self) -> torch.nn.Module:
@@ -84,7 +84,7 @@ class SFTStage(LossStage):
         conversations = self._val if self._val is not None and len(self._val) else self.loader.conversations
         ids, mask = (t.astype("int64") for t in conversations[0])
         prompt_end = int(list(ids).index(self.special[ASSISTANT])) + 1
-        answer = [int(i) for i, m in zip(ids[prompt_end:], mask[prompt_end:]) if m]
+        answer = [int(i) for i, m in zip(ids[prompt_end:], mask[prompt_end:], strict=True) if m]
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + step)
         reply = generate_reply(engine.module, ids[:prompt_end].tolist(), self.special[END],
                                self.cfg.train.sample_tokens, temperature=0.8, top_k=200, generator=generator)
