@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from megagpt.distributed import warn_once
 from megagpt.errors import UserError
 
 
@@ -98,8 +98,7 @@ def _drop_records_after(path: Path, step: int) -> None:
         if record_step is None:
             if number < len(lines):
                 raise UserError(f"{path}, line {number}: not a metrics record ({line[:60]!r}); delete that line")
-            print(f"megagpt: warning: {path}: dropping a torn last line (a crash in the middle of a write)",
-                  file=sys.stderr, flush=True)
+            warn_once(f"{path}: dropping a torn last line (a crash in the middle of a write)")
             dropped = True
         elif record_step <= step:
             kept.append(line)
