@@ -1,100 +1,160 @@
-"""`megagpt bench train`: steady-state training throughput of a config, beside a plain-torch nanoGPT-style loop."""
+"""`megagpt bench train`: megagpt's training throughput on a config, alone or side by side with nanoGPT itself.
+
+With `--against PATH` (a nanoGPT checkout), both run as whole processes on the same model, batch and data
+(Tiny Shakespeare, char level), interleaved A B A B ..., and each run's median step time after `--skip` steps
+is taken from its own log: nanoGPT's per-iteration `time ...ms` lines, megagpt's metrics.jsonl (log_interval 1).
+nanoGPT runs unchanged from a temporary copy of PATH (its data prepared there by its own prepare.py, from the
+Tiny Shakespeare megagpt ships: nothing is downloaded or written into PATH).
+"""
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-
-from megagpt.config import load_config, with_vocab_size
+from megagpt.config import Config, load_config
+from megagpt.errors import UserError
 from megagpt.metrics import read_metrics
+
+NANOGPT_ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="megagpt bench train", description=__doc__)
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--steps", type=int, default=200, help="timed steps (after warm-up)")
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--baseline", action="store_true", help="also time a plain torch loop (nanoGPT-style)")
-    p.add_argument("--baseline-only", action="store_true", help="time only the plain torch loop (for A/B runs)")
+    p.add_argument("--steps", type=int, default=400, help="steps per run")
+    p.add_argument("--skip", type=int, default=100, help="steps left out of the median (start-up, warm-up)")
+    p.add_argument("--against", metavar="NANOGPT_DIR", help="a nanoGPT checkout to run side by side")
+    p.add_argument("--rounds", type=int, default=3, help="A B pairs (with --against)")
     p.add_argument("--json", dest="json_out", help="write the results here")
     args = p.parse_args(argv)
-
-    results = {}
-    if not args.baseline_only:
-        results["megagpt"] = megagpt_tokens_per_sec(args.config, args.overrides, args.warmup, args.steps)
-    if args.baseline or args.baseline_only:
-        results["plain_torch"] = baseline_tokens_per_sec(args.config, args.overrides, args.warmup, args.steps)
-    for name, r in results.items():
-        print(f"{name:12s} {r['ms_per_step']:8.1f} ms/step  {r['tokens_per_sec']:>10,.0f} tokens/s")
+    if args.skip >= args.steps:
+        raise UserError(f"--skip {args.skip} must be smaller than --steps {args.steps}")
+    cfg = load_config(args.config, args.overrides)
+    with tempfile.TemporaryDirectory(prefix="megagpt-bench-train-") as work:
+        work = Path(work)
+        nanogpt = prepare_nanogpt(Path(args.against), work / "nanogpt") if args.against else None
+        rounds = []
+        for _ in range(args.rounds if nanogpt else 1):
+            row = {"megagpt": run_megagpt(args.config, args.overrides, args.steps, args.skip, work)}
+            if nanogpt:
+                row["nanogpt"] = run_nanogpt(nanogpt, cfg, args.steps, args.skip)
+            rounds.append(row)
+            print("  ".join(f"{k} {v:.2f} ms/step" for k, v in row.items()), flush=True)
+    results = summarise(rounds, _tokens_per_step(cfg))
+    _print(results)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(results, f, indent=1)
+        Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
-def megagpt_tokens_per_sec(config: str, overrides: list[str], warmup: int, steps: int) -> dict[str, float]:
-    """The real trainer (DeepSpeed engine, loader, logging), with evaluation and checkpoints pushed out of the way."""
-    from megagpt.train import train
-
-    total = warmup + steps
-    cfg = load_config(
-        config,
-        [
-            *overrides,
-            f"train.max_steps={total}",
-            f"train.eval_interval={10 * total}",
-            f"train.checkpoint_interval={10 * total}",
-            "train.log_interval=1",
-            "train.sample_tokens=0",
-            "train.eval_steps=1",
-            "logging.progress_bar=false",
-            "logging.tensorboard=false",
-        ],
-    )
-    with tempfile.TemporaryDirectory() as run_dir:
-        summary = train(cfg, run_dir, resume="never")
-        records = read_metrics(Path(run_dir))
-    per_step = [r for r in records if "tokens_per_sec" in r][warmup:]
-    tokens_per_step = summary.tokens_seen / summary.step
-    seconds = [tokens_per_step / r["tokens_per_sec"] for r in per_step]
-    median = statistics.median(seconds)
-    return {"ms_per_step": 1000 * median, "tokens_per_sec": tokens_per_step / median}
+def summarise(rounds: list[dict[str, float]], tokens_per_step: int) -> dict:
+    """Medians over rounds of each run's median step time; with nanoGPT, the ratio pair by pair and of medians."""
+    names = list(rounds[0])
+    out = {"rounds": rounds, "tokens_per_step": tokens_per_step}
+    for name in names:
+        ms = statistics.median(r[name] for r in rounds)
+        out[name] = {"ms_per_step": ms, "tokens_per_sec": tokens_per_step / ms * 1000}
+    if "nanogpt" in names:
+        out["speedup_pairs"] = [r["nanogpt"] / r["megagpt"] for r in rounds]
+        out["speedup"] = out["nanogpt"]["ms_per_step"] / out["megagpt"]["ms_per_step"]
+    return out
 
 
-def baseline_tokens_per_sec(config: str, overrides: list[str], warmup: int, steps: int) -> dict[str, float]:
-    """nanoGPT's CPU loop on the same model and batch shape: AdamW (foreach), clip, random windows."""
-    from megagpt.dataset import Dataset
-    from megagpt.model import GPT
+def _print(results: dict) -> None:
+    for name in ("megagpt", "nanogpt"):
+        if name in results:
+            r = results[name]
+            print(f"{name:8s} {r['ms_per_step']:8.2f} ms/step  {r['tokens_per_sec']:>10,.0f} tokens/s  (median)")
+    if "speedup" in results:
+        pairs = ", ".join(f"{x:.3f}" for x in results["speedup_pairs"])
+        print(f"megagpt / nanoGPT tokens/s: {results['speedup']:.3f} (pairs: {pairs})")
 
-    cfg = load_config(config, overrides)
-    cfg = with_vocab_size(cfg, Dataset(cfg.data.dataset_dir).vocab_size)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
-    B, T = cfg.train.micro_batch_size, cfg.model.block_size
-    data = torch.randint(0, cfg.model.vocab_size, (200_000,))
-    seconds = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        ix = torch.randint(len(data) - T - 1, (B,))
-        x = torch.stack([data[j : j + T] for j in ix])
-        y = torch.stack([data[j + 1 : j + 1 + T] for j in ix])
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-        if i >= warmup:
-            seconds.append(time.perf_counter() - start)
-    median = statistics.median(seconds)
-    return {"ms_per_step": 1000 * median, "tokens_per_sec": B * T / median}
+
+def _tokens_per_step(cfg: Config) -> int:
+    accum = cfg.train.grad_accum_steps or 1
+    return cfg.train.micro_batch_size * accum * cfg.model.block_size
+
+
+# ---------------------------------------------------------------- megagpt
+
+
+def run_megagpt(config: str, overrides: list[str], steps: int, skip: int, work: Path) -> float:
+    """`megagpt train` as a whole process; its median ms/step after `skip` from metrics.jsonl."""
+    run_dir = work / "megagpt-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    sets = [*overrides, f"train.max_steps={steps}", "train.log_interval=1", "logging.progress_bar=false",
+            "logging.tensorboard=false", f"train.checkpoint_interval={steps}"]
+    cmd = [sys.executable, "-m", "megagpt", "train", config, *[a for s in sets for a in ("--set", s)],
+           "--run-dir", str(run_dir)]
+    _run(cmd, work / "megagpt.log")
+    records = [r for r in read_metrics(run_dir) if "tokens_per_sec" in r and r["step"] > skip]
+    tokens_per_step = records[0]["tokens_seen"] // records[0]["step"]
+    return statistics.median(1000 * tokens_per_step / r["tokens_per_sec"] for r in records)
+
+
+# ---------------------------------------------------------------- nanoGPT
+
+
+def prepare_nanogpt(source: Path, dest: Path) -> Path:
+    """A copy of the nanoGPT checkout with data/shakespeare_char prepared by its own prepare.py."""
+    if not (source / "train.py").is_file() or not (source / "data" / "shakespeare_char" / "prepare.py").is_file():
+        raise UserError(f"--against {source}: not a nanoGPT checkout (no train.py, data/shakespeare_char/prepare.py)")
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns(".git", "out*", "*.bin", "*.pkl"))
+    from data_prep.shakespeare import check_embedded, embedded_copy
+
+    check_embedded(embedded_copy())
+    data = dest / "data" / "shakespeare_char"
+    (data / "input.txt").write_bytes(gzip.decompress(embedded_copy().read_bytes()))
+    # prepare.py imports requests for a download it skips when input.txt exists: an empty stand-in suffices
+    (dest / "_stubs").mkdir()
+    (dest / "_stubs" / "requests.py").write_text('"""Unused: input.txt is already there."""\n')
+    _run([sys.executable, "prepare.py"], dest / "prepare.log", cwd=data, pythonpath=dest / "_stubs")
+    return dest
+
+
+def nanogpt_args(cfg: Config, steps: int, out_dir: Path) -> list[str]:
+    """nanoGPT's README CPU command, with the model, batch and schedule of megagpt's config."""
+    m, t = cfg.model, cfg.train
+    return ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", f"--out_dir={out_dir}",
+            f"--eval_iters={t.eval_steps}", f"--eval_interval={t.eval_interval}", "--log_interval=1",
+            f"--block_size={m.block_size}", f"--batch_size={t.micro_batch_size}", f"--n_layer={m.n_layer}",
+            f"--n_head={m.n_head}", f"--n_embd={m.n_embd}", f"--dropout={m.dropout}", f"--bias={m.bias}",
+            f"--max_iters={steps}", f"--lr_decay_iters={t.lr_decay_steps or t.max_steps}",
+            f"--learning_rate={t.lr}", f"--min_lr={t.min_lr}", f"--warmup_iters={t.warmup_steps}",
+            f"--beta2={t.beta2}", f"--weight_decay={t.weight_decay}", f"--grad_clip={t.grad_clip}"]
+
+
+def run_nanogpt(nanogpt: Path, cfg: Config, steps: int, skip: int) -> float:
+    """nanoGPT's train.py as a whole process; its median ms/iteration after `skip` from its own log."""
+    out_dir = nanogpt / "out-bench"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    log = _run([sys.executable, "train.py", *nanogpt_args(cfg, steps, out_dir)], nanogpt / "train.log",
+               cwd=nanogpt)
+    times = [float(m.group(2)) for line in log.splitlines() if (m := NANOGPT_ITER.match(line))
+             and int(m.group(1)) > skip]
+    if not times:
+        raise UserError(f"{nanogpt / 'train.log'}: no `iter N: ... time ...ms` lines after iter {skip}")
+    return statistics.median(times)
+
+
+def _run(cmd: list[str], log: Path, cwd: Path | None = None, pythonpath: Path | None = None) -> str:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr)[-1500:]
+        raise UserError(f"{' '.join(cmd[:4])} ... failed (exit {result.returncode}); log {log}:\n{tail}")
+    return result.stdout + result.stderr

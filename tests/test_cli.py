@@ -1,10 +1,12 @@
 """The `megagpt` command as a user types it: train prepares its data, sample reads the run, bench train times."""
 
+import json
 import shutil
 import subprocess
 import sys
 
-from helpers import CPU_CONFIG, TINY_MODEL
+import pytest
+from helpers import CPU_CONFIG, REPO, TINY_MODEL
 
 TINY = [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
 
@@ -42,26 +44,21 @@ def test_sample_of_a_directory_without_a_run_is_a_one_line_error(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and str(tmp_path) in result.stderr
 
 
-def test_bench_train_times_megagpt_and_the_plain_torch_loop(shakespeare_dataset, tmp_path):
-    sets = [*TINY, f"data.dataset_dir={shakespeare_dataset}", "train.threads=1"]
-    out = tmp_path / "bench.json"
-    result = megagpt(
-        "bench",
-        "train",
-        CPU_CONFIG,
-        *[a for s in sets for a in ("--set", s)],
-        "--steps",
-        5,
-        "--warmup",
-        2,
-        "--baseline",
-        "--json",
-        out,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    import json
+NANOGPT = REPO.parent / "shared" / "anchors" / "nanoGPT"
 
+
+@pytest.mark.skipif(not NANOGPT.is_dir(), reason=f"nanoGPT not found at {NANOGPT}")
+def test_bench_train_runs_megagpt_and_nanogpt_side_by_side(shakespeare_dataset, tmp_path):
+    sets = [*TINY, f"data.dataset_dir={shakespeare_dataset}", "train.threads=1", "train.eval_interval=1000",
+            "train.eval_steps=1", "train.sample_tokens=0"]
+    out = tmp_path / "bench.json"
+    result = megagpt("bench", "train", CPU_CONFIG, *[a for s in sets for a in ("--set", s)], "--steps", 8,
+                     "--skip", 2, "--rounds", 2, "--against", NANOGPT, "--json", out)
+    assert result.returncode == 0, result.stderr[-2000:]
     numbers = json.loads(out.read_text())
-    assert set(numbers) == {"megagpt", "plain_torch"}
-    assert all(n["tokens_per_sec"] > 0 for n in numbers.values())
-    assert "tokens/s" in result.stdout
+    assert len(numbers["rounds"]) == 2 and all(set(r) == {"megagpt", "nanogpt"} for r in numbers["rounds"])
+    assert all(r[name] > 0 for r in numbers["rounds"] for name in r)
+    pairs = [r["nanogpt"] / r["megagpt"] for r in numbers["rounds"]]
+    assert numbers["speedup_pairs"] == pytest.approx(pairs)
+    assert "megagpt / nanoGPT tokens/s" in result.stdout
+    assert not (NANOGPT / "out-bench").exists() and not (NANOGPT / "data" / "shakespeare_char" / "train.bin").exists()
