@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import interpreting
+from kernels.runtime import check_tuning, interpreting
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 
@@ -328,15 +328,64 @@ def _configs(pairs, warps=(4, 8), stages=(2, 3, 4)):
             for m, n in pairs for w in warps for s in stages]
 
 
+# `full`: the wide search (62 configs per key; a cold first step compiles all of them, minutes).
+FULL_CONFIGS = {
+    "fwd": _configs([(128, 64), (128, 128), (128, 32), (64, 64), (64, 32)]),
+    "dkdv": _configs([(32, 128), (64, 128), (32, 64), (64, 64)], stages=(2, 3)),
+    "dq": _configs([(128, 32), (128, 64), (64, 32), (64, 64)], stages=(2, 3)),
+}
+# `pruned` (the default): at most 8 configs per key, (BLOCK_M, BLOCK_N, warps, stages), all from FULL_CONFIGS,
+# picked by head dim (BLOCK_D <= 64: narrow, 128: wide), dropout and dtype from kernels.compile_check's sm_90
+# tables (docs/benchmarks.md: spill-free where any config is, 4-warp 128-row tiles dropped where they spill) and
+# the known-good Hopper tiles (FlashAttention-2 and Triton's fused-attention tutorial: forward 128 x 64,
+# dK/dV 32 x 128, dQ 128 x 32). Every list holds a small tile that fits sm_90's shared memory at any shape.
+PRUNED_TILES = {
+    ("fwd", "narrow", False): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+    ("fwd", "narrow", True): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    ("fwd", "wide", False): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
+                             (64, 32, 4, 2)],
+    ("fwd", "wide", True): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    ("dkdv", "narrow", False): [(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3)],
+    ("dkdv", "narrow", True): [(32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2)],
+    ("dkdv", "wide", False): [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 2), (32, 64, 8, 2)],
+    ("dkdv", "wide", True): [(32, 64, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3)],
+    ("dq", "narrow", False): [(128, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
+    ("dq", "narrow", True): [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
+    ("dq", "wide", False): [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
+    ("dq", "wide", True): [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (64, 32, 8, 2)],
+}
+# fp32 runs IEEE FMA dots (the exact path, not a fast one): every tile spills and one compile takes 0.5-6
+# minutes at D = 128, so the smallest tile alone, and no search.
+PRUNED_TILES_FP32 = {"fwd": [(64, 32, 4, 2)], "dkdv": [(32, 64, 4, 2)], "dq": [(64, 32, 4, 2)]}
+
+
+def pruned_tiles(kernel: str, block_d: int, dropout: bool, fp32: bool) -> list[tuple[int, int, int, int]]:
+    """The pruned search of one autotune key: (BLOCK_M, BLOCK_N, warps, stages) tuples."""
+    if fp32:
+        return PRUNED_TILES_FP32[kernel]
+    return PRUNED_TILES[(kernel, "wide" if block_d > 64 else "narrow", bool(dropout))]
+
+
+def _pruner(kernel: str):
+    """early_config_prune for the autotuner: FULL_CONFIGS narrowed to the key's pruned tiles."""
+    def prune(configs, named_args, **meta):
+        keep = set(pruned_tiles(kernel, meta["BLOCK_D"], meta["DROPOUT"], meta["PRECISION"] == "ieee"))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+    return prune
+
+
 # cache_results: the winning config is kept on disk (TRITON_CACHE_DIR), so a restarted run skips the search and
-# gets the same tiles, hence the same numerics, as before it stopped.
+# gets the same tiles, hence the same numerics, as before it stopped. The disk key includes the configs tried,
+# so `pruned` and `full` keep separate winners.
 _KEY = ["T", "HEAD_DIM", "DROPOUT"]
-_attn_fwd_tuned = triton.autotune(_configs([(128, 64), (128, 128), (128, 32), (64, 64), (64, 32)]),
-                                  key=_KEY, cache_results=True)(_attn_fwd_kernel)
-_attn_bwd_dkdv_tuned = triton.autotune(_configs([(32, 128), (64, 128), (32, 64), (64, 64)], stages=(2, 3)),
-                                       key=_KEY, cache_results=True)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq_tuned = triton.autotune(_configs([(128, 32), (128, 64), (64, 32), (64, 64)], stages=(2, 3)),
-                                     key=_KEY, cache_results=True)(_attn_bwd_dq_kernel)
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+TUNED = {
+    "full": {k: triton.autotune(FULL_CONFIGS[k], key=_KEY, cache_results=True)(fn) for k, fn in _KERNELS.items()},
+    "pruned": {k: triton.autotune(FULL_CONFIGS[k], key=_KEY, cache_results=True,
+                                  prune_configs_by={"early_config_prune": _pruner(k)})(fn)
+               for k, fn in _KERNELS.items()},
+}
+_attn_fwd_tuned, _attn_bwd_dkdv_tuned, _attn_bwd_dq_tuned = (TUNED["full"][k] for k in ("fwd", "dkdv", "dq"))
 DELTA_BLOCK = {"gpu": 64, "interpreter": 16}  # rows per program of the (untuned) delta kernel
 # The interpreter runs programs one by one in numpy: one small fixed (BLOCK_M, BLOCK_N) per kernel. Tests swap
 # in unequal tiles, as autotune picks them on a GPU, to check the diagonal bookkeeping.
@@ -384,7 +433,7 @@ def kernel_meta(q: torch.Tensor, dropout_p: float) -> dict:
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def attention_forward(q, k, v, softmax_scale: float, dropout_p: float, seed: int):
+def attention_forward(q, k, v, softmax_scale: float, dropout_p: float, seed: int, tuning: str = "pruned"):
     """Launch the forward kernel: returns O (B, H, T, D) in q's dtype and the base-2 LSE (B, H, T) in fp32."""
     B, H, T, D = q.shape
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
@@ -395,11 +444,12 @@ def attention_forward(q, k, v, softmax_scale: float, dropout_p: float, seed: int
         m, n = INTERPRETER_TILES["fwd"]
         _attn_fwd_kernel[(triton.cdiv(T, m), B * H)](*args, **meta, BLOCK_M=m, BLOCK_N=n)
     else:
-        _attn_fwd_tuned[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](*args, **meta)
+        TUNED[tuning]["fwd"][lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](*args, **meta)
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, softmax_scale: float, dropout_p: float, seed: int):
+def attention_backward(do, q, k, v, o, lse, softmax_scale: float, dropout_p: float, seed: int,
+                       tuning: str = "pruned"):
     """Launch delta, dK/dV and dQ kernels: returns dq, dk, dv, contiguous, in q's dtype."""
     B, H, T, D = q.shape
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
@@ -416,8 +466,8 @@ def attention_backward(do, q, k, v, o, lse, softmax_scale: float, dropout_p: flo
         m, n = INTERPRETER_TILES["dq"]
         _attn_bwd_dq_kernel[(triton.cdiv(T, m), B * H)](*dq_args, **meta, BLOCK_M=m, BLOCK_N=n)
     else:
-        _attn_bwd_dkdv_tuned[lambda META: (triton.cdiv(T, META["BLOCK_N"]), B * H)](*dkdv_args, **meta)
-        _attn_bwd_dq_tuned[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](*dq_args, **meta)
+        TUNED[tuning]["dkdv"][lambda META: (triton.cdiv(T, META["BLOCK_N"]), B * H)](*dkdv_args, **meta)
+        TUNED[tuning]["dq"][lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](*dq_args, **meta)
     return dq, dk, dv
 
 
@@ -439,12 +489,13 @@ def _seed_value(seed: torch.Tensor | None) -> int:
 
 @torch.library.custom_op("megagpt::causal_attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                      dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, softmax_scale, dropout_p, _seed_value(seed))
+                      dropout_p: float, seed: torch.Tensor | None,
+                      tuning: str = "pruned") -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, softmax_scale, dropout_p, _seed_value(seed), tuning)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, softmax_scale, dropout_p, seed):
+def _(q, k, v, softmax_scale, dropout_p, seed, tuning="pruned"):
     B, H, T, D = q.shape
     return q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=torch.float32)
 
@@ -452,46 +503,49 @@ def _(q, k, v, softmax_scale, dropout_p, seed):
 @torch.library.custom_op("megagpt::causal_attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                       lse: torch.Tensor, softmax_scale: float, dropout_p: float,
-                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(do, q, k, v, o, lse, softmax_scale, dropout_p, _seed_value(seed))
+                      seed: torch.Tensor | None,
+                      tuning: str = "pruned") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, o, lse, softmax_scale, dropout_p, _seed_value(seed), tuning)
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, softmax_scale, dropout_p, seed):
+def _(do, q, k, v, o, lse, softmax_scale, dropout_p, seed, tuning="pruned"):
     return tuple(q.new_empty(q.shape) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, dropout_p, seed = inputs
+    q, k, v, softmax_scale, dropout_p, seed, tuning = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.softmax_scale, ctx.dropout_p, ctx.seed = softmax_scale, dropout_p, seed
+    ctx.softmax_scale, ctx.dropout_p, ctx.seed, ctx.tuning = softmax_scale, dropout_p, seed, tuning
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.megagpt.causal_attention_bwd(do, q, k, v, o, lse, ctx.softmax_scale, ctx.dropout_p,
-                                                        ctx.seed)
-    return dq, dk, dv, None, None, None
+                                                        ctx.seed, ctx.tuning)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
-                     dropout_p: float = 0.0, seed: int | None = None) -> torch.Tensor:
+                     dropout_p: float = 0.0, seed: int | None = None, tuning: str = "pruned") -> torch.Tensor:
     """Causal softmax(q k^T * scale) v over (B, H, T, D) tensors, differentiable in q, k, v.
 
     Dropout (p = dropout_p) acts on the normalised probabilities, kept ones scaled by 1/(1-p). Without `seed`,
-    one is drawn from torch's default generator, so torch.manual_seed makes runs repeatable.
+    one is drawn from torch's default generator, so torch.manual_seed makes runs repeatable. `tuning` is the GPU
+    autotune search: "pruned" (a few configs per key, a cold start in seconds) or "full" (the wide search).
     """
     _check_qkv(q, k, v)
+    check_tuning(tuning)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"causal_attention: dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     seed_t = None
     if dropout_p > 0:
         seed_t = torch.randint(0, 2**31 - 1, (1,)) if seed is None else torch.tensor([int(seed)])
-    o, _ = torch.ops.megagpt.causal_attention_fwd(q, k, v, scale, float(dropout_p), seed_t)
+    o, _ = torch.ops.megagpt.causal_attention_fwd(q, k, v, scale, float(dropout_p), seed_t, tuning)
     return o

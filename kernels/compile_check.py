@@ -6,7 +6,11 @@ ptxas it ships need no GPU: this compiles each kernel x dtype x head dim (or row
 cubin for the target (default sm_90, the H100), with the arguments the launchers pass, and reports shared memory,
 registers, spills and whether the dots became Hopper's wgmma.
 
-    python -m kernels.compile_check [--arch 90] [--quick] [--jobs N] [--out DIR]
+    python -m kernels.compile_check [--arch 90] [--quick] [--tuning pruned|full] [--jobs N] [--out DIR]
+    python -m kernels.compile_check --first-step T=256,D=64,C=384,dropout=0.2,dtype=bf16 [--tuning full]
+
+--first-step compiles exactly the configs a cold first training step autotunes over (attention forward and
+backward at one (T, D, dropout); LayerNorm forward and backward at one C) and prints their summed compile time.
 
 Exit status 1 when some (kernel, dtype, size) has no config that compiles and fits: on a GPU the autotuner would
 have nothing to run. Spilling configs are only reported; the autotuner times them like any other.
@@ -48,6 +52,8 @@ class Case:
     dropout: bool = False  # attention: compiled with dropout on
     config: int = 0
     bias: bool = False  # LayerNorm: with a bias (the model's default, bias: false, has only a weight)
+    tuning: str = "pruned"  # whose autotune configs: the default pruned search, or the full one
+    seq_len: int = 4096  # attention's T (a runtime argument: only its divisibility by 16 changes the compile)
 
     @property
     def group(self) -> tuple:
@@ -81,7 +87,7 @@ class Result:
 # ----------------------------------------------------------------------------------------------------
 # What to compile (the worker side: kernels imported compiled, never interpreted)
 # ----------------------------------------------------------------------------------------------------
-def _attention_launch(kernel: str, dtype, D: int, dropout: bool, T: int = 4096, H: int = 2):
+def _attention_launch(kernel: str, dtype, D: int, dropout: bool, tuning: str, T: int = 4096, H: int = 2):
     """(kernel, args, constexprs) as the launchers build them, for q, k, v split from a fused qkv projection
     (the model's layout, strides (T*3C, D, 3C, 1)) and an output grad from a transposed view."""
     import torch
@@ -95,18 +101,19 @@ def _attention_launch(kernel: str, dtype, D: int, dropout: bool, T: int = 4096, 
     o, dq, dk, dv = (torch.empty(1, H, T, D, dtype=dtype, device=META) for _ in range(4))
     lse, delta = (torch.empty(1, H, T, dtype=torch.float32, device=META) for _ in range(2))
     meta = attention.kernel_meta(q, p)
+    tuned = attention.TUNED[tuning]
     if kernel == "attn_fwd":
-        return attention._attn_fwd_tuned, attention.forward_args(q, k, v, o, lse, 0.125, p, 1234), meta
+        return tuned["fwd"], attention.forward_args(q, k, v, o, lse, 0.125, p, 1234), meta
     dkdv, dq_args = attention.backward_args(q, k, v, do, lse, delta, dq, dk, dv, 0.125, p, 1234)
     if kernel == "attn_bwd_dkdv":
-        return attention._attn_bwd_dkdv_tuned, dkdv, meta
+        return tuned["dkdv"], dkdv, meta
     if kernel == "attn_bwd_dq":
-        return attention._attn_bwd_dq_tuned, dq_args, meta
+        return tuned["dq"], dq_args, meta
     return attention._bwd_delta_kernel, attention.delta_args(o, do, delta), dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"],
                                                    BLOCK_M=attention.DELTA_BLOCK["gpu"])
 
 
-def _layer_norm_launch(kernel: str, dtype, C: int, bias: bool, rows: int = 8192, groups: int = 264):
+def _layer_norm_launch(kernel: str, dtype, C: int, bias: bool, tuning: str, rows: int = 8192, groups: int = 264):
     import importlib
 
     import torch
@@ -118,10 +125,11 @@ def _layer_norm_launch(kernel: str, dtype, C: int, bias: bool, rows: int = 8192,
     stats = [torch.empty(rows, dtype=torch.float32, device=META) for _ in range(2)]
     parts = [torch.empty(groups, C, dtype=torch.float32, device=META) for _ in range(2)]
     if kernel == "ln_fwd":
-        return ln._ln_fwd_tuned, ln.forward_args(x, torch.empty_like(x), w, b, *stats, 1e-5), ln.row_meta(C, w, b)
+        return (ln.TUNED[tuning]["fwd"], ln.forward_args(x, torch.empty_like(x), w, b, *stats, 1e-5),
+                ln.row_meta(C, w, b))
     if kernel == "ln_bwd":
         args = ln.backward_args(x, torch.empty_like(x), torch.empty_like(x), w, *stats, *parts, rows // groups)
-        return ln._ln_bwd_tuned, args, ln.row_meta(C, w, b)
+        return ln.TUNED[tuning]["bwd"], args, ln.row_meta(C, w, b)
     block_g, block_c = ln.COLUMN_SUM_TILE["gpu"]
     return ln._column_sum_kernel, (parts[0], w, groups, C), dict(BLOCK_G=block_g, BLOCK_C=block_c)
 
@@ -133,11 +141,14 @@ def _launch(case: Case):
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
     if case.kernel in ATTENTION_KERNELS:
-        fn, args, meta = _attention_launch(case.kernel, dtype, case.size, case.dropout)
+        fn, args, meta = _attention_launch(case.kernel, dtype, case.size, case.dropout, case.tuning, case.seq_len)
     else:
-        fn, args, meta = _layer_norm_launch(case.kernel, dtype, case.size, case.bias)
-    if hasattr(fn, "configs"):  # autotuned
-        return fn.fn, fn.configs, args, meta
+        fn, args, meta = _layer_norm_launch(case.kernel, dtype, case.size, case.bias, case.tuning)
+    if hasattr(fn, "configs"):  # autotuned: the configs its search tries for this key, after its own pruning
+        configs = fn.configs
+        if fn.early_config_prune is not None:
+            configs = fn.early_config_prune(configs, dict(zip(fn.arg_names, args, strict=False)), **meta)
+        return fn.fn, configs, args, meta
     return fn, [triton.Config({}, num_warps=4, num_stages=3)], args, meta  # triton's launch defaults
 
 
@@ -146,7 +157,8 @@ def config_count(case: Case) -> int:
 
 
 def compile_case(case: Case, arch: int) -> Result:
-    """Compile one case exactly as JITFunction.run would before launching it, for `arch`, and measure it."""
+    """Compile one case exactly as JITFunction.run would before launching it, for `arch`, and measure it.
+    `seconds` is the compile alone (what an autotuner's first call pays), not the ptxas -v re-run."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -169,11 +181,11 @@ def compile_case(case: Case, arch: int) -> Result:
         result.status, result.error = "error", _first_line(error)
         result.seconds = time.perf_counter() - started
         return result
+    result.seconds = time.perf_counter() - started
     ptx = compiled.asm["ptx"]
     result.shared = int(compiled.metadata.shared)
     result.registers, result.spill_bytes = _ptxas_usage(ptx, arch)
     result.wgmma = "wgmma.mma_async" in ptx
-    result.seconds = time.perf_counter() - started
     if result.shared > SHARED_LIMIT[arch]:
         result.status = "too-much-shared"
     elif result.spill_bytes:
@@ -209,7 +221,7 @@ def _first_line(error: Exception) -> str:
 # ----------------------------------------------------------------------------------------------------
 # The matrix, the pool, the report (the parent side: imports no kernels)
 # ----------------------------------------------------------------------------------------------------
-def problems(quick: bool, dtypes: list[str]) -> list[Case]:
+def problems(quick: bool, dtypes: list[str], tuning: str = "pruned") -> list[Case]:
     """Config index 0 of every (kernel, dtype, size, variant) to check; expanded to every config later."""
     head_dims = [64, 128] if quick else [16, 32, 48, 64, 80, 96, 128]
     rows = [768, 16384] if quick else [768, 1024, 2048, 4096, 5120, 8192, 12288, 16384, 65536]
@@ -217,11 +229,67 @@ def problems(quick: bool, dtypes: list[str]) -> list[Case]:
     for dtype in dtypes:
         for D in head_dims:
             for dropout in (False, True):
-                cases += [Case(k, dtype, D, dropout) for k in ATTENTION_KERNELS if dropout is False
+                cases += [Case(k, dtype, D, dropout, tuning=tuning) for k in ATTENTION_KERNELS if dropout is False
                           or k != "attn_bwd_delta"]
-        cases += [Case(k, dtype, C, bias=bias) for C in rows for bias in (False, True) for k in LN_KERNELS
-                  if k != "ln_column_sum" or (C == rows[0] and not bias)]
+        cases += [Case(k, dtype, C, bias=bias, tuning=tuning) for C in rows for bias in (False, True)
+                  for k in LN_KERNELS if k != "ln_column_sum" or (C == rows[0] and not bias)]
     return cases
+
+
+@dataclass(frozen=True)
+class FirstStep:
+    """The shapes one training step hands the kernels: attention (T, D, dropout), LayerNorm C, one dtype."""
+    T: int
+    D: int
+    C: int
+    dtype: str = "bf16"
+    dropout: float = 0.0
+    bias: bool = False
+
+    def cases(self, tuning: str) -> list[Case]:
+        """Config 0 of every kernel the step launches (each autotuned one expands to its search)."""
+        drop = self.dropout > 0
+        attention = [Case(k, self.dtype, self.D, drop and k != "attn_bwd_delta", tuning=tuning, seq_len=self.T)
+                     for k in ATTENTION_KERNELS]
+        return attention + [Case(k, self.dtype, self.C, bias=self.bias, tuning=tuning) for k in LN_KERNELS]
+
+
+def parse_first_step(spec: str) -> FirstStep:
+    """`T=256,D=64,C=384,dropout=0.2,dtype=bf16[,bias=1]` -> FirstStep (T, D, C required)."""
+    fields: dict = {}
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name in ("T", "D", "C"):
+            fields[name] = int(value)
+        elif name == "dropout":
+            fields[name] = float(value)
+        elif name == "bias":
+            fields[name] = value.strip().lower() in ("1", "true", "yes")
+        elif name == "dtype" and value in ("bf16", "fp16", "fp32"):
+            fields[name] = value
+        else:
+            raise argparse.ArgumentTypeError(f"--first-step: bad item {item!r} (T=..,D=..,C=..[,dropout=..]"
+                                             "[,dtype=bf16|fp16|fp32][,bias=0|1])")
+    if not {"T", "D", "C"} <= fields.keys():
+        raise argparse.ArgumentTypeError(f"--first-step {spec!r}: T, D and C are required")
+    return FirstStep(**fields)
+
+
+def first_step_report(step: FirstStep, tuning: str, results: list[Result]) -> str:
+    """Per kernel: configs and summed compile seconds, then the total a cold first step compiles."""
+    lines = [f"first step of T={step.T}, D={step.D}, C={step.C}, dropout={step.dropout:g}, {step.dtype}, "
+             f"{'with' if step.bias else 'no'} LayerNorm bias, tuning {tuning}",
+             f"{'kernel':<15}{'configs':>8}{'compile s':>11}{'fits':>6}"]
+    for kernel in ATTENTION_KERNELS + LN_KERNELS:
+        rs = [r for r in results if r.case.kernel == kernel]
+        fits = sum(r.status in ("ok", "spills") for r in rs)
+        lines.append(f"{kernel:<15}{len(rs):>8}{sum(r.seconds for r in rs):>11.1f}{fits:>6}")
+    total = sum(r.seconds for r in results)
+    lines.append(f"total: {len(results)} configs, {total:.1f} s of compiling (one after another, as the "
+                 f"autotuner does), plus about {0.125 * len(results):.0f} s of benchmarking them (do_bench: "
+                 f"25 ms warm-up + 100 ms each)")
+    return "\n".join(lines)
 
 
 def _expand(case: Case, one_config: bool = False) -> list[Case]:
@@ -234,8 +302,9 @@ def _expand(case: Case, one_config: bool = False) -> list[Case]:
 def run(cases: list[Case], arch: int, jobs: int, one_config: bool = False, progress: bool = True) -> list[Result]:
     """Compile every config (or the first) of every case in `jobs` fresh processes, where the kernels are
     really compiled: the caller's own kernels may be the interpreter's."""
-    previous = os.environ.get("TRITON_INTERPRET")
+    previous = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_ALWAYS_COMPILE")}
     os.environ["TRITON_INTERPRET"] = "0"  # spawned workers inherit it before they import kernels
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # cold compiles every time: the cache would hide their cost
     try:
         context = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
@@ -249,10 +318,11 @@ def run(cases: list[Case], arch: int, jobs: int, one_config: bool = False, progr
                     print(f"\rcompiled {len(results)}/{len(pending)} for sm_{arch}", end=end, file=sys.stderr,
                           flush=True)
     finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     order = {c: i for i, c in enumerate(expanded)}
     return sorted(results, key=lambda r: order[r.case])
 
@@ -310,14 +380,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one-config", action="store_true",
                         help="only each kernel's first autotune config: a quick sweep for compile errors")
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--tuning", default="pruned", choices=["pruned", "full"],
+                        help="whose autotune configs: the default pruned search or the full one")
+    parser.add_argument("--first-step", type=parse_first_step, metavar="T=..,D=..,C=..[,dropout=..][,dtype=..]",
+                        help="compile only what a cold first training step autotunes over, and sum the time")
     parser.add_argument("--kernel", nargs="+", default=None, choices=ATTENTION_KERNELS + LN_KERNELS)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     parser.add_argument("--out", type=Path, default=None, help="write compile_check.csv / .json here")
     args = parser.parse_args(argv)
-    cases = [c for c in problems(args.quick, args.dtype) if args.kernel is None or c.kernel in args.kernel]
+    if args.first_step:
+        cases = args.first_step.cases(args.tuning)
+    else:
+        cases = problems(args.quick, args.dtype, args.tuning)
+    cases = [c for c in cases if args.kernel is None or c.kernel in args.kernel]
     started = time.perf_counter()
     results = run(cases, args.arch, max(1, args.jobs), args.one_config)
     print(summary(results))
+    if args.first_step:
+        print(first_step_report(args.first_step, args.tuning, results))
     print(f"{len(results)} compiles for sm_{args.arch} in {time.perf_counter() - started:.0f} s "
           f"(shared memory limit {SHARED_LIMIT[args.arch]} bytes)")
     if args.out:

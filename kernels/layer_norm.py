@@ -11,11 +11,13 @@ partial row to a (G, C) buffer; a second kernel sums the G partial rows per colu
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import interpreting
+from kernels.runtime import check_tuning, interpreting
 
 MAX_C = 65536  # one row lives in registers: beyond this a row would need a looped kernel
 
@@ -115,10 +117,35 @@ def _column_sum_kernel(
 
 # Hopper: only the warp count is worth searching; the tile is the whole row. 32 warps: at C = 16384 the row's
 # registers spill with 16 warps or fewer (python -m kernels.compile_check, docs/kernels.md).
-_WARPS = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16, 32)]
+WARPS = (2, 4, 8, 16, 32)
+_WARPS = [triton.Config({}, num_warps=w) for w in WARPS]
+# `pruned` (the default) keeps the warp counts that give each thread 4..16 elements of the row (the row is in
+# registers: fewer spill, more idle on reductions), or the nearest one when none does (C < 256, C > 16384).
+ELEMENTS_PER_THREAD = (4, 16)
+
+
+def pruned_warps(block_c: int) -> list[int]:
+    """The warp counts the pruned search tries for rows of BLOCK_C (a power of two) columns."""
+    low, high = ELEMENTS_PER_THREAD
+    fitting = [w for w in WARPS if low <= block_c / (32 * w) <= high]
+    if fitting:
+        return fitting
+    return [min(WARPS, key=lambda w: abs(math.log2(block_c / (32 * w) / math.sqrt(low * high))))]
+
+
+def _prune(configs, named_args, **meta):
+    keep = pruned_warps(meta["BLOCK_C"])
+    return [c for c in configs if c.num_warps in keep]
+
+
 _LN_KEY = ["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"]
-_ln_fwd_tuned = triton.autotune(_WARPS, key=_LN_KEY, cache_results=True)(_ln_fwd_kernel)  # on disk, as attention
-_ln_bwd_tuned = triton.autotune(_WARPS, key=_LN_KEY, cache_results=True)(_ln_bwd_kernel)
+TUNED = {  # winners on disk (cache_results), as attention's
+    "full": {"fwd": triton.autotune(_WARPS, key=_LN_KEY, cache_results=True)(_ln_fwd_kernel),
+             "bwd": triton.autotune(_WARPS, key=_LN_KEY, cache_results=True)(_ln_bwd_kernel)},
+    "pruned": {k: triton.autotune(_WARPS, key=_LN_KEY, cache_results=True,
+                                  prune_configs_by={"early_config_prune": _prune})(fn)
+               for k, fn in (("fwd", _ln_fwd_kernel), ("bwd", _ln_bwd_kernel))},
+}
 COLUMN_SUM_TILE = {"gpu": (32, 128), "interpreter": (16, 128)}  # (BLOCK_G, BLOCK_C) of the untuned column sums
 
 
@@ -147,7 +174,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                       tuning: str = "pruned"):
     """Launch the forward kernel: returns y (x's shape and dtype), mean and rstd (N,) in fp32."""
     C = x.shape[-1]
     x2 = _rows(x)
@@ -157,12 +185,12 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N == 0:
         return y, mean, rstd
-    kernel = _ln_fwd_kernel if interpreting(x) else _ln_fwd_tuned
+    kernel = _ln_fwd_kernel if interpreting(x) else TUNED[tuning]["fwd"]
     kernel[(N,)](*forward_args(x2, y, weight, bias, mean, rstd, eps), **row_meta(C, weight, bias))
     return y, mean, rstd
 
 
-def layer_norm_backward(dy, x, weight, bias, mean, rstd):
+def layer_norm_backward(dy, x, weight, bias, mean, rstd, tuning: str = "pruned"):
     """Launch the row kernel and the column sums: dx, dw, db (dw/db empty when the parameter is None)."""
     C = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
@@ -175,7 +203,7 @@ def layer_norm_backward(dy, x, weight, bias, mean, rstd):
     dw_part = torch.zeros((groups, C), dtype=torch.float32, device=x.device)
     db_part = torch.zeros((groups, C), dtype=torch.float32, device=x.device)
     if N > 0:
-        kernel = _ln_bwd_kernel if interpret else _ln_bwd_tuned
+        kernel = _ln_bwd_kernel if interpret else TUNED[tuning]["bwd"]
         kernel[(groups,)](*backward_args(x2, dy2, dx, weight, mean, rstd, dw_part, db_part, rows_per_program),
                           **row_meta(C, weight, bias))
     dw = _column_sum(dw_part, weight.dtype, interpret) if weight is not None else x.new_empty(0)
@@ -196,12 +224,12 @@ def _column_sum(part: torch.Tensor, dtype: torch.dtype, interpret: bool) -> torc
 # ----------------------------------------------------------------------------------------------------
 @torch.library.custom_op("megagpt::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_forward(x, weight, bias, eps)
+                       eps: float, tuning: str = "pruned") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_forward(x, weight, bias, eps, tuning)
 
 
 @_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, tuning="pruned"):
     N = x.numel() // x.shape[-1]
     return x.new_empty(x.shape), x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32)
 
@@ -209,36 +237,39 @@ def _(x, weight, bias, eps):
 @torch.library.custom_op("megagpt::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                        bias: torch.Tensor | None, mean: torch.Tensor,
-                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_backward(dy, x, weight, bias, mean, rstd)
+                       rstd: torch.Tensor, tuning: str = "pruned") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_backward(dy, x, weight, bias, mean, rstd, tuning)
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, bias, mean, rstd):
+def _(dy, x, weight, bias, mean, rstd, tuning="pruned"):
     dw = x.new_empty(0) if weight is None else weight.new_empty(weight.shape)
     db = x.new_empty(0) if bias is None else bias.new_empty(bias.shape)
     return x.new_empty(x.shape), dw, db
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+    x, weight, bias, eps, tuning = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.tuning = tuning
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = torch.ops.megagpt.layer_norm_bwd(dy, x, weight, bias, mean, rstd)
-    return dx, (dw if weight is not None else None), (db if bias is not None else None), None
+    dx, dw, db = torch.ops.megagpt.layer_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.tuning)
+    return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None
 
 
 _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dim of x (any leading shape); weight and bias (C,) are optional."""
+               eps: float = 1e-5, tuning: str = "pruned") -> torch.Tensor:
+    """LayerNorm over the last dim of x (any leading shape); weight and bias (C,) are optional. `tuning` is the
+    GPU autotune search: "pruned" (the default) or "full" (every warp count)."""
+    check_tuning(tuning)
     C = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != (C,):
@@ -248,4 +279,4 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         raise ValueError(f"layer_norm: last dim C={C} unsupported (1 <= C <= {MAX_C})")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"layer_norm: x must be fp32/fp16/bf16, got {x.dtype}")
-    return torch.ops.megagpt.layer_norm_fwd(x, weight, bias, float(eps))[0]
+    return torch.ops.megagpt.layer_norm_fwd(x, weight, bias, float(eps), tuning)[0]

@@ -35,17 +35,20 @@ def _sdpa_attention(q, k, v, dropout_p: float, scale: float | None = None):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
 
 
-def _triton_attention(q, k, v, dropout_p: float, scale: float | None = None):
+def _triton_attention(q, k, v, dropout_p: float, scale: float | None = None, tuning: str = "pruned"):
     import kernels  # lazily: only the triton backend needs triton
 
-    return kernels.causal_attention(q, k, v, softmax_scale=scale, dropout_p=dropout_p)
+    return kernels.causal_attention(q, k, v, softmax_scale=scale, dropout_p=dropout_p, tuning=tuning)
 
 
 ATTENTION_BACKENDS = {"math": _math_attention, "sdpa": _sdpa_attention, "triton": _triton_attention}
 
 
 def attention_backend(cfg: ModelConfig):
-    """cfg.attention's function with the parametrization's score scale."""
+    """cfg.attention's function with the parametrization's score scale; the triton one searches tiles as
+    cfg.kernel_tuning says."""
+    if cfg.attention == "triton":
+        return functools.partial(_triton_attention, scale=attention_scale(cfg), tuning=cfg.kernel_tuning)
     return functools.partial(ATTENTION_BACKENDS[cfg.attention], scale=attention_scale(cfg))
 
 
@@ -58,15 +61,20 @@ def attention_scale(cfg: ModelConfig) -> float | None:
 class TritonLayerNorm(nn.LayerNorm):
     """nn.LayerNorm's parameters and state dict, with the fused Triton kernel for the maths."""
 
+    def __init__(self, *args, tuning: str = "pruned", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tuning = tuning
+
     def forward(self, x):
         import kernels
 
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, tuning=self.tuning)
 
 
 def make_norm(cfg: ModelConfig) -> nn.LayerNorm:
-    norm_class = TritonLayerNorm if cfg.norm == "triton" else nn.LayerNorm
-    return norm_class(cfg.n_embd, bias=cfg.bias)
+    if cfg.norm == "triton":
+        return TritonLayerNorm(cfg.n_embd, bias=cfg.bias, tuning=cfg.kernel_tuning)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
 def cached_attention(q, k, v, past_len: int, scale: float | None = None):

@@ -1,4 +1,4 @@
-"""The kernels under torch.compile on CPU: opaque custom ops in one graph, the same numbers as eager."""
+"""The kernels under torch.compile on CPU, compiled for Hopper without one, and their autotune search."""
 
 import pytest
 import torch
@@ -88,7 +88,7 @@ def test_every_kernel_compiles_for_hopper_with_the_launchers_arguments():
     cases += [Case(k, "fp16", 48, False) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")]  # padded D
     cases += [Case("attn_bwd_delta", "bf16", 80), Case("ln_column_sum", "bf16", 1000)]
     cases += [Case(k, "bf16", 1000, bias=True) for k in ("ln_fwd", "ln_bwd")]
-    cases += [Case(k, "fp16", 16384, config=3) for k in ("ln_fwd", "ln_bwd")]  # 16 warps, weight only
+    cases += [Case(k, "fp16", 16384, config=3, tuning="full") for k in ("ln_fwd", "ln_bwd")]  # 16 warps, weight only
     results = run(cases, arch=90, jobs=2, one_config=True, progress=False)
     assert [r.case for r in results] == cases
     for r in results:
@@ -113,3 +113,127 @@ def test_compile_check_cli_writes_its_report(tmp_path):
     report = json.loads((tmp_path / "compile_check.json").read_text())
     assert report["arch"] == 90 and [r["status"] for r in report["results"]] == ["ok"]
     assert (tmp_path / "compile_check.csv").read_text().startswith("kernel,")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The autotune search: pruned by default (a cold first step in under a minute), full on request
+# ----------------------------------------------------------------------------------------------------
+def _tile(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+ATTENTION_LISTS = [(kernel, block_d, dropout, fp32) for kernel in ("fwd", "dkdv", "dq") for block_d in (16, 32, 64, 128)
+                   for dropout in (False, True) for fp32 in (False, True)]
+
+
+@pytest.mark.parametrize("kernel,block_d,dropout,fp32", ATTENTION_LISTS)
+def test_pruned_attention_search_is_at_most_8_valid_configs_of_the_full_one(kernel, block_d, dropout, fp32):
+    from kernels import attention
+
+    tuned = attention.TUNED["pruned"][kernel]
+    meta = dict(HEAD_DIM=block_d, BLOCK_D=block_d, DROPOUT=dropout, PRECISION="ieee" if fp32 else "tf32")
+    tried = [_tile(c) for c in tuned.early_config_prune(tuned.configs, {}, **meta)]  # what the autotuner times
+    assert 1 <= len(tried) <= 8 and len(set(tried)) == len(tried)
+    assert set(tried) <= {_tile(c) for c in attention.FULL_CONFIGS[kernel]}
+    for m, n, _, _ in tried:  # the kernels' own tile contracts (diagonal bookkeeping)
+        assert (n % m == 0) if kernel == "dkdv" else (m % n == 0)
+
+
+@pytest.mark.parametrize("block_c", [2**k for k in range(17)])
+def test_pruned_layer_norm_search_keeps_1_to_3_warp_counts_for_every_row_length(block_c):
+    import importlib
+
+    ln = importlib.import_module("kernels.layer_norm")
+    tuned = ln.TUNED["pruned"]["fwd"]
+    warps = [c.num_warps for c in tuned.early_config_prune(tuned.configs, {}, BLOCK_C=block_c)]
+    assert 1 <= len(warps) <= 3 and set(warps) <= set(ln.WARPS)
+    if block_c >= 16384:  # the row spills with fewer (docs/kernels.md): 32 warps must stay in the search
+        assert 32 in warps
+
+
+def test_full_tuning_restores_the_wide_search():
+    import importlib
+
+    from kernels import attention
+    from kernels.compile_check import Case, config_count
+
+    ln = importlib.import_module("kernels.layer_norm")
+    for kernel, count in (("fwd", 30), ("dkdv", 16), ("dq", 16)):
+        assert len(attention.TUNED["full"][kernel].configs) == count
+        assert attention.TUNED["full"][kernel].early_config_prune is None
+    assert all(ln.TUNED["full"][k].early_config_prune is None and len(ln.TUNED["full"][k].configs) == 5
+               for k in ("fwd", "bwd"))
+    assert config_count(Case("attn_fwd", "bf16", 64, tuning="full")) == 30
+    assert config_count(Case("attn_fwd", "bf16", 64, tuning="pruned")) <= 8
+
+
+def test_model_kernel_tuning_reaches_both_kernels_and_rejects_unknown_values():
+    import kernels
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50, attention="triton",
+                      norm="triton", kernel_tuning="full")
+    model = GPT(cfg)
+    block = model.transformer.h[0]
+    assert block.attn.attend.keywords["tuning"] == "full"
+    assert block.ln_1.tuning == model.transformer.ln_f.tuning == "full"
+    assert GPT(cfg.model_copy(update={"kernel_tuning": "pruned"})).transformer.h[0].ln_2.tuning == "pruned"
+    q = torch.randn(1, 2, 16, 16)
+    with pytest.raises(ValueError, match="tuning must be one of pruned, full"):
+        kernels.causal_attention(q, q, q, tuning="fast")
+    with pytest.raises(ValueError, match="tuning must be one of pruned, full"):
+        kernels.layer_norm(q, None, None, tuning="wide")
+
+
+def test_first_step_lists_every_kernel_the_step_launches():
+    from kernels.compile_check import FirstStep, config_count, parse_first_step
+
+    step = parse_first_step("T=256,D=64,C=384,dropout=0.2,dtype=bf16")
+    assert step == FirstStep(T=256, D=64, C=384, dtype="bf16", dropout=0.2, bias=False)
+    cases = step.cases("pruned")
+    assert {c.kernel for c in cases} == {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_delta", "ln_fwd",
+                                         "ln_bwd", "ln_column_sum"}
+    assert all(c.dropout for c in cases if c.kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"))
+    assert all(c.seq_len == 256 and c.size == 64 for c in cases if c.kernel.startswith("attn"))
+    assert all(c.size == 384 and not c.bias for c in cases if c.kernel.startswith("ln"))
+    pruned = sum(config_count(c) for c in cases)
+    assert pruned < sum(config_count(c) for c in step.cases("full")) == 74
+
+
+def _smallest_config(case) -> int:
+    """Index, in the case's pruned list, of the config with the least shared memory (tile area x stages)."""
+    from kernels.compile_check import _launch
+
+    configs = _launch(case)[1]
+    if case.kernel.startswith("ln"):
+        return 0
+    sizes = [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages for c in configs]
+    return sizes.index(min(sizes))
+
+
+@pytest.mark.slow  # 14 real compiles: 25-45 s on 2 cores
+def test_every_pruned_list_has_a_config_that_fits_hopper_at_its_largest_shapes():
+    """Shared memory grows with the head dim and dropout, so each list's smallest tile is compiled at the
+    largest head dim of its class (narrow: D = 64, wide: D = 128), and LayerNorm at C = 65536 with a bias;
+    any T is a runtime argument. fp32's lists: the slow test below."""
+    from dataclasses import replace
+
+    from kernels.compile_check import SHARED_LIMIT, Case, run, unrunnable
+
+    cases = [Case(k, "fp16", D, dropout) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq") for D in (64, 128)
+             for dropout in (False, True)]
+    cases += [Case(k, "bf16", 65536, bias=True) for k in ("ln_fwd", "ln_bwd")]
+    cases = [replace(c, config=_smallest_config(c)) for c in cases]
+    results = run(cases, arch=90, jobs=2, one_config=True, progress=False)
+    assert not unrunnable(results)
+    for r in results:
+        assert r.status in ("ok", "spills") and r.shared <= SHARED_LIMIT[90], r
+
+
+@pytest.mark.slow
+def test_fp32_pruned_lists_fit_hopper_at_head_dim_128_with_dropout():
+    """fp32's IEEE dots spill heavily, so these compiles take minutes: the lists are one small tile each."""
+    from kernels.compile_check import Case, run, unrunnable
+
+    cases = [Case(k, "fp32", 128, True) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")]
+    results = run(cases, arch=90, jobs=2, one_config=True, progress=False)
+    assert not unrunnable(results) and all(r.status in ("ok", "spills") for r in results)
