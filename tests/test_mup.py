@@ -375,3 +375,26 @@ def test_mup_run_samples_and_exports(one_rank_mup, tmp_path):
     if __import__("importlib").util.find_spec("transformers"):
         torch.testing.assert_close(hf_logits(export(one_rank_mup, tmp_path / "hf", fmt="hf"), idx), want,
                                    atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the µP family: each size's shape and schedule, mup_base.yaml's hyperparameters
+# ---------------------------------------------------------------------------------------------------------------
+MUP_KEYS = {"model": ("parametrization", "mup_base_width", "init_std", "mup_input_alpha", "mup_output_alpha"),
+            "train": ("lr", "min_lr")}
+
+
+@pytest.mark.parametrize("size", ["gpt3_125m", "gpt3_350m", "gpt3_1.3b", "gpt3_13b", "shakespeare_char"])
+def test_mup_family_takes_its_shape_from_the_size_and_its_hyperparameters_from_mup_base(size):
+    import yaml
+    from helpers import CONFIGS
+
+    tuned = yaml.safe_load((CONFIGS / "mup_base.yaml").read_text())
+    mup, standard = load_config(CONFIGS / f"mup_{size}.yaml").to_dict(), load_config(CONFIGS / f"{size}.yaml").to_dict()
+    assert mup["name"] == f"mup_{size}" and mup["model"]["parametrization"] == "mup"
+    for section in ("model", "data", "train", "deepspeed", "logging"):
+        for key, value in mup[section].items():
+            if key in MUP_KEYS.get(section, ()):
+                assert value == tuned[section][key], f"{section}.{key}"
+            else:
+                assert value == standard[section][key], f"{section}.{key}"
