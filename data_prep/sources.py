@@ -173,7 +173,8 @@ def _jsonl_text(path: str, line_no: int, line: str, text_field: str) -> str:
 
 # ---------------------------------------------------------------- an over-long .jsonl record as a stream
 
-_STRING_BODY = re.compile(r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
+# possessive (*+): no backtracking state per character, so matching a long string takes constant memory
+_STRING_BODY = re.compile(r'(?:[^"\\\x00-\x1f]+|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+')
 _HIGH_SURROGATE_TAIL = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}$")
 _SCALAR = re.compile(r"[^,}\]\s]*")
 _NESTING = re.compile(r'["{}\[\]]')
