@@ -67,9 +67,10 @@ def check_out_dir(run_dir: Path, out: Path, force: bool) -> None:
     if target == run or run in target.parents or target in run.parents:
         where = "is" if target == run else "is inside" if run in target.parents else "contains"
         raise UserError(f"--out {out}: {where} the run dir {run_dir}; export to a folder of its own")
-    for folder in [target, *target.parents]:
+    for folder in [target, *target.parents]:  # another run's dir
         if is_run_dir(folder):
-            raise UserError(f"--out {out}: inside run dir {folder}; export to a folder of its own")
+            where = "is" if folder == target else "is inside"
+            raise UserError(f"--out {out}: {where} the run dir {folder}; export to a folder of its own")
     if target.exists() and not target.is_dir():
         raise UserError(f"--out {out}: is a file; export to a folder")
     if target.is_dir() and any(target.iterdir()):
@@ -100,7 +101,12 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old / out.name, out)  # the earlier export goes back
+            old.rmdir()
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
