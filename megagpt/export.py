@@ -12,13 +12,11 @@ import torch
 
 from megagpt.config import Config, load_config, save_config
 from megagpt.errors import UserError
+from megagpt.hf_gpt2 import TIED, hf_config, hf_state_dict  # the GPT-2 layout, one mapping for both directions
 from megagpt.inference import EXPORT_MARKER, TOKENIZER_DIR, consolidated_state_dict, is_run_dir, resolve_tag
 from megagpt.mup import fold_multipliers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight: stored once
-# nn.Linear keeps weights as (out, in); GPT-2's Conv1D as (in, out): these are transposed for Hugging Face.
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def export_main(args) -> int:
@@ -116,44 +114,3 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(state, str(path), metadata={"format": "pt"})  # transformers refuses files without "format"
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face GPT-2: same architecture (pre-LN, learned positions, tied head), different weight layout.
-# ---------------------------------------------------------------------------------------------
-def hf_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """megagpt names and layout -> GPT2LMHeadModel's; bias=False models get the zero biases GPT-2 has."""
-    m = cfg.model
-    out = {name: (t.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else t) for name, t in state.items()}
-    like = state["transformer.wte.weight"]
-    widths = {"ln_1": m.n_embd, "ln_2": m.n_embd, "attn.c_attn": 3 * m.n_embd, "attn.c_proj": m.n_embd,
-              "mlp.c_fc": 4 * m.n_embd, "mlp.c_proj": m.n_embd}
-    prefixes = [f"transformer.h.{i}.{module}" for i in range(m.n_layer) for module in widths]
-    for prefix in [*prefixes, "transformer.ln_f"]:
-        width = widths[prefix.split(".", 3)[-1]] if prefix != "transformer.ln_f" else m.n_embd
-        out.setdefault(f"{prefix}.bias", torch.zeros(width, dtype=like.dtype))
-    return out
-
-
-def hf_config(cfg: Config, dtype: str) -> dict:
-    m = cfg.model
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": m.vocab_size,
-        "n_positions": m.block_size,
-        "n_ctx": m.block_size,
-        "n_embd": m.n_embd,
-        "n_layer": m.n_layer,
-        "n_head": m.n_head,
-        "n_inner": 4 * m.n_embd,
-        "activation_function": "gelu",  # exact erf GELU like nn.GELU(); GPT-2's default gelu_new is tanh
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": m.dropout,
-        "embd_pdrop": m.dropout,
-        "attn_pdrop": m.dropout,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype],
-    }
