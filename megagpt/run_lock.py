@@ -63,13 +63,17 @@ class RunLock:
             if _same_file(fd, path):  # not unlinked by a holder that just gave it back: ours
                 break
             os.close(fd)
-        previous = None if created else os.pread(fd, 1 << 20, 0)
+        cls._held_fds.add(fd)
+        lock = cls(path, fd, None if created else os.pread(fd, 1 << 20, 0), created_dirs)
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        cls._held_fds.add(fd)
-        return cls(path, fd, previous, created_dirs)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        except OSError as e:  # a full disk, say: leave the run dir as it was, and name the file
+            lock.release(undo=True)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        return lock
 
     def release(self, undo: bool = False) -> None:
         """Give the lock back; with `undo` also put back what `acquire` changed (a command that refused)."""

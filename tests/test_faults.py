@@ -18,7 +18,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import REPO, child_env, finish, losses, metrics, single, tiny, torchrun, wait_for, worker_pids
+from dist_helpers import (
+    BASE_CONFIG,
+    REPO,
+    child_env,
+    finish,
+    losses,
+    metrics,
+    set_args,
+    single,
+    tiny,
+    torchrun,
+    wait_for,
+    worker_pids,
+)
 
 from megagpt.checkpoint import (
     Checkpointer,
@@ -28,6 +41,7 @@ from megagpt.checkpoint import (
     verify_manifest,
     write_manifest,
 )
+from megagpt.cli import main as cli_main
 from megagpt.config import load_config
 from megagpt.distributed import DistInfo
 from megagpt.errors import UserError
@@ -402,6 +416,15 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkp
     assert train_steps(run_dir) == list(range(1, 11))
 
 
+def test_a_full_disk_when_a_run_starts_is_one_line_and_leaves_nothing(small_disk, shakespeare_dataset, capfd):
+    fill(small_disk, leave=0)
+    argv = ["train", str(BASE_CONFIG), *set_args(tiny(shakespeare_dataset)), "--run-dir", str(small_disk / "run")]
+    assert cli_main(argv) == 2
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"megagpt train: error: No space left on device writing {small_disk / 'run' / LOCK_NAME}")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
 def test_disk_full_while_dropping_metrics_leaves_no_temporary_file(small_disk):
     records = "".join(json.dumps({"step": s, "loss": 1.0, "pad": "x" * 200}) + "\n" for s in range(1, 2000))
     (small_disk / "metrics.jsonl").write_text(records)
@@ -498,6 +521,13 @@ def test_sample_tells_a_run_dir_from_an_export_dir(run_copy, tmp_path):
         assert all(torch.equal(weights[k], exported[k]) for k in exported) == same, step
     with pytest.raises(UserError, match="neither a run dir .* nor an export dir"):
         sample_texts(tmp_path / "nothing", "A", 4)
+
+
+def test_a_config_that_does_not_match_the_weights_is_one_line(run_copy):
+    config = run_copy / "config.yaml"
+    config.write_text(config.read_text().replace("n_embd: 32", "n_embd: 48"))
+    with pytest.raises(UserError, match="config.yaml does not describe the saved weights .*size mismatch"):
+        sample_texts(run_copy, "A", 4)
 
 
 def test_bad_sample_arguments_are_one_line_on_the_command_line(trained):
