@@ -1,7 +1,9 @@
 """Kernel benchmark: Triton causal attention vs torch SDPA backends, Triton LayerNorm vs F.layer_norm.
 
 `python -m kernels.bench` or `megagpt bench kernels [--kernel attention|layernorm|all] [--quick] [--dtype D]
-[--out DIR]`. Prints a table and writes table.txt, results.csv, results.json and one PNG per kernel to --out.
+[--seq-len T ...] [--head-dim D ...] [--width C ...] [--out DIR]`. Prints a table and writes table.txt,
+results.csv, results.json and one PNG per kernel to --out. LayerNorm rows include `copy`: a plain device copy of
+the same rows, the bandwidth a memory-bound kernel can at best reach.
 Without a GPU everything runs under Triton's interpreter at toy sizes: those timings check the plumbing, they
 say nothing about performance.
 """
@@ -27,12 +29,15 @@ COLUMNS = ["kernel", "impl", "dtype", "B", "H", "T", "D", "rows", "C", "fwd_ms",
            "fwd_rate", "bwd_rate", "fwd_bwd_rate", "rate_unit"]
 
 
-def _sizes(on_gpu: bool, quick: bool) -> dict:
-    """Problem sizes: real ones on a GPU (B*T = 16k tokens, H*D = 2048), toys under the interpreter."""
+def _sizes(on_gpu: bool, quick: bool, chosen: dict | None = None) -> dict:
+    """Problem sizes: real ones on a GPU (B*T = 16k tokens, H*D = 2048), toys under the interpreter; `chosen`
+    replaces any of T, D, C."""
     if on_gpu:
-        return {"T": [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384], "D": [64, 128],
-                "C": [768, 4096, 16384] if quick else [768, 1024, 2048, 4096, 8192, 16384], "rows": 8192}
-    return {"T": [16, 32], "D": [16] if quick else [16, 32], "C": [64, 128], "rows": 16}
+        sizes = {"T": [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384], "D": [64, 128],
+                 "C": [768, 4096, 16384] if quick else [768, 1024, 2048, 4096, 8192, 16384], "rows": 8192}
+    else:
+        sizes = {"T": [16, 32], "D": [16] if quick else [16, 32], "C": [64, 128], "rows": 16}
+    return {**sizes, **{k: v for k, v in (chosen or {}).items() if v}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,8 +90,9 @@ def _sdpa_impls() -> dict:
     return impls
 
 
-def bench_attention(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool) -> list[dict]:
-    sizes = _sizes(on_gpu, quick)
+def bench_attention(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool, chosen: dict | None = None
+                    ) -> list[dict]:
+    sizes = _sizes(on_gpu, quick, chosen)
     impls = {"triton": kernels.causal_attention, **_sdpa_impls()}
     rows, skipped = [], set()
     for D in sizes["D"]:
@@ -114,8 +120,9 @@ def bench_attention(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool) 
 # ----------------------------------------------------------------------------------------------------
 # LayerNorm
 # ----------------------------------------------------------------------------------------------------
-def bench_layer_norm(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool) -> list[dict]:
-    sizes = _sizes(on_gpu, quick)
+def bench_layer_norm(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool, chosen: dict | None = None
+                     ) -> list[dict]:
+    sizes = _sizes(on_gpu, quick, chosen)
     N = sizes["rows"]
     impls = {"triton": kernels.layer_norm, "torch": lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)}
     rows = []
@@ -129,7 +136,18 @@ def bench_layer_norm(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool)
             moved = [2 * nbytes, 3 * nbytes, 5 * nbytes]
             rates = [b / (t * 1e-3) / 1e9 for b, t in zip(moved, ms, strict=True)]
             rows.append(_row("layernorm", name, dtype, ms, rates, "GB/s", rows=N, C=C))
+        rows.append(_copy_row(inputs[0], dtype, on_gpu, quick))
     return rows
+
+
+def _copy_row(x: torch.Tensor, dtype: torch.dtype, on_gpu: bool, quick: bool) -> dict:
+    """A device copy of x's rows: read + write, as LayerNorm's forward. Its GB/s is the ceiling each pass can
+    reach; its ms are that ceiling's times for the forward's 2, backward's 3 and both passes' 5 passes over x."""
+    y = torch.empty_like(x)
+    ms = _time_ms(lambda: y.copy_(x), on_gpu, quick)
+    rate = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+    return _row("layernorm", "copy", dtype, [ms, 1.5 * ms, 2.5 * ms], [rate] * 3, "GB/s", rows=x.shape[0],
+                C=x.shape[1])
 
 
 def _row(kernel: str, impl: str, dtype: torch.dtype, ms, rates, unit: str, **shape) -> dict:
@@ -212,6 +230,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bf16 on a GPU, fp32 under the interpreter (which has no real bf16)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    p.add_argument("--seq-len", type=int, nargs="+", help="attention sequence lengths T (default: a sweep)")
+    p.add_argument("--head-dim", type=int, nargs="+", help="attention head dims D (default: 64 and 128)")
+    p.add_argument("--width", type=int, nargs="+", help="LayerNorm row lengths C (default: a sweep)")
     p.add_argument("--out", type=Path, default=Path("bench_out/kernels"), help="output directory")
     return p
 
@@ -232,11 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             "cost on an H100 in registers and shared memory: python -m kernels.compile_check --quick")
     print(note)
     dtype = DTYPES[dtype_name]
-    rows = []
+    rows, chosen = [], {"T": args.seq_len, "D": args.head_dim, "C": args.width}
     if args.kernel in ("attention", "all"):
-        rows += bench_attention(dtype, device, on_gpu, args.quick)
+        rows += bench_attention(dtype, device, on_gpu, args.quick, chosen)
     if args.kernel in ("layernorm", "all"):
-        rows += bench_layer_norm(dtype, device, on_gpu, args.quick)
+        rows += bench_layer_norm(dtype, device, on_gpu, args.quick, chosen)
     print(format_table(rows))
     meta = {"note": note, "device": device_name, "interpreter": not on_gpu, "dtype": dtype_name,
             "torch": torch.__version__, "triton": _triton_version(),

@@ -1,0 +1,114 @@
+"""`megagpt doctor`: a line per check, exit 0 only when all that applies passed, what to do on failure."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+from megagpt import doctor
+from megagpt.doctor import Result
+
+
+def _run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "megagpt.doctor", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+
+
+@pytest.mark.slow  # a gloo pair, the interpreter's kernels and 20 DeepSpeed steps: 1-1.5 minutes on 2 cores
+def test_doctor_on_this_cpu_passes_every_check_with_a_line_each():
+    result = _run()
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for name in ["versions", "devices", "bf16", "collective", "triton attention", "triton layer_norm",
+                 "tiny training"]:
+        line = next(line for line in lines if line.startswith(name))
+        assert " PASS " in line, line
+    training = next(line for line in lines if line.startswith("tiny training"))
+    assert "20 steps through DeepSpeed" in training and "checkpoints step_000010, step_000020" in training
+    assert lines[-1] == "7 passed, 0 failed"
+
+
+def _broken() -> Result:
+    return Result("broken", "FAIL", "deliberately broken", "fix the deliberate break")
+
+
+def check_raises() -> Result:
+    raise OSError("no such device")
+
+
+def test_a_failing_check_exits_non_zero_with_what_to_do(capsys):
+    assert doctor.main([], checks=[doctor.check_bf16, _broken, check_raises]) == 1
+    out = capsys.readouterr().out
+    assert "bf16" in out and " PASS " in out.splitlines()[1]
+    assert "broken" in out and "what to do: fix the deliberate break" in out
+    raised = next(line for line in out.splitlines() if line.startswith("raises"))
+    assert " FAIL " in raised and "OSError: no such device" in raised
+    assert "what to do: an unexpected error at test_doctor.py" in out
+    assert out.splitlines()[-1] == "1 passed, 2 failed"
+
+
+def test_only_passing_checks_exit_zero(capsys):
+    assert doctor.main([], checks=[doctor.check_bf16, doctor.check_devices]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 passed, 0 failed"
+
+
+@pytest.mark.skipif(doctor._has_cuda(), reason="on a GPU --full runs for real")
+def test_full_on_a_cpu_says_it_needs_a_gpu_and_what_it_would_run(capsys, tmp_path):
+    assert doctor.main(["--full", "--out", str(tmp_path)], checks=[doctor.check_bf16]) == 0
+    out = capsys.readouterr().out
+    assert "--full needs a CUDA GPU" in out
+    for part in ["pytest -m gpu", "attention T=4096 D=128 bf16", "layernorm C=768..8192 bf16", "gpt3_125m step time",
+                 "shakespeare_char to val loss", "8 minutes"]:
+        assert part in out
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_missing_packages_fail_versions_with_the_install_line_and_skip_training():
+    # The GPU machine's image lacks these three: hide them from the import system, as there, and run the checks.
+    code = """
+import importlib.abc, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("deepspeed", "webdataset", "pydantic"):
+            raise ModuleNotFoundError(name)
+        return None
+sys.meta_path.insert(0, Hide())
+import importlib.util
+real = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name in ("deepspeed", "webdataset", "pydantic") else real(name, *a)
+from megagpt import doctor
+sys.exit(doctor.main([], checks=[doctor.check_versions, doctor.check_training]))
+"""
+    result = _run(code=code)
+    assert result.returncode == 1, result.stderr[-2000:]
+    versions = next(line for line in result.stdout.splitlines() if line.startswith("versions"))
+    assert " FAIL " in versions and "missing: deepspeed, webdataset, pydantic" in versions
+    assert "what to do: pip install deepspeed webdataset pydantic" in result.stdout
+    training = next(line for line in result.stdout.splitlines() if line.startswith("tiny training"))
+    assert " SKIP " in training and "needs deepspeed, webdataset, pydantic" in training
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ("fpu sse avx512f avx512_bf16 amx_bf16 amx_tile", ["avx512_bf16", "amx_bf16", "amx_tile"]),
+    ("fpu sse avx2 avx512f avx512bw", []),
+])
+def test_native_bf16_is_read_from_the_cpu_flags(flags, expected):
+    cpuinfo = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    assert doctor.cpu_bf16_flags(cpuinfo) == expected
+
+
+def test_full_reads_the_benchmarks_goals_from_their_own_output(tmp_path):
+    # The benchmark under the interpreter (toy sizes, CPU): the same files a GPU run writes.
+    for kernel in ("attention", "layernorm"):
+        result = subprocess.run([sys.executable, "-m", "kernels.bench", "--kernel", kernel, "--quick", "--seq-len",
+                                 "16", "--head-dim", "16", "--width", "64", "--out", str(tmp_path / kernel)],
+                                capture_output=True, text=True, timeout=600, cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+    attention = doctor.summarize_part("attention T=4096 D=128 bf16", tmp_path, "")
+    assert attention.startswith("triton fwd") and "x sdpa-math" in attention
+    layer_norm = doctor.summarize_part("layernorm C=768..8192 bf16", tmp_path, "")
+    assert "C=64:" in layer_norm and "of copy" in layer_norm and "x F.layer_norm" in layer_norm
