@@ -141,6 +141,18 @@ class LoggingConfig(_Section):
     peak_flops: float | None = Field(None, gt=0, description="for MFU on unknown hardware (FLOP/s)")
 
 
+class PlannerConfig(_Section):
+    """The hardware `megagpt plan CONFIG --write` chose zero_stage, micro_batch_size and activation_checkpointing
+    for: data that the planner writes and tests re-plan from, never a comment."""
+
+    gpus: int = Field(ge=1, description="data-parallel GPUs of the job")
+    gpu: str | None = Field(None, description="GPU type, e.g. H100 (megagpt/hardware.py)")
+    gpu_mem_gib: float | None = Field(None, gt=0)
+    peak_tflops: float | None = Field(None, gt=0)
+    gpus_per_node: int | None = Field(None, ge=1)
+    overrides: list[str] = Field(default_factory=list, description="the --set overrides the plan was made with")
+
+
 class Config(_Section):
     name: str = "megagpt"
     description: str | None = None
@@ -149,6 +161,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    planner: PlannerConfig | None = Field(None, description="what `megagpt plan --write` planned this config for")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -65,8 +65,11 @@ def peak_flops(dtype: str = "bf16", override: float | None = None) -> float | No
     if override is not None:
         return float(override)
     gpu = detect_gpu()
-    if gpu is None:
-        return None
+    return None if gpu is None else dense_peak_flops(gpu, dtype)
+
+
+def dense_peak_flops(gpu: GPU, dtype: str) -> float:
+    """The GPU's dense peak FLOP/s for dtype: TF32 tensor cores for fp32, else bf16/fp16 ones."""
     return (gpu.tf32_tflops if dtype == "fp32" else gpu.bf16_tflops) * 1e12
 
 

@@ -4,11 +4,13 @@ and its speed."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import re
-import shlex
+import os
 import sys
 from pathlib import Path
+
+import yaml
 
 from megagpt import hardware
 from megagpt import plan_comm as pc
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     result["config"] = args.config
     print(json.dumps(result, indent=2) if args.json else render(result))
     if args.write:
-        write_choice(Path(args.config), result["choice"], _command(args))
+        write_choice(Path(args.config), result["choice"], planned_for(args))
     return 0
 
 
@@ -283,29 +285,43 @@ def _si(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def _command(args) -> str:
-    parts = ["megagpt plan", shlex.quote(args.config), f"--gpus {args.gpus}"]
-    parts += [f"--gpu {args.gpu}"] if args.gpu else []
-    parts += [f"--gpu-mem-gib {args.gpu_mem_gib:g}"] if args.gpu_mem_gib is not None else []
-    parts += [f"--set {' '.join(shlex.quote(o) for o in args.overrides)}"] if args.overrides else []
-    return " ".join(parts)
+def planned_for(args) -> dict:
+    """The `planner:` section --write records: the hardware and overrides this plan was made for."""
+    keys = ("gpus", "gpu", "gpu_mem_gib", "peak_tflops", "gpus_per_node")
+    section = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    if args.overrides:
+        section["overrides"] = list(args.overrides)
+    return section
 
 
-PLANNED_KEYS = ("zero_stage", "micro_batch_size", "activation_checkpointing")
-PLANNER_COMMENT = "# planner: "
+def planner_args(cfg: Config, config_path: str) -> list[str]:
+    """`megagpt plan` arguments that re-make the plan a config's `planner:` section records."""
+    p = cfg.planner
+    args = [config_path, "--gpus", str(p.gpus)]
+    for flag, value in (("--gpu", p.gpu), ("--gpu-mem-gib", p.gpu_mem_gib), ("--peak-tflops", p.peak_tflops),
+                        ("--gpus-per-node", p.gpus_per_node)):
+        args += [flag, str(value)] if value is not None else []
+    return args + (["--set", *p.overrides] if p.overrides else [])
 
 
-def write_choice(path: Path, choice: dict, command: str) -> None:
-    """Rewrite the planned keys' values (and the `# planner:` comment) in place, keeping every other line."""
+PLANNED_KEYS = {"zero_stage": "deepspeed", "micro_batch_size": "train", "activation_checkpointing": "model"}
+
+
+def write_choice(path: Path, choice: dict, planned: dict) -> None:
+    """The planned keys and the `planner:` section written into the config as YAML data; the file's leading
+    comment block is kept, the rest is re-emitted by the YAML writer (and validated before it replaces the file)."""
     text = path.read_text()
-    for key in PLANNED_KEYS:
-        value = str(choice[key]).lower()
-        pattern = re.compile(rf"^(\s+{key}:\s*)[^\s#]+", re.MULTILINE)
-        if len(pattern.findall(text)) != 1:
-            raise UserError(f"{path}: --write needs exactly one `{key}:` line to rewrite (add one)")
-        text = pattern.sub(lambda mt, v=value: mt.group(1) + v, text)
-    comment = re.compile(rf"^{re.escape(PLANNER_COMMENT)}.*$", re.MULTILINE)
-    if not comment.search(text):
-        raise UserError(f"{path}: --write needs a `{PLANNER_COMMENT.strip()}` comment line for the command")
-    text = comment.sub(lambda _: PLANNER_COMMENT + command, text)
-    path.write_text(text)
+    lines = text.splitlines(keepends=True)
+    header = "".join(itertools.takewhile(lambda line: line.startswith("#") or not line.strip(), lines))
+    raw = yaml.safe_load(text) or {}
+    for key, section in PLANNED_KEYS.items():
+        raw.setdefault(section, {})[key] = choice[key]
+    raw["planner"] = planned
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, width=120))
+    try:
+        load_config(tmp)  # `base:` resolves from the same folder
+    except UserError:
+        tmp.unlink()
+        raise
+    os.replace(tmp, path)

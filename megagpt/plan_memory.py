@@ -30,6 +30,7 @@ import torch
 
 from megagpt.config import ModelConfig
 from megagpt.model import GPT
+from megagpt.model import flops_per_token as model_flops_per_token
 
 BYTES_16BIT_WEIGHTS = 2
 BYTES_16BIT_GRADS = 2
@@ -62,10 +63,8 @@ def closed_form_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, params: ParamCount) -> float:
-    """PaLM accounting, as GPT.flops_per_token(): 6N + 12·L·T·d, N without the position embeddings
-    (wte stays in N: it doubles as the output layer, whose matmul costs FLOPs)."""
-    n = params.total - cfg.block_size * cfg.n_embd
-    return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+    """megagpt.model.flops_per_token on the counted parameters (all but the position embeddings)."""
+    return model_flops_per_token(cfg, params.total - cfg.block_size * cfg.n_embd)
 
 
 def model_state_bytes(params: ParamCount, zero_stage: int, data_parallel: int) -> float:
