@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import check_tuning, interpreting
+from kernels.runtime import interpreting
+from kernels.tuning import ATTENTION_CONFIGS, attention_pruner, check_tuning
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 
@@ -322,67 +323,15 @@ def _attn_bwd_dq_kernel(
     tl.store(DQ + out, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=ok)
 
 
-# Hopper (H100) search spaces; the interpreter always runs the small fixed tiles below instead.
-def _configs(pairs, warps=(4, 8), stages=(2, 3, 4)):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in pairs for w in warps for s in stages]
-
-
-# `full`: the wide search (62 configs per key; a cold first step compiles all of them, minutes).
-FULL_CONFIGS = {
-    "fwd": _configs([(128, 64), (128, 128), (128, 32), (64, 64), (64, 32)]),
-    "dkdv": _configs([(32, 128), (64, 128), (32, 64), (64, 64)], stages=(2, 3)),
-    "dq": _configs([(128, 32), (128, 64), (64, 32), (64, 64)], stages=(2, 3)),
-}
-# `pruned` (the default): at most 8 configs per key, (BLOCK_M, BLOCK_N, warps, stages), all from FULL_CONFIGS,
-# picked by head dim (BLOCK_D <= 64: narrow, 128: wide), dropout and dtype from kernels.compile_check's sm_90
-# tables (docs/benchmarks.md: spill-free where any config is, 4-warp 128-row tiles dropped where they spill) and
-# the known-good Hopper tiles (FlashAttention-2 and Triton's fused-attention tutorial: forward 128 x 64,
-# dK/dV 32 x 128, dQ 128 x 32). Every list holds a small tile that fits sm_90's shared memory at any shape.
-PRUNED_TILES = {
-    ("fwd", "narrow", False): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-    ("fwd", "narrow", True): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-    ("fwd", "wide", False): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
-                             (64, 32, 4, 2)],
-    ("fwd", "wide", True): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-    ("dkdv", "narrow", False): [(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3)],
-    ("dkdv", "narrow", True): [(32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2)],
-    ("dkdv", "wide", False): [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 2), (32, 64, 8, 2)],
-    ("dkdv", "wide", True): [(32, 64, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3)],
-    ("dq", "narrow", False): [(128, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
-    ("dq", "narrow", True): [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
-    ("dq", "wide", False): [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
-    ("dq", "wide", True): [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (64, 32, 8, 2)],
-}
-# fp32 runs IEEE FMA dots (the exact path, not a fast one): every tile spills and one compile takes 0.5-6
-# minutes at D = 128, so the smallest tile alone, and no search.
-PRUNED_TILES_FP32 = {"fwd": [(64, 32, 4, 2)], "dkdv": [(32, 64, 4, 2)], "dq": [(64, 32, 4, 2)]}
-
-
-def pruned_tiles(kernel: str, block_d: int, dropout: bool, fp32: bool) -> list[tuple[int, int, int, int]]:
-    """The pruned search of one autotune key: (BLOCK_M, BLOCK_N, warps, stages) tuples."""
-    if fp32:
-        return PRUNED_TILES_FP32[kernel]
-    return PRUNED_TILES[(kernel, "wide" if block_d > 64 else "narrow", bool(dropout))]
-
-
-def _pruner(kernel: str):
-    """early_config_prune for the autotuner: FULL_CONFIGS narrowed to the key's pruned tiles."""
-    def prune(configs, named_args, **meta):
-        keep = set(pruned_tiles(kernel, meta["BLOCK_D"], meta["DROPOUT"], meta["PRECISION"] == "ieee"))
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
-    return prune
-
-
 # cache_results: the winning config is kept on disk (TRITON_CACHE_DIR), so a restarted run skips the search and
 # gets the same tiles, hence the same numerics, as before it stopped. The disk key includes the configs tried,
 # so `pruned` and `full` keep separate winners.
 _KEY = ["T", "HEAD_DIM", "DROPOUT"]
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
-TUNED = {
-    "full": {k: triton.autotune(FULL_CONFIGS[k], key=_KEY, cache_results=True)(fn) for k, fn in _KERNELS.items()},
-    "pruned": {k: triton.autotune(FULL_CONFIGS[k], key=_KEY, cache_results=True,
-                                  prune_configs_by={"early_config_prune": _pruner(k)})(fn)
+TUNED = {  # Hopper search spaces (kernels/tuning.py); the interpreter runs INTERPRETER_TILES instead
+    "full": {k: triton.autotune(ATTENTION_CONFIGS[k], key=_KEY, cache_results=True)(fn) for k, fn in _KERNELS.items()},
+    "pruned": {k: triton.autotune(ATTENTION_CONFIGS[k], key=_KEY, cache_results=True,
+                                  prune_configs_by={"early_config_prune": attention_pruner(k)})(fn)
                for k, fn in _KERNELS.items()},
 }
 _attn_fwd_tuned, _attn_bwd_dkdv_tuned, _attn_bwd_dq_tuned = (TUNED["full"][k] for k in ("fwd", "dkdv", "dq"))

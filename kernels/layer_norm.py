@@ -11,13 +11,12 @@ partial row to a (G, C) buffer; a second kernel sums the G partial rows per colu
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import check_tuning, interpreting
+from kernels.runtime import interpreting
+from kernels.tuning import LAYER_NORM_CONFIGS, check_tuning, layer_norm_pruner
 
 MAX_C = 65536  # one row lives in registers: beyond this a row would need a looped kernel
 
@@ -115,36 +114,14 @@ def _column_sum_kernel(
     tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=cols < C)
 
 
-# Hopper: only the warp count is worth searching; the tile is the whole row. 32 warps: at C = 16384 the row's
-# registers spill with 16 warps or fewer (python -m kernels.compile_check, docs/kernels.md).
-WARPS = (2, 4, 8, 16, 32)
-_WARPS = [triton.Config({}, num_warps=w) for w in WARPS]
-# `pruned` (the default) keeps the warp counts that give each thread 4..16 elements of the row (the row is in
-# registers: fewer spill, more idle on reductions), or the nearest one when none does (C < 256, C > 16384).
-ELEMENTS_PER_THREAD = (4, 16)
-
-
-def pruned_warps(block_c: int) -> list[int]:
-    """The warp counts the pruned search tries for rows of BLOCK_C (a power of two) columns."""
-    low, high = ELEMENTS_PER_THREAD
-    fitting = [w for w in WARPS if low <= block_c / (32 * w) <= high]
-    if fitting:
-        return fitting
-    return [min(WARPS, key=lambda w: abs(math.log2(block_c / (32 * w) / math.sqrt(low * high))))]
-
-
-def _prune(configs, named_args, **meta):
-    keep = pruned_warps(meta["BLOCK_C"])
-    return [c for c in configs if c.num_warps in keep]
-
-
 _LN_KEY = ["BLOCK_C", "HAS_WEIGHT", "HAS_BIAS"]
-TUNED = {  # winners on disk (cache_results), as attention's
-    "full": {"fwd": triton.autotune(_WARPS, key=_LN_KEY, cache_results=True)(_ln_fwd_kernel),
-             "bwd": triton.autotune(_WARPS, key=_LN_KEY, cache_results=True)(_ln_bwd_kernel)},
-    "pruned": {k: triton.autotune(_WARPS, key=_LN_KEY, cache_results=True,
-                                  prune_configs_by={"early_config_prune": _prune})(fn)
-               for k, fn in (("fwd", _ln_fwd_kernel), ("bwd", _ln_bwd_kernel))},
+_ROW_KERNELS = {"fwd": _ln_fwd_kernel, "bwd": _ln_bwd_kernel}
+TUNED = {  # Hopper search spaces (kernels/tuning.py); winners on disk (cache_results), as attention's
+    "full": {k: triton.autotune(LAYER_NORM_CONFIGS, key=_LN_KEY, cache_results=True)(fn)
+             for k, fn in _ROW_KERNELS.items()},
+    "pruned": {k: triton.autotune(LAYER_NORM_CONFIGS, key=_LN_KEY, cache_results=True,
+                                  prune_configs_by={"early_config_prune": layer_norm_pruner})(fn)
+               for k, fn in _ROW_KERNELS.items()},
 }
 COLUMN_SUM_TILE = {"gpu": (32, 128), "interpreter": (16, 128)}  # (BLOCK_G, BLOCK_C) of the untuned column sums
 

@@ -1,16 +1,8 @@
-"""Where the kernels run: compiled for a GPU (with a pruned or full autotune search), or under Triton's CPU
-interpreter (fixed small tiles, tests only)."""
+"""Where the kernels run: compiled for a GPU, or under Triton's CPU interpreter (fixed small tiles, tests only)."""
 
 import os
 
 import torch
-
-TUNINGS = ("pruned", "full")  # GPU autotune search: a few configs per key, or the wide search
-
-
-def check_tuning(tuning: str) -> None:
-    if tuning not in TUNINGS:
-        raise ValueError(f"kernels: tuning must be one of {', '.join(TUNINGS)}, got {tuning!r}")
 
 
 def interpreting(t: torch.Tensor) -> bool:

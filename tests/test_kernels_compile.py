@@ -128,13 +128,13 @@ ATTENTION_LISTS = [(kernel, block_d, dropout, fp32) for kernel in ("fwd", "dkdv"
 
 @pytest.mark.parametrize("kernel,block_d,dropout,fp32", ATTENTION_LISTS)
 def test_pruned_attention_search_is_at_most_8_valid_configs_of_the_full_one(kernel, block_d, dropout, fp32):
-    from kernels import attention
+    from kernels import attention, tuning
 
     tuned = attention.TUNED["pruned"][kernel]
     meta = dict(HEAD_DIM=block_d, BLOCK_D=block_d, DROPOUT=dropout, PRECISION="ieee" if fp32 else "tf32")
     tried = [_tile(c) for c in tuned.early_config_prune(tuned.configs, {}, **meta)]  # what the autotuner times
     assert 1 <= len(tried) <= 8 and len(set(tried)) == len(tried)
-    assert set(tried) <= {_tile(c) for c in attention.FULL_CONFIGS[kernel]}
+    assert set(tried) <= {_tile(c) for c in tuning.ATTENTION_CONFIGS[kernel]}
     for m, n, _, _ in tried:  # the kernels' own tile contracts (diagonal bookkeeping)
         assert (n % m == 0) if kernel == "dkdv" else (m % n == 0)
 
@@ -143,10 +143,12 @@ def test_pruned_attention_search_is_at_most_8_valid_configs_of_the_full_one(kern
 def test_pruned_layer_norm_search_keeps_1_to_3_warp_counts_for_every_row_length(block_c):
     import importlib
 
+    from kernels import tuning
+
     ln = importlib.import_module("kernels.layer_norm")
     tuned = ln.TUNED["pruned"]["fwd"]
     warps = [c.num_warps for c in tuned.early_config_prune(tuned.configs, {}, BLOCK_C=block_c)]
-    assert 1 <= len(warps) <= 3 and set(warps) <= set(ln.WARPS)
+    assert 1 <= len(warps) <= 3 and set(warps) <= set(tuning.WARPS)
     if block_c >= 16384:  # the row spills with fewer (docs/kernels.md): 32 warps must stay in the search
         assert 32 in warps
 
