@@ -373,23 +373,58 @@ def format_line(r: Result) -> str:
 # ---------------------------------------------------------------------------------------------
 # --full: the GPU parts, each timed within one budget, and the Markdown report
 # ---------------------------------------------------------------------------------------------
+FIRST_STEPS = {  # the triton kernels' shapes in the first step of two configs: (B, H, T, D, dropout, C)
+    "shakespeare_char": (8, 6, 256, 64, 0.2, 384),
+    "gpt3_125m": (2, 12, 2048, 64, 0.0, 768),
+}
+
+
+def first_step_probe(shapes: dict | None = None) -> dict:
+    """Runs in a child with an empty TRITON_CACHE_DIR: seconds of the first (autotuning, compiling) and second
+    forward+backward of each config's attention and LayerNorm, with the default pruned search. On a CPU (the
+    interpreter: tests only) in fp32."""
+    import torch
+
+    import kernels
+
+    on_gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    times = {}
+    for name, (B, H, T, D, p, C) in (shapes or FIRST_STEPS).items():
+        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        x = torch.randn(B * T, C, device=device, dtype=dtype, requires_grad=True)
+        w = torch.ones(C, device=device, dtype=dtype, requires_grad=True)
+        runs = []
+        for _ in range(2):
+            started = time.perf_counter()
+            kernels.causal_attention(q, k, v, dropout_p=p).sum().backward()
+            kernels.layer_norm(x, w, None).sum().backward()
+            if on_gpu:
+                torch.cuda.synchronize()
+            runs.append(time.perf_counter() - started)
+        times[name] = runs
+    return times
+
+
 def full_parts(out: Path) -> list[tuple[str, list[str], int]]:
     """(name, command, seconds allowed) for each part of --full, cheapest first."""
     py = sys.executable
+    probe = "import json; from megagpt.doctor import first_step_probe; print(json.dumps(first_step_probe()))"
     return [
-        ("pytest -m gpu", [py, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests")], 90),
+        ("pytest -m gpu", [py, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests")], 75),
+        ("triton cold first step", [py, "-c", probe], 90),
         ("attention T=4096 D=128 bf16", [py, "-m", "kernels.bench", "--kernel", "attention", "--dtype", "bf16",
                                          "--seq-len", "4096", "--head-dim", "128", "--out",
-                                         str(out / "attention")], 60),
+                                         str(out / "attention")], 45),
         ("layernorm C=768..8192 bf16", [py, "-m", "kernels.bench", "--kernel", "layernorm", "--dtype", "bf16",
                                         "--width", "768", "1024", "2048", "4096", "8192", "--out",
-                                        str(out / "layernorm")], 45),
+                                        str(out / "layernorm")], 30),
         ("gpt3_125m step time", [py, "-m", "megagpt", "train", str(ROOT / "configs/gpt3_125m.yaml"), "--run-dir",
                                  str(out / "gpt3_125m"), *_sets("data.dataset_dir={dataset}", "train.max_steps=6",
                                  "train.log_interval=1", "train.eval_interval=1000", "train.eval_steps=2",
                                  "train.checkpoint_interval=1000",
                                  "train.warmup_steps=1", "logging.progress_bar=false", "logging.tensorboard=false")],
-         90),
+         75),
         ("shakespeare_char to val loss", [py, "-m", "megagpt", "train", str(ROOT / "configs/shakespeare_char.yaml"),
                                           "--run-dir", str(out / "shakespeare_char"),
                                           *_sets("logging.progress_bar=false")], 0),  # 0: whatever budget is left
@@ -413,9 +448,10 @@ def run_full(out: Path) -> list[Result]:
             print(format_line(results[-1]), flush=True)
             continue
         cmd = [c.format(dataset=dataset) for c in cmd]
+        env = _env(TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="triton_cold_")) if name.startswith("triton") else _env()
         part_started = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=limit, cwd=ROOT)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=limit, cwd=ROOT)
             (out / f"{name.split()[0]}.log").write_text(proc.stdout + proc.stderr)
             status = "PASS" if proc.returncode == 0 else "FAIL"
             detail = summarize_part(name, out, proc.stdout) if status == "PASS" else \
@@ -446,6 +482,10 @@ def summarize_part(name: str, out: Path, stdout: str) -> str:
             lines.append(f"C={C}: fwd {ours['fwd_rate']:g} GB/s = {ours['fwd_rate'] / copy['fwd_rate']:.0%} of copy, "
                          f"fwd+bwd {torch_ln['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x F.layer_norm")
         return "; ".join(lines)
+    if name.startswith("triton"):
+        times = json.loads(stdout.strip().splitlines()[-1])
+        return "; ".join(f"{config}: first fwd+bwd {cold:.1f} s (autotune, cold cache), then {warm * 1e3:.1f} ms"
+                         for config, (cold, warm) in times.items())
     if name.startswith("gpt3_125m") or name.startswith("shakespeare"):
         metrics = read_metrics(folder)
         steps = [m for m in metrics if "loss" in m]

@@ -60,8 +60,8 @@ def test_full_on_a_cpu_says_it_needs_a_gpu_and_what_it_would_run(capsys, tmp_pat
     assert doctor.main(["--full", "--out", str(tmp_path)], checks=[doctor.check_bf16]) == 0
     out = capsys.readouterr().out
     assert "--full needs a CUDA GPU" in out
-    for part in ["pytest -m gpu", "attention T=4096 D=128 bf16", "layernorm C=768..8192 bf16", "gpt3_125m step time",
-                 "shakespeare_char to val loss", "8 minutes"]:
+    for part in ["pytest -m gpu", "triton cold first step", "attention T=4096 D=128 bf16",
+                 "layernorm C=768..8192 bf16", "gpt3_125m step time", "shakespeare_char to val loss", "8 minutes"]:
         assert part in out
     assert not (tmp_path / "report.md").exists()
 
@@ -112,3 +112,14 @@ def test_full_reads_the_benchmarks_goals_from_their_own_output(tmp_path):
     assert attention.startswith("triton fwd") and "x sdpa-math" in attention
     layer_norm = doctor.summarize_part("layernorm C=768..8192 bf16", tmp_path, "")
     assert "C=64:" in layer_norm and "of copy" in layer_norm and "x F.layer_norm" in layer_norm
+
+
+def test_first_step_probe_times_a_cold_and_a_warm_step_of_each_config():
+    # Under the interpreter at a toy shape: the same calls --full times on a GPU with a cold Triton cache.
+    code = ("import json; from megagpt.doctor import first_step_probe; "
+            "print(json.dumps(first_step_probe({'tiny': (1, 2, 16, 16, 0.1, 32)})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = doctor.summarize_part("triton cold first step", REPO, result.stdout)
+    assert line.startswith("tiny: first fwd+bwd ") and "(autotune, cold cache), then " in line
