@@ -38,7 +38,8 @@ COMMANDS = {
     ("bench", "syncs"): "benchmarks.syncs:main",
 }
 HELP = {
-    "prep": "corpus -> tokenizer -> webdataset shards (megagpt prep {char,sentencepiece,shakespeare} -h)",
+    "prep": "corpus -> tokenizer -> webdataset shards (megagpt prep {char,sentencepiece,shakespeare,chat,"
+            "shakespeare-qa} -h)",
     "data": "megagpt data verify DIR: read every shard in full and check it against the manifest",
     "train": "train (bare, under torchrun, the deepspeed launcher or Slurm)",
     "sample": "generate text from a run dir or an export dir",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from helpers import CPU_CONFIG, tiny_overrides
 
+from megagpt.chat_template import ASSISTANT, END, SYSTEM, USER
 from megagpt.config import load_config
 
 # Questions and answers written only with Tiny Shakespeare's 65 characters.
@@ -68,3 +70,28 @@ def train_run(run_dir: Path, overrides: list[str]):
     from megagpt.train import train
 
     return train(run_config(overrides), run_dir)
+
+
+def reference_reply(model, ids, stop, max_new_tokens, temperature=0.0, generator=None) -> tuple[list[int], bool]:
+    """Token by token with the whole window recomputed each time (no cache); stop token excluded."""
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([(ids + out)[-model.cfg.block_size:]]))[0][0, -1].double()
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                token = int(torch.multinomial(torch.softmax(logits / temperature, -1).float(), 1, generator=generator))
+            if token == stop:
+                return out, True
+            out.append(token)
+    return out, False
+
+
+def chat_prompt(tokenizer, *turns: str, system: str | None = None) -> list[int]:
+    """The template spelled out: [<system> text <end>] (<user> text <end> <assistant> reply <end>)... <assistant>."""
+    s = tokenizer.special_tokens
+    ids = [s[SYSTEM], *tokenizer.encode(system), s[END]] if system else []
+    for i, text in enumerate(turns):
+        ids += [s[USER] if i % 2 == 0 else s[ASSISTANT], *tokenizer.encode(text), s[END]]
+    return ids + [s[ASSISTANT]]

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
-from chat_helpers import chat_dataset, pretrain_overrides, sft_overrides, train_run
+from chat_helpers import chat_dataset, chat_prompt, pretrain_overrides, reference_reply, sft_overrides, train_run
 from dist_helpers import child_env
 from helpers import REPO
 
 from megagpt.chat import Session
-from megagpt.chat_template import ASSISTANT, END, SYSTEM, USER
+from megagpt.chat_template import END
 from megagpt.cli import main as megagpt
 from megagpt.inference import load_for_inference
 
@@ -34,31 +34,6 @@ def runs(shakespeare_dataset, tmp_path_factory):
 def chat(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megagpt", "chat", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, env=child_env(), timeout=300)
-
-
-def reference_reply(model, ids, stop, max_new_tokens, temperature=0.0, generator=None) -> tuple[list[int], bool]:
-    """Token by token with the whole window recomputed each time (no cache); stop token excluded."""
-    out = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model(torch.tensor([(ids + out)[-model.cfg.block_size:]]))[0][0, -1].double()
-            if temperature == 0:
-                token = int(logits.argmax())
-            else:
-                token = int(torch.multinomial(torch.softmax(logits / temperature, -1).float(), 1, generator=generator))
-            if token == stop:
-                return out, True
-            out.append(token)
-    return out, False
-
-
-def chat_prompt(tokenizer, *turns: str, system: str | None = None) -> list[int]:
-    """The template spelled out: [<system> text <end>] (<user> text <end> <assistant> reply <end>)... <assistant>."""
-    s = tokenizer.special_tokens
-    ids = [s[SYSTEM], *tokenizer.encode(system), s[END]] if system else []
-    for i, text in enumerate(turns):
-        ids += [s[USER] if i % 2 == 0 else s[ASSISTANT], *tokenizer.encode(text), s[END]]
-    return ids + [s[ASSISTANT]]
 
 
 def test_prompt_prints_the_reply_alone_reproducibly_and_stops_at_end_of_turn(runs):

@@ -126,6 +126,20 @@ def test_first_sft_step_from_a_hugging_face_gpt2_folder_is_that_models_loss(hf_f
     assert json.loads((run_dir / "tokenizer" / "manifest.json").read_text())["tokenizer"]["kind"] == "huggingface"
 
 
+def test_a_config_without_model_keys_takes_the_whole_shape_from_the_source(hf_folder, tmp_path):
+    from megagpt.config import config_from_dict
+    from megagpt.init_from import resolve
+
+    data = Dataset(chat_dataset(tmp_path / "chat", hf_folder))
+    cfg = config_from_dict({"data": {"dataset_dir": str(data.dir)},
+                            "train": {"stage": "sft", "init_from": str(hf_folder)}})
+    resolved, source = resolve(cfg, data, tmp_path / "run")
+    m = resolved.model
+    assert source.kind == "hf" and json.loads((hf_folder / "config.json").read_text())["n_positions"] == BLOCK
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.bias) == (2, 2, 32, BLOCK, True)
+    assert m.vocab_size == data.vocab_size == source.shape["vocab_size"] + 4
+
+
 def test_the_gpt2_mapping_goes_both_ways(hf_folder):
     from safetensors.torch import load_file
 

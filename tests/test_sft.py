@@ -265,3 +265,69 @@ def test_two_ranks_zero2_equal_one_rank(toy, source, tmp_path):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == list(range(1, 9)) and len(set(one.values())) > 1
     assert two == pytest.approx(one, abs=1e-5)
+
+
+# ---------------------------------------------------------------- the Shakespeare questions and `eval qa`
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory):
+    from data_prep.shakespeare_qa import prepare_shakespeare_qa
+
+    return prepare_shakespeare_qa(tmp_path_factory.mktemp("qa") / "qa", max_length=65)[0]
+
+
+def test_shakespeare_questions_ask_about_their_own_split(qa, shakespeare_path, shakespeare_dataset):
+    from megagpt.eval_qa import load_questions
+
+    text = shakespeare_path.read_text()
+    cut = int(len(text) * 0.9)
+    said = {"train": set(), "val": set()}  # (speaker, line) per split
+    before = {"train": {}, "val": {}}  # next line -> the lines it follows in a speech, per split
+    offset = 0
+    for block in text.split("\n\n"):
+        part = "train" if offset + len(block) <= cut else "val" if offset >= cut else None
+        offset += len(block) + 2
+        rows = block.strip("\n").split("\n")
+        if part and len(rows) >= 2 and rows[0].endswith(":"):
+            said[part] |= {(rows[0][:-1], line) for line in rows[1:]}
+            for line, following in zip(rows[1:-1], rows[2:], strict=True):
+                before[part].setdefault(following, []).append(line)
+    for split in ("train", "val"):
+        questions = load_questions(qa, split)
+        assert {q["kind"] for q in questions} == {"who", "next"}
+        for q in questions:
+            asked = q["messages"][0]["content"]
+            assert q["messages"][1]["content"] == q["answer"]
+            if q["kind"] == "who":
+                assert (q["answer"], asked.removeprefix("Who says: ")) in said[split]
+            else:
+                tail = asked.removeprefix("What follows: ").removeprefix("...")
+                assert any(line.endswith(tail) for line in before[split].get(q["answer"], []))
+    assert (qa / "tokenizer.json").read_bytes() == (shakespeare_dataset / "tokenizer.json").read_bytes()
+    assert Dataset(qa).manifest.split("val").samples == len(load_questions(qa, "val"))
+
+
+def test_eval_qa_reports_what_the_models_answer(qa, source, tmp_path, capsys):
+    from chat_helpers import chat_prompt, reference_reply
+
+    from megagpt.eval_qa import load_questions, subset
+
+    run_dir = tmp_path / "sft"
+    train_run(run_dir, sft_overrides(qa, init_from=str(source), max_steps=30, lr=1e-2, checkpoint_interval=30))
+    report = tmp_path / "report.json"
+    code = megagpt(["eval", "qa", str(run_dir), "--data", str(qa), "--limit", "5", "--max-new-tokens", "10",
+                    "--candidates", "4", "--json", str(report)])
+    assert code == 0, capsys.readouterr().err
+    got = json.loads(report.read_text())
+    model, tokenizer, _ = load_for_inference(run_dir)
+    end = tokenizer.special_tokens[END]
+    val = load_questions(qa, "val")
+    asked = subset(val, "who", 5, 0) + subset(val, "next", 5, 0)
+    replies = [reference_reply(model, chat_prompt(tokenizer, q["messages"][0]["content"]), end, 10) for q in asked]
+    assert got["finetuned"]["stop_rate"] == pytest.approx(sum(stopped for _, stopped in replies) / 10)
+    hits = [tokenizer.decode(r).strip() == q["answer"] for (r, _), q in zip(replies, asked, strict=True)]
+    assert got["finetuned"]["speaker_accuracy"] == pytest.approx(sum(hits[:5]) / 5)
+    assert got["base"]["path"] == str(source) and got["base"]["ranking_candidates"] == 4
+    assert 0 <= got["base"]["few_shot_speaker_accuracy"] <= 1 and got["base"]["few_shot_k"] in (0, 1, 2, 3)
+    assert "speaker exact match" in capsys.readouterr().out
