@@ -1,12 +1,19 @@
-"""`megagpt bench data`: prep throughput by worker count; loader tokens/s against a nanoGPT-style baseline."""
+"""`megagpt bench data`: prep throughput by worker count; loader tokens/s against a nanoGPT-style baseline;
+`--scale`: start-up, resume, shuffle and prep bookkeeping on synthetic datasets of 1 G to 1 T tokens."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import pickle
 import platform
+import resource
 import shutil
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -117,32 +124,223 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--work-dir", default=None, help="scratch space (default: a temp dir, removed afterwards)")
+    p.add_argument("--scale", action="store_true",
+                   help="instead: start-up, resume, shuffle and prep bookkeeping at --sizes tokens (synthetic)")
+    p.add_argument("--sizes", type=float, nargs="+", default=list(SCALE_SIZES), help="train tokens, with --scale")
+    p.add_argument("--probe", nargs=2, metavar=("KIND", "ARG"), help=argparse.SUPPRESS)  # one measurement
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-
+    if args.probe:
+        print(json.dumps(PROBES[args.probe[0]](args.probe[1])))
+        return 0
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="megagpt-bench-data-"))
     try:
-        corpus_bytes = make_corpus(work / "corpus", args.corpus_mb)
-        prep = []
-        for kind in args.kinds:
-            extra = {"vocab_size": 4096, "sample_size": 100_000} if kind == "sentencepiece" else {}
-            rows = bench_prep(work / "corpus", work, corpus_bytes, kind, args.workers, args.repeat, **extra)
-            for row in rows:
-                prep.append(row)
-                print(_row(row), flush=True)
-        dataset = Path(prep[0]["dataset"])
-        shape = (args.batches, args.batch_size, args.block_size)
-        loaders = [bench_baseline(dataset, work, *shape)]
-        loaders += [bench_loader(dataset, w, *shape) for w in (0, 2)]
+        results = bench_scale(work, [int(s) for s in args.sizes]) if args.scale else bench_throughput(args, work)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}"
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "corpus_bytes": corpus_bytes,
-               "batch": [args.batch_size, args.block_size], "prep": prep, "loader": loaders}
-    _print_tables(results)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def bench_throughput(args, work: Path) -> dict:
+    corpus_bytes = make_corpus(work / "corpus", args.corpus_mb)
+    prep = []
+    for kind in args.kinds:
+        extra = {"vocab_size": 4096, "sample_size": 100_000} if kind == "sentencepiece" else {}
+        rows = bench_prep(work / "corpus", work, corpus_bytes, kind, args.workers, args.repeat, **extra)
+        for row in rows:
+            prep.append(row)
+            print(_row(row), flush=True)
+    dataset = Path(prep[0]["dataset"])
+    shape = (args.batches, args.batch_size, args.block_size)
+    loaders = [bench_baseline(dataset, work, *shape)]
+    loaders += [bench_loader(dataset, w, *shape) for w in (0, 2)]
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "corpus_bytes": corpus_bytes,
+               "batch": [args.batch_size, args.block_size], "prep": prep, "loader": loaders}
+    _print_tables(results)
+    return results
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, " \
+           f"{platform.platform()}"
+
+
+# ---------------------------------------------------------------- --scale: real code paths, synthetic sizes
+
+SCALE_SIZES = (1e9, 1e10, 1e11, 1e12)
+SAMPLE_TOKENS = 1 << 20  # prep's defaults: 1 Mi-token members, 256 MB shards of uint16 tokens
+SHARD_TOKENS = 1 << 27
+BLOCK_SIZE, BATCH = 1024, 8  # a GPT-2-sized run's windows and micro-batch
+
+
+def make_synthetic(directory: Path, train_tokens: int) -> Path:
+    """A dataset dir described by its size only: zero tokens in sparse tars with real ustar headers (so tarfile
+    and `megagpt data verify` read them as prep's), their indexes, and the manifest. Full shards are hard links
+    to one file, so 1 T tokens take seconds and no disk; a loader opens, checks and memmaps them like any."""
+    from megagpt.dataset import FORMAT_VERSION, Manifest, write_manifest
+
+    directory.mkdir(parents=True)
+    templates: dict[int, dict] = {}
+    splits = {}
+    for split, tokens in (("train", train_tokens), ("val", SAMPLE_TOKENS)):
+        shards = []
+        for k, start in enumerate(range(0, tokens, SHARD_TOKENS)):
+            n = min(SHARD_TOKENS, tokens - start)
+            name = f"{split}-{k:06d}.tar"
+            if n not in templates:
+                templates[n] = _synthetic_shard(directory / name, n)
+            else:
+                for suffix in (".tar", ".idx"):
+                    template = (directory / templates[n]["name"]).with_suffix(suffix)
+                    os.link(template, (directory / name).with_suffix(suffix))
+            shards.append({**templates[n], "name": name})
+        splits[split] = {"tokens": tokens, "samples": sum(s["samples"] for s in shards), "shards": shards}
+    (directory / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": ["a"], "eos_id": None}))
+    write_manifest(directory, Manifest(
+        format_version=FORMAT_VERSION, tokenizer={"kind": "char", "file": "tokenizer.json"}, vocab_size=50304,
+        token_dtype="uint16", sample_tokens=SAMPLE_TOKENS, splits=splits,
+        sources={"files": 1, "bytes": 0, "sha256": "", "list": "sources.jsonl"}))
+    return directory
+
+
+def _synthetic_shard(path: Path, tokens: int) -> dict:
+    from megagpt.dataset import INDEX_RECORD, sha256_file
+
+    index, pos = [], 0
+    with open(path, "wb") as f:
+        for k, lo in enumerate(range(0, tokens, SAMPLE_TOKENS)):
+            nbytes = 2 * min(SAMPLE_TOKENS, tokens - lo)
+            info = tarfile.TarInfo(f"{k:06d}.tokens")
+            info.size, info.mtime, info.mode, info.uname, info.gname = nbytes, 0, 0o444, "megagpt", "megagpt"
+            header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+            f.seek(pos)
+            f.write(header)
+            index.append((pos + len(header), nbytes, hashlib.sha256(bytes(nbytes)).digest()))
+            pos += len(header) + -(-nbytes // 512) * 512
+        f.truncate(-(-(pos + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE)  # end blocks, whole records
+    raw = np.array(index, dtype=INDEX_RECORD).tobytes()
+    path.with_suffix(".idx").write_bytes(raw)
+    return {"name": path.name, "samples": len(index), "tokens": tokens, "bytes": path.stat().st_size,
+            "sha256": sha256_file(path), "index_sha256": hashlib.sha256(raw).hexdigest(), "max_token": 0}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _read_mb() -> float:
+    """Bytes this process has read by read() calls, plus the file pages it has mapped in (its memmaps)."""
+    with open("/proc/self/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    with open("/proc/self/status") as f:
+        mapped_kb = next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+    return int(fields["rchar"]) / 1e6 + mapped_kb * 1024 / 1e6
+
+
+def probe_loader(dataset_dir: str) -> dict:
+    """In a fresh process: manifest, loader start-up to the first batch, a resume 1.5 epochs in, the shuffle."""
+    from megagpt.data import TrainLoader
+    from megagpt.dataset import Dataset
+
+    base, read0, clock = _rss_mib(), _read_mb(), time.perf_counter()
+    dataset = Dataset(dataset_dir)
+    manifest_s, manifest_mib = time.perf_counter() - clock, _rss_mib() - base
+    loader = TrainLoader(dataset, BLOCK_SIZE, BATCH)
+    next(loader)
+    startup_s, startup_read = time.perf_counter() - clock, _read_mb() - read0
+    state = loader.state_dict()
+    state["windows_consumed"] = loader.num_windows * 3 // 2 // BATCH * BATCH
+    clock = time.perf_counter()
+    resumed = TrainLoader(Dataset(dataset_dir), BLOCK_SIZE, BATCH)
+    resumed.load_state_dict(state)
+    next(resumed)
+    resume_s = time.perf_counter() - clock
+    windows = resumed.dataset  # position -> window: what a new epoch costs, then a batch
+    positions = np.arange(BATCH) + 5 * loader.num_windows + 12345
+    before, clock = _rss_mib(), time.perf_counter()
+    windows.window_ids(positions)
+    epoch_s, epoch_mib = time.perf_counter() - clock, _rss_mib() - before
+    clock = time.perf_counter()
+    for _ in range(200):
+        windows.window_ids(positions)
+    return {"manifest_s": manifest_s, "manifest_mib": manifest_mib, "startup_s": startup_s,
+            "startup_read_mb": startup_read, "resume_s": resume_s, "new_epoch_s": epoch_s,
+            "new_epoch_mib": epoch_mib, "shuffle_us_per_batch": (time.perf_counter() - clock) / 200 * 1e6,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "num_windows": loader.num_windows}
+
+
+def probe_prep(tokens: str) -> dict:
+    """In a fresh process: prep's bookkeeping for a corpus of `tokens` (1 Mi-token chunks, 256 MB shards),
+    through prep's own progress log and shard layout: append every record, replay the log, build the jobs."""
+    from data_prep.prep import PrepSettings, _Layout, _Progress
+
+    settings, total = PrepSettings(), int(float(tokens))
+    chunks = -(-total // settings.chunk_chars)
+    work = Path(tempfile.mkdtemp(prefix="megagpt-bench-prep-")) / "ds.partial"
+    try:
+        base, clock = _rss_mib(), time.perf_counter()
+        progress = _Progress(work, "bench")
+        for i in range(chunks):
+            progress.append({"chunk": i, "tokens": min(settings.chunk_chars, total - i * settings.chunk_chars),
+                             "sha256": "0" * 64, "dtype": "uint16"})
+        progress.append({"tokenized": {"chunks": chunks, "documents": 1, "sources": {}}})
+        jobs = list(_Layout(progress, settings, "uint16").jobs(str(work / "chunks"), None))
+        for job in jobs:
+            progress.append({"shard": {"name": job.name, "samples": 128, "tokens": job.end - job.start,
+                                       "bytes": 0, "sha256": "0" * 64, "index_sha256": "0" * 64,
+                                       "max_token": 0}})
+        progress.close()
+        log_s, log_mib = time.perf_counter() - clock, _rss_mib() - base
+        clock = time.perf_counter()
+        _Progress(work, "bench").close()
+        return {"chunks": chunks, "shards": len(jobs), "bookkeeping_s": log_s, "per_update_us":
+                log_s / (chunks + len(jobs)) * 1e6, "replay_s": time.perf_counter() - clock,
+                "bookkeeping_mib": log_mib, "largest_job_bytes": max(len(pickle.dumps(j)) for j in jobs),
+                "log_mb": (work / _Progress.FILE).stat().st_size / 1e6}
+    finally:
+        shutil.rmtree(work.parent, ignore_errors=True)
+
+
+PROBES = {"loader": probe_loader, "prep": probe_prep}
+
+
+def _run_probe(kind: str, arg: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.data", "--probe", kind, arg], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench_scale(work: Path, sizes: list[int]) -> dict:
+    rows = []
+    print(SCALE_HEADER)
+    for tokens in sizes:
+        clock = time.perf_counter()
+        dataset = make_synthetic(work / f"synthetic-{tokens:.0e}", tokens)
+        made_s = time.perf_counter() - clock
+        row = {"tokens": tokens, "make_s": made_s, **_run_probe("loader", str(dataset)),
+               **_run_probe("prep", str(tokens))}
+        shutil.rmtree(dataset)
+        rows.append(row)
+        print(_scale_row(row), flush=True)
+    return {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "block_size": BLOCK_SIZE, "batch": BATCH,
+            "scale": rows}
+
+
+def _scale_row(r: dict) -> str:
+    return (f"{r['tokens']:>8.0e} {r['manifest_s']:>8.3f} {r['startup_s']:>8.3f} {r['startup_read_mb']:>8.1f} "
+            f"{r['resume_s']:>8.3f} {r['new_epoch_mib']:>8.1f} {r['shuffle_us_per_batch']:>8.0f} "
+            f"{r['peak_rss_mib']:>8.0f} "
+            f"{r['bookkeeping_s']:>8.2f} {r['per_update_us']:>7.1f} {r['replay_s']:>7.2f} "
+            f"{r['bookkeeping_mib']:>7.1f} {r['largest_job_bytes']:>8}")
+
+
+SCALE_HEADER = (f"{'tokens':>8} {'manif s':>8} {'start s':>8} {'read MB':>8} {'resume s':>8} {'epoch MiB':>8} "
+                f"{'shuf us':>8} "
+                f"{'peak MiB':>8} {'book s':>8} {'us/upd':>7} {'replay':>7} {'bk MiB':>7} {'job B':>8}")
 
 
 def _row(r: dict) -> str:
@@ -169,3 +367,7 @@ def _print_tables(results: dict) -> None:
     base = results["loader"][0]["tokens_per_s"]
     for r in results["loader"]:
         print(f"{r['loader']:<42}{r['tokens_per_s'] / 1e6:>10.2f} Mtok/s{r['tokens_per_s'] / base:>8.2f}x")
+
+
+if __name__ == "__main__":  # the --scale probes run as fresh processes
+    sys.exit(main())

@@ -169,10 +169,10 @@ def index_name(shard_name: str) -> str:
     return shard_name.removesuffix(".tar") + INDEX_SUFFIX
 
 
-def check_shard_file(path: Path, shard: ShardInfo) -> None:
+def check_shard_file(path: str | Path, shard: ShardInfo) -> None:
     """The cheap identity check at open (one stat): the shard exists and has the manifest's size."""
     try:
-        size = path.stat().st_size
+        size = os.stat(path).st_size
     except OSError:
         raise DataError(f"{path}: shard listed in the manifest is missing") from None
     if shard.bytes is not None and size != shard.bytes:
