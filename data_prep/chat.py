@@ -176,17 +176,15 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 
 def write_split(conversations: list[Encoded], split: str, out: Path, dtype: str, shard_bytes: int) -> dict:
-    """The split's tars (a new one past shard_bytes of payload) and its manifest entry."""
-    shards, start = [], 0
-    while start < len(conversations) or not shards:
-        end, size = start, 0
-        while end < len(conversations) and (end == start or size < shard_bytes):
-            size += len(conversations[end].ids) * (np.dtype(dtype).itemsize + 1)
-            end += 1
-        shards.append(_write_tar(conversations[start:end], out / f"{split}-{len(shards):06d}.tar", dtype))
-        start = end
-        if start >= len(conversations):
-            break
+    """The split's tars (a new one once shard_bytes of payload is reached; at least one) and its manifest entry."""
+    groups, size = [[]], 0
+    for conversation in conversations:
+        if groups[-1] and size >= shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(conversation)
+        size += len(conversation.ids) * (np.dtype(dtype).itemsize + 1)
+    shards = [_write_tar(group, out / f"{split}-{k:06d}.tar", dtype) for k, group in enumerate(groups)]
     return {"tokens": sum(s["tokens"] for s in shards), "samples": len(conversations), "shards": shards}
 
 

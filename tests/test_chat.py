@@ -50,6 +50,17 @@ def test_prompt_prints_the_reply_alone_reproducibly_and_stops_at_end_of_turn(run
     assert first.stdout.strip() == "LEAR"  # what it was fine-tuned to answer
 
 
+def test_an_export_of_the_run_gives_the_same_reply(runs, tmp_path, capsys):
+    from megagpt.export import export
+
+    out = export(runs / "trained", tmp_path / "export")
+    replies = []
+    for path in (runs / "trained", out):
+        assert megagpt(["chat", str(path), "--prompt", "Who loves Juliet?", "--seed", "5"]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
+
+
 class Terminal:
     """A program on the slave side of a real pseudo-terminal; we type on the master side and read its screen."""
 

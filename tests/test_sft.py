@@ -118,6 +118,16 @@ def test_prep_chat_writes_a_chat_dataset_that_reads_back(toy, shakespeare_datase
         sorted((e.ids.tolist(), e.mask.tolist()) for e in expected)
 
 
+def test_conversations_read_the_same_from_one_shard_or_many(shakespeare_dataset, tmp_path):
+    one = Conversations(Dataset(chat_dataset(tmp_path / "one", shakespeare_dataset, val_fraction=0.0)), "train")
+    many_dir = chat_dataset(tmp_path / "many", shakespeare_dataset, val_fraction=0.0, shard_size_mb=0.001)
+    many = Conversations(Dataset(many_dir), "train")
+    assert len(Dataset(many_dir).manifest.split("train").shards) > 3
+    assert len(one) == len(many) > 0
+    for i in range(len(one)):
+        assert all(np.array_equal(a, b) for a, b in zip(one[i], many[i], strict=True))
+
+
 BAD = {
     "bad JSON": ('{"messages": [', "not valid JSON"),
     "unknown role": ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
