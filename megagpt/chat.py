@@ -18,6 +18,7 @@ import torch
 from megagpt.chat_template import END, chat_token_ids, check_messages, prompt_ids
 from megagpt.errors import UserError
 from megagpt.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, filter_logits
+from megagpt.generate import prompt_ids as text_ids
 from megagpt.model import KVCache
 
 HELP = "talk to a fine-tuned model from a run dir or an export dir"
@@ -117,9 +118,8 @@ class Session:
 
     def ask(self, message: str, on_token=None) -> Reply:
         if self.special is None:  # a completer: the text continues
-            ids = self.tokenizer.encode(message) or [self.tokenizer.eos_id or 0]
-            return generate_reply(self.model, ids, None, self.max_new_tokens, on_token, generator=self.generator,
-                                  **self.sampling)
+            return generate_reply(self.model, text_ids(self.tokenizer, message), None, self.max_new_tokens,
+                                  on_token, generator=self.generator, **self.sampling)
         reply = generate_reply(self.model, self.prompt(message), self.special[END], self.max_new_tokens, on_token,
                                generator=self.generator, **self.sampling)
         self.history.append((message, self.tokenizer.decode(reply.ids)))
