@@ -256,7 +256,9 @@ def write_results(rows: list[dict], out: Path, keys: list[str]) -> list[Path]:
 
 
 def plot_results(rows: list[dict], out: Path, keys: list[str]) -> list[Path]:
-    """val loss against each swept key with more than one value, one curve per value of the other keys."""
+    """val loss against each swept key with more than one value, one curve per value of the other keys; with two
+    or more other keys, one panel per value of the last of them (e.g. loss vs LR, a curve per width, a panel per
+    parametrization)."""
     try:
         import matplotlib
     except ImportError:
@@ -269,24 +271,35 @@ def plot_results(rows: list[dict], out: Path, keys: list[str]) -> list[Path]:
     written = []
     for key in [k for k in keys if len({r[k] for r in rows}) > 1]:
         others = [k for k in keys if k != key]
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for label, curve in itertools.groupby(sorted(done, key=lambda r: [_sortable(r[k]) for k in others]),
-                                              key=lambda r: tuple(r[k] for k in others)):
-            curve = sorted(curve, key=lambda r: _sortable(r[key]))
-            ax.plot([_sortable(r[key]) for r in curve], [r["val_loss"] for r in curve], "o-",
-                    label=", ".join(f"{k}={v}" for k, v in zip(others, label, strict=True)) or None)
-        xs = [_sortable(r[key]) for r in rows]
-        if all(isinstance(x, float) and x > 0 for x in xs) and max(xs) / min(xs) >= 8:
-            ax.set_xscale("log", base=2)
-        ax.set(xlabel=key, ylabel="final val loss", title=f"{out.name}: val loss vs {key}")
-        if others:
-            ax.legend(fontsize=7)
+        panel_key = others.pop() if len(others) >= 2 else None
+        panels = sorted({r[panel_key] for r in rows}, key=_sortable) if panel_key else [None]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharey=True, squeeze=False)
+        for ax, panel in zip(axes[0], panels, strict=True):
+            _plot_curves(ax, [r for r in done if panel_key is None or r[panel_key] == panel], key, others)
+            title = f"{out.name}: val loss vs {key}" + (f", {panel_key}={panel}" if panel_key else "")
+            ax.set(xlabel=key, ylabel="final val loss", title=title)
+            xs = [_sortable(r[key]) for r in rows]
+            if all(isinstance(x, float) and x > 0 for x in xs) and max(xs) / min(xs) >= 8:
+                ax.set_xscale("log", base=2)
         fig.tight_layout()
         path = out / f"val_loss_vs_{key.rsplit('.', 1)[-1]}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _plot_curves(ax, rows: list[dict], key: str, others: list[str]) -> None:
+    """One curve per combination of the `others` keys' values, its best point ringed."""
+    for label, curve in itertools.groupby(sorted(rows, key=lambda r: [_sortable(r[k]) for k in others]),
+                                          key=lambda r: tuple(r[k] for k in others)):
+        curve = sorted(curve, key=lambda r: _sortable(r[key]))
+        xs, ys = [_sortable(r[key]) for r in curve], [r["val_loss"] for r in curve]
+        line, = ax.plot(xs, ys, "o-", label=", ".join(f"{k}={v}" for k, v in zip(others, label, strict=True)))
+        best = ys.index(min(ys))
+        ax.plot([xs[best]], [ys[best]], "o", ms=12, mfc="none", color=line.get_color())
+    if others:
+        ax.legend(fontsize=7)
 
 
 def _sortable(value: str):
