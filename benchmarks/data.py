@@ -250,7 +250,7 @@ def probe_loader(dataset_dir: str) -> dict:
     manifest_s, manifest_mib = time.perf_counter() - clock, _rss_mib() - base
     loader = TrainLoader(dataset, BLOCK_SIZE, BATCH)
     next(loader)
-    startup_s, startup_read = time.perf_counter() - clock, _read_mb() - read0
+    startup_s, startup_read, first_batch_at = time.perf_counter() - clock, _read_mb() - read0, time.time()
     state = loader.state_dict()
     state["windows_consumed"] = loader.num_windows * 3 // 2 // BATCH * BATCH
     clock = time.perf_counter()
@@ -267,7 +267,8 @@ def probe_loader(dataset_dir: str) -> dict:
     for _ in range(200):
         windows.window_ids(positions)
     return {"manifest_s": manifest_s, "manifest_mib": manifest_mib, "startup_s": startup_s,
-            "startup_read_mb": startup_read, "resume_s": resume_s, "new_epoch_s": epoch_s,
+            "startup_read_mb": startup_read, "first_batch_at": first_batch_at, "resume_s": resume_s,
+            "new_epoch_s": epoch_s,
             "new_epoch_mib": epoch_mib, "shuffle_us_per_batch": (time.perf_counter() - clock) / 200 * 1e6,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "num_windows": loader.num_windows}
@@ -309,9 +310,14 @@ PROBES = {"loader": probe_loader, "prep": probe_prep}
 
 
 def _run_probe(kind: str, arg: str) -> dict:
+    """A probe in a fresh process; process_startup_s: from launching it to its first batch (imports included)."""
+    launched = time.time()
     out = subprocess.run([sys.executable, "-m", "benchmarks.data", "--probe", kind, arg], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    result = json.loads(out.strip().splitlines()[-1])
+    if "first_batch_at" in result:
+        result["process_startup_s"] = result.pop("first_batch_at") - launched
+    return result
 
 
 def bench_scale(work: Path, sizes: list[int]) -> dict:
@@ -331,14 +337,16 @@ def bench_scale(work: Path, sizes: list[int]) -> dict:
 
 
 def _scale_row(r: dict) -> str:
-    return (f"{r['tokens']:>8.0e} {r['manifest_s']:>8.3f} {r['startup_s']:>8.3f} {r['startup_read_mb']:>8.1f} "
+    return (f"{r['tokens']:>8.0e} {r['manifest_s']:>8.3f} {r['startup_s']:>8.3f} {r['process_startup_s']:>8.2f} "
+            f"{r['startup_read_mb']:>8.1f} "
             f"{r['resume_s']:>8.3f} {r['new_epoch_mib']:>8.1f} {r['shuffle_us_per_batch']:>8.0f} "
             f"{r['peak_rss_mib']:>8.0f} "
             f"{r['bookkeeping_s']:>8.2f} {r['per_update_us']:>7.1f} {r['replay_s']:>7.2f} "
             f"{r['bookkeeping_mib']:>7.1f} {r['largest_job_bytes']:>8}")
 
 
-SCALE_HEADER = (f"{'tokens':>8} {'manif s':>8} {'start s':>8} {'read MB':>8} {'resume s':>8} {'epoch MiB':>8} "
+SCALE_HEADER = (f"{'tokens':>8} {'manif s':>8} {'start s':>8} {'proc s':>8} {'read MB':>8} {'resume s':>8} "
+                f"{'epoch MiB':>8} "
                 f"{'shuf us':>8} "
                 f"{'peak MiB':>8} {'book s':>8} {'us/upd':>7} {'replay':>7} {'bk MiB':>7} {'job B':>8}")
 

@@ -262,7 +262,9 @@ def ordered_map(pool, fn: Callable, items: Iterable, in_flight: int) -> Iterator
 
 
 def _in_flight(settings: PrepSettings) -> int:
-    return 2 * settings.workers
+    """Jobs submitted ahead: two per worker keep a pool busy; one in process (a result is used at once, so a
+    shard's chunks are deleted before the next shard is written)."""
+    return 2 * settings.workers if settings.workers > 1 else 1
 
 
 # ---------------------------------------------------------------- tokenizers
