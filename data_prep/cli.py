@@ -1,5 +1,6 @@
-"""`megagpt prep {char,sentencepiece,shakespeare,chat,shakespeare-qa}` (also `python -m data_prep`): arguments ->
-PrepSettings; chat and shakespeare-qa bring their own sub-parsers (data_prep/chat.py, data_prep/shakespeare_qa.py)."""
+"""`megagpt prep {char,sentencepiece,shakespeare,chat,shakespeare-qa,preferences}` (also `python -m data_prep`):
+arguments -> PrepSettings; chat, shakespeare-qa and preferences bring their own sub-parsers (data_prep/chat.py,
+data_prep/shakespeare_qa.py, data_prep/preferences.py)."""
 
 from __future__ import annotations
 
@@ -82,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--sample-chars", type=int, default=d.sample_chars,
                     help="at most this many characters sampled to train on (bounds the trainer's memory)")
     sp.add_argument("--threads", type=int, default=d.threads, help="trainer threads (0: all cores)")
-    from data_prep import chat, shakespeare_qa
+    from data_prep import chat, preferences, shakespeare_qa
 
     chat.add_parser(sub)
     shakespeare_qa.add_parser(sub)
+    preferences.add_parser(sub)
     return p

@@ -74,7 +74,8 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    stage: Literal["pretrain", "sft"] = Field("pretrain", description="the training stage (megagpt/stages/)")
+    stage: Literal["pretrain", "sft", "reward", "dpo", "ppo"] = Field(
+        "pretrain", description="the training stage (megagpt/stages/); reward, dpo and ppo read the align section")
     init_from: str | None = Field(
         None, description="start from these weights (only): a run dir (PATH@STEP for a step), an export dir or a "
         "Hugging Face GPT-2 folder; the model shape comes from it (megagpt/init_from.py)")
@@ -127,6 +128,40 @@ class TrainConfig(_Section):
         return self
 
 
+class AlignConfig(_Section):
+    """The alignment stages (docs/alignment.md): reward (Bradley-Terry), dpo, ppo."""
+
+    reference: str | None = Field(
+        None, description="dpo, ppo: the frozen reference policy (a run dir PATH[@STEP], an export dir or a GPT-2 "
+        "folder), loaded at every start, resumes included; null: train.init_from (the SFT model)")
+    beta: float = Field(0.1, gt=0, description="dpo: β, the strength of the implicit KL to the reference")
+    reward_model: str | None = Field(
+        None, description="ppo: the frozen reward model (a run or export dir of train.stage: reward); the value "
+        "model starts from it too")
+    kl_coef: float = Field(0.05, ge=0, description="ppo: the per-token KL penalty's coefficient (the start value "
+                           "when target_kl is set)")
+    target_kl: float | None = Field(
+        None, gt=0, description="ppo: adapt kl_coef toward this KL per reply (nats, summed over its tokens); "
+        "null: kl_coef stays fixed")
+    kl_horizon: int = Field(10000, ge=1, description="ppo: the adaptive KL controller's horizon, in replies")
+    gamma: float = Field(1.0, ge=0, le=1, description="ppo: GAE's discount γ")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE's λ")
+    cliprange: float = Field(0.2, gt=0, description="ppo: ε of the clipped policy ratio")
+    cliprange_value: float = Field(0.2, gt=0, description="ppo: how far a value may move from its rollout value "
+                                   "before the clipped value loss takes over")
+    vf_coef: float = Field(0.1, ge=0, description="ppo: the value loss's weight in the one loss of policy + value")
+    ppo_epochs: int = Field(2, ge=1, description="ppo: passes over each rollout batch")
+    rollout_minibatches: int = Field(
+        1, ge=1, description="ppo: a step's rollout holds this many global batches (micro_batch_size x "
+        "grad_accum_steps x ranks prompts each): the optimizer updates per PPO epoch")
+    max_new_tokens: int = Field(64, ge=1, description="ppo: the longest reply sampled in a rollout (also capped "
+                                "by model.block_size)")
+    temperature: float = Field(1.0, gt=0, description="ppo: the sampling temperature of rollouts; log-probs are "
+                               "those of logits / temperature")
+    no_stop_penalty: float = Field(0.0, ge=0, description="ppo: subtracted from the score of a reply that did not "
+                                   "end with the end-of-turn token within max_new_tokens")
+
+
 class DeepSpeedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: Literal["none", "cpu"] = "none"
@@ -159,6 +194,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     planner: PlannerConfig | None = Field(None, description="what `megagpt plan --write` planned this config for")

@@ -91,9 +91,10 @@ class TokenizerInfo(_Strict):
 
 class Manifest(_Strict):
     format_version: Literal[2]
-    kind: Literal["tokens", "chat"] = Field(
+    kind: Literal["tokens", "chat", "preferences"] = Field(
         "tokens", description="tokens: packed runs of token ids (pre-training); chat: one conversation per sample, "
-        "token ids plus a loss mask (data_prep/chat.py)")
+        "token ids plus a loss mask (data_prep/chat.py); preferences: one comparison per sample, a chosen and a "
+        "rejected completion, each token ids plus a loss mask (data_prep/preferences.py)")
     tokenizer: TokenizerInfo
     vocab_size: int = Field(ge=1)
     token_dtype: Literal["uint16", "uint32"]

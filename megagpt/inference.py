@@ -12,7 +12,7 @@ from megagpt.checkpoint import Checkpointer, step_of, tag_for, verify_manifest
 from megagpt.config import load_config
 from megagpt.distributed import DistInfo
 from megagpt.errors import UserError
-from megagpt.model import GPT
+from megagpt.reward_model import inference_model
 from megagpt.universal import is_zero_partitioned
 
 TOKENIZER_DIR = (
@@ -73,7 +73,7 @@ def load_for_inference(path: str | Path, step: int | None = None, device: str | 
 
     path = Path(path)
     cfg, state = _load_weights(path, step)
-    model = GPT(cfg.model)
+    model, state = inference_model(cfg, state)  # a GPT; a reward run's RewardModel; a ppo run's policy alone
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -130,7 +130,7 @@ def _log_train(run: Run, loss: torch.Tensor, lr: float) -> None:
     loss = loss.item()
     steps, tokens_per_sec = run.throughput.report()
     record = {"loss": loss, "lr": lr, "grad_norm": run.guard.grad_norm(), "tokens_per_sec": tokens_per_sec,
-              "tokens_seen": run.state.tokens_seen, "skipped_steps": run.state.skipped_steps}
+              "tokens_seen": run.state.tokens_seen, "skipped_steps": run.state.skipped_steps, **run.stage.log_stats()}
     # MFU only where the peak is known (a detected GPU or logging.peak_flops): never made up on a CPU.
     peak = peak_flops(run.cfg.train.dtype, run.cfg.logging.peak_flops)
     utilisation = mfu(tokens_per_sec, run.engine.module.flops_per_token(), run.dist.world_size, peak)

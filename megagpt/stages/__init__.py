@@ -6,6 +6,7 @@ schedule, checkpoints with exact and elastic resume, signals, logging. A stage s
   * what one optimizer step does (`train_step`): for loss-on-batches stages (pretrain, sft, reward, dpo) the
     micro-batch loop of `LossStage`, which only asks for `next_batch` and `loss`; PPO overrides it whole;
   * what evaluation reports (`evaluate`) and what sample text an evaluation shows (`sample`);
+  * which statistics of its own each logged step adds to metrics.jsonl (`log_stats`);
   * what of its own a checkpoint must hold to resume exactly (`state_dict`: the data position, a KL
     controller, ...).
 A new stage is a module here and a line in STAGES; `train.stage` in the config names it.
@@ -20,7 +21,9 @@ import torch
 
 from megagpt.distributed import mean_over_ranks
 
-STAGES = {"pretrain": "megagpt.stages.pretrain:PretrainStage", "sft": "megagpt.stages.sft:SFTStage"}
+STAGES = {"pretrain": "megagpt.stages.pretrain:PretrainStage", "sft": "megagpt.stages.sft:SFTStage",
+          "reward": "megagpt.stages.reward:RewardStage", "dpo": "megagpt.stages.dpo:DPOStage",
+          "ppo": "megagpt.stages.ppo:PPOStage"}
 
 
 class LossStage:
@@ -54,6 +57,11 @@ class LossStage:
         return mean_over_ranks(total / self.grad_accum_steps)
 
     def evaluate(self, engine) -> dict[str, float]:
+        return {}
+
+    def log_stats(self) -> dict[str, float]:
+        """The stage's own training statistics since the last log (a host read: called at log intervals only),
+        logged beside the loss (reward accuracy, DPO margins, PPO's rollout and update statistics)."""
         return {}
 
     def sample(self, engine, step: int) -> str | None:

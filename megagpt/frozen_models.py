@@ -1,0 +1,72 @@
+"""The frozen models of alignment: the reference policy (dpo, ppo) and the reward model (ppo), loaded on every
+rank, in eval mode, without gradients, and never handed to an optimizer.
+
+They are loaded at every start of a run, resumes included (a checkpoint holds only what trains): the reference
+from `align.reference` (default `train.init_from`, the SFT model), the reward model from `align.reward_model`. They
+are replicated on every rank (inference only, no optimizer state); under ZeRO-3 a model too large to replicate
+would need sharding, which megagpt does not do yet (docs/alignment.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megagpt.config import Config, ConfigError
+from megagpt.errors import UserError
+from megagpt.model import GPT
+
+
+def freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def reference_spec(cfg: Config) -> str:
+    spec = cfg.align.reference or cfg.train.init_from
+    if not spec:
+        raise ConfigError(f"train.stage={cfg.train.stage} needs a reference policy: set train.init_from (the SFT "
+                          f"model) or align.reference")
+    return spec
+
+
+def load_reference(cfg: Config, device: torch.device) -> GPT:
+    """The reference policy, a GPT of the run's model shape (vocabulary grown like the policy's)."""
+    from megagpt.init_from import load_into, open_source
+
+    spec = reference_spec(cfg)
+    source = open_source(spec)
+    for key, value in source.shape.items():
+        mine = getattr(cfg.model, key)
+        if key != "vocab_size" and mine != value:
+            raise ConfigError(f"align.reference={spec}: model.{key}={value!r} there, the policy has {mine!r}: the "
+                              f"reference must have the policy's shape")
+    try:
+        return freeze(load_into(GPT(cfg.model), source), device)
+    except UserError as e:
+        raise ConfigError(f"align.reference={spec}: {e}") from None
+
+
+def load_reward_model(cfg: Config, device: torch.device):
+    """(the reward model, its config): a RewardModel that scores the policy's token ids."""
+    from megagpt.inference import load_for_inference
+    from megagpt.init_from import parse_spec
+    from megagpt.reward_model import RewardModel
+
+    spec = cfg.align.reward_model
+    if not spec:
+        raise ConfigError("train.stage=ppo needs align.reward_model: the run (or export) dir of a reward model "
+                          "(train.stage: reward)")
+    path, step = parse_spec(spec)
+    model, _, reward_cfg = load_for_inference(path, step, "cpu")
+    if not isinstance(model, RewardModel):
+        raise ConfigError(f"align.reward_model={spec}: a run of train.stage={reward_cfg.train.stage}, not a reward "
+                          f"model (train.stage: reward)")
+    if reward_cfg.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"align.reward_model={spec}: vocab_size {reward_cfg.model.vocab_size}, the policy's is "
+                          f"{cfg.model.vocab_size}: both must read the same token ids (the same tokenizer)")
+    if reward_cfg.model.block_size < cfg.model.block_size:
+        raise ConfigError(f"align.reward_model={spec}: block_size {reward_cfg.model.block_size} is shorter than "
+                          f"the policy's {cfg.model.block_size}: it could not score the longest replies")
+    return freeze(model, device), reward_cfg

@@ -1,0 +1,236 @@
+"""PPO: GAE on a hand-checked sequence, the clipped policy and value losses and the KL penalty against float64
+references, the KL controller, no update from zero advantages, frozen reference and reward model, exact resume
+after SIGTERM and kill -9, and 2 ranks under ZeRO-2 equal to 1."""
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+from align_helpers import model_chain, stage_overrides, train_steps, write_reward_export
+from chat_helpers import run_config, train_run
+from dist_helpers import finish, single, torchrun, wait_for
+from helpers import train_records
+
+from megagpt.align_objectives import KLController, gae, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss, whiten
+from megagpt.frozen_models import load_reference
+from megagpt.inference import load_for_inference
+
+TIMING = ("tokens_per_sec", "rollout_tokens_per_sec")
+
+
+@pytest.fixture(scope="module")
+def chain(shakespeare_dataset, tmp_path_factory):
+    return model_chain(shakespeare_dataset, tmp_path_factory.mktemp("chain"))
+
+
+def ppo_overrides(chain, **values):
+    return stage_overrides("ppo", chain["prefs"], chain["sft"], align_reward_model=str(chain["reward"]),
+                           align_max_new_tokens=12, **values)
+
+
+# ---------------------------------------------------------------- the objectives, on fixed tensors
+
+
+def test_gae_on_a_hand_checked_sequence():
+    """Row 0: a prompt position, a reply of 3 actions, a padding position; row 1: a 1-token reply at the end.
+    Values off the reply (9.0) must not leak in. γ = 0.9, λ = 0.8, so γλ = 0.72:
+      δ3 = 1.0 - 0.3 = 0.7            A3 = 0.7
+      δ2 = -0.1 + 0.9·0.3 - 0.4 = -0.23   A2 = -0.23 + 0.72·0.7 = 0.274
+      δ1 = 0.0 + 0.9·0.4 - 0.5 = -0.14    A1 = -0.14 + 0.72·0.274 = 0.05728
+      row 1: A4 = 0.5 - 0.2 = 0.3;  returns R = A + V."""
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.float64)
+    rewards = torch.tensor([[0, 0.0, -0.1, 1.0, 0], [0, 0, 0, 0, 0.5]], dtype=torch.float64)
+    values = torch.tensor([[9.0, 0.5, 0.4, 0.3, 9.0], [9.0, 9.0, 9.0, 9.0, 0.2]], dtype=torch.float64)
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    expected = torch.tensor([[0, 0.05728, 0.274, 0.7, 0], [0, 0, 0, 0, 0.3]], dtype=torch.float64)
+    assert torch.allclose(advantages, expected, atol=1e-12)
+    assert torch.allclose(returns, (expected + values) * mask, atol=1e-12)
+
+
+def test_gae_with_lambda_one_and_gamma_one_is_the_reward_to_go_minus_the_value():
+    torch.manual_seed(0)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.float64)
+    rewards, values = torch.randn(1, 9, dtype=torch.float64) * mask, torch.randn(1, 9, dtype=torch.float64)
+    advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    to_go = [sum(rewards[0, t:].tolist()) for t in range(9)]
+    assert advantages[0, 2:7].tolist() == pytest.approx([to_go[t] - values[0, t].item() for t in range(2, 7)])
+
+
+def test_kl_penalty_is_per_token_and_the_score_is_added_at_the_last_reply_token():
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float32)
+    logp = torch.tensor([[-9.0, -1.0, -2.0, -0.5], [-0.1, -0.3, -7.0, -7.0]])
+    ref = torch.tensor([[-1.0, -1.5, -1.0, -0.25], [-0.2, -0.1, -1.0, -1.0]])
+    scores = torch.tensor([2.0, -1.0])
+    rewards, kl = kl_penalised_rewards(logp, ref, mask, scores, kl_coef=0.1)
+    expected = [[0.0, -0.1 * 0.5, -0.1 * -1.0, -0.1 * -0.25 + 2.0], [-0.1 * 0.1, -0.1 * -0.2 - 1.0, 0.0, 0.0]]
+    assert rewards.double().tolist() == [pytest.approx(row, abs=1e-6) for row in expected]
+    assert kl.sum(dim=1).tolist() == pytest.approx([0.5 - 1.0 - 0.25, 0.1 - 0.2], abs=1e-6)
+
+
+def _reference_policy_loss(logp, old, adv, mask, eps):
+    """Element by element in float64: max(-A ρ, -A clip(ρ)); which term won; ½ (log ρ)²."""
+    terms, clipped, kl = [], [], []
+    for lp, o, a, m in zip(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), strict=True):
+        if m:
+            ratio = math.exp(lp - o)
+            plain, clip = -a * ratio, -a * min(max(ratio, 1 - eps), 1 + eps)
+            terms.append(max(plain, clip))
+            clipped.append(float(clip > plain))
+            kl.append(0.5 * (lp - o) ** 2)
+    n = len(terms)
+    return sum(terms) / n, sum(clipped) / n, sum(kl) / n
+
+
+def test_clipped_policy_loss_its_gradient_and_clip_fraction_on_a_fixed_batch():
+    eps = 0.2
+    old = torch.zeros(6)
+    ratios = [1.5, 0.5, 0.5, 1.5, 1.1, 3.0]  # A>0 clipped, A>0 not, A<0 clipped, A<0 not, inside, masked out
+    adv = torch.tensor([1.0, 2.0, -1.0, -0.5, 0.7, 5.0])
+    mask = torch.tensor([1.0, 1, 1, 1, 1, 0])
+    logp = torch.tensor([math.log(r) for r in ratios], requires_grad=True)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, eps)
+    ref_loss, ref_clipfrac, ref_kl = _reference_policy_loss(logp.detach().double(), old.double(), adv.double(),
+                                                            mask, eps)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(ref_clipfrac) == 0.4
+    assert stats["approx_kl"].item() == pytest.approx(ref_kl, rel=1e-6)
+    loss.backward()
+    # d/dlogp of -A ρ is -A ρ where the unclipped term wins, 0 where the clip holds it, 0 off the mask.
+    expected = [0.0, -2.0 * 0.5 / 5, 0.0, 0.5 * 1.5 / 5, -0.7 * 1.1 / 5, 0.0]
+    assert logp.grad.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_clipped_value_loss_and_its_clip_fraction_on_a_fixed_batch():
+    eps = 0.2
+    old = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.5])
+    new = torch.tensor([0.5, -0.1, 1.3, 0.7, 9.0], requires_grad=True)
+    returns = torch.tensor([1.0, 0.2, 0.0, 2.0, 0.0])
+    mask = torch.tensor([1.0, 1, 1, 1, 0])
+    loss, clipfrac = ppo_value_loss(new, old, returns, mask, eps)
+    terms, won = [], []
+    for v, o, r in zip(new.tolist()[:4], old.tolist()[:4], returns.tolist()[:4], strict=True):
+        v_clip = o + min(max(v - o, -eps), eps)
+        terms.append(max((v - r) ** 2, (v_clip - r) ** 2))
+        won.append(float((v_clip - r) ** 2 > (v - r) ** 2))
+    assert loss.item() == pytest.approx(0.5 * sum(terms) / 4, rel=1e-6)
+    assert clipfrac.item() == pytest.approx(sum(won) / 4)
+    loss.backward()
+    assert new.grad[4].item() == 0.0
+
+
+def test_whitening_uses_the_given_batch_moments_and_zeroes_off_the_mask():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    got = whiten(x, mask, mean=2.0, var=2.0 / 3)
+    assert got.tolist()[0] == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5), 0.0], rel=1e-6)
+
+
+def test_adaptive_kl_controller_moves_toward_the_target_and_a_fixed_one_stays():
+    adaptive, fixed = KLController(0.1, target=6.0, horizon=1000), KLController(0.1)
+    adaptive.update(12.0, 100)  # error clipped to +0.2
+    fixed.update(12.0, 100)
+    assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 1000)) and fixed.value == 0.1
+    adaptive.update(5.4, 100)  # error -0.1
+    assert adaptive.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def test_zero_kl_and_a_constant_reward_leave_the_policy_where_a_zero_advantage_step_would(chain, tmp_path):
+    """A reward model whose head is (w = 0, b = c) scores every reply c, and the value model (its copy) predicts c
+    everywhere: with γ = 1 every δ is 0, so every advantage is 0. AdamW with a zero gradient then only decays the
+    matrices: p (1 - lr·wd)^updates, the gains and biases stay."""
+    constant = write_reward_export(tmp_path / "constant_rm", chain["reward"], bias=0.7)
+    lr, wd, updates = 1e-3, 0.1, 2 * 2  # ppo_epochs x rollout_minibatches, one step
+    cfg = run_config(stage_overrides("ppo", chain["prefs"], chain["sft"], align_reward_model=str(constant),
+                                     align_kl_coef=0.0, align_gamma=1.0, align_ppo_epochs=2,
+                                     align_rollout_minibatches=2, align_max_new_tokens=8, lr=lr, min_lr=lr,
+                                     weight_decay=wd))
+    run = train_steps(cfg, tmp_path / "run", 1)
+    sft, _, _ = load_for_inference(chain["sft"])
+    policy = {n: p.detach() for n, p in run.engine.module.named_parameters() if not n.startswith("value.")}
+    for name, p in sft.named_parameters():
+        expected = p.double() * (1 - lr * wd) ** updates if p.dim() >= 2 else p.double()
+        assert torch.allclose(policy[name].double(), expected, rtol=1e-6, atol=1e-9), name
+    assert run.stage._stats["reward_model_score"] == pytest.approx(0.7)
+    assert run.stage._stats["policy_loss"] == 0.0
+
+
+def test_ppo_moves_the_policy_and_leaves_reference_and_reward_model_bit_identical(chain, tmp_path):
+    cfg = run_config(ppo_overrides(chain, lr=3e-3))
+    run = train_steps(cfg, tmp_path / "run", 2)
+    sft, _, _ = load_for_inference(chain["sft"])
+    reward, _, _ = load_for_inference(chain["reward"])
+    fresh_reference = load_reference(run.cfg, torch.device("cpu"))
+    for name, p in run.stage.reference.named_parameters():
+        assert torch.equal(p, fresh_reference.state_dict()[name]) and not p.requires_grad, name
+        assert torch.equal(p, sft.state_dict()[name]), name
+    for name, p in run.stage.reward_model.named_parameters():
+        assert torch.equal(p, reward.state_dict()[name]) and not p.requires_grad, name
+    policy = dict(run.engine.module.named_parameters())
+    assert not torch.equal(policy["transformer.h.0.attn.c_attn.weight"], sft.transformer.h[0].attn.c_attn.weight)
+
+
+def test_ppo_logs_its_statistics_every_step_and_its_runs_load_as_the_policy(chain, tmp_path):
+    run_dir = tmp_path / "run"
+    train_run(run_dir, ppo_overrides(chain, max_steps=2, eval_interval=2, sample_tokens=8))
+    records = train_records(run_dir)
+    keys = {"reward_model_score", "reward", "kl", "kl_coef", "entropy", "clipfrac", "value_clipfrac", "value_loss",
+            "policy_loss", "approx_kl", "response_length", "stop_rate", "tokens_per_sec"}
+    assert [r["step"] for r in records] == [1, 2] and all(keys <= set(r) for r in records)
+    assert records[0]["kl"] == 0.0  # the first rollout's policy is the reference
+    assert 1 <= records[0]["response_length"] <= 12 and records[0]["entropy"] > 0
+    model, _, cfg = load_for_inference(run_dir)
+    assert cfg.train.stage == "ppo" and type(model).__name__ == "GPT"
+    assert "assistant: " in (run_dir / "samples" / "step_000002.txt").read_text()
+
+
+@pytest.mark.distributed
+def test_interrupted_ppo_run_resumes_with_identical_statistics(chain, tmp_path):
+    """SIGTERM (saves at the step's end, exits 0), resume, kill -9 between checkpoints, resume to the end: every
+    step's statistics equal an uninterrupted run's."""
+    steps = 14
+
+    def overrides():
+        return ppo_overrides(chain, max_steps=steps, checkpoint_interval=3, lr=3e-3)
+
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    train_run(straight, overrides())
+    proc = single(parted, overrides())
+    wait_for(lambda: len(train_records(parted)) >= 2, 120, "step 2")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert finish(proc) == [0]
+    stopped_at = max(r["step"] for r in train_records(parted))
+    assert stopped_at < steps and (parted / "checkpoints" / "latest").read_text() == f"step_{stopped_at:06d}"
+    proc = single(parted, overrides())
+    wait_for(lambda: max((r["step"] for r in train_records(parted)), default=0) >= stopped_at + 4, 120,
+             "4 steps after the resume")
+    os.killpg(proc.pid, signal.SIGKILL)
+    finish(proc, ok=False)
+    assert max(r["step"] for r in train_records(parted)) < steps, "the run finished before the kill"
+    finish(single(parted, overrides()))
+    expected = {r["step"]: {k: v for k, v in r.items() if k not in TIMING} for r in train_records(straight)}
+    got = {r["step"]: {k: v for k, v in r.items() if k not in TIMING} for r in train_records(parted)}
+    assert sorted(got) == list(range(1, steps + 1))
+    assert got == expected
+
+
+@pytest.mark.distributed
+def test_two_ranks_zero2_ppo_equals_one_rank(chain, tmp_path):
+    """1 rank accumulating 2 micro-batches and 2 ranks with 1 each roll out the same prompts with the same seeds."""
+    def overrides(accum, zero):
+        return ppo_overrides(chain, micro_batch_size=2, grad_accum_steps=accum, zero_stage=zero, max_steps=3,
+                             lr=3e-3, align_rollout_minibatches=2, align_target_kl=0.5)
+
+    train_run(tmp_path / "one", overrides(2, 0))
+    finish(torchrun(tmp_path / "two", overrides(1, 2), 2))
+    one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "reward_model_score", "reward", "kl", "kl_coef_next", "entropy", "value_loss",
+                    "approx_kl", "clipfrac", "response_length", "stop_rate"):
+            assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-7), (a["step"], key)  # measured <= 2.2e-6
+    assert len({r["loss"] for r in one}) > 1
