@@ -183,6 +183,7 @@ class WindowOrder:
     """
 
     ROUNDS = 8
+    BLOCK = 1024  # positions are computed in aligned blocks, the last two kept (16 KB): one call per 16 batches
 
     def __init__(self, num_windows: int, seed: int):
         if num_windows < 1:
@@ -192,6 +193,7 @@ class WindowOrder:
         self.lo_bits, self.hi_bits = bits // 2, bits - bits // 2  # hi_bits >= 1; lo_bits may be 0 (N <= 2)
         self.lo_mask = _U64((1 << self.lo_bits) - 1)
         self._keys: dict[int, np.ndarray] = {}
+        self._blocks: dict[int, np.ndarray] = {}
 
     def _round_keys(self, epoch: int) -> np.ndarray:
         if epoch not in self._keys:
@@ -224,6 +226,22 @@ class WindowOrder:
     def window_ids(self, positions: np.ndarray) -> np.ndarray:
         """Global positions -> window ids: position p is window order(seed, p // N)(p % N)."""
         positions = np.asarray(positions, dtype=np.int64)
+        if not positions.size:
+            return positions.copy()
+        first, last = int(positions.min()) // self.BLOCK, int(positions.max()) // self.BLOCK
+        if last - first > 1:  # scattered positions: computed as they are
+            return self._ids(positions)
+        table = np.concatenate([self._block(b) for b in range(first, last + 1)])
+        return table[positions - first * self.BLOCK]
+
+    def _block(self, b: int) -> np.ndarray:
+        if b not in self._blocks:
+            if len(self._blocks) >= 2:
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[b] = self._ids(np.arange(b * self.BLOCK, (b + 1) * self.BLOCK, dtype=np.int64))
+        return self._blocks[b]
+
+    def _ids(self, positions: np.ndarray) -> np.ndarray:
         epochs, offsets = np.divmod(positions, self.num_windows)
         if positions.size and epochs[0] == epochs[-1] and (epochs == epochs[0]).all():
             return self.permute(int(epochs[0]), offsets)

@@ -49,6 +49,9 @@ def test_the_order_of_any_positions_is_the_order_of_the_whole_epoch():
     full = np.concatenate([order.permute(e, np.arange(n)) for e in range(3)])
     positions = np.random.default_rng().permutation(3 * n)[:500]
     assert np.array_equal(WindowOrder(n, 42).window_ids(positions), full[positions])
+    order = WindowOrder(n, 42)
+    for start in np.random.default_rng().integers(0, 3 * n - 64, 20):  # runs of positions, as batches come
+        assert np.array_equal(order.window_ids(np.arange(start, start + 64)), full[start:start + 64])
 
 
 def _random_permutation_stats(p):
