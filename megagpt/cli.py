@@ -20,12 +20,14 @@ from megagpt.errors import UserError
 # Words -> "module:function"; the function takes the remaining arguments and returns the exit code.
 COMMANDS = {
     ("prep",): "data_prep.cli:main",
+    ("prep", "shakespeare-prefs"): "megagpt.cli:shakespeare_prefs_main",
     ("data", "verify"): "megagpt.dataset:verify_main",
     ("train",): "megagpt.cli:train_main",
     ("sample",): "megagpt.cli:sample_main",
     ("export",): "megagpt.cli:export_main",
     ("chat",): "megagpt.chat:main",
     ("eval", "qa"): "megagpt.eval_qa:main",
+    ("eval", "prefs"): "megagpt.eval_prefs:main",
     ("plan",): "megagpt.plan:main",
     ("doctor",): "megagpt.doctor:main",
     ("mup", "coord-check"): "megagpt.mup:coord_check_main",
@@ -39,13 +41,13 @@ COMMANDS = {
 }
 HELP = {
     "prep": "corpus -> tokenizer -> webdataset shards (megagpt prep {char,sentencepiece,shakespeare,chat,"
-            "shakespeare-qa} -h)",
+            "shakespeare-qa,preferences,shakespeare-prefs} -h)",
     "data": "megagpt data verify DIR: read every shard in full and check it against the manifest",
     "train": "train (bare, under torchrun, the deepspeed launcher or Slurm)",
     "sample": "generate text from a run dir or an export dir",
     "export": "consolidate a run's checkpoint into a standalone folder",
     "chat": "talk to a fine-tuned model (megagpt chat RUN_DIR [--prompt TEXT])",
-    "eval": "evaluations: megagpt eval qa RUN_DIR --data DIR",
+    "eval": "evaluations: megagpt eval qa RUN_DIR --data DIR | megagpt eval prefs RUN_DIR... --out FILE.json",
     "plan": "what fits on your GPUs and how fast it runs",
     "doctor": "check this machine: versions, devices, a collective, the kernels, 20 training steps ([--full] on a GPU)",
     "mup": "µP: megagpt mup coord-check CONFIG --widths 64,128,... --out DIR",
@@ -142,6 +144,24 @@ def prepare_known_dataset(dataset_dir: Path) -> None:
         if time.monotonic() > deadline:
             raise UserError(f"{dataset_dir}: rank 0 did not finish preparing it within {PREPARE_WAIT_S} s")
         time.sleep(1)
+
+
+def shakespeare_prefs_main(argv: list[str]) -> int:
+    """`megagpt prep shakespeare-prefs`: megagpt samples and labels the pairs, data_prep writes the dataset (only
+    this module may import both)."""
+    from data_prep.preferences import PreferenceSettings, prepare_preferences
+    from data_prep.shakespeare_qa import TRAIN_FRACTION, play_text
+    from megagpt.shakespeare_prefs import main
+
+    def training_text() -> str:
+        text = play_text()
+        return text[:int(len(text) * TRAIN_FRACTION)]
+
+    def prepare(source, out, tokenizer_dir, val_fraction, seed, force, extra):
+        settings = PreferenceSettings(val_fraction=val_fraction, seed=seed)
+        return prepare_preferences([source], out, tokenizer_dir, settings, force=force, extra_settings=extra)
+
+    return main(argv, training_text, prepare)
 
 
 # ---------------------------------------------------------------- sample and export

@@ -1,0 +1,162 @@
+"""`megagpt eval prefs`: models side by side on held-out prompts, by the demo's real-word rule, a reward model's
+score and the KL to the SFT model.
+
+Every run (or export) answers the same held-out prompts (`prompts-val.jsonl` of the dir `megagpt prep
+shakespeare-prefs` wrote: the QA data's val split, text no model trained on) with replies sampled as in PPO's
+rollouts (--temperature, the full distribution, the same seed per prompt for every run), and is reported with:
+  real_word_rate       the mean over replies of the fraction of their words found in Tiny Shakespeare's
+                       training text (megagpt/realwords.py; `words.txt` of the same dir)
+  reward_model_score   the mean score --reward-model gives the replies (when given)
+  kl_to_reference      the mean over replies of Σ_t log π(y_t) - log π_ref(y_t), a sampled estimate of
+                       KL(π || π_ref) per reply, π_ref the SFT model (--reference, default the reference of the
+                       first dpo or ppo run given)
+  response_length, stop_rate
+FILE.json holds the table ("runs") and every sample ("samples": {"run", "prompt", "reply", ...} records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from megagpt.align_objectives import token_logprobs
+from megagpt.chat_template import END, check_messages, prompt_ids, require_chat_tokens
+from megagpt.errors import UserError
+from megagpt.realwords import WORDS_FILE, load_vocabulary, real_word_rate
+from megagpt.reward_model import read_scores
+from megagpt.rollout import prompt_seed, sample_reply
+
+VAL_PROMPTS = "prompts-val.jsonl"  # megagpt/shakespeare_prefs.py writes it
+
+
+def find_data_dir(runs: list[Path]) -> Path:
+    """The first run's data.dataset_dir that holds the word list and the held-out prompts."""
+    from megagpt.config import load_config
+
+    for run in runs:
+        if (run / "config.yaml").is_file():
+            folder = Path(load_config(run / "config.yaml").data.dataset_dir)
+            if (folder / WORDS_FILE).is_file() and (folder / VAL_PROMPTS).is_file():
+                return folder
+    raise UserError(f"none of the runs' data.dataset_dir holds {WORDS_FILE} and {VAL_PROMPTS}; pass --data, the "
+                    f"dir `megagpt prep shakespeare-prefs` wrote")
+
+
+def find_reference(runs: list[Path]) -> str | None:
+    from megagpt.config import load_config
+
+    for run in runs:
+        if (run / "config.yaml").is_file():
+            cfg = load_config(run / "config.yaml")
+            if cfg.train.stage in ("dpo", "ppo"):
+                return cfg.align.reference or cfg.train.init_from
+    return None
+
+
+def load(spec: str | Path, device: str):
+    from megagpt.inference import load_for_inference
+    from megagpt.init_from import parse_spec
+
+    path, step = parse_spec(str(spec))
+    return load_for_inference(path, step, device)
+
+
+@torch.no_grad()
+def reply_logprob(model, ids: list[int], prompt_len: int, temperature: float) -> float:
+    """Σ log π(reply tokens | prompt) of a prompt + reply sequence, at `temperature`."""
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    logp = token_logprobs(model(x)[0][:, :-1].float() / temperature, x[:, 1:])[0]
+    return float(logp[prompt_len - 1:].double().sum())
+
+
+@torch.no_grad()
+def evaluate_run(path: Path, prompts: list[list[dict]], known: set[str], reward_model, reference, args) -> tuple:
+    """(the run's row of the table, its sample records)."""
+    model, tokenizer, cfg = load(path, args.device)
+    end = require_chat_tokens(tokenizer)[END]
+    rows = []
+    for i, messages in enumerate(prompts):
+        ids = prompt_ids(tokenizer, check_messages(messages, final_role="user"))[-(model.cfg.block_size - 1):]
+        reply, stopped = sample_reply(model, ids, end, args.max_new_tokens, args.temperature,
+                                      prompt_seed(args.seed, i))
+        text = tokenizer.decode([t for t in reply if t != end])
+        row = {"run": str(path), "prompt": messages[-1]["content"], "reply": text,
+               "real_word_rate": real_word_rate(text, known), "tokens": len(reply), "stopped": stopped}
+        if reward_model is not None:
+            seq = torch.tensor([ids + reply], device=args.device)
+            row["reward_model_score"] = float(read_scores(reward_model(seq)[0], torch.tensor([seq.size(1) - 1])))
+        if reference is not None:
+            row["kl_to_reference"] = (reply_logprob(model, ids + reply, len(ids), args.temperature)
+                                      - reply_logprob(reference, ids + reply, len(ids), args.temperature))
+        rows.append(row)
+    summary = {"run": str(path), "stage": cfg.train.stage, "prompts": len(rows)}
+    for key in ("real_word_rate", "reward_model_score", "kl_to_reference"):
+        if key in rows[0]:
+            summary[key] = sum(r[key] for r in rows) / len(rows)
+    summary["response_length"] = sum(r["tokens"] for r in rows) / len(rows)
+    summary["stop_rate"] = sum(r["stopped"] for r in rows) / len(rows)
+    return summary, rows
+
+
+def format_table(runs: list[dict]) -> str:
+    columns = [("real_word_rate", "real words"), ("reward_model_score", "RM score"), ("kl_to_reference", "KL(SFT)"),
+               ("response_length", "length"), ("stop_rate", "stops")]
+    shown = [(key, name) for key, name in columns if any(key in r for r in runs)]
+    width = max(len(r["run"]) for r in runs)
+    lines = [f"{'run':<{width}}  " + "  ".join(f"{name:>10}" for _, name in shown)]
+    for r in runs:
+        cells = [f"{r[key]:>10.3f}" if key in r else f"{'-':>10}" for key, _ in shown]
+        lines.append(f"{r['run']:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="megagpt eval prefs", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="RUN_DIR or EXPORT_DIR of each model (e.g. the sft, ppo and dpo runs)")
+    p.add_argument("--reward-model", help="a reward model's run or export dir: also report its scores")
+    p.add_argument("--reference", help="the SFT model for the KL column (default: the first dpo/ppo run's "
+                   "reference)")
+    p.add_argument("--data", help="the dir `megagpt prep shakespeare-prefs` wrote (default: a run's "
+                   "data.dataset_dir that holds words.txt)")
+    p.add_argument("--out", required=True, help="FILE.json: the table and every sample")
+    p.add_argument("--limit", type=int, default=200, help="held-out prompts (the first N)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="also capped by each model's block_size")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a small model samples fastest on one)")
+    args = p.parse_args(argv)
+    if args.limit < 1 or args.max_new_tokens < 1 or args.temperature <= 0:
+        raise UserError("--limit and --max-new-tokens must be at least 1, --temperature above 0")
+    torch.set_num_threads(args.threads)
+    runs = [Path(r) for r in args.runs]
+    data = Path(args.data) if args.data else find_data_dir(runs)
+    known = load_vocabulary(data / WORDS_FILE)
+    if not (data / VAL_PROMPTS).is_file():
+        raise UserError(f"--data {data}: no {VAL_PROMPTS}; `megagpt prep shakespeare-prefs` writes it")
+    prompts = [json.loads(line)["messages"] for line in (data / VAL_PROMPTS).read_text().splitlines()
+               if line.strip()][:args.limit]
+    reward_model = load(args.reward_model, args.device)[0] if args.reward_model else None
+    if reward_model is not None and not hasattr(reward_model, "score"):
+        raise UserError(f"--reward-model {args.reward_model}: not a reward model (train.stage: reward)")
+    reference_spec = args.reference or find_reference(runs)
+    reference = load(reference_spec, args.device)[0] if reference_spec else None
+    torch.manual_seed(args.seed)
+    table, samples = [], []
+    for run in runs:
+        summary, rows = evaluate_run(run, prompts, known, reward_model, reference, args)
+        table.append(summary)
+        samples += rows
+    report = {"data": str(data), "reference": reference_spec, "reward_model": args.reward_model,
+              "settings": {k: getattr(args, k) for k in ("limit", "max_new_tokens", "temperature", "seed")},
+              "runs": table, "samples": samples}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(format_table(table))
+    print(f"wrote {args.out}")
+    sys.stdout.flush()
+    return 0

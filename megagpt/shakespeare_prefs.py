@@ -1,0 +1,142 @@
+"""`megagpt prep shakespeare-prefs`: preference pairs for the demo, sampled from an SFT model and labelled by the
+real-word rule (megagpt/realwords.py), written as a `preferences` dataset.
+
+For each free-text question ("What follows: ...") of the Shakespeare QA data's train split (`megagpt prep
+shakespeare-qa`), the SFT model samples --samples replies (temperature --temperature, the full distribution,
+one seeded generator per question); the reply with the highest real-word rate is `chosen`, the one with the
+lowest `rejected`, and a question whose best and worst differ by less than --min-margin gives no pair. The output
+dir is a preferences dataset (val pairs: a seeded --val-fraction of them) plus
+  words.txt           the vocabulary of Tiny Shakespeare's training text (the rule's; `megagpt eval prefs` reads it)
+  prompts-val.jsonl   the QA val split's free-text questions as {"messages": [...]}: held-out prompts about text no
+                      model trained on (`megagpt eval prefs` asks them)
+  pairs.jsonl         the labelled pairs with both scores, as sampled (train and val together)
+The dataset is written by data_prep (megagpt/cli.py hands `prepare` in: only the CLI layer imports data_prep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megagpt.chat_template import END, check_messages, prompt_ids, require_chat_tokens
+from megagpt.errors import UserError
+from megagpt.eval_prefs import VAL_PROMPTS
+from megagpt.eval_qa import load_questions
+from megagpt.generate import generate
+from megagpt.realwords import WORDS_FILE, real_word_rate, save_vocabulary, vocabulary
+
+PAIRS = "pairs.jsonl"
+
+
+def free_text_prompts(data_dir: str | Path, split: str) -> list[list[dict]]:
+    """The messages (one user turn) of a QA split's free-text ("next") questions."""
+    return [q["messages"][:1] for q in load_questions(data_dir, split) if q["kind"] == "next"]
+
+
+@torch.no_grad()
+def sample_replies(model, tokenizer, messages: list[dict], samples: int, max_new_tokens: int, temperature: float,
+                   seed: int) -> list[str]:
+    """`samples` replies to one prompt, in one batch, each cut at its end-of-turn token."""
+    end = require_chat_tokens(tokenizer)[END]
+    ids = prompt_ids(tokenizer, check_messages(messages, final_role="user"))
+    cap = min(max_new_tokens, model.cfg.block_size - len(ids))
+    if cap < 1:
+        return []
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, torch.tensor([ids] * samples, device=device), cap, temperature=temperature,
+                   generator=generator)[:, len(ids):].tolist()
+    return [tokenizer.decode(row[:row.index(end)] if end in row else row) for row in out]
+
+
+def label(replies: list[str], known: set[str], min_margin: float) -> tuple[str, str, float, float] | None:
+    """(chosen, rejected, their scores): the replies with the highest and lowest real-word rate; None when they
+    differ by less than min_margin."""
+    scores = [real_word_rate(r, known) for r in replies]
+    best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+    if scores[best] - scores[worst] < min_margin or replies[best] == replies[worst]:
+        return None
+    return replies[best], replies[worst], scores[best], scores[worst]
+
+
+def make_pairs(model, tokenizer, prompts: list[list[dict]], known: set[str], args) -> list[dict]:
+    from tqdm import tqdm
+
+    pairs = []
+    for i, messages in enumerate(tqdm(prompts, desc="shakespeare-prefs", unit="prompt", disable=None)):
+        replies = sample_replies(model, tokenizer, messages, args.samples, args.max_new_tokens, args.temperature,
+                                 args.seed * 1_000_003 + i)
+        labelled = label(replies, known, args.min_margin) if len(replies) >= 2 else None
+        if labelled is not None:
+            chosen, rejected, good, bad = labelled
+            pairs.append({"prompt": messages, "chosen": chosen, "rejected": rejected, "scores": [good, bad]})
+    return pairs
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megagpt prep shakespeare-prefs", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sft", required=True, help="the SFT model: a run dir (or export dir) of train.stage: sft")
+    p.add_argument("--qa", required=True, help="the dir `megagpt prep shakespeare-qa` wrote (its questions)")
+    p.add_argument("--out", required=True, help="the preferences dataset dir to create")
+    p.add_argument("--limit", type=int, default=None, help="at most this many questions (a seeded subset)")
+    p.add_argument("--samples", type=int, default=4, help="replies sampled per question (>= 2)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="also capped by the model's block_size")
+    p.add_argument("--min-margin", type=float, default=0.1, help="least real-word-rate gap for a pair")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="pairs held out for the reward model's val")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a small model samples fastest on one)")
+    p.add_argument("--force", action="store_true", help="replace --out when it already exists")
+    return p
+
+
+def main(argv: list[str], training_text, prepare) -> int:
+    """`training_text()` -> Tiny Shakespeare's training text; `prepare(jsonl, out, tokenizer_dir, val_fraction,
+    seed, force, extra_settings)` writes the preferences dataset (data_prep/preferences.py)."""
+    from megagpt.inference import load_for_inference
+
+    args = parser().parse_args(argv)
+    if args.samples < 2 or args.max_new_tokens < 1 or args.temperature <= 0:
+        raise UserError("--samples must be at least 2, --max-new-tokens at least 1, --temperature above 0")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"--out {out}: already exists; pass --force to replace it")
+    prompts = free_text_prompts(args.qa, "train")
+    if args.limit is not None:
+        keep = sorted(np.random.default_rng(args.seed).permutation(len(prompts))[:args.limit].tolist())
+        prompts = [prompts[i] for i in keep]
+    val_prompts = free_text_prompts(args.qa, "val")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, tokenizer, _ = load_for_inference(args.sft, device=args.device)
+    require_chat_tokens(tokenizer)
+    known = vocabulary(training_text())
+    pairs = make_pairs(model, tokenizer, prompts, known, args)
+    if len(pairs) < 2:
+        raise UserError(f"--sft {args.sft}: only {len(pairs)} of {len(prompts)} questions gave replies whose "
+                        f"real-word rates differ by --min-margin {args.min_margin}; lower it or sample more")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.pairs-", dir=out.parent))
+    try:
+        (work / PAIRS).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        settings = {k: getattr(args, k) for k in ("samples", "temperature", "max_new_tokens", "min_margin",
+                                                  "limit", "seed")}
+        _, summary = prepare(work / PAIRS, out, args.sft, args.val_fraction, args.seed, args.force,
+                             {"source": "shakespeare-prefs", "sft": str(args.sft), "qa": str(args.qa), **settings})
+        shutil.move(work / PAIRS, out / PAIRS)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    save_vocabulary(known, out / WORDS_FILE)
+    (out / VAL_PROMPTS).write_text("".join(json.dumps({"messages": m}) + "\n" for m in val_prompts))
+    rates = np.array([p["scores"] for p in pairs])
+    print(f"megagpt prep shakespeare-prefs: {len(pairs)} pairs from {len(prompts)} questions (mean real-word rate "
+          f"chosen {rates[:, 0].mean():.3f}, rejected {rates[:, 1].mean():.3f}); {summary.line()}")
+    print(f"wrote {out}")
+    return 0
