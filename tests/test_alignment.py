@@ -238,3 +238,59 @@ def test_dpo_starts_at_log2_logs_margins_and_keeps_its_reference_bit_identical(c
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference: every margin is 0
     assert first["margin"] == 0 and first["accuracy"] == 0
     assert second["margin"] == pytest.approx(second["chosen_reward"] - second["rejected_reward"])
+
+
+# ---------------------------------------------------------------- the demo: the real-word rule, its pairs, eval prefs
+
+
+def test_the_real_word_rule_and_its_edge_cases():
+    from megagpt.realwords import real_word_rate, vocabulary, words
+
+    known = vocabulary("O'er the hill, ROMEO said: 'Tis well-a-day! 3 times.")
+    assert known == {"o'er", "the", "hill", "romeo", "said", "tis", "well", "a", "day", "times"}
+    assert words("Romeo's  wherefore--art thou?") == ["romeo's", "wherefore", "art", "thou"]
+    assert real_word_rate("romeo THE zqx", known) == pytest.approx(2 / 3)
+    assert real_word_rate("", known) == 0.0 and real_word_rate("?! ... 42", known) == 0.0  # no words: 0
+    assert real_word_rate("Hill-hill", known) == 1.0
+
+
+def _qa_dir(path, questions):
+    """A dir shaped like `megagpt prep shakespeare-qa`'s question files, with a few free-text questions."""
+    path.mkdir()
+    for split, lines in (("train", questions), ("val", questions[:3])):
+        records = [{"messages": [{"role": "user", "content": f"What follows: {q}"},
+                                 {"role": "assistant", "content": "x"}], "kind": "next", "answer": "x"} for q in lines]
+        write_jsonl(path / f"questions-{split}.jsonl", records)
+    return path
+
+
+def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, tmp_path, capsys):
+    from data_prep.shakespeare_qa import TRAIN_FRACTION, play_text
+    from megagpt.realwords import real_word_rate, vocabulary
+
+    lines = ["My lord, I will", "Good morrow to", "What say you", "The king is", "And so I", "Come hither,",
+             "I pray thee", "Now, by my", "Farewell, good", "O gentle", "Be it so", "Who is it"]
+    qa = _qa_dir(tmp_path / "qa", lines)
+    out = tmp_path / "prefs"
+    assert megagpt(["prep", "shakespeare-prefs", "--sft", str(chain["sft"]), "--qa", str(qa), "--out", str(out),
+                    "--samples", "4", "--min-margin", "0.01", "--val-fraction", "0.2", "--max-new-tokens", "16"]) == 0
+    text = play_text()
+    known = vocabulary(text[:int(len(text) * TRAIN_FRACTION)])
+    assert set((out / "words.txt").read_text().split("\n")[:-1]) == known
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) >= 2 and len(pairs) == sum(s.samples for s in Dataset(out).manifest.splits.values())
+    for pair in pairs:
+        good, bad = real_word_rate(pair["chosen"], known), real_word_rate(pair["rejected"], known)
+        assert pair["scores"] == [good, bad] and good >= bad + 0.01
+    assert len((out / "prompts-val.jsonl").read_text().splitlines()) == 3
+
+    report_path = tmp_path / "eval.json"
+    assert megagpt(["eval", "prefs", str(chain["sft"]), "--reward-model", str(chain["reward"]), "--reference",
+                    str(chain["sft"]), "--data", str(out), "--out", str(report_path), "--max-new-tokens", "16"]) == 0
+    report = json.loads(report_path.read_text())
+    (row,) = report["runs"]
+    samples = report["samples"]
+    assert len(samples) == 3 and all({"run", "prompt", "reply"} <= set(s) for s in samples)
+    assert row["real_word_rate"] == pytest.approx(sum(real_word_rate(s["reply"], known) for s in samples) / 3)
+    assert row["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # the SFT model against itself
+    assert "real words" in capsys.readouterr().out
