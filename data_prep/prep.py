@@ -389,11 +389,11 @@ def _tokenize(paths, settings: PrepSettings, tokenizer, work: Path, progress: _P
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=None) as bar:
         for index, (n, digest, dtype, seen) in enumerate(ordered_map(pool, _encode_chunk, jobs(),
                                                                      _in_flight(settings))):
+            new = [] if seen is None else sorted(set(seen.tolist()) - progress.codepoints)
+            if new:  # before the chunk's own line: a chunk on record never lacks its characters
+                progress.append({"codepoints": new})
             if progress.chunk(index) is None:
                 progress.append({"chunk": index, "tokens": n, "sha256": digest, "dtype": dtype})
-            new = [] if seen is None else sorted(set(seen.tolist()) - progress.codepoints)
-            if new:
-                progress.append({"codepoints": new})
             tokens += n
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
     progress.append({"tokenized": {"chunks": index + 1, "documents": documents, "sources": sources.finish()}})

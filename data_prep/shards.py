@@ -12,6 +12,7 @@ import numpy as np
 import webdataset as wds
 
 from megagpt.dataset import INDEX_RECORD, index_name
+from megagpt.errors import UserError
 
 TOKENS_FIELD = "tokens"  # each sample is {"__key__": "000042", "tokens": raw little-endian token ids}
 
@@ -47,8 +48,12 @@ class _Tables:
 
     def __call__(self, i: int) -> np.ndarray:
         if i not in self.cache:
-            codes = np.fromfile(chunk_file(self.job.chunk_dir, self.job.first_chunk + i, ".cp"), dtype="<u4")
-            self.cache[i] = np.searchsorted(self.vocab, codes).astype(self.job.dtype)
+            path = chunk_file(self.job.chunk_dir, self.job.first_chunk + i, ".cp")
+            codes = np.fromfile(path, dtype="<u4")
+            ids = np.searchsorted(self.vocab, codes)
+            if not np.array_equal(self.vocab[np.minimum(ids, len(self.vocab) - 1)], codes):
+                raise UserError(f"{path}: a character missing from the vocabulary; re-run prep with --force")
+            self.cache[i] = ids.astype(self.job.dtype)
         return self.cache[i]
 
 
