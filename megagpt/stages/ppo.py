@@ -52,6 +52,9 @@ from megagpt.rollout import Experience, experience, prompt_seed, reply_text, sam
 from megagpt.stages import LossStage
 
 UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "loss")
+# Per micro-batch sums of a rollout, summed over micro-batches and ranks: the whitening's moments and the statistics.
+ROLLOUT_SUMS = ("advantage", "advantage_sq", "reply_tokens", "replies", "score", "reward", "kl", "entropy",
+                "stopped", "tokens")
 
 
 class PPOStage(LossStage):
@@ -86,7 +89,7 @@ class PPOStage(LossStage):
 
     def train_step(self, engine, guard) -> torch.Tensor:
         started = time.perf_counter()
-        batches, rollout_s, generated = self.rollout(engine)
+        batches, rollout_s = self.rollout(engine)
         rollout_stats = self.score(batches)
         totals = torch.zeros(len(UPDATE_STATS), dtype=torch.float64, device=self.device)
         updates = 0
@@ -103,17 +106,17 @@ class PPOStage(LossStage):
                     updates += 1
         means = mean_over_ranks(totals / updates)
         self.kl.update(rollout_stats["kl"], rollout_stats["replies"])
-        tokens = rollout_stats.pop("tokens")
+        tokens, replies = rollout_stats.pop("tokens"), rollout_stats.pop("replies")
         self._stats = {**rollout_stats, **dict(zip(UPDATE_STATS, means.tolist(), strict=True)),
                        "kl_coef_next": self.kl.value,
                        "tokens_per_sec": tokens / (time.perf_counter() - started),
-                       "rollout_tokens_per_sec": self._global_sum(generated) / max(rollout_s, 1e-9)}
+                       "rollout_tokens_per_sec": rollout_stats["response_length"] * replies / max(rollout_s, 1e-9)}
         self.step += 1
         return means[UPDATE_STATS.index("loss")].float()
 
-    def rollout(self, engine) -> tuple[list[list[Experience]], float, int]:
-        """[mini-batch][micro-batch] experience of this rank; seconds spent sampling; reply tokens sampled."""
-        started, generated = time.perf_counter(), 0
+    def rollout(self, engine) -> tuple[list[list[Experience]], float]:
+        """[mini-batch][micro-batch] experience of this rank; the seconds spent sampling."""
+        started = time.perf_counter()
         sampled = []
         for minibatch in self.schedule.step_positions(self.step):
             sampled.append([])
@@ -121,7 +124,6 @@ class PPOStage(LossStage):
                 prompts = [self.prompts[self.schedule.prompt_index(p)] for p in positions]
                 replies = [self.reply(engine.module, prompt, prompt_seed(self.cfg.train.seed, p))
                            for prompt, p in zip(prompts, positions, strict=True)]
-                generated += sum(len(r) for r, _ in replies)
                 sampled[-1].append((prompts, replies))
         rollout_s = time.perf_counter() - started
         engine.eval()
@@ -129,7 +131,7 @@ class PPOStage(LossStage):
                                [s for _, s in replies], self.align.temperature, self.align.no_stop_penalty,
                                self.device) for prompts, replies in minibatch] for minibatch in sampled]
         engine.train()
-        return batches, rollout_s, generated
+        return batches, rollout_s
 
     def reply(self, model, prompt: list[int], seed: int) -> tuple[list[int], bool]:
         return sample_reply(model, prompt, self.special[END], self.align.max_new_tokens, self.align.temperature,
@@ -141,22 +143,17 @@ class PPOStage(LossStage):
         for b in flat:
             b.rewards, b.kl = kl_penalised_rewards(b.logprobs, b.ref_logprobs, b.mask, b.scores, self.kl.value)
             b.advantages, b.returns = gae(b.rewards, b.values, b.mask, self.align.gamma, self.align.lam)
-        sums = torch.stack([torch.stack([
-            (b.advantages * b.mask).double().sum(), (b.advantages ** 2 * b.mask).double().sum(),
-            b.mask.double().sum(), torch.tensor(float(len(b.scores)), dtype=torch.float64, device=self.device),
-            b.scores.double().sum(), (b.scores - self.kl.value * b.kl.sum(dim=1)).double().sum(),
-            b.kl.double().sum(), (b.entropy * b.mask).double().sum(), b.stopped.double().sum(), _tokens(b)])
-            for b in flat]).sum(dim=0)
-        s1, s2, tokens_masked, replies, score, reward, kl, ent, stopped, tokens = \
-            (mean_over_ranks(sums) * self.dist.world_size).tolist()
-        mean = s1 / max(tokens_masked, 1.0)
-        var = max(s2 / max(tokens_masked, 1.0) - mean * mean, 0.0)
+        sums = torch.stack([rollout_sums(b, self.kl.value) for b in flat]).sum(dim=0)
+        t = dict(zip(ROLLOUT_SUMS, (mean_over_ranks(sums) * self.dist.world_size).tolist(), strict=True))
+        mean = t["advantage"] / t["reply_tokens"]
+        var = max(t["advantage_sq"] / t["reply_tokens"] - mean * mean, 0.0)
         for b in flat:
             b.advantages = whiten(b.advantages, b.mask, mean, var)
-        return {"reward_model_score": score / replies, "reward": reward / replies, "kl": kl / replies,
-                "kl_coef": self.kl.value, "entropy": ent / max(tokens_masked, 1.0),
-                "response_length": tokens_masked / replies, "stop_rate": stopped / replies,
-                "replies": int(replies), "tokens": tokens}
+        n = t["replies"]
+        return {"reward_model_score": t["score"] / n, "reward": t["reward"] / n, "kl": t["kl"] / n,
+                "kl_coef": self.kl.value, "entropy": t["entropy"] / t["reply_tokens"],
+                "response_length": t["reply_tokens"] / n, "stop_rate": t["stopped"] / n, "replies": int(n),
+                "tokens": t["tokens"]}
 
     def ppo_loss(self, engine, b: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, values = engine(b.ids)
@@ -169,13 +166,9 @@ class PPOStage(LossStage):
                       "clipfrac": stats["clipfrac"], "value_clipfrac": value_clipfrac,
                       "approx_kl": stats["approx_kl"], "loss": loss.detach()}
 
-    def _global_sum(self, value: float) -> float:
-        return float(mean_over_ranks(torch.tensor(float(value), dtype=torch.float64, device=self.device))) \
-            * self.dist.world_size
-
     def log_stats(self) -> dict[str, float]:
         """The last step's statistics (every step's, with train.log_interval 1)."""
-        return {k: v for k, v in self._stats.items() if k != "replies"}
+        return dict(self._stats)
 
     # ------------------------------------------------------------ evaluation and samples
 
@@ -228,6 +221,12 @@ class PPOStage(LossStage):
         self.kl.load_state_dict(state["kl_controller"])
 
 
-def _tokens(b: Experience) -> torch.Tensor:
-    """Tokens of a micro-batch's sequences (prompt + reply: the first reply position + 1 + the reply), no padding."""
-    return (b.mask.sum(dim=1) + torch.argmax(b.mask, dim=1) + 1).double().sum()
+def rollout_sums(b: Experience, kl_coef: float) -> torch.Tensor:
+    """A micro-batch's sums (float64, ROLLOUT_SUMS order). Its tokens are prompt + reply, padding left out: a
+    reply's first position + 1 is its prompt's length."""
+    advantages, mask, scores = b.advantages.double(), b.mask.double(), b.scores.double()
+    kl = b.kl.double().sum(dim=1)  # per reply
+    values = [(advantages * mask).sum(), (advantages ** 2 * mask).sum(), mask.sum(), torch.ones_like(scores).sum(),
+              scores.sum(), (scores - kl_coef * kl).sum(), kl.sum(), (b.entropy.double() * mask).sum(),
+              b.stopped.double().sum(), (mask.sum(dim=1) + mask.argmax(dim=1) + 1).sum()]
+    return torch.stack(values)
