@@ -219,19 +219,22 @@ def write_results(result: dict, out: Path) -> list[Path]:
 
 def _plot(result: dict, param: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     widths, steps = result["widths"], result["steps"]
-    fig, axes = plt.subplots(1, len(LAYER_TYPES), figsize=(3.2 * len(LAYER_TYPES), 3.2), sharex=True)
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6.5), sharex=True)
     colors = plt.cm.viridis(np.linspace(0, 0.9, steps))
-    for ax, layer in zip(axes, LAYER_TYPES, strict=True):
+    for ax, layer in zip(axes.flat, LAYER_TYPES, strict=True):
         for t in range(steps):
             ax.plot(widths, [result["values"][param][layer][str(w)][t] for w in widths], "o-", ms=3,
                     color=colors[t], label=f"step {t + 1}")
         ax.set(xscale="log", yscale="log", xlabel="width (n_embd)",
                title=f"{layer}\nslope {result['slopes'][param][layer]:+.2f}")
-        ax.set_xticks(widths, [str(w) for w in widths], minor=False)
-    axes[0].set_ylabel("mean |activation|")
-    axes[-1].legend(fontsize=6, loc="best")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(widths, [str(w) for w in widths])
+    for row in axes:
+        row[0].set_ylabel("mean |activation|")
+    axes.flat[-1].legend(fontsize=6, loc="best")
     fig.suptitle(f"coordinate check, {param} parametrization (lr {result['lr']:g}, {result['seeds']} seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

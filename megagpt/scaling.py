@@ -259,6 +259,9 @@ def fit_points(rows: list[dict], heldout: list[dict], samples: int = BOOTSTRAP) 
             "max_rel_err_fitted": float(max(abs(f / r["val_loss"] - 1) for r, f in zip(points, fitted,
                                                                                         strict=True))),
             "heldout": [_heldout_row(fit, r, features) for r in heldout]}
+        if fit.params["E"] < 1e-6 * min(r["val_loss"] for r in points):
+            result[law]["note"] = ("E went to 0: the points do not pin the irreducible loss (they lie far above "
+                                   "it), so this is a pure power law")
     return result
 
 
@@ -300,6 +303,8 @@ def fit_main(argv: list[str]) -> int:
         ci = entry["ci95"]
         print(f"  {entry['formula']}: " + ", ".join(f"{k} {v:.4g} [{ci[k][0]:.4g}, {ci[k][1]:.4g}]"
                                                    for k, v in entry["params"].items()))
+        if "note" in entry:
+            print(f"    note: {entry['note']}")
         for h in entry["heldout"]:
             print(f"    held out {h['point']}: predicted {h['predicted']:.4f} [{h['ci95'][0]:.4f}, "
                   f"{h['ci95'][1]:.4f}], measured {h['measured']:.4f} ({100 * h['rel_err']:+.2f}%)")
