@@ -90,3 +90,24 @@ def test_a_typo_in_a_swept_key_fails_before_anything_runs(tmp_path, capsys):
     code = main(["sweep", str(CPU_CONFIG), "--grid", "train.lrr=1e-3,2e-3", "--out", str(tmp_path / "s")])
     assert code == 2 and "train.lrr" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_launcher_gets_each_point_once_and_is_not_resubmitted(tmp_path, capsys):
+    """A launcher that only records its arguments (as sbatch would queue the job): each point is submitted once,
+    with the config, the shared and swept --set values and its run dir; a second sweep does not submit again."""
+    log = tmp_path / "submitted.txt"
+    launcher = tmp_path / "submit.sh"
+    launcher.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    launcher.chmod(0o755)
+    out = tmp_path / "sweep"
+    args = ["sweep", str(CPU_CONFIG), "--grid", "train.lr=1e-3,2e-3", "--set", "train.max_steps=3",
+            "--launcher", str(launcher), "--out", str(out)]
+    assert main(args) == 0
+    lines = log.read_text().splitlines()
+    assert lines == [f"{CPU_CONFIG} --set train.max_steps=3 --set train.lr={lr} --run-dir {out / f'lr={lr}'}"
+                     for lr in ("1e-3", "2e-3")]
+    assert capsys.readouterr().out.count(": submitted") == 2
+    assert main(args) == 0
+    assert len(log.read_text().splitlines()) == 2  # not submitted twice
+    assert "submitted earlier" in capsys.readouterr().out
+    assert [r["status"] for r in json.loads((out / "results.json").read_text())] == ["unfinished", "unfinished"]
