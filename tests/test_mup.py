@@ -294,19 +294,20 @@ def test_hf_export_folds_every_mup_multiplier(tmp_path):
 MUP_RUN = {"model_parametrization": "mup", "model_mup_base_width": 16, "model_mup_output_alpha": 2.0}  # m = 2
 
 
-def mup_overrides(dataset, max_steps):
+def mup_overrides(dataset, max_steps, zero_stage=2):
     from dist_helpers import tiny
 
     # 8 sequences of 32 tokens per step: accumulation 2 on one rank, 1 on two
-    return tiny(dataset, zero_stage=2, global_batch_tokens=4 * 32 * 2, max_steps=max_steps, checkpoint_interval=4,
-                keep_checkpoints=10, **MUP_RUN)
+    return tiny(dataset, zero_stage=zero_stage, global_batch_tokens=4 * 32 * 2, max_steps=max_steps,
+                checkpoint_interval=4, keep_checkpoints=10, **MUP_RUN)
 
 
 def saved_groups(run_dir, tag):
-    """The torch AdamW param groups rank 0 saved in a ZeRO-2 tag: lr, lr_scale, weight_decay per group."""
+    """The torch AdamW param groups rank 0 saved in a tag: lr, lr_scale, weight_decay per group (ZeRO 1/2 and
+    ZeRO 3 nest them under different keys)."""
     path = sorted((run_dir / "checkpoints" / tag).glob("*optim_states.pt"))[0]
     zero = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-    return zero["base_optimizer_state"]["param_groups"]
+    return (zero.get("base_optimizer_state") or zero["optimizer_state_dict"])["param_groups"]
 
 
 def assert_mup_groups(run_dir, tag, step):
@@ -345,6 +346,23 @@ def test_zero2_on_two_ranks_equals_one_rank_under_mup(one_rank_mup, shakespeare_
     elastic = losses(tmp_path / "elastic")
     assert sorted(elastic) == [5, 6, 7, 8]
     assert [elastic[s] for s in elastic] == pytest.approx([one[s] for s in elastic], rel=1e-5)
+    assert_mup_groups(tmp_path / "elastic", "step_000008", 8)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero3_elastic_resume_keeps_the_per_group_lr(shakespeare_dataset, tmp_path):
+    """DeepSpeed's ZeRO-3 universal loader gives every group group 0's hyperparameters; megagpt.universal puts each
+    group's own back, lr_scale included: the hidden matrices keep lr/m after going from 2 ranks to 1."""
+    from dist_helpers import finish, losses, torchrun
+
+    finish(torchrun(tmp_path / "two", mup_overrides(shakespeare_dataset, 8, zero_stage=3), 2))
+    start = tmp_path / "two" / "checkpoints" / "step_000004"
+    finish(torchrun(tmp_path / "elastic", mup_overrides(shakespeare_dataset, 8, zero_stage=3), 1, "--resume",
+                    str(start)))
+    two, elastic = losses(tmp_path / "two"), losses(tmp_path / "elastic")
+    assert sorted(elastic) == [5, 6, 7, 8]
+    assert [elastic[s] for s in elastic] == pytest.approx([two[s] for s in elastic], rel=1e-5)
     assert_mup_groups(tmp_path / "elastic", "step_000008", 8)
 
 
