@@ -238,7 +238,10 @@ def model_size(run_dir: Path, cfg: Config) -> tuple[int | None, float | None]:
     from megagpt.model import GPT
 
     if (run_dir / "config.yaml").is_file():
-        cfg = load_config(run_dir / "config.yaml")  # vocab_size resolved from the dataset
+        try:
+            cfg = load_config(run_dir / "config.yaml")  # vocab_size resolved from the dataset
+        except UserError:  # written by another megagpt version: the point's own config still counts the model
+            pass
     if cfg.model.vocab_size is None:
         return None, None
     with torch.device("meta"):
