@@ -63,6 +63,13 @@ class ModelConfig(_Section):
         return self.n_embd / self.mup_base_width if self.parametrization == "mup" else 1.0
 
 
+# Model keys that change parameter shapes: weights only load into a model that agrees on all of them.
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+# Keys that change the function the same weights compute (µP's scales): a checkpoint or train.init_from source
+# brings its own, and a resume that would change them is refused.
+FUNCTION_KEYS = ("parametrization", "mup_base_width", "mup_input_alpha", "mup_output_alpha")
+
+
 class DataConfig(_Section):
     dataset_dir: str = Field(
         "data/shakespeare_char",

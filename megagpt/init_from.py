@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from megagpt.config import Config, ConfigError
+from megagpt.config import FUNCTION_KEYS, SHAPE_KEYS, Config, ConfigError
 from megagpt.dataset import MANIFEST, Dataset, load_manifest, sha256_file
 from megagpt.distributed import on_main, warn_once
 from megagpt.errors import UserError
@@ -105,7 +105,7 @@ def open_source(spec: str) -> InitSource:
         tokenizer = path / HF_TOKENIZER if (path / HF_TOKENIZER).is_file() else None
         if tokenizer is None and (path / TOKENIZER_DIR).is_dir():  # megagpt's own HF export
             tokenizer = _megagpt_tokenizer(path)
-        return InitSource(path, "hf", shape, None, tokenizer, warnings)
+        return InitSource(path, "hf", {**shape, "parametrization": "standard"}, None, tokenizer, warnings)
     raise ConfigError(f"{where}: neither a megagpt run dir (config.yaml + checkpoints/), a megagpt export dir "
                       f"(model.safetensors + {EXPORT_MARKER}) nor a Hugging Face GPT-2 folder (config.json + "
                       f"{' or '.join(HF_WEIGHTS)})")
@@ -119,7 +119,8 @@ def _resolve(resolve_tag, path: Path, step: int | None, where: str) -> str:
 
 
 def _keys(model) -> dict[str, Any]:
-    return {key: getattr(model, key) for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
+    """What the source fixes: its shape, and the µP keys that change the function its weights compute."""
+    return {key: getattr(model, key) for key in (*SHAPE_KEYS, *FUNCTION_KEYS)}
 
 
 def _megagpt_tokenizer(path: Path) -> Path | None:

@@ -10,15 +10,15 @@ from typing import Any
 import torch
 
 from megagpt.checkpoint import Checkpointer
-from megagpt.config import Config, ConfigError, save_config, with_vocab_size
+from megagpt.config import FUNCTION_KEYS, SHAPE_KEYS, Config, ConfigError, ModelConfig, save_config, with_vocab_size
 from megagpt.dataset import MANIFEST, Dataset
 from megagpt.distributed import DistInfo, device_for, init_distributed, warn_once
 from megagpt.ds_config import grad_accum_steps
 from megagpt.engine import build_engine
 from megagpt.hardware import mfu, peak_flops
+from megagpt.inference import TOKENIZER_DIR
 from megagpt.init_from import loader as init_loader
 from megagpt.init_from import resolve as resolve_init_from
-from megagpt.inference import TOKENIZER_DIR
 from megagpt.lr_schedule import lr_at
 from megagpt.metrics import RunLogger
 from megagpt.run_lock import RunLock, lock_run_dir, start_parent_watchdog
@@ -28,8 +28,7 @@ from megagpt.step_guard import StepGuard
 from megagpt.throughput import Throughput
 from megagpt.universal import ResumePoint, find_resume_point, repair_zero3_universal_load
 
-# Model keys that change parameter shapes: a checkpoint only resumes into a model that agrees on all of them.
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+CHECKED_KEYS = (*SHAPE_KEYS, *FUNCTION_KEYS)  # a checkpoint only resumes into a model that agrees on all of them
 
 
 @dataclass
@@ -80,7 +79,7 @@ class Run:
     def save(self) -> None:
         self.guard.check(self.state.step)  # never save a state that too many bad steps in a row produced
         self.state.skipped_steps = self.guard.skipped_steps()
-        meta = {"model": {key: getattr(self.cfg.model, key) for key in SHAPE_KEYS}}  # checked before any load
+        meta = {"model": {key: getattr(self.cfg.model, key) for key in CHECKED_KEYS}}  # checked before any load
         with self.throughput.paused():
             self.checkpointer.save(self.engine, self.state.step, self.client_state(), meta)
 
@@ -230,12 +229,14 @@ def _open_dataset(cfg: Config) -> Dataset:
 
 
 def _check_shape(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
-    saved_model = manifest.get("model", {})
-    for key in SHAPE_KEYS:
+    """The checkpoint's model keys equal the config's (µP keys a checkpoint predates count as the defaults)."""
+    defaults = {key: ModelConfig.model_fields[key].default for key in FUNCTION_KEYS}
+    saved_model = {**defaults, **manifest.get("model", {})}
+    for key in CHECKED_KEYS:
         if saved_model.get(key) != getattr(cfg.model, key):
             raise ConfigError(
                 f"model.{key}={getattr(cfg.model, key)!r} but checkpoint {tag} was trained with "
-                f"{saved_model.get(key)!r}: resume with the same model shape or start a new --run-dir"
+                f"{saved_model.get(key)!r}: resume with the same model or start a new --run-dir"
             )
 
 

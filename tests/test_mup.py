@@ -416,3 +416,25 @@ def test_mup_family_takes_its_shape_from_the_size_and_its_hyperparameters_from_m
                 assert value == tuned[section][key], f"{section}.{key}"
             else:
                 assert value == standard[section][key], f"{section}.{key}"
+
+
+def test_init_from_a_mup_run_carries_its_parametrization_and_resume_refuses_another(shakespeare_dataset, tmp_path):
+    """The same weights compute another function under other µP keys: they come with the source, and a resume
+    that would change them is refused."""
+    from helpers import CPU_CONFIG, tiny_overrides
+
+    from megagpt.config import ConfigError, load_config
+    from megagpt.dataset import Dataset
+    from megagpt.init_from import resolve
+    from megagpt.train import train
+
+    source = tmp_path / "source"
+    mup = ["model.parametrization=mup", "model.mup_base_width=16", "model.mup_output_alpha=2.0"]
+    tiny = tiny_overrides(shakespeare_dataset, max_steps=2, sample_tokens=0, eval_interval=100)
+    train(load_config(CPU_CONFIG, [*tiny, *mup]), source)
+    cfg = load_config(CPU_CONFIG, [*tiny, f"train.init_from={source}"])
+    resolved, _ = resolve(cfg, Dataset(shakespeare_dataset), tmp_path / "new")
+    m = resolved.model
+    assert (m.parametrization, m.mup_base_width, m.mup_output_alpha) == ("mup", 16, 2.0)
+    with pytest.raises(ConfigError, match="model.parametrization='standard' but checkpoint step_000002"):
+        train(load_config(CPU_CONFIG, [*tiny, "train.max_steps=3"]), source)
