@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -119,6 +120,9 @@ def run_points(points: list[Point], args, out: Path) -> int:
     """Each point in turn; 130 after a Ctrl-C (the running point saved: the same command resumes it)."""
     from tqdm import tqdm
 
+    # Ctrl-C must reach this loop even when the sweep was started with SIGINT ignored (a background job of a
+    # shell inherits that): the running point saves, and the sweep says how to resume.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     bar = tqdm(points, desc="sweep", unit="point")
     for point in bar:
         bar.set_postfix_str(point.name)
