@@ -91,7 +91,8 @@ class SFTStage(LossStage):
         engine.module.train()
         tokenizer = self.dataset.tokenizer
         text = render(tokenizer, [*ids[:prompt_end], *reply.ids, *([self.special[END]] * reply.stopped)])
-        return f"{text}{'' if reply.stopped else ' [no end-of-turn]'}\n(reference) {tokenizer.decode(answer)}\n"
+        unfinished = "" if reply.stopped else " [no end-of-turn]"
+        return f"{text.rstrip()}{unfinished}\n(reference) {tokenizer.decode(answer)}\n"
 
     def state_dict(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict()}
