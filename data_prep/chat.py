@@ -240,20 +240,29 @@ def prepare_chat(inputs: list[str | Path], out_dir: str | Path, tokenizer_dir: s
         summary.conversations[name] = len(items)
         summary.tokens += sum(len(c.ids) for c in items)
         summary.learned_tokens += int(sum(c.mask.sum() for c in items))
+    seal_dataset(work, out_dir, "chat", (base, base_file, tokenizer), dtype, written, paths,
+                 {"summary": asdict(summary)},
+                 {**asdict(settings), "tokenizer_from": str(tokenizer_dir or base_file), **(extra_settings or {})})
+    return out_dir, summary
+
+
+def seal_dataset(work: Path, out_dir: Path, kind: str, tokenizers: tuple, dtype: str, splits: dict,
+                 paths: list[Path], sources: dict, settings: dict) -> None:
+    """A per-sample dataset (chat, preferences) made whole: the base tokenizer file and the manifest into
+    <out>.partial, which then replaces out_dir."""
+    base, base_file, tokenizer = tokenizers
     shutil.copy2(base_file, work / base_file.name)
+    files = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
     manifest = Manifest(
-        format_version=FORMAT_VERSION, kind="chat",
+        format_version=FORMAT_VERSION, kind=kind,
         tokenizer={"kind": base.kind, "file": base_file.name}, vocab_size=tokenizer.vocab_size, token_dtype=dtype,
-        eos_id=base.eos_id, special_tokens=tokenizer.special_tokens, splits=written,
-        sources={"files": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths],
-                 "summary": asdict(summary)},
-        settings={**asdict(settings), "tokenizer_from": str(tokenizer_dir or base_file), **(extra_settings or {})},
+        eos_id=base.eos_id, special_tokens=tokenizer.special_tokens, splits=splits,
+        sources={"files": files, **sources}, settings=settings,
     )
     write_manifest(work, manifest)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(work, out_dir)
-    return out_dir, summary
 
 
 def _check(s: ChatPrepSettings) -> None:

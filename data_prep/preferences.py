@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import tarfile
 from dataclasses import asdict, dataclass, field
@@ -30,10 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.chat import CHAT_SUFFIXES, _known_chars, _lines, base_tokenizer, chat_tokenizer, split_indices
+from data_prep.chat import (
+    CHAT_SUFFIXES,
+    _known_chars,
+    _lines,
+    base_tokenizer,
+    chat_tokenizer,
+    seal_dataset,
+    split_indices,
+)
 from data_prep.sources import expand_inputs
 from megagpt.chat_template import ConversationError, Encoded, check_messages, encode_conversation
-from megagpt.dataset import FORMAT_VERSION, Manifest, sha256_file, token_dtype_for, write_manifest
+from megagpt.dataset import sha256_file, token_dtype_for
 from megagpt.errors import UserError
 
 SIDES = ("chosen", "rejected")
@@ -208,19 +215,9 @@ def prepare_preferences(inputs: list[str | Path], out_dir: str | Path, tokenizer
     for name, items in splits.items():
         summary.pairs[name] = len(items)
         summary.tokens += sum(len(p.chosen.ids) + len(p.rejected.ids) for p in items)
-    shutil.copy2(base_file, work / base_file.name)
-    manifest = Manifest(
-        format_version=FORMAT_VERSION, kind="preferences",
-        tokenizer={"kind": base.kind, "file": base_file.name}, vocab_size=tokenizer.vocab_size, token_dtype=dtype,
-        eos_id=base.eos_id, special_tokens=tokenizer.special_tokens, splits=written,
-        sources={"files": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths],
-                 "summary": asdict(summary)},
-        settings={**asdict(settings), "tokenizer_from": str(tokenizer_dir or base_file), **(extra_settings or {})},
-    )
-    write_manifest(work, manifest)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(work, out_dir)
+    seal_dataset(work, out_dir, "preferences", (base, base_file, tokenizer), dtype, written, paths,
+                 {"summary": asdict(summary)},
+                 {**asdict(settings), "tokenizer_from": str(tokenizer_dir or base_file), **(extra_settings or {})})
     return out_dir, summary
 
 
