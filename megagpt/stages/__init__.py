@@ -32,12 +32,19 @@ class LossStage:
     grad_accum_steps: int
     device: torch.device
 
+    def __init__(self, cfg, dataset, dist, device: torch.device, grad_accum_steps: int):
+        self.cfg, self.dataset, self.dist, self.device = cfg, dataset, dist, device
+        self.grad_accum_steps = grad_accum_steps
+
     def build_model(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """The GPT of cfg.model (stages that train something else override this)."""
+        from megagpt.model import GPT
+
+        return GPT(self.cfg.model)
 
     def next_batch(self) -> Any:
-        """The next micro-batch of this rank, already on the device."""
-        raise NotImplementedError
+        """The next micro-batch of this rank's `self.loader`, moved to the device."""
+        return tuple(t.to(self.device, non_blocking=True) for t in next(self.loader))
 
     def loss(self, engine, batch) -> torch.Tensor:
         """A scalar loss of one micro-batch (before the engine's gradient-accumulation scaling)."""

@@ -11,26 +11,17 @@ from megagpt.data import EvalWindows, TrainLoader
 from megagpt.dataset import Dataset
 from megagpt.distributed import DistInfo, mean_over_ranks
 from megagpt.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, generate, prompt_ids
-from megagpt.model import GPT
 from megagpt.stages import LossStage
 
 
 class PretrainStage(LossStage):
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):
-        self.cfg, self.dataset, self.dist, self.device = cfg, dataset, dist, device
-        self.grad_accum_steps = grad_accum_steps
+        super().__init__(cfg, dataset, dist, device, grad_accum_steps)
         self.loader = TrainLoader(dataset, cfg.model.block_size, cfg.train.micro_batch_size, grad_accum_steps,
                                   dist.rank, dist.world_size, seed=cfg.train.seed,
                                   num_workers=cfg.data.num_workers, on_corrupt_shard=cfg.data.on_corrupt_shard)
         self._eval_windows: EvalWindows | None = None  # made at the first evaluation, then kept
-
-    def build_model(self) -> torch.nn.Module:
-        return GPT(self.cfg.model)
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = next(self.loader)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def loss(self, engine, batch) -> torch.Tensor:
         _, loss = engine(*batch)

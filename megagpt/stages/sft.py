@@ -18,7 +18,6 @@ from megagpt.chat_template import ASSISTANT, END, render, require_chat_tokens
 from megagpt.config import Config
 from megagpt.dataset import Dataset
 from megagpt.distributed import DistInfo, mean_over_ranks
-from megagpt.model import GPT
 from megagpt.stages import LossStage
 
 
@@ -38,19 +37,11 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class SFTStage(LossStage):
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):
-        self.cfg, self.dataset, self.dist, self.device = cfg, dataset, dist, device
-        self.grad_accum_steps = grad_accum_steps
+        super().__init__(cfg, dataset, dist, device, grad_accum_steps)
         self.loader = ChatLoader(dataset, cfg.model.block_size, cfg.train.micro_batch_size, grad_accum_steps,
                                  dist.rank, dist.world_size, seed=cfg.train.seed)  # first: refuses kind tokens
         self.special = require_chat_tokens(dataset.tokenizer)
         self._val: Conversations | None = None  # indexed at the first evaluation, then kept
-
-    def build_model(self) -> torch.nn.Module:
-        return GPT(self.cfg.model)
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = next(self.loader)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def loss(self, engine, batch) -> torch.Tensor:
         x, y = batch
