@@ -26,9 +26,10 @@ import torch
 from megagpt.align_objectives import token_logprobs
 from megagpt.chat_template import END, check_messages, prompt_ids, require_chat_tokens
 from megagpt.errors import UserError
+from megagpt.preference_data import completion_rows
 from megagpt.realwords import WORDS_FILE, load_vocabulary, real_word_rate
 from megagpt.reward_model import read_scores
-from megagpt.rollout import prompt_seed, sample_reply
+from megagpt.rollout import action_mask, prompt_seed, sample_replies
 
 VAL_PROMPTS = "prompts-val.jsonl"  # megagpt/shakespeare_prefs.py writes it
 
@@ -66,33 +67,40 @@ def load(spec: str | Path, device: str):
 
 
 @torch.no_grad()
-def reply_logprob(model, ids: list[int], prompt_len: int, temperature: float) -> float:
-    """Σ log π(reply tokens | prompt) of a prompt + reply sequence, at `temperature`."""
-    x = torch.tensor([ids], device=next(model.parameters()).device)
-    logp = token_logprobs(model(x)[0][:, :-1].float() / temperature, x[:, 1:])[0]
-    return float(logp[prompt_len - 1:].double().sum())
+def reply_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B,) float64: Σ log π(reply tokens | prompt) of right-padded prompt + reply rows, at `temperature`; mask
+    (B, T - 1) is 1 on the positions whose logits predict a reply token (megagpt/rollout.py action_mask)."""
+    logp = token_logprobs(model(ids)[0][:, :-1].float() / temperature, ids[:, 1:])
+    return (logp.double() * mask).sum(dim=1)
 
 
 @torch.no_grad()
 def evaluate_run(path: Path, prompts: list[list[dict]], known: set[str], reward_model, reference, args) -> tuple:
-    """(the run's row of the table, its sample records)."""
+    """(the run's row of the table, its sample records), the prompts answered --batch at a time."""
     model, tokenizer, cfg = load(path, args.device)
     end = require_chat_tokens(tokenizer)[END]
     rows = []
-    for i, messages in enumerate(prompts):
-        ids = prompt_ids(tokenizer, check_messages(messages, final_role="user"))[-(model.cfg.block_size - 1):]
-        reply, stopped = sample_reply(model, ids, end, args.max_new_tokens, args.temperature,
-                                      prompt_seed(args.seed, i))
-        text = tokenizer.decode([t for t in reply if t != end])
-        row = {"run": str(path), "prompt": messages[-1]["content"], "reply": text,
-               "real_word_rate": real_word_rate(text, known), "tokens": len(reply), "stopped": stopped}
-        if reward_model is not None:
-            seq = torch.tensor([ids + reply], device=args.device)
-            row["reward_model_score"] = float(read_scores(reward_model(seq)[0], torch.tensor([seq.size(1) - 1])))
-        if reference is not None:
-            row["kl_to_reference"] = (reply_logprob(model, ids + reply, len(ids), args.temperature)
-                                      - reply_logprob(reference, ids + reply, len(ids), args.temperature))
-        rows.append(row)
+    for first in range(0, len(prompts), args.batch):
+        chunk = prompts[first:first + args.batch]
+        ids = [prompt_ids(tokenizer, check_messages(m, final_role="user"))[-(model.cfg.block_size - 1):]
+               for m in chunk]
+        replies = sample_replies(model, ids, end, args.max_new_tokens, args.temperature,
+                                 [prompt_seed(args.seed, first + k) for k in range(len(chunk))])
+        seqs, last = completion_rows([p + r for p, (r, _) in zip(ids, replies, strict=True)])
+        seqs = seqs.to(args.device)
+        mask = action_mask([len(p) for p in ids], [len(r) for r, _ in replies], seqs.size(1) - 1).to(args.device)
+        scores = read_scores(reward_model(seqs)[0], last).tolist() if reward_model is not None else None
+        kl = (reply_logprobs(model, seqs, mask, args.temperature)
+              - reply_logprobs(reference, seqs, mask, args.temperature)).tolist() if reference is not None else None
+        for k, (messages, (reply, stopped)) in enumerate(zip(chunk, replies, strict=True)):
+            text = tokenizer.decode([t for t in reply if t != end])
+            row = {"run": str(path), "prompt": messages[-1]["content"], "reply": text,
+                   "real_word_rate": real_word_rate(text, known), "tokens": len(reply), "stopped": stopped}
+            if scores is not None:
+                row["reward_model_score"] = scores[k]
+            if kl is not None:
+                row["kl_to_reference"] = kl[k]
+            rows.append(row)
     summary = {"run": str(path), "stage": cfg.train.stage, "prompts": len(rows)}
     for key in ("real_word_rate", "reward_model_score", "kl_to_reference"):
         if key in rows[0]:
@@ -127,11 +135,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64, help="also capped by each model's block_size")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=64, help="prompts answered together (the same replies at any "
+                   "batch size, up to float rounding)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a small model samples fastest on one)")
     args = p.parse_args(argv)
-    if args.limit < 1 or args.max_new_tokens < 1 or args.temperature <= 0:
-        raise UserError("--limit and --max-new-tokens must be at least 1, --temperature above 0")
+    if args.limit < 1 or args.max_new_tokens < 1 or args.batch < 1 or args.temperature <= 0:
+        raise UserError("--limit, --max-new-tokens and --batch must be at least 1, --temperature above 0")
     torch.set_num_threads(args.threads)
     runs = [Path(r) for r in args.runs]
     data = Path(args.data) if args.data else find_data_dir(runs)

@@ -64,3 +64,75 @@ def generate(
         idx = torch.cat([idx, next_token.to(idx.device)], dim=1)
     model.train(was_training)
     return idx
+
+
+@torch.no_grad()
+def generate_replies(
+    model: GPT,
+    prompts: list[list[int]],
+    caps: list[int],
+    stop_id: int | None,
+    generators: list[torch.Generator],
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    lockstep: bool = False,
+) -> list[tuple[list[int], bool]]:
+    """Replies to prompts of any lengths in one batch with the KV cache: per row (its new tokens up to and
+    including stop_id, whether stop_id came), at most caps[i] new tokens, each row sampled with its own
+    generator. The same tokens as sampling each prompt alone with its generator (megagpt/chat.py stream_reply),
+    up to float rounding: a row draws once from its generator per new token, from the same distribution.
+
+    No padding (learned absolute positions): every row starts at position 0 and all rows advance one position
+    per forward; the model is fed the rows' common prefix length at once, then one token per row per step, a
+    row's next token being its prompt's while it is still in its prompt and sampled after. A finished row
+    carries filler tokens that no other row attends to. Every row's prompt + cap must fit block_size.
+    lockstep: a fixed number of forwards (block_size - 1, from a one-token prefill), whatever the prompts and
+    however early the replies end (ZeRO-3: every forward is a collective, so every rank must run as many)."""
+    lengths = [len(p) for p in prompts]
+    block_size = model.cfg.block_size
+    if min(lengths) < 1 or any(n + c > block_size for n, c in zip(lengths, caps, strict=True)):
+        raise ValueError(f"every prompt needs at least 1 token and prompt + cap <= block_size={block_size}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    replies: list[list[int]] = [[] for _ in prompts]
+    done = [c == 0 for c in caps]
+    stopped = [False] * len(prompts)
+    start = 1 if lockstep else min(lengths)
+    end = block_size if lockstep else max(n + c for n, c in zip(lengths, caps, strict=True))
+    cache = KVCache(model.cfg.n_layer)
+    logits, _ = model(torch.tensor([p[:start] for p in prompts], device=device), cache=cache)
+    for t in range(start, end):  # t: the position whose token every row picks now
+        probs = _probabilities(logits[:, -1, :].float(), temperature, top_k, top_p)  # (B, V)
+        column = []
+        for i, prompt in enumerate(prompts):
+            if t < lengths[i]:
+                column.append(prompt[t])
+            elif done[i]:
+                column.append(prompt[0])  # filler: nothing reads it
+            else:
+                token = _draw(probs[i:i + 1], temperature, generators[i])
+                replies[i].append(token)
+                stopped[i] = token == stop_id
+                done[i] = stopped[i] or len(replies[i]) == caps[i]
+                column.append(token)
+        if t + 1 == end or (all(done) and not lockstep):
+            break
+        logits, _ = model(torch.tensor(column, device=device)[:, None], cache=cache)
+    model.train(was_training)
+    return list(zip(replies, stopped, strict=True))
+
+
+def _probabilities(logits: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
+    """(B, V) the sampling distribution of each row (the logits themselves when greedy: temperature <= 0)."""
+    if temperature <= 0:
+        return logits
+    return torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+
+
+def _draw(probs: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    """One token from a (1, V) row, as megagpt/chat.py draws it for one prompt (the same generator call)."""
+    if temperature <= 0:
+        return int(probs.argmax(dim=-1))
+    return int(torch.multinomial(probs, num_samples=1, generator=generator))

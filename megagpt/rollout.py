@@ -1,12 +1,13 @@
 """PPO's experience: replies sampled from the policy with the KV cache, and the per-position tensors of one
 micro-batch that the update reads (log-probs of the policy and the reference, values, the reward model's score).
 
-Each prompt is sampled on its own (batch 1) with a generator seeded by its global position in the run's prompt
-schedule: a reply depends on nothing but (policy, prompt, seed), so it is the same on any number of ranks, in any
-micro-batch, and after a resume. A reply ends with the end-of-turn token (kept: the reward model reads its score
-there, and the policy learns to stop) or after max_new_tokens, capped so prompt + reply fits block_size. Under
-ZeRO-3 every forward is a collective, so every rank runs the same number of steps per prompt (max_new_tokens,
-then cut) instead of stopping at the end-of-turn; the tokens are the same either way.
+A rank's prompts are sampled together, in one batch (megagpt/generate.py generate_replies), each with its own
+generator seeded by its global position in the run's prompt schedule: a reply depends on nothing but (policy,
+prompt, seed), up to float rounding the same as sampling that prompt alone, so it is the same on any number of
+ranks, in any micro-batch, and after a resume. A reply ends with the end-of-turn token (kept: the reward model
+reads its score there, and the policy learns to stop) or after max_new_tokens, capped so prompt + reply fits
+block_size. Under ZeRO-3 every forward is a collective, so every rank runs the same number of forwards
+(block_size - 1) instead of stopping when its replies end; the tokens are the same either way.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import numpy as np
 import torch
 
 from megagpt.align_objectives import entropy, token_logprobs
-from megagpt.chat import generate_reply
 from megagpt.chat_template import END, render, require_chat_tokens
-from megagpt.generate import generate
+from megagpt.generate import generate_replies
 from megagpt.preference_data import completion_rows
 from megagpt.reward_model import read_scores
 
@@ -31,23 +31,21 @@ def prompt_seed(seed: int, position: int, stream: int = 0) -> int:
 
 
 @torch.no_grad()
+def sample_replies(model, prompts: list[list[int]], stop_id: int, max_new_tokens: int, temperature: float,
+                   seeds: list[int], lockstep: bool = False) -> list[tuple[list[int], bool]]:
+    """Per prompt (reply ids, the end-of-turn token included when it came; whether it came), sampled in one batch
+    from the full distribution at `temperature`, prompt i with a generator seeded by seeds[i]; at most
+    min(max_new_tokens, block_size - len(prompt)) tokens."""
+    device = next(model.parameters()).device
+    caps = [min(max_new_tokens, model.cfg.block_size - len(p)) for p in prompts]
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    return generate_replies(model, prompts, caps, stop_id, generators, temperature=temperature, lockstep=lockstep)
+
+
 def sample_reply(model, prompt: list[int], stop_id: int, max_new_tokens: int, temperature: float, seed: int,
                  lockstep: bool = False) -> tuple[list[int], bool]:
-    """(reply ids, the end-of-turn token included when it came; whether it came), sampled from the full
-    distribution at `temperature`; at most min(max_new_tokens, block_size - len(prompt)) tokens."""
-    device = next(model.parameters()).device
-    cap = min(max_new_tokens, model.cfg.block_size - len(prompt))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    if not lockstep:
-        reply = generate_reply(model, prompt, stop_id, cap, temperature=temperature, top_k=None, top_p=None,
-                               generator=generator)
-        return reply.ids + [stop_id] * reply.stopped, reply.stopped
-    out = generate(model, torch.tensor([prompt], device=device), max_new_tokens, temperature=temperature,
-                   generator=generator)
-    new = out[0, len(prompt):len(prompt) + cap].tolist()
-    if stop_id in new:
-        return new[:new.index(stop_id) + 1], True
-    return new, False
+    """One prompt's (reply ids, whether the end-of-turn came), as `sample_replies` samples it."""
+    return sample_replies(model, [prompt], stop_id, max_new_tokens, temperature, [seed], lockstep)[0]
 
 
 @dataclass

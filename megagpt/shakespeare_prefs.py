@@ -3,8 +3,9 @@ real-word rule (megagpt/realwords.py), written as a `preferences` dataset.
 
 For each free-text question ("What follows: ...") of the Shakespeare QA data's train split (`megagpt prep
 shakespeare-qa`), the SFT model samples --samples replies (temperature --temperature, the full distribution,
-one seeded generator per question); the reply with the highest real-word rate is `chosen`, the one with the
-lowest `rejected`, and a question whose best and worst differ by less than --min-margin gives no pair. The output
+one seeded generator per reply, --batch questions at a time); the reply with the highest real-word rate is
+`chosen`, the one with the lowest `rejected`, and a question whose best and worst differ by less than
+--min-margin gives no pair. The output
 dir is a preferences dataset (val pairs: a seeded --val-fraction of them) plus
   words.txt           the vocabulary of Tiny Shakespeare's training text (the rule's; `megagpt eval prefs` reads it)
   prompts-val.jsonl   the QA val split's free-text questions as {"messages": [...]}: held-out prompts about text no
@@ -28,7 +29,7 @@ from megagpt.chat_template import END, check_messages, prompt_ids, require_chat_
 from megagpt.errors import UserError
 from megagpt.eval_prefs import VAL_PROMPTS
 from megagpt.eval_qa import load_questions
-from megagpt.generate import generate
+from megagpt.generate import generate_replies
 from megagpt.realwords import WORDS_FILE, real_word_rate, save_vocabulary, vocabulary
 
 PAIRS = "pairs.jsonl"
@@ -39,20 +40,30 @@ def free_text_prompts(data_dir: str | Path, split: str) -> list[list[dict]]:
     return [q["messages"][:1] for q in load_questions(data_dir, split) if q["kind"] == "next"]
 
 
+def sample_seed(seed: int, question: int, sample: int) -> int:
+    """The seed of one reply's generator: a reply depends on (model, question, seed) only, not on the batch."""
+    return int(np.random.SeedSequence([seed, question, sample]).generate_state(1, np.uint64)[0] >> 1)
+
+
 @torch.no_grad()
-def sample_replies(model, tokenizer, messages: list[dict], samples: int, max_new_tokens: int, temperature: float,
-                   seed: int) -> list[str]:
-    """`samples` replies to one prompt, in one batch, each cut at its end-of-turn token."""
+def sample_replies(model, tokenizer, questions: list[tuple[int, list[dict]]], samples: int, max_new_tokens: int,
+                   temperature: float, seed: int) -> list[list[str]]:
+    """`samples` replies to each (index, messages) question, all in one batch, each cut at its end-of-turn token
+    (none for a question that leaves no room in block_size)."""
     end = require_chat_tokens(tokenizer)[END]
-    ids = prompt_ids(tokenizer, check_messages(messages, final_role="user"))
-    cap = min(max_new_tokens, model.cfg.block_size - len(ids))
-    if cap < 1:
-        return []
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, torch.tensor([ids] * samples, device=device), cap, temperature=temperature,
-                   generator=generator)[:, len(ids):].tolist()
-    return [tokenizer.decode(row[:row.index(end)] if end in row else row) for row in out]
+    block = model.cfg.block_size
+    ids = [prompt_ids(tokenizer, check_messages(messages, final_role="user")) for _, messages in questions]
+    rows = [(q, k) for q, p in enumerate(ids) if len(p) < block for k in range(samples)]
+    replies: list[list[str]] = [[] for _ in questions]
+    if not rows:
+        return replies
+    generators = [torch.Generator(device=device).manual_seed(sample_seed(seed, questions[q][0], k)) for q, k in rows]
+    caps = [min(max_new_tokens, block - len(ids[q])) for q, _ in rows]
+    out = generate_replies(model, [ids[q] for q, _ in rows], caps, end, generators, temperature=temperature)
+    for (q, _), (reply, stopped) in zip(rows, out, strict=True):
+        replies[q].append(tokenizer.decode(reply[:-1] if stopped else reply))
+    return replies
 
 
 def label(replies: list[str], known: set[str], min_margin: float) -> tuple[str, str, float, float] | None:
@@ -69,13 +80,15 @@ def make_pairs(model, tokenizer, prompts: list[list[dict]], known: set[str], arg
     from tqdm import tqdm
 
     pairs = []
-    for i, messages in enumerate(tqdm(prompts, desc="shakespeare-prefs", unit="prompt", disable=None)):
-        replies = sample_replies(model, tokenizer, messages, args.samples, args.max_new_tokens, args.temperature,
-                                 args.seed * 1_000_003 + i)
-        labelled = label(replies, known, args.min_margin) if len(replies) >= 2 else None
-        if labelled is not None:
-            chosen, rejected, good, bad = labelled
-            pairs.append({"prompt": messages, "chosen": chosen, "rejected": rejected, "scores": [good, bad]})
+    for first in tqdm(range(0, len(prompts), args.batch), desc="shakespeare-prefs", unit="batch", disable=None):
+        questions = list(enumerate(prompts[first:first + args.batch], start=first))
+        replies = sample_replies(model, tokenizer, questions, args.samples, args.max_new_tokens, args.temperature,
+                                 args.seed)
+        for (_, messages), answers in zip(questions, replies, strict=True):
+            labelled = label(answers, known, args.min_margin) if len(answers) >= 2 else None
+            if labelled is not None:
+                chosen, rejected, good, bad = labelled
+                pairs.append({"prompt": messages, "chosen": chosen, "rejected": rejected, "scores": [good, bad]})
     return pairs
 
 
@@ -91,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-margin", type=float, default=0.1, help="least real-word-rate gap for a pair")
     p.add_argument("--val-fraction", type=float, default=0.1, help="pairs held out for the reward model's val")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--batch", type=int, default=16, help="questions sampled together (the same replies at any "
+                   "batch size, up to float rounding)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a small model samples fastest on one)")
     p.add_argument("--force", action="store_true", help="replace --out when it already exists")
@@ -103,8 +118,9 @@ def main(argv: list[str], training_text, prepare) -> int:
     from megagpt.inference import load_for_inference
 
     args = parser().parse_args(argv)
-    if args.samples < 2 or args.max_new_tokens < 1 or args.temperature <= 0:
-        raise UserError("--samples must be at least 2, --max-new-tokens at least 1, --temperature above 0")
+    if args.samples < 2 or args.max_new_tokens < 1 or args.batch < 1 or args.temperature <= 0:
+        raise UserError("--samples must be at least 2, --max-new-tokens and --batch at least 1, --temperature "
+                        "above 0")
     out = Path(args.out)
     if out.exists() and not args.force:
         raise UserError(f"--out {out}: already exists; pass --force to replace it")

@@ -30,6 +30,50 @@ def ppo_overrides(chain, **values):
                            align_max_new_tokens=12, **values)
 
 
+# ---------------------------------------------------------------- rollouts: batched sampling
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_batched_replies_equal_each_prompt_sampled_alone_with_its_seed(lockstep):
+    """Prompts of lengths 1..13 in one batch, each row with its own generator, give the tokens (and stops) that
+    megagpt/chat.py's one-prompt sampler gives each prompt alone with the same seed; caps past a row's room,
+    replies that stop early and ones cut at their cap included."""
+    from megagpt.chat import generate_reply
+    from megagpt.config import ModelConfig
+    from megagpt.generate import generate_replies
+    from megagpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=24, vocab_size=7)).eval()
+    stop = 3  # 1 in 7: some replies stop early, some reach their cap
+    prompts = [torch.randint(0, 7, (n,)).tolist() for n in (5, 1, 13, 5, 8, 2)]
+    caps = [12, 6, 11, 0, 16, 22]  # 13 + 11 = 24 = block_size: the longest fills the block
+    seeds = [int(s) for s in torch.randint(0, 2**31, (len(prompts),))]
+    batched = generate_replies(model, prompts, caps, stop, [torch.Generator().manual_seed(s) for s in seeds],
+                               temperature=1.3, lockstep=lockstep)
+    for prompt, cap, seed, (ids, stopped) in zip(prompts, caps, seeds, batched, strict=True):
+        alone = generate_reply(model, prompt, stop, cap, temperature=1.3, top_k=None, top_p=None,
+                               generator=torch.Generator().manual_seed(seed))
+        assert (ids, stopped) == (alone.ids + [stop] * alone.stopped, alone.stopped)
+    ends = {"stopped" if stopped else "cut" if len(ids) == cap else "?"
+            for (ids, stopped), cap in zip(batched, caps, strict=True)}
+    assert ends == {"stopped", "cut"}
+
+
+def test_batched_greedy_replies_equal_generate_on_each_prompt():
+    from megagpt.config import ModelConfig
+    from megagpt.generate import generate, generate_replies
+    from megagpt.model import GPT
+
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=20, vocab_size=9)).eval()
+    prompts = [torch.randint(0, 9, (n,)).tolist() for n in (4, 9, 1)]
+    batched = generate_replies(model, prompts, [10, 10, 10], None, [torch.Generator()] * 3, temperature=0)
+    for prompt, (ids, stopped) in zip(prompts, batched, strict=True):
+        alone = generate(model, torch.tensor([prompt]), 10, temperature=0)[0, len(prompt):].tolist()
+        assert not stopped and ids == alone
+
+
 # ---------------------------------------------------------------- the objectives, on fixed tensors
 
 

@@ -10,8 +10,9 @@ frozen_models.py).
 
 One training step (`train_step`, this stage's own):
   1. rollout: `align.rollout_minibatches` global batches of prompts (megagpt/preference_data.py PromptSchedule);
-     each rank samples a reply per prompt with the KV cache (megagpt/rollout.py) and computes, per micro-batch,
-     the old log-probs and values, the reference's log-probs and the reward model's score;
+     each rank samples a reply per prompt, all its prompts in one batch with the KV cache (megagpt/rollout.py),
+     and computes, per micro-batch, the old log-probs and values, the reference's log-probs and the reward
+     model's score;
   2. rewards r_t = -β_KL (log π_old - log π_ref) per reply token, plus the score at the last one; GAE advantages
      and returns; advantages whitened over the whole global batch (all ranks);
   3. `align.ppo_epochs` passes over the rollout, one optimizer update per global mini-batch (mini-batch order
@@ -48,7 +49,7 @@ from megagpt.distributed import DistInfo, mean_over_ranks
 from megagpt.frozen_models import load_reference, load_reward_model
 from megagpt.preference_data import Prompts, PromptSchedule
 from megagpt.reward_model import PolicyWithValue
-from megagpt.rollout import Experience, experience, prompt_seed, reply_text, sample_reply
+from megagpt.rollout import Experience, experience, prompt_seed, reply_text, sample_replies
 from megagpt.stages import LossStage
 
 UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "loss")
@@ -115,27 +116,30 @@ class PPOStage(LossStage):
         return means[UPDATE_STATS.index("loss")].float()
 
     def rollout(self, engine) -> tuple[list[list[Experience]], float]:
-        """[mini-batch][micro-batch] experience of this rank; the seconds spent sampling."""
+        """[mini-batch][micro-batch] experience of this rank; the seconds spent sampling (all of this rank's
+        prompts of the step in one batch)."""
         started = time.perf_counter()
-        sampled = []
-        for minibatch in self.schedule.step_positions(self.step):
-            sampled.append([])
-            for positions in minibatch:
-                prompts = [self.prompts[self.schedule.prompt_index(p)] for p in positions]
-                replies = [self.reply(engine.module, prompt, prompt_seed(self.cfg.train.seed, p))
-                           for prompt, p in zip(prompts, positions, strict=True)]
-                sampled[-1].append((prompts, replies))
+        schedule = self.schedule.step_positions(self.step)  # [mini-batch][micro-batch] -> global positions
+        flat = [p for minibatch in schedule for micro in minibatch for p in micro]
+        prompts = [self.prompts[self.schedule.prompt_index(p)] for p in flat]
+        replies = self.replies(engine.module, prompts, [prompt_seed(self.cfg.train.seed, p) for p in flat])
         rollout_s = time.perf_counter() - started
         engine.eval()
-        batches = [[experience(engine, self.reference, self.reward_model, prompts, [r for r, _ in replies],
-                               [s for _, s in replies], self.align.temperature, self.align.no_stop_penalty,
-                               self.device) for prompts, replies in minibatch] for minibatch in sampled]
+        batches, k = [], 0
+        for minibatch in schedule:
+            batches.append([])
+            for micro in minibatch:
+                got = replies[k:k + len(micro)]
+                batches[-1].append(experience(engine, self.reference, self.reward_model, prompts[k:k + len(micro)],
+                                              [r for r, _ in got], [s for _, s in got], self.align.temperature,
+                                              self.align.no_stop_penalty, self.device))
+                k += len(micro)
         engine.train()
         return batches, rollout_s
 
-    def reply(self, model, prompt: list[int], seed: int) -> tuple[list[int], bool]:
-        return sample_reply(model, prompt, self.special[END], self.align.max_new_tokens, self.align.temperature,
-                            seed, self.lockstep)
+    def replies(self, model, prompts: list[list[int]], seeds: list[int]) -> list[tuple[list[int], bool]]:
+        return sample_replies(model, prompts, self.special[END], self.align.max_new_tokens, self.align.temperature,
+                              seeds, self.lockstep)
 
     def score(self, batches: list[list[Experience]]) -> dict[str, float]:
         """Rewards with the KL penalty, GAE, advantages whitened over all ranks; the rollout's statistics."""
@@ -188,8 +192,8 @@ class PPOStage(LossStage):
         for b in range(-(-count // (mb * world))):
             positions = [(b * world + self.dist.rank) * mb + i for i in range(mb)]
             chosen = [prompts[p % len(prompts)] for p in positions]
-            replies = [self.reply(engine.module, prompt, prompt_seed(self.cfg.train.seed, p, stream=1))
-                       for prompt, p in zip(chosen, positions, strict=True)]
+            replies = self.replies(engine.module, chosen,
+                                   [prompt_seed(self.cfg.train.seed, p, stream=1) for p in positions])
             engine.eval()
             e = experience(engine, self.reference, self.reward_model, chosen, [r for r, _ in replies],
                            [s for _, s in replies], self.align.temperature, self.align.no_stop_penalty, self.device)
