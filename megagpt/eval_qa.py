@@ -1,7 +1,8 @@
 """`megagpt eval qa`: a fine-tuned model against its base model on held-out Shakespeare questions.
 
-Reads the val questions that `megagpt prep shakespeare-qa` wrote (questions about the last 10% of the text,
-which neither model trained on) and reports, with greedy decoding:
+Reads the val questions that `megagpt prep shakespeare-qa` wrote (by default about speeches held out from every
+play, text that both models read in pre-training; with its `--holdout tail`, about the last 10% of the text,
+which neither model read) and reports, with greedy decoding:
   * the fine-tuned model (chat template): the stop rate (replies that end with the end-of-turn token within
     --max-new-tokens), exact-match accuracy of the speaker answers ("who"), and of the next lines ("next");
   * the base model, the fair baselines for a document completer:
@@ -10,7 +11,7 @@ which neither model trained on) and reports, with greedy decoding:
         questions (a base model with a short block_size only sees the last block_size tokens of the prompt);
       - ranking in the play's own format: each of the --candidates most frequent train speakers heads the line
         as a speech ("\\nSPEAKER:\\n<line>\\n"), and the speaker under which the base model finds the line
-        likeliest is its answer;
+        likeliest is its answer (its ceiling: the share of answers among the candidates);
   * chance: uniform over the speakers of the held-out questions, and always the most frequent train speaker.
 """
 
@@ -130,7 +131,8 @@ def evaluate(run_dir, data_dir, base=None, limit: int = 400, max_new_tokens: int
     replies_next = ask_chat_model(model, tokenizer, following, max_new_tokens)
     train_who = [q["answer"] for q in train if q["kind"] == "who"]
     most_common = Counter(train_who).most_common(1)[0][0]
-    report = {"run_dir": str(run_dir), "questions": {"who": len(who), "next": len(following)},
+    report = {"run_dir": str(run_dir), "holdout": holdout(data_dir),
+              "questions": {"who": len(who), "next": len(following)},
               "finetuned": {"stop_rate": stop_rate(replies_who + replies_next), "speaker_accuracy":
                             exact(replies_who, who), "next_line_accuracy": exact(replies_next, following)},
               "chance": {"uniform": 1 / len({q["answer"] for q in who}),
@@ -158,15 +160,23 @@ def evaluate_base(path: Path, step: int | None, device: str, train: list[dict], 
     best = max(SHOTS, key=lambda k: (by_shots[k], -k))
     replies = ask_completer(model, tokenizer, who, examples[:best], max_new_tokens)
     ranked = rank_speakers(model, tokenizer, who, candidates)
+    coverage = sum(q["answer"] in candidates for q in who) / len(who)
     return {"path": str(path), "few_shot_k": best, "few_shot_dev_accuracy": by_shots,
             "few_shot_stop_rate": stop_rate(replies), "few_shot_speaker_accuracy": exact(replies, who),
-            "ranking_candidates": len(candidates),
+            "ranking_candidates": len(candidates), "ranking_coverage": coverage,
             "ranking_speaker_accuracy": sum(r == q["answer"] for r, q in zip(ranked, who, strict=True)) / len(who)}
+
+
+def holdout(data_dir: str | Path) -> str:
+    """How the questions' val split was held out (`prep shakespeare-qa --holdout`; "tail" before it existed)."""
+    from megagpt.dataset import load_manifest
+
+    return load_manifest(data_dir).settings.get("holdout", "tail")
 
 
 def format_report(r: dict) -> str:
     f, c, n = r["finetuned"], r["chance"], r["questions"]
-    lines = [f"held-out questions: {n['who']} who (speaker), {n['next']} next (following line)",
+    lines = [f"held-out questions ({r['holdout']}): {n['who']} who (speaker), {n['next']} next (following line)",
              f"fine-tuned {r['run_dir']}:",
              f"  stop rate (end-of-turn within --max-new-tokens)  {f['stop_rate']:.1%}",
              f"  speaker exact match                              {f['speaker_accuracy']:.1%}",
@@ -177,7 +187,8 @@ def format_report(r: dict) -> str:
                   f"  few-shot generation (k={b['few_shot_k']}): stop rate {b['few_shot_stop_rate']:.1%}, "
                   f"speaker exact match {b['few_shot_speaker_accuracy']:.1%}",
                   f"  ranking {b['ranking_candidates']} speakers in the play's format: speaker accuracy "
-                  f"{b['ranking_speaker_accuracy']:.1%}"]
+                  f"{b['ranking_speaker_accuracy']:.1%} (the answer is among them for "
+                  f"{b['ranking_coverage']:.1%})"]
     lines += [f"chance: uniform over the {round(1 / c['uniform'])} speakers {c['uniform']:.1%}; always "
               f"{c['most_frequent_train_speaker']} (the most frequent train speaker) {c['always_most_frequent']:.1%}"]
     lines += [f"  e.g. {e['question']!r} -> {e['reply']!r} (answer {e['answer']!r})" for e in r["examples"]]

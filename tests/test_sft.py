@@ -3,6 +3,7 @@ stage's loss, evaluation, exact resume, and 2 ranks under ZeRO-2 equal to 1."""
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -122,7 +123,7 @@ def test_conversations_read_the_same_from_one_shard_or_many(shakespeare_dataset,
     one = Conversations(Dataset(chat_dataset(tmp_path / "one", shakespeare_dataset, val_fraction=0.0)), "train")
     many_dir = chat_dataset(tmp_path / "many", shakespeare_dataset, val_fraction=0.0, shard_size_mb=0.001)
     many = Conversations(Dataset(many_dir), "train")
-    assert len(Dataset(many_dir).manifest.split("train").shards) > 3
+    assert len(Dataset(many_dir).shards("train")) > 3
     assert len(one) == len(many) > 0
     for i in range(len(one)):
         assert all(np.array_equal(a, b) for a, b in zip(one[i], many[i], strict=True))
@@ -287,35 +288,85 @@ def qa(tmp_path_factory):
     return prepare_shakespeare_qa(tmp_path_factory.mktemp("qa") / "qa", max_length=65)[0]
 
 
-def test_shakespeare_questions_ask_about_their_own_split(qa, shakespeare_path, shakespeare_dataset):
+def _speeches(text, start, end):
+    """(speaker, lines) of each speech wholly inside text[start:end], parsed here as the play reads."""
+    out, offset = [], 0
+    for block in text.split("\n\n"):
+        lo, hi = offset, offset + len(block)
+        offset = hi + 2
+        rows = block.strip("\n").split("\n")
+        if start <= lo and hi <= end and len(rows) >= 2 and rows[0].endswith(":"):
+            out.append((rows[0][:-1], rows[1:]))
+    return out
+
+
+def _check_answers(questions, speeches):
+    """Each "who" answer is the speaker of its line, each "next" answer follows its (quoted) line, in speeches."""
+    said = {(speaker, line) for speaker, lines in speeches for line in lines}
+    before = {}  # next line -> the lines it follows in a speech
+    for _, lines in speeches:
+        for line, following in zip(lines[:-1], lines[1:], strict=True):
+            before.setdefault(following, []).append(line)
+    assert {q["kind"] for q in questions} == {"who", "next"}
+    for q in questions:
+        asked = q["messages"][0]["content"]
+        assert q["messages"][1]["content"] == q["answer"]
+        if q["kind"] == "who":
+            assert (q["answer"], asked.removeprefix("Who says: ")) in said
+        else:
+            tail = asked.removeprefix("What follows: ").removeprefix("...")
+            assert any(line.endswith(tail) for line in before.get(q["answer"], []))
+
+
+def _lines(q):
+    """The lines of the play a question quotes or answers."""
+    asked = q["messages"][0]["content"].removeprefix("Who says: ").removeprefix("What follows: ")
+    return {asked, q["answer"]} if q["kind"] == "next" else {asked}
+
+
+def test_shakespeare_questions_hold_out_whole_speeches_from_every_play(qa, shakespeare_path, shakespeare_dataset):
     from megagpt.eval_qa import load_questions
 
     text = shakespeare_path.read_text()
     cut = int(len(text) * 0.9)
-    said = {"train": set(), "val": set()}  # (speaker, line) per split
-    before = {"train": {}, "val": {}}  # next line -> the lines it follows in a speech, per split
-    offset = 0
-    for block in text.split("\n\n"):
-        part = "train" if offset + len(block) <= cut else "val" if offset >= cut else None
-        offset += len(block) + 2
-        rows = block.strip("\n").split("\n")
-        if part and len(rows) >= 2 and rows[0].endswith(":"):
-            said[part] |= {(rows[0][:-1], line) for line in rows[1:]}
-            for line, following in zip(rows[1:-1], rows[2:], strict=True):
-                before[part].setdefault(following, []).append(line)
-    for split in ("train", "val"):
-        questions = load_questions(qa, split)
-        assert {q["kind"] for q in questions} == {"who", "next"}
-        for q in questions:
-            asked = q["messages"][0]["content"]
-            assert q["messages"][1]["content"] == q["answer"]
-            if q["kind"] == "who":
-                assert (q["answer"], asked.removeprefix("Who says: ")) in said[split]
-            else:
-                tail = asked.removeprefix("What follows: ").removeprefix("...")
-                assert any(line.endswith(tail) for line in before[split].get(q["answer"], []))
+    pretrained = _speeches(text, 0, cut)  # the text both models pre-train on; the rest gives no question
+    train, val = load_questions(qa, "train"), load_questions(qa, "val")
+    _check_answers(train, pretrained)
+    _check_answers(val, pretrained)
+    assert not set().union(*map(_lines, val)) & set().union(*map(_lines, train))
+    split_of = {q["messages"][0]["content"].removeprefix("Who says: "): split
+                for split, questions in (("train", train), ("val", val)) for q in questions if q["kind"] == "who"}
+    held_out = []  # per speech with a "who" question: is it a held-out one
+    for _, lines in pretrained:
+        splits = {split_of[line] for line in lines if line in split_of}
+        assert len(splits) <= 1, f"a speech asked about in both splits: {lines}"
+        held_out += [splits == {"val"}] if splits else []
+    assert 0.07 < sum(held_out) / len(held_out) < 0.13
+    tenths = [held_out[i * len(held_out) // 10:(i + 1) * len(held_out) // 10] for i in range(10)]
+    assert all(any(part) for part in tenths), "every stretch of the text (every play) has held-out speeches"
+    assert Dataset(qa).manifest.settings["holdout"] == "speeches"
     assert (qa / "tokenizer.json").read_bytes() == (shakespeare_dataset / "tokenizer.json").read_bytes()
-    assert Dataset(qa).manifest.split("val").samples == len(load_questions(qa, "val"))
+    assert Dataset(qa).manifest.split("val").samples == len(val)
+
+
+def test_shakespeare_questions_tail_holdout_asks_about_the_last_tenth(shakespeare_path):
+    from data_prep.shakespeare_qa import questions
+
+    text = shakespeare_path.read_text()
+    cut = int(len(text) * 0.9)
+    found = questions(text, 65, holdout="tail")
+    _check_answers(found["train"], _speeches(text, 0, cut))
+    _check_answers(found["val"], _speeches(text, cut, len(text)))
+    assert not set().union(*map(_lines, found["val"])) & set().union(*map(_lines, found["train"]))
+
+
+def test_shakespeare_questions_refuse_an_unknown_holdout(tmp_path):
+    from data_prep.shakespeare_qa import prepare_shakespeare_qa
+    from megagpt.errors import UserError
+
+    with pytest.raises(UserError, match="--holdout middle"):
+        prepare_shakespeare_qa(tmp_path / "qa", holdout="middle")
+    assert not (tmp_path / "qa").exists()
 
 
 def test_eval_qa_reports_what_the_models_answer(qa, source, tmp_path, capsys):
@@ -339,5 +390,10 @@ def test_eval_qa_reports_what_the_models_answer(qa, source, tmp_path, capsys):
     hits = [tokenizer.decode(r).strip() == q["answer"] for (r, _), q in zip(replies, asked, strict=True)]
     assert got["finetuned"]["speaker_accuracy"] == pytest.approx(sum(hits[:5]) / 5)
     assert got["base"]["path"] == str(source) and got["base"]["ranking_candidates"] == 4
+    train_who = [q["answer"] for q in load_questions(qa, "train") if q["kind"] == "who"]
+    top4 = [speaker for speaker, _ in Counter(train_who).most_common(4)]
+    assert got["base"]["ranking_coverage"] == pytest.approx(sum(q["answer"] in top4 for q in asked[:5]) / 5)
+    assert got["chance"]["uniform"] == pytest.approx(1 / len({q["answer"] for q in asked[:5]}))
+    assert got["holdout"] == "speeches"
     assert 0 <= got["base"]["few_shot_speaker_accuracy"] <= 1 and got["base"]["few_shot_k"] in (0, 1, 2, 3)
     assert "speaker exact match" in capsys.readouterr().out
