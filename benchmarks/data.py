@@ -61,13 +61,16 @@ def bench_prep(corpus: Path, work: Path, corpus_bytes: int, kind: str, workers: 
 
 def _prep_result(out: Path, corpus_bytes: int, kind: str, workers: int, seconds: float,
                  timings: dict) -> dict:
-    manifest = json.loads((out / "manifest.json").read_text())
-    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    tokens = sum(s["tokens"] for s in shards)
-    payload = tokens * np.dtype(manifest["token_dtype"]).itemsize
+    from megagpt.dataset import Dataset
+
+    dataset = Dataset(out)
+    tables = [dataset.shards(split) for split in dataset.manifest.splits]
+    tokens = sum(int(t.tokens.sum()) for t in tables)
+    payload = tokens * np.dtype(dataset.manifest.token_dtype).itemsize
     return {"kind": kind, "workers": workers, "seconds": seconds, "mb_per_s": corpus_bytes / 1e6 / seconds,
-            "tokens_per_s": tokens / seconds, "tokens": tokens, "shards": len(shards),
-            "tar_overhead_pct": 100 * (sum(s["bytes"] for s in shards) / payload - 1), "dataset": str(out),
+            "tokens_per_s": tokens / seconds, "tokens": tokens, "shards": sum(map(len, tables)),
+            "tar_overhead_pct": 100 * (sum(int(t.records["bytes"].sum()) for t in tables) / payload - 1),
+            "dataset": str(out),
             **{k: round(v, 3) for k, v in timings.items()}}
 
 
@@ -179,9 +182,10 @@ BLOCK_SIZE, BATCH = 1024, 8  # a GPT-2-sized run's windows and micro-batch
 
 def make_synthetic(directory: Path, train_tokens: int) -> Path:
     """A dataset dir described by its size only: zero tokens in sparse tars with real ustar headers (so tarfile
-    and `megagpt data verify` read them as prep's), their indexes, and the manifest. Full shards are hard links
-    to one file, so 1 T tokens take seconds and no disk; a loader opens, checks and memmaps them like any."""
-    from megagpt.dataset import FORMAT_VERSION, Manifest, write_manifest
+    and `megagpt data verify` read them as prep's), their indexes, the shard tables and the manifest. Full shards
+    are hard links to one file, so 1 T tokens take seconds and no disk; a loader opens, checks and memmaps them
+    like any."""
+    from megagpt.dataset import FORMAT_VERSION, Manifest, shard_name, write_manifest, write_shard_table
 
     directory.mkdir(parents=True)
     templates: dict[int, dict] = {}
@@ -190,7 +194,7 @@ def make_synthetic(directory: Path, train_tokens: int) -> Path:
         shards = []
         for k, start in enumerate(range(0, tokens, SHARD_TOKENS)):
             n = min(SHARD_TOKENS, tokens - start)
-            name = f"{split}-{k:06d}.tar"
+            name = shard_name(split, k)
             if n not in templates:
                 templates[n] = _synthetic_shard(directory / name, n)
             else:
@@ -198,7 +202,7 @@ def make_synthetic(directory: Path, train_tokens: int) -> Path:
                     template = (directory / templates[n]["name"]).with_suffix(suffix)
                     os.link(template, (directory / name).with_suffix(suffix))
             shards.append({**templates[n], "name": name})
-        splits[split] = {"tokens": tokens, "samples": sum(s["samples"] for s in shards), "shards": shards}
+        splits[split] = write_shard_table(directory, split, shards)
     (directory / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": ["a"], "eos_id": None}))
     write_manifest(directory, Manifest(
         format_version=FORMAT_VERSION, tokenizer={"kind": "char", "file": "tokenizer.json"}, vocab_size=50304,
@@ -245,11 +249,13 @@ def _read_mb() -> float:
 def probe_loader(dataset_dir: str) -> dict:
     """In a fresh process: manifest, loader start-up to the first batch, a resume 1.5 epochs in, the shuffle."""
     from megagpt.data import TrainLoader
-    from megagpt.dataset import Dataset
+    from megagpt.dataset import MANIFEST, Dataset, table_name
 
     base, read0, clock = _rss_mib(), _read_mb(), time.perf_counter()
     dataset = Dataset(dataset_dir)
     manifest_s, manifest_mib = time.perf_counter() - clock, _rss_mib() - base
+    dataset.shards("train")  # the loader's first step, timed on its own
+    table_s = time.perf_counter() - clock - manifest_s
     loader = TrainLoader(dataset, BLOCK_SIZE, BATCH)
     next(loader)
     startup_s, startup_read, first_batch_at = time.perf_counter() - clock, _read_mb() - read0, time.time()
@@ -268,7 +274,10 @@ def probe_loader(dataset_dir: str) -> dict:
     clock = time.perf_counter()
     for _ in range(200):
         windows.window_ids(positions)
-    return {"manifest_s": manifest_s, "manifest_mib": manifest_mib, "startup_s": startup_s,
+    sizes = {"manifest_bytes": (Path(dataset_dir) / MANIFEST).stat().st_size,
+             "table_bytes": (Path(dataset_dir) / table_name("train")).stat().st_size}
+    return {"manifest_s": manifest_s, "manifest_mib": manifest_mib, "table_s": table_s, **sizes,
+            "startup_s": startup_s,
             "startup_read_mb": startup_read, "first_batch_at": first_batch_at, "resume_s": resume_s,
             "new_epoch_s": epoch_s,
             "new_epoch_mib": epoch_mib, "shuffle_us_per_batch": (time.perf_counter() - clock) / 200 * 1e6,
@@ -341,7 +350,8 @@ def bench_scale(work: Path, sizes: list[int], repeat: int = 1) -> dict:
 
 
 def _scale_row(r: dict) -> str:
-    return (f"{r['tokens']:>8.0e} {r['manifest_s']:>8.3f} {r['startup_s']:>8.3f} {r['process_startup_s']:>8.2f} "
+    return (f"{r['tokens']:>8.0e} {r['manifest_s'] * 1e3:>8.2f} {r['table_s'] * 1e3:>8.2f} "
+            f"{r['startup_s']:>8.3f} {r['process_startup_s']:>8.2f} "
             f"{r['startup_read_mb']:>8.1f} "
             f"{r['resume_s']:>8.3f} {r['new_epoch_mib']:>8.1f} {r['shuffle_us_per_batch']:>8.0f} "
             f"{r['peak_rss_mib']:>8.0f} "
@@ -349,7 +359,8 @@ def _scale_row(r: dict) -> str:
             f"{r['bookkeeping_mib']:>7.1f} {r['largest_job_bytes']:>8}")
 
 
-SCALE_HEADER = (f"{'tokens':>8} {'manif s':>8} {'start s':>8} {'proc s':>8} {'read MB':>8} {'resume s':>8} "
+SCALE_HEADER = (f"{'tokens':>8} {'manif ms':>8} {'table ms':>8} {'start s':>8} {'proc s':>8} {'read MB':>8} "
+                f"{'resume s':>8} "
                 f"{'epoch MiB':>8} "
                 f"{'shuf us':>8} "
                 f"{'peak MiB':>8} {'book s':>8} {'us/upd':>7} {'replay':>7} {'bk MiB':>7} {'job B':>8}")

@@ -34,8 +34,10 @@ from megagpt.dataset import (
     Manifest,
     load_manifest,
     sha256_file,
+    shard_name,
     token_dtype_for,
     write_manifest,
+    write_shard_table,
 )
 from megagpt.errors import UserError
 from megagpt.tokenizer import HuggingFaceTokenizer, WithSpecialTokens, tokenizer_from_file
@@ -175,8 +177,8 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 # ---------------------------------------------------------------- shards and manifest
 
 
-def write_split(conversations: list[Encoded], split: str, out: Path, dtype: str, shard_bytes: int) -> dict:
-    """The split's tars (a new one once shard_bytes of payload is reached; at least one) and its manifest entry."""
+def write_split(conversations: list[Encoded], split: str, out: Path, dtype: str, shard_bytes: int) -> list[dict]:
+    """The split's tars (a new one once shard_bytes of payload is reached; at least one) and their entries."""
     groups, size = [[]], 0
     for conversation in conversations:
         if groups[-1] and size >= shard_bytes:
@@ -184,8 +186,7 @@ def write_split(conversations: list[Encoded], split: str, out: Path, dtype: str,
             size = 0
         groups[-1].append(conversation)
         size += len(conversation.ids) * (np.dtype(dtype).itemsize + 1)
-    shards = [_write_tar(group, out / f"{split}-{k:06d}.tar", dtype) for k, group in enumerate(groups)]
-    return {"tokens": sum(s["tokens"] for s in shards), "samples": len(conversations), "shards": shards}
+    return [_write_tar(group, out / shard_name(split, k), dtype) for k, group in enumerate(groups)]
 
 
 def _write_tar(conversations: list[Encoded], path: Path, dtype: str) -> dict:
@@ -248,15 +249,17 @@ def prepare_chat(inputs: list[str | Path], out_dir: str | Path, tokenizer_dir: s
 
 def seal_dataset(work: Path, out_dir: Path, kind: str, tokenizers: tuple, dtype: str, splits: dict,
                  paths: list[Path], sources: dict, settings: dict) -> None:
-    """A per-sample dataset (chat, preferences) made whole: the base tokenizer file and the manifest into
-    <out>.partial, which then replaces out_dir."""
+    """A per-sample dataset (chat, preferences) made whole: the base tokenizer file, each split's shard table
+    (from `splits`: its shards' entries, in order) and the manifest into <out>.partial, which then replaces
+    out_dir."""
     base, base_file, tokenizer = tokenizers
     shutil.copy2(base_file, work / base_file.name)
     files = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
     manifest = Manifest(
         format_version=FORMAT_VERSION, kind=kind,
         tokenizer={"kind": base.kind, "file": base_file.name}, vocab_size=tokenizer.vocab_size, token_dtype=dtype,
-        eos_id=base.eos_id, special_tokens=tokenizer.special_tokens, splits=splits,
+        eos_id=base.eos_id, special_tokens=tokenizer.special_tokens,
+        splits={name: write_shard_table(work, name, shards) for name, shards in splits.items()},
         sources={"files": files, **sources}, settings=settings,
     )
     write_manifest(work, manifest)

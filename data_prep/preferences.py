@@ -40,7 +40,7 @@ from data_prep.chat import (
 )
 from data_prep.sources import expand_inputs
 from megagpt.chat_template import ConversationError, Encoded, check_messages, encode_conversation
-from megagpt.dataset import sha256_file, token_dtype_for
+from megagpt.dataset import sha256_file, shard_name, token_dtype_for
 from megagpt.errors import UserError
 
 SIDES = ("chosen", "rejected")
@@ -150,8 +150,8 @@ def read_pairs(paths: list[Path], tokenizer, settings: PreferenceSettings, summa
 # ---------------------------------------------------------------- shards and manifest
 
 
-def write_split(pairs: list[Pair], split: str, out: Path, dtype: str, shard_bytes: int) -> dict:
-    """The split's tars (a new one once shard_bytes of payload is reached; at least one) and its manifest entry."""
+def write_split(pairs: list[Pair], split: str, out: Path, dtype: str, shard_bytes: int) -> list[dict]:
+    """The split's tars (a new one once shard_bytes of payload is reached; at least one) and their entries."""
     groups, size = [[]], 0
     for pair in pairs:
         if groups[-1] and size >= shard_bytes:
@@ -159,8 +159,7 @@ def write_split(pairs: list[Pair], split: str, out: Path, dtype: str, shard_byte
             size = 0
         groups[-1].append(pair)
         size += (len(pair.chosen.ids) + len(pair.rejected.ids)) * (np.dtype(dtype).itemsize + 1)
-    shards = [_write_tar(group, out / f"{split}-{k:06d}.tar", dtype) for k, group in enumerate(groups)]
-    return {"tokens": sum(s["tokens"] for s in shards), "samples": len(pairs), "shards": shards}
+    return [_write_tar(group, out / shard_name(split, k), dtype) for k, group in enumerate(groups)]
 
 
 def _write_tar(pairs: list[Pair], path: Path, dtype: str) -> dict:

@@ -39,8 +39,10 @@ from megagpt.dataset import (
     Manifest,
     index_name,
     sha256_file,
+    shard_name,
     token_dtype_for,
     write_manifest,
+    write_shard_table,
 )
 from megagpt.errors import UserError
 from megagpt.tokenizer import SENTENCEPIECE_FILE, CharTokenizer, SentencePieceTokenizer
@@ -113,7 +115,7 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSetting
         token_dtype=dtype,
         eos_id=tokenizer.eos_id,
         sample_tokens=settings.sample_tokens,
-        splits=splits,
+        splits={split: write_shard_table(work, split, shards) for split, shards in splits.items()},
         sources=tokenized["sources"],
         settings=settings.identity(),
     )
@@ -459,7 +461,7 @@ class _Layout:
                 first = int(np.searchsorted(self.offsets, start, side="right")) - 1
                 last = int(np.searchsorted(self.offsets, end, side="left"))
                 wide = self.progress.chunk_wide
-                yield ShardJob(f"{split}-{k:06d}.tar", start, end, self.sample, self.dtype, chunk_dir, first,
+                yield ShardJob(shard_name(split, k), start, end, self.sample, self.dtype, chunk_dir, first,
                                tuple(self.offsets[first:last + 1].tolist()),
                                tuple("uint32" if wide[i] else "uint16" for i in range(first, last)) if vocab
                                else (self.dtype,) * (last - first), vocab)
@@ -470,11 +472,10 @@ def _write_shard_job(job: ShardJob, work: str, known: dict | None) -> dict:
 
 
 def _write_splits(layout: _Layout, vocab: str | None, work: Path, progress: _Progress, pool,
-                  in_flight: int) -> dict:
+                  in_flight: int) -> dict[str, list[dict]]:
     """Every shard not yet written (in parallel, results in order); a chunk is deleted once every shard that
-    reads it is written."""
-    splits = {"train": {"tokens": layout.train_end, "samples": 0, "shards": []},
-              "val": {"tokens": layout.total - layout.train_end, "samples": 0, "shards": []}}
+    reads it is written. Returns each split's shard entries, in order."""
+    splits: dict[str, list[dict]] = {"train": [], "val": []}
     jobs = list(layout.jobs(str(work / "chunks"), vocab))
     items = ((job, str(work), progress.shards.get(job.name)) for job in jobs)
     retired = 0  # chunks [0, retired) are deleted
@@ -482,9 +483,7 @@ def _write_splits(layout: _Layout, vocab: str | None, work: Path, progress: _Pro
                           strict=True):
         if entry is not progress.shards.get(job.name):
             progress.append({"shard": entry})
-        split = splits[job.name.split("-")[0]]
-        split["shards"].append(entry)
-        split["samples"] += entry["samples"]
+        splits[job.name.split("-")[0]].append(entry)
         done = int(np.searchsorted(layout.offsets, job.end, side="right")) - 1  # chunks before `done` end by now
         for i in range(retired, done):
             for suffix in (".bin", ".cp"):

@@ -43,7 +43,7 @@ class Conversations:
         self.dir, self.vocab_size = dataset.dir, dataset.vocab_size
         self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
         self.files, index = [], []
-        for k, shard in enumerate(dataset.manifest.split(split).shards):
+        for k, shard in enumerate(dataset.shards(split)):
             path = dataset.dir / shard.name
             samples = _index_shard(path, self.dtype.itemsize)
             if len(samples) != shard.samples or sum(n for _, n, _ in samples) != shard.tokens:

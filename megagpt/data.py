@@ -7,16 +7,15 @@ The order of training windows is a function of (seed, global position) only:
   rank r the contiguous slice [s*G + r*G/W, s*G + (r+1)*G/W), as grad_accum_steps micro-batches in order.
 So a checkpoint (one global position) resumes exactly, on any world size with the same G.
 
-Start-up reads the manifest and one stat per shard, never the shards: a shard's member index (a small side
-file) is read the first time this process reads from the shard, and each member's sha256 is checked the first
-time it is read. Local shards are memmapped (payloads are contiguous and uncompressed); shards whose names are
+Start-up reads the manifest and the split's shard table (one small file, read in one go), never the shards
+and nothing per shard: a shard's identity (one stat: its size) and member index (a small side file) are checked
+the first time this process reads from the shard, and each member's sha256 the first time it is read. Local shards are memmapped (payloads are contiguous and uncompressed); shards whose names are
 URLs (`pipe:...`, `http://...`) are streamed with webdataset instead (corpus order; see docs/data.md).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from bisect import bisect_right
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,11 +35,12 @@ EVAL_SEED = 0  # eval windows come from a fixed order: the same batches at every
 
 class OpenShard:
     """One local shard, opened from its index: member m is tokens [offset[m], offset[m] + length[m]) of the
-    memmapped file. Opening checks the index's hash and the manifest's largest token id; a member's sha256 is
-    checked the first time this process reads it, before any of its tokens is used."""
+    memmapped file. Opening checks the file's size, the index's hash and the recorded largest token id; a
+    member's sha256 is checked the first time this process reads it, before any of its tokens is used."""
 
     def __init__(self, directory: Path, shard: ShardInfo, dtype: np.dtype, vocab_size: int):
         self.path, self.dtype = directory / shard.name, dtype
+        check_shard_file(self.path, shard)
         if shard.max_token is None:
             raise DataError(f"{self.path}: the manifest records no max_token; re-run `megagpt prep`")
         if shard.max_token >= vocab_size:
@@ -85,7 +85,7 @@ class OpenShard:
 class TokenStream:
     """A split's tokens (its usable shards end to end), random access by global token offset.
 
-    Building it costs one stat per shard (size against the manifest), whatever the shards hold; with
+    Building it costs the shard table's token counts (one cumulative sum), nothing per shard file; with
     on_corrupt_shard="skip" every shard is instead read and checked up front, so all ranks agree on the windows.
     """
 
@@ -96,31 +96,34 @@ class TokenStream:
         self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
         self.vocab_size = dataset.vocab_size
         self.skipped_shards = 0
-        self.shards: list[ShardInfo] = []
+        self.table = dataset.shards(split)
         self._open: dict[int, OpenShard] = {}
-        eager = on_corrupt_shard == "skip"
-        prefix = os.path.join(self.dir, "")  # plain strings: ~5 us a shard, 7,500 shards at 1 T tokens
-        for shard in dataset.manifest.split(split).shards:
-            try:
-                check_shard_file(prefix + shard.name, shard)
-                if eager:
-                    opened = OpenShard(self.dir, shard, self.dtype, self.vocab_size)
-                    opened.verify_all()
-                    self._open[len(self.shards)] = opened
-            except DataError as e:
-                if not eager:
-                    raise
-                warn_once(f"skipping shard: {e}")
-                self.skipped_shards += 1
-                continue
-            self.shards.append(shard)
-        self.shard_start = np.concatenate([[0], np.cumsum([s.tokens for s in self.shards])]).astype(np.int64)
+        self.kept: range | list[int] = range(len(self.table))  # stream shard k is table shard kept[k]
+        if on_corrupt_shard == "skip":
+            self.kept = self._check_all()
+        tokens = self.table.tokens if isinstance(self.kept, range) else self.table.tokens[self.kept]
+        self.shard_start = np.concatenate([[0], np.cumsum(tokens)]).astype(np.int64)
         self._starts = self.shard_start.tolist()
         self.num_tokens = int(self.shard_start[-1])
 
+    def _check_all(self) -> list[int]:
+        """Open and verify every shard; the ones that pass (a bad one is a warning, and counted)."""
+        kept = []
+        for k in range(len(self.table)):
+            try:
+                opened = OpenShard(self.dir, self.table[k], self.dtype, self.vocab_size)
+                opened.verify_all()
+            except DataError as e:
+                warn_once(f"skipping shard: {e}")
+                self.skipped_shards += 1
+                continue
+            self._open[len(kept)] = opened
+            kept.append(k)
+        return kept
+
     def _shard(self, k: int) -> OpenShard:
         if k not in self._open:
-            self._open[k] = OpenShard(self.dir, self.shards[k], self.dtype, self.vocab_size)
+            self._open[k] = OpenShard(self.dir, self.table[self.kept[k]], self.dtype, self.vocab_size)
         return self._open[k]
 
     def read(self, start: int, length: int, out: np.ndarray) -> None:
@@ -287,9 +290,10 @@ class StreamingWindows:
     def __init__(self, dataset: Dataset, split: str, block_size: int):
         self.block_size, self.vocab_size = block_size, dataset.vocab_size
         self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
-        self.shards = dataset.manifest.split(split).shards
-        self.urls = [s.name if is_remote(s.name) else str(dataset.dir / s.name) for s in self.shards]
-        self.starts = np.concatenate([[0], np.cumsum([s.tokens for s in self.shards])]).astype(np.int64)
+        table = dataset.shards(split)
+        names = [table.name(k) for k in range(len(table))]
+        self.urls = [name if is_remote(name) else str(dataset.dir / name) for name in names]
+        self.starts = np.concatenate([[0], np.cumsum(table.tokens)]).astype(np.int64)
         self.num_windows = (int(self.starts[-1]) - 1) // block_size
         self.skipped_shards = 0
         if self.num_windows < 1:
@@ -310,9 +314,9 @@ class StreamingWindows:
             if isinstance(e, DataError):
                 raise
             raise DataError(f"{url}: cannot stream shard ({e})") from None
-        if seen != self.shards[k].tokens:
-            raise DataError(f"{url}: truncated or corrupt shard ({seen} tokens, the manifest says "
-                            f"{self.shards[k].tokens})")
+        if seen != self.starts[k + 1] - self.starts[k]:
+            raise DataError(f"{url}: truncated or corrupt shard ({seen} tokens, the shard table says "
+                            f"{self.starts[k + 1] - self.starts[k]})")
 
     def _tokens_from(self, start: int) -> Iterator[np.ndarray]:
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
@@ -394,7 +398,7 @@ class TrainLoader:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.global_batch = micro_batch_size * grad_accum_steps * world_size  # G windows per optimizer step
-        self.streaming = any(is_remote(s.name) for s in dataset.manifest.split("train").shards)
+        self.streaming = dataset.shards("train").remote
         if self.streaming:
             self.dataset = StreamingWindows(dataset, "train", block_size)
         else:

@@ -2,11 +2,14 @@
 
 A dataset dir is what `data_prep` writes and what training reads:
   manifest.json         this module's `Manifest` (format version, dataset kind, tokenizer, vocabulary, token
-                        dtype, per split its shards with sizes and sha256, the sources and prep settings)
+                        dtype, per split its totals, shard count and the sha256 of its shard table, the sources
+                        and prep settings): the same few hundred bytes for 10 shards and for 10,000
+  train.shards.npy ...  a split's shard table (SHARD_RECORD per shard: samples, tokens, bytes, largest token id,
+                        sha256, index sha256), read in one go; shard k is named by its position (shard_name)
   tokenizer.json|.model the char vocabulary or the sentencepiece model (megagpt/tokenizer.py)
   train-000000.tar ...  webdataset shards; each member holds a packed run of little-endian token ids
   train-000000.idx ...  each shard's member index (INDEX_RECORD per member: payload offset, length, sha256),
-                        hashed in the manifest: a loader opens a shard from it without reading the shard
+                        hashed in the shard table: a loader opens a shard from it without reading the shard
   sources.jsonl         the input files prep read (path, bytes, sha256), one per line; the manifest holds
                         only their count, total bytes and this file's sha256
 Dataset kinds are a field of the manifest, not new formats: `tokens` (packed runs, pre-training) today;
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -33,8 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from megagpt.errors import UserError
 from megagpt.tokenizer import CHAR_FILE, SENTENCEPIECE_FILE, Tokenizer, tokenizer_from_file, with_special_tokens
 
-FORMAT_VERSION = 2  # 2: shard indexes (.idx), max_token per shard, sources summarised (1: re-run prep)
+FORMAT_VERSION = 3  # 3: per-shard facts in a table per split (2: still read, shards listed in the manifest;
+#                      2 added shard indexes, max_token per shard, sources summarised; 1: re-run prep)
+READ_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
+TABLE_SUFFIX = ".shards.npy"
+# One record per shard of a split, in order; -1 (bytes, max_token) and 32 zero bytes (index_sha256): not recorded.
+SHARD_RECORD = np.dtype([("samples", "<i8"), ("tokens", "<i8"), ("bytes", "<i8"), ("max_token", "<i8"),
+                         ("sha256", "V32"), ("index_sha256", "V32")])
 SOURCES_FILE = "sources.jsonl"
 INDEX_SUFFIX = ".idx"
 # One record per tar member, in order: where its payload starts in the file, its length, the payload's sha256.
@@ -81,7 +91,11 @@ class ShardInfo(_Strict):
 class SplitInfo(_Strict):
     tokens: int = Field(ge=0)
     samples: int = Field(ge=0)
-    shards: list[ShardInfo]
+    shards: int | list[ShardInfo] = Field(description=f"format 3: how many (each a record of SPLIT{TABLE_SUFFIX}); "
+                                          "format 2: the list itself")
+    table_sha256: str | None = Field(None, description=f"format 3: sha256 of SPLIT{TABLE_SUFFIX}")
+    shard_url: str | None = Field(None, description="format 3, shards stored elsewhere: a URL or path in which "
+                                  "{name} stands for each shard's file name, e.g. 'pipe:aws s3 cp s3://b/d/{name} -'")
 
 
 class TokenizerInfo(_Strict):
@@ -90,7 +104,7 @@ class TokenizerInfo(_Strict):
 
 
 class Manifest(_Strict):
-    format_version: Literal[2]
+    format_version: Literal[2, 3]
     kind: Literal["tokens", "chat", "preferences"] = Field(
         "tokens", description="tokens: packed runs of token ids (pre-training); chat: one conversation per sample, "
         "token ids plus a loss mask (data_prep/chat.py); preferences: one comparison per sample, a chosen and a "
@@ -112,12 +126,17 @@ class Manifest(_Strict):
 
 
 def write_manifest(dataset_dir: str | Path, manifest: Manifest) -> Path:
-    """manifest.json, written via a temp name: a reader never sees half of it."""
+    """manifest.json, written via a temp name: a reader never sees half of it. Written last: each split's shard
+    table (write_shard_table) comes first, as the manifest holds its sha256."""
     path = Path(dataset_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest.model_dump(mode="json", exclude_none=False), indent=1) + "\n")
-    os.replace(tmp, path)
+    _write_atomic(path, (json.dumps(manifest.model_dump(mode="json", exclude_none=False), indent=1) + "\n").encode())
     return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def parse_manifest(raw: bytes, where: Path) -> Manifest:
@@ -128,9 +147,9 @@ def parse_manifest(raw: bytes, where: Path) -> Manifest:
         raise DataError(f"{where}: not a readable JSON manifest ({e})") from None
     if not isinstance(data, dict):
         raise DataError(f"{where}: not a JSON object")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READ_VERSIONS:
         raise DataError(f"{where}: format_version {data.get('format_version')!r}, this megagpt reads "
-                        f"{FORMAT_VERSION}; re-run `megagpt prep` to rewrite it")
+                        f"{' and '.join(map(str, READ_VERSIONS))}; re-run `megagpt prep` to rewrite it")
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as e:
@@ -140,6 +159,12 @@ def parse_manifest(raw: bytes, where: Path) -> Manifest:
     for name in ("train", "val"):
         if name not in manifest.splits:
             raise DataError(f"{where}: splits.{name} is missing; re-run `megagpt prep` to rewrite it")
+    for name, split in manifest.splits.items():
+        listed = isinstance(split.shards, list)
+        if listed != (manifest.format_version == 2) or (not listed and split.table_sha256 is None):
+            want = "a list of shards" if manifest.format_version == 2 else "a shard count and table_sha256"
+            raise DataError(f"{where}: splits.{name}: format_version {manifest.format_version} needs {want}; "
+                            f"re-run `megagpt prep` to rewrite it")
     return manifest
 
 
@@ -157,6 +182,99 @@ def _read(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read it ({e})") from None
 
 
+# ---------------------------------------------------------------- shard tables: a split's per-shard facts
+
+
+def shard_name(split: str, k: int) -> str:
+    """Shard k of a split, by position: train-000000.tar, train-000001.tar, ..."""
+    return f"{split}-{k:06d}.tar"
+
+
+def table_name(split: str) -> str:
+    return f"{split}{TABLE_SUFFIX}"
+
+
+def _records(shards: list[dict]) -> np.ndarray:
+    """Manifest entries of shards ({"samples", "tokens", "bytes", "sha256", ...}) as SHARD_RECORDs."""
+    records = np.zeros(len(shards), dtype=SHARD_RECORD)
+    for k, s in enumerate(shards):
+        for key in ("bytes", "max_token"):
+            records[key][k] = -1 if s.get(key) is None else s[key]
+        records["samples"][k], records["tokens"][k] = s["samples"], s["tokens"]
+        records["sha256"][k] = np.void(bytes.fromhex(s["sha256"]))
+        if s.get("index_sha256") is not None:
+            records["index_sha256"][k] = np.void(bytes.fromhex(s["index_sha256"]))
+    return records
+
+
+def write_shard_table(dataset_dir: str | Path, split: str, shards: list[dict]) -> dict:
+    """A split's table (SPLIT.shards.npy, via a temp name) from its shards' entries in order, shard k named
+    shard_name(split, k); returns the split's manifest entry (totals, shard count, the table's sha256)."""
+    for k, shard in enumerate(shards):
+        if shard["name"] != shard_name(split, k):
+            raise ValueError(f"shard {k} of split {split} is named {shard['name']!r}, not {shard_name(split, k)!r}")
+    records = _records(shards)
+    buffer = io.BytesIO()
+    np.save(buffer, records, allow_pickle=False)
+    _write_atomic(Path(dataset_dir) / table_name(split), buffer.getvalue())
+    return {"tokens": int(records["tokens"].sum()), "samples": int(records["samples"].sum()),
+            "shards": len(records), "table_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+
+
+class ShardTable:
+    """A split's shards as parallel arrays (`records`, SHARD_RECORD each): O(1) Python objects whatever their
+    number. Shard k is named shard_name(split, k), put into the split's shard_url when it has one; `table[k]`
+    is its ShardInfo (built on demand, for the few places that look at one shard)."""
+
+    def __init__(self, split: str, records: np.ndarray, shard_url: str | None = None,
+                 names: list[str] | None = None):
+        self.split, self.records, self.shard_url, self._names = split, records, shard_url, names  # names: format 2
+        self.tokens = records["tokens"]
+        self.remote = any(map(is_remote, names)) if names is not None else is_remote(shard_url or "")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def name(self, k: int) -> str:
+        if self._names is not None:
+            return self._names[k]
+        name = shard_name(self.split, k)
+        return self.shard_url.replace("{name}", name) if self.shard_url else name
+
+    def __getitem__(self, k: int) -> ShardInfo:
+        r = self.records[k]
+        index_sha256 = r["index_sha256"].tobytes()
+        return ShardInfo(name=self.name(k), samples=int(r["samples"]), tokens=int(r["tokens"]),
+                         bytes=None if r["bytes"] < 0 else int(r["bytes"]), sha256=r["sha256"].tobytes().hex(),
+                         index_sha256=index_sha256.hex() if any(index_sha256) else None,
+                         max_token=None if r["max_token"] < 0 else int(r["max_token"]))
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+
+def read_shard_table(directory: Path, split: str, info: SplitInfo) -> ShardTable:
+    """A split's shard table, read in one go and checked against the manifest (its sha256, count and totals);
+    a format-2 manifest's list is turned into the same table."""
+    if isinstance(info.shards, list):
+        return ShardTable(split, _records([s.model_dump() for s in info.shards]), names=[s.name for s in info.shards])
+    path = Path(directory) / table_name(split)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the shard table of split {split} ({e.strerror}); re-run "
+                        f"`megagpt prep`") from None
+    if hashlib.sha256(raw).hexdigest() != info.table_sha256:
+        raise DataError(f"{path}: does not match splits.{split}.table_sha256 in {MANIFEST}; the shard table is "
+                        f"corrupt or was replaced: re-run `megagpt prep`")
+    records = np.load(io.BytesIO(raw), allow_pickle=False)
+    if records.dtype != SHARD_RECORD or records.ndim != 1 or len(records) != info.shards or (
+            int(records["tokens"].sum()), int(records["samples"].sum())) != (info.tokens, info.samples):
+        raise DataError(f"{path}: {len(records)} shards whose totals differ from splits.{split} in {MANIFEST}; "
+                        f"re-run `megagpt prep`")
+    return ShardTable(split, records, info.shard_url)
+
+
 # ---------------------------------------------------------------- shard files: identity, index, full check
 
 
@@ -171,28 +289,29 @@ def index_name(shard_name: str) -> str:
 
 
 def check_shard_file(path: str | Path, shard: ShardInfo) -> None:
-    """The cheap identity check at open (one stat): the shard exists and has the manifest's size."""
+    """The cheap identity check (one stat), when a process first reads the shard: it exists, with the size
+    recorded at prep."""
     try:
         size = os.stat(path).st_size
     except OSError:
-        raise DataError(f"{path}: shard listed in the manifest is missing") from None
+        raise DataError(f"{path}: shard listed in its shard table is missing") from None
     if shard.bytes is not None and size != shard.bytes:
-        raise DataError(f"{path}: truncated or corrupt shard ({size} bytes, the manifest says {shard.bytes})")
+        raise DataError(f"{path}: truncated or corrupt shard ({size} bytes, its shard table says {shard.bytes})")
 
 
 def read_index(directory: Path, shard: ShardInfo) -> np.ndarray:
-    """A shard's member index (INDEX_RECORD per member), checked against the manifest's index_sha256."""
+    """A shard's member index (INDEX_RECORD per member), checked against the index_sha256 its table records."""
     path = Path(directory) / index_name(shard.name)
     if shard.index_sha256 is None:
-        raise DataError(f"{Path(directory) / shard.name}: {MANIFEST} records no index for this shard; re-run "
+        raise DataError(f"{Path(directory) / shard.name}: its shard table records no index for it; re-run "
                         f"`megagpt prep`")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read the shard's index ({e.strerror}); re-run `megagpt prep`") from None
     if len(raw) != shard.samples * INDEX_RECORD.itemsize or hashlib.sha256(raw).hexdigest() != shard.index_sha256:
-        raise DataError(f"{path}: does not match the index_sha256 in {MANIFEST}; the index is corrupt or was "
-                        f"replaced: re-run `megagpt prep`")
+        raise DataError(f"{path}: does not match the index_sha256 in its shard table; the index is corrupt or "
+                        f"was replaced: re-run `megagpt prep`")
     return np.frombuffer(raw, dtype=INDEX_RECORD)
 
 
@@ -202,7 +321,7 @@ def verify_shard(directory: Path, shard: ShardInfo) -> None:
     check_shard_file(path, shard)
     digest = sha256_file(path)
     if digest != shard.sha256:
-        raise DataError(f"{path}: sha256 {digest[:12]}... does not match the manifest's {shard.sha256[:12]}...; "
+        raise DataError(f"{path}: sha256 {digest[:12]}... does not match its shard table's {shard.sha256[:12]}...; "
                         f"the shard is corrupt or was replaced: re-run prep")
     if shard.index_sha256 is None:  # kinds whose shards carry no index (chat) are checked by their hash alone
         return
@@ -217,23 +336,32 @@ def verify_shard(directory: Path, shard: ShardInfo) -> None:
 
 
 def verify_main(argv: list[str]) -> int:
-    """`megagpt data verify DIR`: read every local shard of a dataset in full and check it against the manifest."""
+    """`megagpt data verify DIR`: check each split's shard table, then read every local shard in full against it."""
     from tqdm import tqdm
 
     p = argparse.ArgumentParser(prog="megagpt data verify", description=verify_main.__doc__)
     p.add_argument("dataset_dir")
     dataset = Dataset(p.parse_args(argv).dataset_dir)
-    shards = [s for split in dataset.manifest.splits.values() for s in split.shards]
+    start, shards, bad_tables = time.perf_counter(), [], 0
+    for split in dataset.manifest.splits:
+        try:
+            table = dataset.shards(split)
+        except DataError as e:  # its shards cannot be checked without it
+            bad_tables += 1
+            print(f"megagpt data verify: {e}", file=sys.stderr)
+            continue
+        shards += [table[k] for k in range(len(table))]
     local = [s for s in shards if not is_remote(s.name)]
-    start, bad = time.perf_counter(), 0
+    bad = 0
     for shard in tqdm(local, desc="verify", unit="shard", disable=None):
         try:
             verify_shard(dataset.dir, shard)
         except DataError as e:
             bad += 1
             print(f"megagpt data verify: {e}", file=sys.stderr)
-    if bad:
-        raise DataError(f"{dataset.dir}: {bad} of {len(local)} shards failed (listed above)")
+    if bad or bad_tables:
+        tables = f"{bad_tables} of {len(dataset.manifest.splits)} shard tables and " if bad_tables else ""
+        raise DataError(f"{dataset.dir}: {tables}{bad} of {len(local)} shards failed (listed above)")
     remote = f"; {len(shards) - len(local)} remote shards not checked" if len(local) < len(shards) else ""
     gigabytes = sum(s.bytes or 0 for s in local) / 1e9
     print(f"{dataset.dir}: {len(local)} shards ({gigabytes:.2f} GB) match the manifest "
@@ -259,7 +387,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 
 
 class Dataset:
-    """A dataset dir opened once per run: its manifest (read once), that file's hash, and the tokenizer.
+    """A dataset dir opened once per run: its manifest (read once), that file's hash, the tokenizer, and each
+    split's shard table (read once, on first use).
 
     The loader, the evaluation and the checkpoint metadata all take this object instead of re-reading the dir.
     """
@@ -268,7 +397,14 @@ class Dataset:
         self.dir = Path(directory)
         self._raw = _read(self.dir / MANIFEST)
         self.manifest = parse_manifest(self._raw, self.dir / MANIFEST)
-        self.manifest_sha256 = hashlib.sha256(self._raw).hexdigest()
+        self.manifest_sha256 = hashlib.sha256(self._raw).hexdigest()  # covers the shard tables: it holds theirs
+        self._tables: dict[str, ShardTable] = {}
+
+    def shards(self, split: str) -> ShardTable:
+        """A split's shards, read (and checked against the manifest) once, when first asked for."""
+        if split not in self._tables:
+            self._tables[split] = read_shard_table(self.dir, split, self.manifest.split(split))
+        return self._tables[split]
 
     @property
     def vocab_size(self) -> int:

@@ -22,7 +22,7 @@ import data_prep
 from data_prep.sources import iter_chunks
 from data_prep.spm import MAX_LINE_CHARS, sample_lines
 from megagpt.data import TrainLoader, WindowOrder
-from megagpt.dataset import DataError, load_manifest, verify_main
+from megagpt.dataset import DataError, Dataset, verify_main
 
 # ---------------------------------------------------------------- the window order
 
@@ -183,7 +183,7 @@ def _damaged_copy(src, dst, name, where):
 
 
 def test_a_flipped_payload_byte_is_found_at_its_first_read_and_named(random_ds, tmp_path):
-    shard = load_manifest(random_ds[0]).splits["train"].shards[2]
+    shard = Dataset(random_ds[0]).shards("train")[2]
     out = _damaged_copy(random_ds[0], tmp_path / "ds", shard.name, 512 + 3)  # member 0's payload
     loader = TrainLoader(out, 8, 2, seed=1)  # opening reads no shard: it succeeds
     with pytest.raises(DataError, match=f"{shard.name}: sha256 of member 0"):
@@ -192,7 +192,7 @@ def test_a_flipped_payload_byte_is_found_at_its_first_read_and_named(random_ds, 
 
 
 def test_a_flipped_header_byte_is_found_by_data_verify_and_named(random_ds, tmp_path, capsys):
-    shard = load_manifest(random_ds[0]).splits["train"].shards[1]
+    shard = Dataset(random_ds[0]).shards("train")[1]
     out = _damaged_copy(random_ds[0], tmp_path / "ds", shard.name, 100)  # member 0's tar header: never read
     loader = TrainLoader(out, 8, 2)
     for _ in range(200):
@@ -204,7 +204,7 @@ def test_a_flipped_header_byte_is_found_by_data_verify_and_named(random_ds, tmp_
 
 
 def test_a_flipped_index_byte_is_found_when_the_shard_is_opened(random_ds, tmp_path):
-    shard = load_manifest(random_ds[0]).splits["train"].shards[0]
+    shard = Dataset(random_ds[0]).shards("train")[0]
     out = _damaged_copy(random_ds[0], tmp_path / "ds", shard.name.replace(".tar", ".idx"), 20)
     loader = TrainLoader(out, 8, 2)
     with pytest.raises(DataError, match=r"train-000000.idx: does not match the index_sha256"):
@@ -213,13 +213,13 @@ def test_a_flipped_index_byte_is_found_when_the_shard_is_opened(random_ds, tmp_p
 
 
 def test_opening_reads_no_shard(random_ds, tmp_path):
-    """What a process reads before its first batch: the manifest, a stat per shard, and only the indexes and
-    members that batch touches (audit hook on open)."""
+    """What a process reads before its first batch: the manifest, the train split's shard table, and only the
+    indexes and members that batch touches (audit hook on open)."""
     out = random_ds[0]
     opened = []
 
     def hook(event, args):
-        if event == "open" and isinstance(args[0], str) and args[0].startswith(str(out)):
+        if event == "open" and isinstance(args[0], str | os.PathLike) and os.fspath(args[0]).startswith(str(out)):
             opened.append(os.path.basename(args[0]))
 
     sys.addaudithook(hook)
@@ -228,9 +228,83 @@ def test_opening_reads_no_shard(random_ds, tmp_path):
     next(loader)
     opened_for_batch = set(opened) - set(at_open)
     opened.clear()
+    assert sorted(at_open) == ["manifest.json", "train.shards.npy"]  # one file whatever the shard count
     at_open = [name for name in at_open if name.endswith((".tar", ".idx"))]
     assert at_open == []
     assert len([n for n in opened_for_batch if n.endswith(".tar")]) <= 2  # one window spans at most two shards
+
+
+def test_a_shard_of_another_size_is_found_at_its_first_read_and_named(random_ds, tmp_path):
+    """The identity check (one stat: the size prep recorded) happens when a process first reads the shard, not at
+    start-up: a shard with one byte appended (its members intact, so only the size tells) is named then."""
+    import shutil
+
+    name = "train-000001.tar"
+    out = shutil.copytree(random_ds[0], tmp_path / "ds")
+    os.chmod(out / name, 0o644)
+    with open(out / name, "ab") as f:
+        f.write(b"\0")
+    loader = TrainLoader(out, 8, 2, seed=1)  # start-up looks at no shard file: it succeeds
+    with pytest.raises(DataError, match=rf"{name}: truncated or corrupt shard \(\d+ bytes, its shard table says"):
+        for _ in range(10_000):  # until a batch reads that shard
+            next(loader)
+
+
+def test_a_damaged_shard_table_is_named_at_start_up_and_by_data_verify(random_ds, tmp_path, capsys):
+    out = _damaged_copy(random_ds[0], tmp_path / "ds", "train.shards.npy", -5)  # the last shard's index hash
+    with pytest.raises(DataError, match=r"train.shards.npy: does not match splits.train.table_sha256"):
+        TrainLoader(out, 8, 2)
+    with pytest.raises(DataError, match="1 of 2 shard tables"):
+        verify_main([str(out)])
+    assert "train.shards.npy: does not match" in capsys.readouterr().err
+
+
+def _shard_facts(path, dtype="<u2"):
+    """A shard's manifest entry, from its files alone (tarfile, hashlib): what prep must have recorded."""
+    with tarfile.open(path) as tar:
+        payloads = [tar.extractfile(m).read() for m in tar]
+    tokens = np.frombuffer(b"".join(payloads), dtype)
+    index = path.with_suffix(".idx").read_bytes()
+    return {"name": path.name, "samples": len(payloads), "tokens": len(tokens), "bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "index_sha256": hashlib.sha256(index).hexdigest(),
+            "max_token": int(tokens.max(initial=0))}
+
+
+def test_the_shard_table_holds_each_shards_facts_and_a_format_2_dataset_still_reads(random_ds, tmp_path):
+    """The table records what the shard files hold; the same facts listed in a format-2 manifest (as datasets
+    prepared before the tables have them) give the same batches and pass `megagpt data verify`."""
+    import shutil
+
+    out = shutil.copytree(random_ds[0], tmp_path / "v2")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split, info in manifest["splits"].items():
+        facts = [_shard_facts(out / f"{split}-{k:06d}.tar") for k in range(info["shards"])]
+        assert [s.model_dump() for s in Dataset(random_ds[0]).shards(split)] == facts
+        manifest["splits"][split] = {"tokens": info["tokens"], "samples": info["samples"], "shards": facts}
+        (out / f"{split}.shards.npy").unlink()
+    manifest["format_version"] = 2
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    new, old = TrainLoader(random_ds[0], 8, 4, seed=3), TrainLoader(out, 8, 4, seed=3)
+    for _ in range(20):
+        assert all(torch.equal(a, b) for a, b in zip(next(new), next(old), strict=True))
+    assert verify_main([str(out)]) == 0
+
+
+def test_the_manifest_does_not_grow_with_the_shards(tmp_path):
+    """10 or 1,000 shards: the manifest is the same size but for a few digits (the shard count, the settings);
+    the shard table grows by one fixed-size record a shard."""
+    (tmp_path / "c.txt").write_text("".join(np.random.default_rng().choice(ALPHABET, 20_000)))
+    manifest, table = {}, {}
+    for shards in (10, 1000):
+        settings = data_prep.PrepSettings(val_fraction=0.0, sample_tokens=20, chunk_chars=5000,
+                                          shard_size_mb=20_000 // shards * 2 / 2**20)  # 2-byte tokens
+        out = data_prep.prepare([tmp_path / "c.txt"], tmp_path / f"ds{shards}", settings)
+        assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"] == shards
+        assert len(list(out.glob("train-*.tar"))) == shards
+        manifest[shards] = (out / "manifest.json").stat().st_size
+        table[shards] = (out / "train.shards.npy").stat().st_size
+    assert abs(manifest[1000] - manifest[10]) <= 16, manifest
+    assert (table[1000] - table[10]) % 990 == 0 and (table[1000] - table[10]) // 990 <= 128, table
 
 
 # ---------------------------------------------------------------- prep: killed, resumed; many files; huge records
