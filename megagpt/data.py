@@ -9,8 +9,9 @@ So a checkpoint (one global position) resumes exactly, on any world size with th
 
 Start-up reads the manifest and the split's shard table (one small file, read in one go), never the shards
 and nothing per shard: a shard's identity (one stat: its size) and member index (a small side file) are checked
-the first time this process reads from the shard, and each member's sha256 the first time it is read. Local shards are memmapped (payloads are contiguous and uncompressed); shards whose names are
-URLs (`pipe:...`, `http://...`) are streamed with webdataset instead (corpus order; see docs/data.md).
+the first time this process reads from the shard, and each member's sha256 the first time it is read. Local
+shards are memmapped (payloads are contiguous and uncompressed); shards at URLs (a split's `shard_url`:
+`pipe:...`, `http://...`) are streamed with webdataset instead (corpus order; see docs/data.md).
 """
 
 from __future__ import annotations

@@ -267,12 +267,26 @@ def read_shard_table(directory: Path, split: str, info: SplitInfo) -> ShardTable
     if hashlib.sha256(raw).hexdigest() != info.table_sha256:
         raise DataError(f"{path}: does not match splits.{split}.table_sha256 in {MANIFEST}; the shard table is "
                         f"corrupt or was replaced: re-run `megagpt prep`")
-    records = np.load(io.BytesIO(raw), allow_pickle=False)
-    if records.dtype != SHARD_RECORD or records.ndim != 1 or len(records) != info.shards or (
+    records = _npy_records(raw)
+    if records is None or len(records) != info.shards or (
             int(records["tokens"].sum()), int(records["samples"].sum())) != (info.tokens, info.samples):
         raise DataError(f"{path}: {len(records)} shards whose totals differ from splits.{split} in {MANIFEST}; "
                         f"re-run `megagpt prep`")
     return ShardTable(split, records, info.shard_url)
+
+
+def _npy_records(raw: bytes) -> np.ndarray | None:
+    """The SHARD_RECORDs of a .npy file's bytes, not copied (np.load copies); None if it holds something else."""
+    stream = io.BytesIO(raw)
+    try:
+        major, _ = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(stream)
+    except ValueError:
+        return None
+    if dtype != SHARD_RECORD or len(shape) != 1 or len(raw) != stream.tell() + shape[0] * dtype.itemsize:
+        return None
+    return np.frombuffer(raw, dtype=SHARD_RECORD, count=shape[0], offset=stream.tell())
 
 
 # ---------------------------------------------------------------- shard files: identity, index, full check
