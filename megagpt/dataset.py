@@ -257,7 +257,12 @@ def read_shard_table(directory: Path, split: str, info: SplitInfo) -> ShardTable
     """A split's shard table, read in one go and checked against the manifest (its sha256, count and totals);
     a format-2 manifest's list is turned into the same table."""
     if isinstance(info.shards, list):
-        return ShardTable(split, _records([s.model_dump() for s in info.shards]), names=[s.name for s in info.shards])
+        try:
+            records = _records([s.model_dump() for s in info.shards])
+        except ValueError as e:  # a sha256 that is not 64 hex digits
+            where = Path(directory) / MANIFEST
+            raise DataError(f"{where}: splits.{split}.shards: {e}; re-run `megagpt prep`") from None
+        return ShardTable(split, records, names=[s.name for s in info.shards])
     path = Path(directory) / table_name(split)
     try:
         raw = path.read_bytes()
