@@ -275,8 +275,8 @@ def read_shard_table(directory: Path, split: str, info: SplitInfo) -> ShardTable
     records = _npy_records(raw)
     if records is None or len(records) != info.shards or (
             int(records["tokens"].sum()), int(records["samples"].sum())) != (info.tokens, info.samples):
-        raise DataError(f"{path}: {len(records)} shards whose totals differ from splits.{split} in {MANIFEST}; "
-                        f"re-run `megagpt prep`")
+        raise DataError(f"{path}: not a table of the {info.shards} shards of splits.{split} in {MANIFEST} "
+                        f"(records, count or totals differ); re-run `megagpt prep`")
     return ShardTable(split, records, info.shard_url)
 
 
