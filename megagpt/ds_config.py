@@ -33,6 +33,14 @@ def _adam_implementation(offload_optimizer: str) -> dict[str, Any]:
     return {} if offload_optimizer != "none" else {"torch_adam": True, "fused": True}
 
 
+def guard_clips(cfg: Config) -> bool:
+    """ZeRO 0 in fp32 without offload: DeepSpeed hands the gradients to torch's fused AdamW with no wrapper, and its
+    own clipping would take the norm of every gradient one by one. There megagpt's StepGuard, which computes the
+    global norm anyway, clips through the optimizer's `grad_scale` instead, and DeepSpeed's clipping is off."""
+    ds = cfg.deepspeed
+    return ds.zero_stage == 0 and cfg.train.dtype == "fp32" and ds.offload_optimizer == "none"
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     t, ds = cfg.train, cfg.deepspeed
     accum = grad_accum_steps(t, cfg.model.block_size, world_size)
@@ -45,7 +53,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.micro_batch_size * accum * world_size,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": 0.0 if guard_clips(cfg) else t.grad_clip,
         "optimizer": {
             "type": "AdamW",
             "params": {

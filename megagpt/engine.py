@@ -38,6 +38,10 @@ def build_engine(cfg: Config, dist: DistInfo, build_model, load_universal: bool 
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     groups = param_groups(model, cfg.train.weight_decay, cfg.model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    if dist.world_size == 1 and not engine.zero_optimization():
+        # one rank, ZeRO 0: nothing to reduce (DeepSpeed would flatten every gradient, all-reduce it with itself
+        # and copy it back, every step)
+        engine.enable_backward_allreduce = False
     if cfg.train.compile:
         engine.compile()
     return engine

@@ -9,9 +9,11 @@ megagpt reuses that path and closes its gaps:
     gradient, and the overflow check skips the update everywhere;
   * ZeRO 1/2 in bf16 only checks when `bf16.check_grad_overflow` is on: the guard switches it on;
   * ZeRO 0 in fp32 hands the gradients to torch's fused AdamW with no check at all: the guard computes the
-    (already all-reduced, hence identical on every rank) gradient norm and gives the optimizer a `found_inf`
-    tensor, the same on-device skip torch's GradScaler uses: weights, moments and AdamW's step count stay
-    untouched when it is 1, and nothing is read back to the host.
+    (already all-reduced, hence identical on every rank) gradient norm in one multi-tensor pass and gives the
+    optimizer a `found_inf` tensor, the same on-device skip torch's GradScaler uses: weights, moments and
+    AdamW's step count stay untouched when it is 1, and nothing is read back to the host. The same norm clips
+    the gradients (`ds_config.guard_clips`): AdamW divides them by its `grad_scale`, max(1, norm / grad_clip),
+    inside its one kernel, instead of DeepSpeed taking the norm again gradient by gradient and scaling each.
 A skipped step with a finite loss under fp16 is ordinary loss scaling, not a bad step.
 """
 
@@ -27,12 +29,16 @@ class NonFiniteTraining(UserError):
 
 
 class StepGuard:
-    def __init__(self, engine, max_bad_steps: int, fp16: bool, device: torch.device, skipped_steps: int = 0):
+    def __init__(self, engine, max_bad_steps: int, fp16: bool, device: torch.device, skipped_steps: int = 0,
+                 grad_clip: float = 0.0):
+        """`grad_clip`: the max gradient norm the guard applies (ZeRO 0 fp32, where DeepSpeed's clipping is off)."""
         self.engine, self.max_bad_steps, self.fp16 = engine, max_bad_steps, fp16
         optimizer = engine.optimizer
         self._plain_optimizer = not hasattr(optimizer, "overflow")  # ZeRO 0 fp32: torch's fused AdamW
         if self._plain_optimizer and not optimizer.defaults.get("fused"):
             raise RuntimeError("ZeRO 0 in fp32 needs torch's fused AdamW (it skips on `found_inf`)")
+        # clip here only where DeepSpeed does not (`deepspeed.extra` may have switched its clipping back on)
+        self._clip = grad_clip if self._plain_optimizer and not engine.gradient_clipping() else 0.0
         if getattr(optimizer, "check_grad_overflow", True) is False:
             optimizer.check_grad_overflow = True  # ZeRO 1/2 bf16: see the module docstring
         self._bad_in_row = torch.zeros((), dtype=torch.int64, device=device)
@@ -50,10 +56,13 @@ class StepGuard:
         """Call after the last backward of a step and before its `engine.step()`."""
         self._skipped_before = self.engine.skipped_steps
         if self._plain_optimizer:
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            optimizer = self.engine.optimizer
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
             self._plain_norm = norm
-            self.engine.optimizer.found_inf = (~torch.isfinite(norm)).float()
+            optimizer.found_inf = (~torch.isfinite(norm)).float()
+            if self._clip:  # the clip_grad_norm_ formula: scale by grad_clip / (norm + 1e-6) when that is < 1
+                optimizer.grad_scale = torch.clamp((norm + 1e-6) / self._clip, min=1.0)
 
     def after_update(self, loss: torch.Tensor) -> None:
         """Count the step as skipped and/or bad, on the device."""

@@ -132,9 +132,8 @@ def _log_train(run: Run, loss: torch.Tensor, lr: float) -> None:
               "tokens_seen": run.state.tokens_seen, "skipped_steps": run.state.skipped_steps, **run.stage.log_stats()}
     # MFU only where the peak is known (a detected GPU or logging.peak_flops): never made up on a CPU.
     peak = peak_flops(run.cfg.train.dtype, run.cfg.logging.peak_flops)
-    utilisation = mfu(tokens_per_sec, run.engine.module.flops_per_token(), run.dist.world_size, peak)
-    if utilisation is not None:
-        record["mfu"] = utilisation
+    if peak:  # MFU only where the peak is known
+        record["mfu"] = mfu(tokens_per_sec, run.engine.module.flops_per_token(), run.dist.world_size, peak)
     run.log.log(run.state.step, record)
     run.log.progress(steps, loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
 
@@ -212,7 +211,8 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
         log.info("the first step may pause while the Triton kernels autotune (minutes the first time on a "
                  "machine; the choices are then cached on disk)")
     tokens_per_step = cfg.train.micro_batch_size * accum * dist.world_size * cfg.model.block_size
-    guard = StepGuard(engine, cfg.train.max_bad_steps, cfg.train.dtype == "fp16", device, state.skipped_steps)
+    guard = StepGuard(engine, cfg.train.max_bad_steps, cfg.train.dtype == "fp16", device, state.skipped_steps,
+                      grad_clip=cfg.train.grad_clip)
     return Run(cfg, dist, run_dir, dataset, stage, engine, checkpointer, guard, log, state,
                Throughput(tokens_per_step), resumed_from, lock)
 

@@ -213,3 +213,44 @@ def test_resume_never_refuses_a_run_dir_that_has_checkpoints(shakespeare_dataset
         train(cfg, tmp_path, resume="never")
     assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing lost
     assert train(cfg, tmp_path / "fresh", resume="never").step == 2
+
+
+def _reference_losses(cfg, dataset_dir, steps: int, clip: bool) -> list[float]:
+    """Plain torch on the run's initial weights and batches: loss, backward, clip_grad_norm_ (if `clip`), AdamW."""
+    from megagpt.data import TrainLoader
+    from megagpt.engine import param_groups
+    from megagpt.model import GPT
+
+    t, model_cfg = cfg.train, cfg.model.model_copy(update={"vocab_size": 65})
+    torch.manual_seed(t.seed)
+    model = GPT(model_cfg)
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                            foreach=False)
+    batches = iter(TrainLoader(dataset_dir, model_cfg.block_size, t.micro_batch_size, 1, 0, 1, seed=t.seed))
+    out = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, t)
+        loss = model(*next(batches))[1]
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_gradients_are_clipped_to_grad_clip(shakespeare_dataset, tmp_path, zero_stage):
+    """grad_clip far below the gradient norm: the losses follow plain torch's clip_grad_norm_ + AdamW, not the
+    unclipped updates (ZeRO 0 fp32: the step guard clips through AdamW's grad_scale; ZeRO 2: DeepSpeed clips)."""
+    cfg = load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=4, sample_tokens=0, lr=1e-2,
+                                                 warmup_steps=0, grad_clip=0.05, zero_stage=zero_stage))
+    train(cfg, tmp_path)
+    got = [r["loss"] for r in train_records(tmp_path)]
+    clipped = _reference_losses(cfg, shakespeare_dataset, 4, clip=True)
+    unclipped = _reference_losses(cfg, shakespeare_dataset, 4, clip=False)
+    assert min(r["grad_norm"] for r in train_records(tmp_path)) > 10 * cfg.train.grad_clip  # clipping is active
+    assert got == pytest.approx(clipped, rel=1e-5)
+    assert abs(got[-1] - unclipped[-1]) > 100 * abs(got[-1] - clipped[-1])
