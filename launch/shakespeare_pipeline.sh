@@ -14,7 +14,7 @@
 # table is made again.
 #
 # Environment (defaults in brackets), e.g. for a quick smoke run with tiny step counts:
-#   BASE_STEPS [2000]  SFT_STEPS [1200]  REWARD_STEPS [300]  PPO_STEPS [150]  DPO_STEPS [300]
+#   BASE_STEPS [2000]  SFT_STEPS [1200]  REWARD_STEPS [300]  PPO_STEPS [150]  DPO_STEPS [150]
 #   PREFS_LIMIT [1500] questions sampled for preference pairs     EVAL_LIMIT [260] held-out prompts evaluated
 #   PYTHON [python]    the interpreter with megagpt installed
 set -euo pipefail
@@ -65,7 +65,7 @@ timed sft train shakespeare_sft_cpu.yaml sft "${SFT_STEPS:-1200}" --set "data.da
 step "4/7 preference pairs: SFT replies labelled by the real-word rule"
 if [[ ! -f $DATA/prefs/manifest.json ]]; then
     timed prefs "${MEGAGPT[@]}" prep shakespeare-prefs --sft "$OUT/sft" --qa "$DATA/qa" --out "$DATA/prefs" \
-        --limit "${PREFS_LIMIT:-1500}"
+        --samples 8 --limit "${PREFS_LIMIT:-1500}"
 fi
 
 step "5/7 reward model"
@@ -75,7 +75,7 @@ timed reward train shakespeare_reward_cpu.yaml reward "${REWARD_STEPS:-300}" \
 step "6/7 PPO and DPO"
 timed ppo train shakespeare_ppo_cpu.yaml ppo "${PPO_STEPS:-150}" --set "data.dataset_dir=$DATA/prefs" \
     --set "train.init_from=$OUT/sft" --set "align.reward_model=$OUT/reward"
-timed dpo train shakespeare_dpo_cpu.yaml dpo "${DPO_STEPS:-300}" --set "data.dataset_dir=$DATA/prefs" \
+timed dpo train shakespeare_dpo_cpu.yaml dpo "${DPO_STEPS:-150}" --set "data.dataset_dir=$DATA/prefs" \
     --set "train.init_from=$OUT/sft"
 
 step "7/7 the table: SFT, PPO and DPO on held-out prompts"
