@@ -38,6 +38,7 @@ COMMANDS = {
     ("bench", "data"): "benchmarks.data:main",
     ("bench", "train"): "benchmarks.train:main",
     ("bench", "syncs"): "benchmarks.syncs:main",
+    ("bench", "val"): "benchmarks.val:main",
 }
 HELP = {
     "prep": "corpus -> tokenizer -> webdataset shards (megagpt prep {char,sentencepiece,shakespeare,chat,"
@@ -53,7 +54,7 @@ HELP = {
     "mup": "µP: megagpt mup coord-check CONFIG --widths 64,128,... --out DIR",
     "sweep": "train every point of a grid (resumable): megagpt sweep CONFIG --grid KEY=V1,V2 ... --out DIR",
     "scaling": "scaling laws: megagpt scaling fit DIR... --out DIR | megagpt scaling predict FIT CONFIG",
-    "bench": "benchmarks: megagpt bench kernels|data|train|syncs ...",
+    "bench": "benchmarks: megagpt bench kernels|data|train|syncs|val ...",
 }
 
 

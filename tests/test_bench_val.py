@@ -1,0 +1,65 @@
+"""`megagpt bench val`: a nanoGPT-format checkpoint and a megagpt run scored on the same windows of a val.bin."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from helpers import CPU_CONFIG, tiny_overrides
+
+from benchmarks.val import main, score
+from megagpt.config import ModelConfig, load_config
+from megagpt.errors import UserError
+from megagpt.model import GPT
+from megagpt.train import train
+
+CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Tiny Shakespeare's 65, sorted
+
+
+def _val_bin(tmp_path, n=1000, chars=CHARS):
+    ids = np.random.default_rng(0).integers(0, len(chars), n).astype(np.uint16)
+    ids.tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate(chars)), "vocab_size": len(chars)}))
+    return tmp_path / "val.bin", torch.from_numpy(ids.astype(np.int64))
+
+
+def _reference(model, tokens, T):
+    """float64 cross-entropy over the non-overlapping windows, written out here."""
+    losses = []
+    model = model.double()
+    with torch.no_grad():
+        for s in range(0, len(tokens) - T - 1, T):
+            logits = model(tokens[s:s + T][None])[0][0]
+            logp = torch.log_softmax(logits.double(), -1)
+            losses.append(-logp[torch.arange(T), tokens[s + 1:s + T + 1]].mean())
+    return torch.stack(losses).mean().item(), len(losses)
+
+
+def test_a_nanogpt_checkpoint_is_scored_on_every_window(tmp_path, capsys):
+    val, tokens = _val_bin(tmp_path)
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, vocab_size=65)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**shape, dropout=0.0))
+    ckpt = {"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "model_args": shape}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    assert main([str(tmp_path / "ckpt.pt"), "--val-bin", str(val), "--block-size", "16"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1].split()
+    want, windows = _reference(model, tokens, 16)
+    assert int(line[1]) == windows == (1000 - 17) // 16 + 1
+    assert float(line[2]) == pytest.approx(want, abs=1e-4)
+
+
+def test_a_run_is_scored_and_a_vocabulary_mismatch_is_refused(shakespeare_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=2, sample_tokens=0,
+                                                 tensorboard=False)), run)
+    val, tokens = _val_bin(tmp_path)
+    from megagpt.inference import load_for_inference
+
+    model = load_for_inference(run)[0]
+    loss, windows = score(model, tokens, 32)
+    assert (loss, windows) == pytest.approx(_reference(model, tokens, 32), abs=1e-4)
+    assert main([str(run), "--val-bin", str(val), "--block-size", "32"]) == 0
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate(CHARS[::-1]))}))
+    with pytest.raises(UserError, match="vocabulary differs"):
+        main([str(run), "--val-bin", str(val), "--block-size", "32"])
