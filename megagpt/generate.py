@@ -1,4 +1,5 @@
-"""Autoregressive sampling with a KV cache: temperature, top-k, top-p, seeded."""
+"""Autoregressive sampling with a KV cache: temperature, top-k, top-p, seeded; one batch of equal-length prompts
+(`generate`) or prompts of any lengths with a generator per row (`generate_replies`)."""
 
 from __future__ import annotations
 
