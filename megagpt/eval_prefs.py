@@ -75,32 +75,40 @@ def reply_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: fl
 
 
 @torch.no_grad()
+def answer(model, tokenizer, chunk: list[list[dict]], first: int, known: set[str], reward_model, reference,
+           args) -> list[dict]:
+    """The sample records of prompts first, first + 1, ... (`chunk`), answered in one batch."""
+    end = require_chat_tokens(tokenizer)[END]
+    ids = [prompt_ids(tokenizer, check_messages(m, final_role="user"))[-(model.cfg.block_size - 1):] for m in chunk]
+    replies = sample_replies(model, ids, end, args.max_new_tokens, args.temperature,
+                             [prompt_seed(args.seed, first + k) for k in range(len(chunk))])
+    seqs, last = completion_rows([p + r for p, (r, _) in zip(ids, replies, strict=True)])
+    seqs = seqs.to(args.device)
+    mask = action_mask([len(p) for p in ids], [len(r) for r, _ in replies], seqs.size(1) - 1).to(args.device)
+    rows = []
+    for messages, (reply, stopped) in zip(chunk, replies, strict=True):
+        text = tokenizer.decode([t for t in reply if t != end])
+        rows.append({"run": "", "prompt": messages[-1]["content"], "reply": text,
+                     "real_word_rate": real_word_rate(text, known), "tokens": len(reply), "stopped": stopped})
+    if reward_model is not None:
+        for row, score in zip(rows, read_scores(reward_model(seqs)[0], last).tolist(), strict=True):
+            row["reward_model_score"] = score
+    if reference is not None:
+        kl = (reply_logprobs(model, seqs, mask, args.temperature)
+              - reply_logprobs(reference, seqs, mask, args.temperature))
+        for row, value in zip(rows, kl.tolist(), strict=True):
+            row["kl_to_reference"] = value
+    return rows
+
+
 def evaluate_run(path: Path, prompts: list[list[dict]], known: set[str], reward_model, reference, args) -> tuple:
     """(the run's row of the table, its sample records), the prompts answered --batch at a time."""
     model, tokenizer, cfg = load(path, args.device)
-    end = require_chat_tokens(tokenizer)[END]
-    rows = []
-    for first in range(0, len(prompts), args.batch):
-        chunk = prompts[first:first + args.batch]
-        ids = [prompt_ids(tokenizer, check_messages(m, final_role="user"))[-(model.cfg.block_size - 1):]
-               for m in chunk]
-        replies = sample_replies(model, ids, end, args.max_new_tokens, args.temperature,
-                                 [prompt_seed(args.seed, first + k) for k in range(len(chunk))])
-        seqs, last = completion_rows([p + r for p, (r, _) in zip(ids, replies, strict=True)])
-        seqs = seqs.to(args.device)
-        mask = action_mask([len(p) for p in ids], [len(r) for r, _ in replies], seqs.size(1) - 1).to(args.device)
-        scores = read_scores(reward_model(seqs)[0], last).tolist() if reward_model is not None else None
-        kl = (reply_logprobs(model, seqs, mask, args.temperature)
-              - reply_logprobs(reference, seqs, mask, args.temperature)).tolist() if reference is not None else None
-        for k, (messages, (reply, stopped)) in enumerate(zip(chunk, replies, strict=True)):
-            text = tokenizer.decode([t for t in reply if t != end])
-            row = {"run": str(path), "prompt": messages[-1]["content"], "reply": text,
-                   "real_word_rate": real_word_rate(text, known), "tokens": len(reply), "stopped": stopped}
-            if scores is not None:
-                row["reward_model_score"] = scores[k]
-            if kl is not None:
-                row["kl_to_reference"] = kl[k]
-            rows.append(row)
+    rows = [row for first in range(0, len(prompts), args.batch)
+            for row in answer(model, tokenizer, prompts[first:first + args.batch], first, known, reward_model,
+                              reference, args)]
+    for row in rows:
+        row["run"] = str(path)
     summary = {"run": str(path), "stage": cfg.train.stage, "prompts": len(rows)}
     for key in ("real_word_rate", "reward_model_score", "kl_to_reference"):
         if key in rows[0]:
