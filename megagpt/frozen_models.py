@@ -2,9 +2,13 @@
 rank, in eval mode, without gradients, and never handed to an optimizer.
 
 They are loaded at every start of a run, resumes included (a checkpoint holds only what trains): the reference
-from `align.reference` (default `train.init_from`, the SFT model), the reward model from `align.reward_model`. They
-are replicated on every rank (inference only, no optimizer state); under ZeRO-3 a model too large to replicate
-would need sharding, which megagpt does not do yet (docs/alignment.md).
+from `align.reference` (default `train.init_from`, the SFT model), the reward model from `align.reward_model`.
+
+Under ZeRO 0-2 they are replicated on every rank (inference only, no optimizer state). Under ZeRO-3 each is
+partitioned across the ranks like the policy, by a DeepSpeed ZeRO-3 engine without an optimizer (DeepSpeed-Chat
+holds its reference and reward models the same way): a rank keeps 1/world of their weights, gathered layer by
+layer during a forward, so models that would not fit replicated still run. Every rank must then run the same
+forwards, which the stages do (every rank scores the same number of micro-batches).
 """
 
 from __future__ import annotations
@@ -16,11 +20,21 @@ from megagpt.errors import UserError
 from megagpt.model import GPT
 
 
-def freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def freeze(model: torch.nn.Module, device: torch.device, cfg: Config) -> torch.nn.Module:
+    """The model in eval mode without gradients; under ZeRO-3 partitioned across the ranks (see above)."""
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    if cfg.deepspeed.zero_stage != 3:
+        return model
+    import deepspeed
+
+    t = cfg.train
+    ds_config = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 3}, "bf16": {"enabled": t.dtype == "bf16"},
+                 "fp16": {"enabled": t.dtype == "fp16"}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    return engine.module.eval()  # its ZeRO-3 hooks gather each layer's weights for the forward
 
 
 def reference_spec(cfg: Config) -> str:
@@ -43,7 +57,7 @@ def load_reference(cfg: Config, device: torch.device) -> GPT:
             raise ConfigError(f"align.reference={spec}: model.{key}={value!r} there, the policy has {mine!r}: the "
                               f"reference must have the policy's shape")
     try:
-        return freeze(load_into(GPT(cfg.model), source), device)
+        return freeze(load_into(GPT(cfg.model), source), device, cfg)
     except UserError as e:
         raise ConfigError(f"align.reference={spec}: {e}") from None
 
@@ -69,4 +83,4 @@ def load_reward_model(cfg: Config, device: torch.device):
     if reward_cfg.model.block_size < cfg.model.block_size:
         raise ConfigError(f"align.reward_model={spec}: block_size {reward_cfg.model.block_size} is shorter than "
                           f"the policy's {cfg.model.block_size}: it could not score the longest replies")
-    return freeze(model, device), reward_cfg
+    return freeze(model, device, cfg), reward_cfg

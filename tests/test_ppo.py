@@ -262,15 +262,33 @@ def test_interrupted_ppo_run_resumes_with_identical_statistics(chain, tmp_path):
     assert got == expected
 
 
+def test_under_zero3_the_frozen_models_are_partitioned_and_score_as_replicated(chain):
+    from megagpt.distributed import init_distributed
+
+    init_distributed(1.0)
+    sft, _, sft_cfg = load_for_inference(chain["sft"])
+    vocab = sft_cfg.model.vocab_size
+    sharded = run_config([*ppo_overrides(chain, zero_stage=3), f"model.vocab_size={vocab}"])
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = load_reference(sharded, torch.device("cpu"))
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in reference.parameters())  # only the partition
+    with torch.no_grad():
+        got, want = reference(ids)[0], sft(ids)[0]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert all(p.numel() == 0 for p in reference.parameters())  # released again after the forward
+
+
 @pytest.mark.distributed
-def test_two_ranks_zero2_ppo_equals_one_rank(chain, tmp_path):
-    """1 rank accumulating 2 micro-batches and 2 ranks with 1 each roll out the same prompts with the same seeds."""
+@pytest.mark.parametrize("zero", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_two_ranks_ppo_equals_one_rank(chain, tmp_path, zero):
+    """1 rank accumulating 2 micro-batches and 2 ranks with 1 each roll out the same prompts with the same seeds;
+    under ZeRO-3 the policy, the reference and the reward model are all partitioned across the 2 ranks."""
     def overrides(accum, zero):
         return ppo_overrides(chain, micro_batch_size=2, grad_accum_steps=accum, zero_stage=zero, max_steps=3,
                              lr=3e-3, align_rollout_minibatches=2, align_target_kl=0.5)
 
     train_run(tmp_path / "one", overrides(2, 0))
-    finish(torchrun(tmp_path / "two", overrides(1, 2), 2))
+    finish(torchrun(tmp_path / "two", overrides(1, zero), 2))
     one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two, strict=True):

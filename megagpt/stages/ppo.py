@@ -82,8 +82,12 @@ class PPOStage(LossStage):
 
     def build_model(self) -> torch.nn.Module:
         """The policy (train.init_from loads it) with the value model, which starts as the reward model."""
+        import deepspeed
+
         model = PolicyWithValue(self.cfg.model, self.value_cfg)
-        model.value.load_state_dict(self.reward_model.state_dict())
+        # under ZeRO-3 the frozen reward model is partitioned: gathered (on every rank) for the copy
+        with deepspeed.zero.GatheredParameters(list(self.reward_model.parameters())):
+            model.value.load_state_dict(self.reward_model.state_dict())
         return model
 
     # ------------------------------------------------------------ one step
