@@ -39,6 +39,10 @@ class StepGuard:
             raise RuntimeError("ZeRO 0 in fp32 needs torch's fused AdamW (it skips on `found_inf`)")
         # clip here only where DeepSpeed does not (`deepspeed.extra` may have switched its clipping back on)
         self._clip = grad_clip if self._plain_optimizer and not engine.gradient_clipping() else 0.0
+        if grad_clip and not self._plain_optimizer and not engine.gradient_clipping():
+            raise UserError("deepspeed.extra gives DeepSpeed an optimizer wrapper that megagpt's config did not "
+                            "(its ZeRO stage or dtype), so train.grad_clip would apply nowhere: set "
+                            "deepspeed.zero_stage and train.dtype instead")
         if getattr(optimizer, "check_grad_overflow", True) is False:
             optimizer.check_grad_overflow = True  # ZeRO 1/2 bf16: see the module docstring
         self._bad_in_row = torch.zeros((), dtype=torch.int64, device=device)

@@ -7,6 +7,7 @@ import torch
 from helpers import CPU_CONFIG, metrics, tiny_overrides, train_records
 
 from megagpt.config import ConfigError, load_config
+from megagpt.errors import UserError
 from megagpt.lr_schedule import lr_at
 from megagpt.sample import sample_texts
 from megagpt.train import train
@@ -254,3 +255,10 @@ def test_gradients_are_clipped_to_grad_clip(shakespeare_dataset, tmp_path, zero_
     assert min(r["grad_norm"] for r in train_records(tmp_path)) > 10 * cfg.train.grad_clip  # clipping is active
     assert got == pytest.approx(clipped, rel=1e-5)
     assert abs(got[-1] - unclipped[-1]) > 100 * abs(got[-1] - clipped[-1])
+
+
+def test_a_zero_stage_set_through_deepspeed_extra_cannot_switch_clipping_off(shakespeare_dataset, tmp_path):
+    cfg = load_config(CPU_CONFIG, [*tiny_overrides(shakespeare_dataset, max_steps=1, sample_tokens=0),
+                                   'deepspeed.extra={"zero_optimization": {"stage": 1}}'])
+    with pytest.raises(UserError, match="train.grad_clip would apply nowhere"):
+        train(cfg, tmp_path)
