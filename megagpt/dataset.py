@@ -369,7 +369,7 @@ def verify_main(argv: list[str]) -> int:
             bad_tables += 1
             print(f"megagpt data verify: {e}", file=sys.stderr)
             continue
-        shards += [table[k] for k in range(len(table))]
+        shards += list(table)
     local = [s for s in shards if not is_remote(s.name)]
     bad = 0
     for shard in tqdm(local, desc="verify", unit="shard", disable=None):

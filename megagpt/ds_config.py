@@ -72,3 +72,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     return deep_merge(config, ds.extra)
+
+
+def frozen_model_config(cfg: Config) -> dict[str, Any]:
+    """The config of a ZeRO-3 engine that only holds a frozen model (alignment's reference and reward model,
+    megagpt/frozen_models.py): partitioned weights in the run's dtype, no optimizer."""
+    t = cfg.train
+    return {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3}, "bf16": {"enabled": t.dtype == "bf16"},
+            "fp16": {"enabled": t.dtype == "fp16"}, "steps_per_print": 10**9}

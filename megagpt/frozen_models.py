@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from megagpt.config import Config, ConfigError
+from megagpt.ds_config import frozen_model_config
 from megagpt.errors import UserError
 from megagpt.model import GPT
 
@@ -29,11 +30,7 @@ def freeze(model: torch.nn.Module, device: torch.device, cfg: Config) -> torch.n
         return model
     import deepspeed
 
-    t = cfg.train
-    ds_config = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": 3}, "bf16": {"enabled": t.dtype == "bf16"},
-                 "fp16": {"enabled": t.dtype == "fp16"}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, config=frozen_model_config(cfg))
     return engine.module.eval()  # its ZeRO-3 hooks gather each layer's weights for the forward
 
 
