@@ -161,7 +161,7 @@ def test_next_epoch_is_a_different_permutation(random_ds):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_run_matches_the_uninterrupted_run(random_ds, num_workers):
     out, _ = random_ds
-    resume_step = int(np.random.default_rng().integers(1, 30))
+    resume_step = int(np.random.default_rng(1001).integers(1, 30))
     ref = TrainLoader(out, 8, 4, grad_accum_steps=2, seed=7)
     expected = [next(ref) for _ in range(2 * (resume_step + 5))][2 * resume_step:]
     first = TrainLoader(out, 8, 4, grad_accum_steps=2, seed=7, num_workers=num_workers)

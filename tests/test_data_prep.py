@@ -94,7 +94,7 @@ def _settings(**kw):
 
 
 def test_documents_are_joined_by_eos_in_input_order(tmp_path):
-    docs = _write_corpus(tmp_path / "corpus", np.random.default_rng())
+    docs = _write_corpus(tmp_path / "corpus", np.random.default_rng(1014))
     out = prepare([tmp_path / "corpus"], tmp_path / "ds", _settings(val_fraction=0.0))
     chars = sorted(set("".join(docs)))
     eos = len(chars)
@@ -110,7 +110,7 @@ def test_documents_are_joined_by_eos_in_input_order(tmp_path):
 
 @pytest.mark.parametrize("kind", ["char", "sentencepiece"])
 def test_prep_is_byte_identical_for_one_and_two_workers(tmp_path, kind):
-    _write_corpus(tmp_path / "corpus", np.random.default_rng())
+    _write_corpus(tmp_path / "corpus", np.random.default_rng(1015))
     extra = {"vocab_size": 300, "shard_size_mb": 0.0005} if kind == "sentencepiece" else {}
     one = prepare([str(tmp_path / "corpus" / "*.gz"), tmp_path / "corpus" / "a.txt"], tmp_path / "one",
                   _settings(tokenizer=kind, workers=1, **extra))
@@ -123,7 +123,7 @@ def test_prep_is_byte_identical_for_one_and_two_workers(tmp_path, kind):
 def test_rerun_after_interruption_reuses_verified_shards(tmp_path, monkeypatch):
     import data_prep.prep as prep_module
 
-    _write_corpus(tmp_path / "corpus", np.random.default_rng())
+    _write_corpus(tmp_path / "corpus", np.random.default_rng(1016))
     fresh = prepare([tmp_path / "corpus"], tmp_path / "fresh", _settings())
     written = []
     real_write = prep_module.write_shard
@@ -161,7 +161,7 @@ def test_tar_overhead_is_below_2_percent(shakespeare_path, tmp_path):
 
 
 def test_cli_char_and_existing_out(tmp_path, capsys):
-    _write_corpus(tmp_path / "corpus", np.random.default_rng())
+    _write_corpus(tmp_path / "corpus", np.random.default_rng(1017))
     args = ["char", "--input", str(tmp_path / "corpus"), "--out", str(tmp_path / "ds"),
             "--text-field", "body", "--workers", "2", "--shard-size-mb", "0.01"]
     assert prep_main(args) == 0 and (tmp_path / "ds" / "manifest.json").is_file()
