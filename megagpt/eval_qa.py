@@ -5,13 +5,16 @@ play, text that both models read in pre-training; with its `--holdout tail`, abo
 which neither model read) and reports, with greedy decoding:
   * the fine-tuned model (chat template): the stop rate (replies that end with the end-of-turn token within
     --max-new-tokens), exact-match accuracy of the speaker answers ("who"), and of the next lines ("next");
+    and, decoded as the base model's ranking is, the speaker accuracy of ranking the same candidates as its
+    whole reply (name, end-of-turn);
   * the base model, the fair baselines for a document completer:
       - few-shot generation: k solved train questions as plain text ("Who says: ...\\nSPEAKER\\n\\n"), then the
         question; the reply is what it writes up to the newline (its stop); k in 0..3, the best on 100 train
         questions (a base model with a short block_size only sees the last block_size tokens of the prompt);
       - ranking in the play's own format: each of the --candidates most frequent train speakers heads the line
         as a speech ("\\nSPEAKER:\\n<line>\\n"), and the speaker under which the base model finds the line
-        likeliest is its answer (its ceiling: the share of answers among the candidates);
+        likeliest is its answer;
+  * both rankings' ceiling: the share of answers among the candidates;
   * chance: uniform over the speakers of the held-out questions, and always the most frequent train speaker.
 """
 
@@ -64,6 +67,16 @@ def ask_chat_model(model, tokenizer, questions: list[dict], max_new_tokens: int)
     return out
 
 
+def rank_chat_answers(model, tokenizer, questions: list[dict], candidates: list[str]) -> list[str]:
+    """Per "who" question, the candidate the fine-tuned model finds likeliest as its whole reply (name, <|end|>)."""
+    end = chat_token_ids(tokenizer)[END]
+    out = []
+    for q in questions:
+        prompt = prompt_ids(tokenizer, check_messages(q["messages"][:1], final_role="user"))
+        out.append(candidates[likeliest(model, [(prompt, [*tokenizer.encode(s), end]) for s in candidates])])
+    return out
+
+
 # ---------------------------------------------------------------- the base model
 
 
@@ -84,23 +97,37 @@ def ask_completer(model, tokenizer, questions: list[dict], examples: list[dict],
     return out
 
 
-@torch.no_grad()
 def rank_speakers(model, tokenizer, questions: list[dict], candidates: list[str]) -> list[str]:
     """Per "who" question, the candidate under whose heading ("\\nSPEAKER:\\n<line>\\n") the line is likeliest."""
+    return [candidates[likeliest(model, [([], tokenizer.encode(f"\n{s}:\n{_line(q)}\n")) for s in candidates])]
+            for q in questions]
+
+
+# ---------------------------------------------------------------- ranking, for both models
+
+
+def _line(question: dict) -> str:
+    return question["messages"][0]["content"].removeprefix("Who says: ")
+
+
+@torch.no_grad()
+def likeliest(model, rows: list[tuple[list[int], list[int]]]) -> int:
+    """The index of the (prefix, continuation) row whose continuation the model finds likeliest after its prefix
+    (the sum of its tokens' log-probabilities; a row is cut to its last block_size + 1 tokens, and a row's first
+    token, having no context, is never scored)."""
     block = model.cfg.block_size
-    out = []
-    for q in questions:
-        line = q["messages"][0]["content"].removeprefix("Who says: ")
-        rows = [tokenizer.encode(f"\n{speaker}:\n{line}\n")[-(block + 1):] for speaker in candidates]
-        width = max(map(len, rows))
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row)
-        logits, _ = model(ids[:, :-1])
-        logp = -F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (rows, width-1)
-        valid = torch.arange(width - 1)[None, :] < torch.tensor([len(r) - 1 for r in rows])[:, None]
-        out.append(candidates[int((logp * valid).sum(dim=1).argmax())])
-    return out
+    cut = [(prefix + cont)[-(block + 1):] for prefix, cont in rows]
+    width = max(map(len, cut))
+    ids = torch.zeros(len(cut), width, dtype=torch.long)
+    for i, row in enumerate(cut):
+        ids[i, :len(row)] = torch.tensor(row)
+    logits, _ = model(ids[:, :-1])
+    logp = -F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (rows, width-1)
+    target = torch.arange(1, width)[None, :]  # the position each log-probability scores
+    ends = torch.tensor([len(row) for row in cut])[:, None]
+    scored = [min(len(cont), len(row) - 1) for (_, cont), row in zip(rows, cut, strict=True)]
+    starts = ends - torch.tensor(scored)[:, None]
+    return int((logp * ((target >= starts) & (target < ends))).sum(dim=1).argmax())
 
 
 # ---------------------------------------------------------------- scoring and the report
@@ -129,24 +156,34 @@ def evaluate(run_dir, data_dir, base=None, limit: int = 400, max_new_tokens: int
                         f"`train.stage: sft`")
     replies_who = ask_chat_model(model, tokenizer, who, max_new_tokens)
     replies_next = ask_chat_model(model, tokenizer, following, max_new_tokens)
-    train_who = [q["answer"] for q in train if q["kind"] == "who"]
-    most_common = Counter(train_who).most_common(1)[0][0]
+    train_who = Counter(q["answer"] for q in train if q["kind"] == "who")
+    most_common = train_who.most_common(1)[0][0]
+    speakers = [s for s, _ in train_who.most_common(candidates)]
     report = {"run_dir": str(run_dir), "holdout": holdout(data_dir),
               "questions": {"who": len(who), "next": len(following)},
               "finetuned": {"stop_rate": stop_rate(replies_who + replies_next), "speaker_accuracy":
-                            exact(replies_who, who), "next_line_accuracy": exact(replies_next, following)},
+                            exact(replies_who, who), "next_line_accuracy": exact(replies_next, following),
+                            "ranking_speaker_accuracy": hit_rate(rank_chat_answers(model, tokenizer, who, speakers),
+                                                                 who)},
+              "ranking": {"candidates": len(speakers), "coverage": hit_rate(None, who, speakers)},
               "chance": {"uniform": 1 / len({q["answer"] for q in who}),
                          "most_frequent_train_speaker": most_common,
-                         "always_most_frequent": sum(q["answer"] == most_common for q in who) / len(who)}}
+                         "always_most_frequent": hit_rate([most_common] * len(who), who)}}
     base = base or cfg.train.init_from
     if base:
         path, base_step = parse_spec(str(base))
-        report["base"] = evaluate_base(path, base_step, device, train, who, max_new_tokens,
-                                       [s for s, _ in Counter(train_who).most_common(candidates)], seed)
+        report["base"] = evaluate_base(path, base_step, device, train, who, max_new_tokens, speakers, seed)
     report["examples"] = [{"question": q["messages"][0]["content"], "answer": q["answer"], "reply": r}
                           for q, (r, _) in list(zip(who, replies_who, strict=True))[:3]
                           + list(zip(following, replies_next, strict=True))[:3]]
     return report
+
+
+def hit_rate(answers: list[str] | None, questions: list[dict], among: list[str] | None = None) -> float:
+    """The share of questions answered right by `answers`, or (answers None) whose answer is `among` a list."""
+    if answers is None:
+        return sum(q["answer"] in among for q in questions) / len(questions)
+    return sum(a == q["answer"] for a, q in zip(answers, questions, strict=True)) / len(questions)
 
 
 def evaluate_base(path: Path, step: int | None, device: str, train: list[dict], who: list[dict],
@@ -159,12 +196,9 @@ def evaluate_base(path: Path, step: int | None, device: str, train: list[dict], 
     by_shots = {k: exact(ask_completer(model, tokenizer, dev, examples[:k], max_new_tokens), dev) for k in SHOTS}
     best = max(SHOTS, key=lambda k: (by_shots[k], -k))
     replies = ask_completer(model, tokenizer, who, examples[:best], max_new_tokens)
-    ranked = rank_speakers(model, tokenizer, who, candidates)
-    coverage = sum(q["answer"] in candidates for q in who) / len(who)
     return {"path": str(path), "few_shot_k": best, "few_shot_dev_accuracy": by_shots,
             "few_shot_stop_rate": stop_rate(replies), "few_shot_speaker_accuracy": exact(replies, who),
-            "ranking_candidates": len(candidates), "ranking_coverage": coverage,
-            "ranking_speaker_accuracy": sum(r == q["answer"] for r, q in zip(ranked, who, strict=True)) / len(who)}
+            "ranking_speaker_accuracy": hit_rate(rank_speakers(model, tokenizer, who, candidates), who)}
 
 
 def holdout(data_dir: str | Path) -> str:
@@ -181,14 +215,17 @@ def format_report(r: dict) -> str:
              f"  stop rate (end-of-turn within --max-new-tokens)  {f['stop_rate']:.1%}",
              f"  speaker exact match                              {f['speaker_accuracy']:.1%}",
              f"  next line exact match                            {f['next_line_accuracy']:.1%}"]
+    k = r["ranking"]
+    lines += [f"  ranking the {k['candidates']} most frequent train speakers as its reply: speaker accuracy "
+              f"{f['ranking_speaker_accuracy']:.1%}"]
     if "base" in r:
         b = r["base"]
         lines += [f"base {b['path']}:",
                   f"  few-shot generation (k={b['few_shot_k']}): stop rate {b['few_shot_stop_rate']:.1%}, "
                   f"speaker exact match {b['few_shot_speaker_accuracy']:.1%}",
-                  f"  ranking {b['ranking_candidates']} speakers in the play's format: speaker accuracy "
-                  f"{b['ranking_speaker_accuracy']:.1%} (the answer is among them for "
-                  f"{b['ranking_coverage']:.1%})"]
+                  f"  ranking the same {k['candidates']} speakers in the play's format: speaker accuracy "
+                  f"{b['ranking_speaker_accuracy']:.1%}"]
+    lines += [f"rankings' ceiling: the answer is among the {k['candidates']} candidates for {k['coverage']:.1%}"]
     lines += [f"chance: uniform over the {round(1 / c['uniform'])} speakers {c['uniform']:.1%}; always "
               f"{c['most_frequent_train_speaker']} (the most frequent train speaker) {c['always_most_frequent']:.1%}"]
     lines += [f"  e.g. {e['question']!r} -> {e['reply']!r} (answer {e['answer']!r})" for e in r["examples"]]

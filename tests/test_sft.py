@@ -389,11 +389,31 @@ def test_eval_qa_reports_what_the_models_answer(qa, source, tmp_path, capsys):
     assert got["finetuned"]["stop_rate"] == pytest.approx(sum(stopped for _, stopped in replies) / 10)
     hits = [tokenizer.decode(r).strip() == q["answer"] for (r, _), q in zip(replies, asked, strict=True)]
     assert got["finetuned"]["speaker_accuracy"] == pytest.approx(sum(hits[:5]) / 5)
-    assert got["base"]["path"] == str(source) and got["base"]["ranking_candidates"] == 4
     train_who = [q["answer"] for q in load_questions(qa, "train") if q["kind"] == "who"]
     top4 = [speaker for speaker, _ in Counter(train_who).most_common(4)]
-    assert got["base"]["ranking_coverage"] == pytest.approx(sum(q["answer"] in top4 for q in asked[:5]) / 5)
+    assert got["ranking"] == {"candidates": 4,
+                              "coverage": pytest.approx(sum(q["answer"] in top4 for q in asked[:5]) / 5)}
+    # both rankings, row by row in float64: the fine-tuned model scores "NAME<|end|>" as its reply, the base
+    # model the whole "\nNAME:\n<line>\n" as a speech
+    ranked = [max(top4, key=lambda s: _logprob(model, chat_prompt(tokenizer, q["messages"][0]["content"]),
+                                               [*tokenizer.encode(s), end])) for q in asked[:5]]
+    assert got["finetuned"]["ranking_speaker_accuracy"] == pytest.approx(
+        sum(r == q["answer"] for r, q in zip(ranked, asked, strict=False)) / 5)
+    base, base_tok, _ = load_for_inference(source)
+    lines = [q["messages"][0]["content"].removeprefix("Who says: ") for q in asked[:5]]
+    ranked = [max(top4, key=lambda s: _logprob(base, [], base_tok.encode(f"\n{s}:\n{line}\n"))) for line in lines]
+    assert got["base"]["path"] == str(source) and got["base"]["ranking_speaker_accuracy"] == pytest.approx(
+        sum(r == q["answer"] for r, q in zip(ranked, asked, strict=False)) / 5)
     assert got["chance"]["uniform"] == pytest.approx(1 / len({q["answer"] for q in asked[:5]}))
     assert got["holdout"] == "speeches"
     assert 0 <= got["base"]["few_shot_speaker_accuracy"] <= 1 and got["base"]["few_shot_k"] in (0, 1, 2, 3)
     assert "speaker exact match" in capsys.readouterr().out
+
+
+def _logprob(model, prefix, continuation):
+    """log P(continuation | prefix) in float64, one row, cut to the model's last block_size + 1 tokens."""
+    row = (prefix + continuation)[-(model.cfg.block_size + 1):]
+    with torch.no_grad():
+        logits = model(torch.tensor([row[:-1]]))[0][0].double()
+    logp = torch.log_softmax(logits, -1)[torch.arange(len(row) - 1), torch.tensor(row[1:])]
+    return float(logp[-min(len(continuation), len(row) - 1):].sum())
