@@ -55,7 +55,9 @@ def test_sigterm_on_one_rank_saves_exits_zero_and_resumes_exactly(uninterrupted,
     assert losses(run_dir) == {step: uninterrupted[step] for step in range(1, end + 1)}
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
+# ZeRO 1 is left out here: DeepSpeed runs stages 1 and 2 through one optimizer (DeepSpeedZeroOptimizer) with one
+# checkpoint layout and one universal conversion, and this test is 35 s of CI a stage
+@pytest.mark.parametrize("zero_stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_resume_on_three_then_one_rank_continues_the_same_run(zero_stage, shakespeare_dataset, tmp_path):
     """Saved on 2 ranks (accum 3), resumed on 3 (accum 2) via a universal checkpoint, then on 1 (accum 6)."""
     def overrides(max_steps):
