@@ -20,39 +20,23 @@ The tokenizer is another dir's (a dataset, run or export dir, or a GPT-2 folder)
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
-import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.chat import (
-    CHAT_SUFFIXES,
-    _known_chars,
-    _lines,
-    base_tokenizer,
-    chat_tokenizer,
-    seal_dataset,
-    split_indices,
-)
-from data_prep.sources import expand_inputs
+from data_prep.chat import CHAT_SUFFIXES, _known_chars, _lines
+from data_prep.sample_dataset import SampleKind, SampleSettings, add_options, prepare_samples, settings_of
 from megagpt.chat_template import ConversationError, Encoded, check_messages, encode_conversation
-from megagpt.dataset import sha256_file, shard_name, token_dtype_for
 from megagpt.errors import UserError
 
 SIDES = ("chosen", "rejected")
 
 
 @dataclass
-class PreferenceSettings:
-    val_fraction: float = 0.05  # of the pairs, drawn at random (seeded); ignored with val inputs
-    max_length: int | None = None  # tokens per completion (prompt + reply); longer pairs are dropped
-    unknown_chars: str = "error"  # char tokenizers: error | drop characters outside the vocabulary
-    seed: int = 1337
-    shard_size_mb: float = 256.0
+class PreferenceSettings(SampleSettings):
+    """max_length: tokens per completion (prompt + reply); pairs with a longer one are dropped."""
 
 
 @dataclass
@@ -68,6 +52,10 @@ class PreferenceSummary:
         return (f"{p['train'] + p['val']} pairs (train {p['train']}, val {p['val']}), {self.tokens} tokens; "
                 f"dropped: {self.too_long} longer than --max-length, {self.identical} with identical replies; "
                 f"{self.dropped_chars} unknown characters dropped")
+
+    def count(self, split: str, pairs: list[Pair]) -> None:
+        self.pairs[split] = len(pairs)
+        self.tokens += sum(len(p.chosen.ids) + len(p.rejected.ids) for p in pairs)
 
 
 @dataclass
@@ -147,36 +135,15 @@ def read_pairs(paths: list[Path], tokenizer, settings: PreferenceSettings, summa
     return out
 
 
-# ---------------------------------------------------------------- shards and manifest
+# ---------------------------------------------------------------- the dataset dir
 
 
-def write_split(pairs: list[Pair], split: str, out: Path, dtype: str, shard_bytes: int) -> list[dict]:
-    """The split's tars (a new one once shard_bytes of payload is reached; at least one) and their entries."""
-    groups, size = [[]], 0
-    for pair in pairs:
-        if groups[-1] and size >= shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(pair)
-        size += (len(pair.chosen.ids) + len(pair.rejected.ids)) * (np.dtype(dtype).itemsize + 1)
-    return [_write_tar(group, out / shard_name(split, k), dtype) for k, group in enumerate(groups)]
+def _sides(pair: Pair) -> list[tuple[str, Encoded]]:
+    """A pair's completions in tar order: the members `<key>.chosen.*`, then `<key>.rejected.*`."""
+    return [(f"{side}.", getattr(pair, side)) for side in SIDES]
 
 
-def _write_tar(pairs: list[Pair], path: Path, dtype: str) -> dict:
-    """A reproducible tar (fixed mtime, owner and mode): the same pairs give the same bytes."""
-    little = np.dtype(dtype).newbyteorder("<")
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for i, pair in enumerate(pairs):
-            for side, encoded in zip(SIDES, (pair.chosen, pair.rejected), strict=True):
-                for member, payload in (("tokens", encoded.ids.astype(little).tobytes()),
-                                        ("mask", encoded.mask.astype(np.uint8).tobytes())):
-                    info = tarfile.TarInfo(f"{i:06d}.{side}.{member}")
-                    info.size, info.mtime, info.mode = len(payload), 0, 0o444
-                    info.uname = info.gname = "megagpt"
-                    tar.addfile(info, io.BytesIO(payload))
-    tokens = int(sum(len(p.chosen.ids) + len(p.rejected.ids) for p in pairs))
-    return {"name": path.name, "samples": len(pairs), "tokens": tokens, "bytes": path.stat().st_size,
-            "sha256": sha256_file(path)}
+PREFERENCES = SampleKind("preferences", "pair", read_pairs, _sides, min_length=3)
 
 
 def prepare_preferences(inputs: list[str | Path], out_dir: str | Path, tokenizer_dir: str | Path | None,
@@ -186,78 +153,27 @@ def prepare_preferences(inputs: list[str | Path], out_dir: str | Path, tokenizer
     """Write the preferences dataset dir (via <out>.partial, renamed when complete); its path and the summary.
 
     The base tokenizer is tokenizer_dir's, or `base` = (tokenizer, its file) when given."""
-    settings = settings or PreferenceSettings()
-    _check(settings)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise UserError(f"--out {out_dir}: already exists; pass --force to replace it")
-    base, base_file = base or base_tokenizer(tokenizer_dir)
-    tokenizer = chat_tokenizer(base)
     summary = PreferenceSummary()
-    paths = expand_inputs(inputs)
-    pairs = read_pairs(paths, tokenizer, settings, summary)
-    if val_inputs:
-        val_paths = expand_inputs(val_inputs)
-        splits = {"train": pairs, "val": read_pairs(val_paths, tokenizer, settings, summary)}
-        paths += val_paths
-    else:
-        train, val = split_indices(len(pairs), settings.val_fraction, settings.seed)
-        splits = {"train": [pairs[i] for i in train], "val": [pairs[i] for i in val]}
-    if not splits["train"]:
-        raise UserError(f"--input {' '.join(map(str, inputs))}: no pair left for the train split ({summary.line()})")
-    work = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    dtype = token_dtype_for(tokenizer.vocab_size)
-    shard_bytes = int(settings.shard_size_mb * (1 << 20))
-    written = {name: write_split(items, name, work, dtype, shard_bytes) for name, items in splits.items()}
-    for name, items in splits.items():
-        summary.pairs[name] = len(items)
-        summary.tokens += sum(len(p.chosen.ids) + len(p.rejected.ids) for p in items)
-    seal_dataset(work, out_dir, "preferences", (base, base_file, tokenizer), dtype, written, paths,
-                 {"summary": asdict(summary)},
-                 {**asdict(settings), "tokenizer_from": str(tokenizer_dir or base_file), **(extra_settings or {})})
-    return out_dir, summary
-
-
-def _check(s: PreferenceSettings) -> None:
-    if not 0.0 <= s.val_fraction < 1.0:
-        raise UserError(f"--val-fraction {s.val_fraction}: must be in [0, 1)")
-    if s.max_length is not None and s.max_length < 3:
-        raise UserError(f"--max-length {s.max_length}: must be at least 3 tokens")
-    if s.unknown_chars not in ("error", "drop"):
-        raise UserError(f"--unknown-chars {s.unknown_chars!r}: expected error or drop")
-    if s.shard_size_mb <= 0:
-        raise UserError(f"--shard-size-mb {s.shard_size_mb}: must be positive")
+    out = prepare_samples(PREFERENCES, inputs, out_dir, tokenizer_dir, settings or PreferenceSettings(), summary,
+                          val_inputs, force, extra_settings, base)
+    return out, summary
 
 
 # ---------------------------------------------------------------- the command line
 
 
 def add_parser(sub) -> None:
-    d = PreferenceSettings()
     p = sub.add_parser("preferences", help="preference pairs (.jsonl {\"prompt\", \"chosen\", \"rejected\"}) -> a "
                        "dataset for the reward, dpo and ppo stages", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, nargs="+", help=".jsonl or .jsonl.gz files (or dirs, globs)")
-    p.add_argument("--tokenizer", required=True,
-                   help="a dataset, run or export dir (e.g. the SFT run), or a Hugging Face GPT-2 folder")
-    p.add_argument("--out", required=True, help="dataset dir to create (via DIR.partial, then renamed)")
-    p.add_argument("--val-input", nargs="+", help="pairs for the val split (instead of --val-fraction)")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="the share of pairs drawn at random for the val split")
-    p.add_argument("--max-length", type=int, default=d.max_length,
-                   help="tokens per completion, prompt included (e.g. block_size + 1); longer pairs are dropped")
-    p.add_argument("--unknown-chars", choices=["error", "drop"], default=d.unknown_chars,
-                   help="char tokenizers: characters outside the vocabulary are an error, or dropped")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--shard-size-mb", type=float, default=d.shard_size_mb)
-    p.add_argument("--force", action="store_true", help="replace --out when it already exists")
+    add_options(p, PreferenceSettings(), "pairs",
+                tokenizer_help="a dataset, run or export dir (e.g. the SFT run), or a Hugging Face GPT-2 folder",
+                max_length_help="tokens per completion, prompt included (e.g. block_size + 1); longer pairs are "
+                                "dropped")
     p.set_defaults(run=run)
 
 
 def run(args) -> Path:
-    settings = PreferenceSettings(args.val_fraction, args.max_length, args.unknown_chars, args.seed,
-                                  args.shard_size_mb)
-    out, summary = prepare_preferences(args.input, args.out, args.tokenizer, settings, args.val_input, args.force)
+    out, summary = prepare_preferences(args.input, args.out, args.tokenizer, settings_of(args, PreferenceSettings),
+                                       args.val_input, args.force)
     print(f"megagpt prep preferences: {summary.line()}")
     return out
