@@ -1,20 +1,22 @@
-"""The chat data loader: a `chat` dataset's conversations as exact, resumable, rank-sliced (x, y) batches.
+"""The chat data loader, and the per-sample shard reading and loader order the preference loader shares.
 
-One conversation per row, never two: a row is a conversation's tokens, then padding up to the longest row of its
-micro-batch (at most block_size). Attention is causal, so a token sees only its own conversation's earlier
-tokens: the padding after it is invisible to it and nothing crosses rows (tests/test_sft.py checks the logits).
-Targets are -1 (ignored by the loss) wherever the loss mask is 0 and on the padding: y[t] = tokens[t+1] where
-mask[t+1] is 1. A conversation longer than block_size + 1 is cut there (prep's --max-length avoids that).
+ChatLoader: a `chat` dataset's conversations as exact, resumable, rank-sliced (x, y) batches. One conversation per
+row, never two: a row is a conversation's tokens, then padding up to the longest row of its micro-batch (at most
+block_size). Attention is causal, so a token sees only its own conversation's earlier tokens: the padding after it
+is invisible to it and nothing crosses rows (tests/test_sft.py checks the logits). Targets are -1 (ignored by the
+loss) wherever the loss mask is 0 and on the padding: y[t] = tokens[t+1] where mask[t+1] is 1. A conversation longer
+than block_size + 1 is cut there (prep's --max-length avoids that).
 
-The order is the pre-training loader's (megagpt/data.py), with a conversation in the place of a window:
-global position p -> conversation order(seed, p // N)(p % N) (data.py's WindowOrder); step s uses positions
-[s*G, (s+1)*G), G = micro_batch_size * grad_accum_steps * world_size, and rank r its contiguous slice
-(RankSampler). So a checkpoint resumes exactly, and 2 ranks see the micro-batches that 1 rank with twice the
-accumulation sees.
+The order (SampleLoader, megagpt/preference_data.py's too) is the pre-training loader's (megagpt/data.py), with a
+sample in the place of a window: global position p -> sample order(seed, p // N)(p % N) (data.py's WindowOrder);
+step s uses positions [s*G, (s+1)*G), G = micro_batch_size * grad_accum_steps * world_size, and rank r its
+contiguous slice (RankSampler). So a checkpoint resumes exactly, and 2 ranks see the micro-batches that 1 rank with
+twice the accumulation sees.
 
-Shards: each sample holds `<key>.tokens` (little-endian ids in the manifest's token_dtype) and `<key>.mask`
-(one uint8 per token), written by data_prep/chat.py; read by random access (members indexed once, the file
-np.memmap'ed), each shard's sha256 checked against the manifest when it is opened.
+Shards (SampleShards): each sample holds `<key>.tokens` (little-endian ids in the manifest's token_dtype) and
+`<key>.mask` (one uint8 per token), a pair `<key>.chosen.*` and `<key>.rejected.*`, as data_prep/sample_dataset.py
+writes them; read by random access (members indexed once, the file np.memmap'ed), each shard's sha256 checked
+against the manifest when it is opened.
 """
 
 from __future__ import annotations
@@ -30,45 +32,68 @@ from megagpt.dataset import DataError, Dataset, sha256_file
 from megagpt.distributed import warn_once
 
 STATE_VERSION = 1
-TOKENS, MASK = "tokens", "mask"  # the two members of a sample
+TOKENS, MASK = "tokens", "mask"  # the two members of a sequence
 
 
-class Conversations:
-    """A split's conversations: (ids, mask) by index, from the shards' members (checked once, memmapped)."""
+class SampleShards:
+    """A split's samples of a per-sample dataset, from its shards (checked once against the manifest, memmapped).
+
+    `index` holds per sample its shard, then per sequence (one in a conversation, two in a pair) its token byte
+    offset, token count and mask byte offset; `lengths`, each sample's longest sequence."""
+
+    kind: str  # the dataset kind read
+    reader: str  # who reads it, for the wrong-kind error
+    noun: str  # one sample, for errors
+    sequence: str  # one sequence, for errors
+    sequences: int  # per sample
 
     def __init__(self, dataset: Dataset, split: str):
-        if dataset.kind != "chat":
-            raise DataError(f"{dataset.dir}: a dataset of kind {dataset.kind!r}; the sft stage reads kind 'chat' "
-                            f"(prepare it with `megagpt prep chat`)")
+        if dataset.kind != self.kind:
+            raise DataError(f"{dataset.dir}: a dataset of kind {dataset.kind!r}; {self.reader} reads kind "
+                            f"{self.kind!r} (prepare it with `megagpt prep {self.kind}`)")
         self.dir, self.vocab_size = dataset.dir, dataset.vocab_size
         self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
-        self.files, index = [], []
+        self.files, index, m = [], [], self.sequences
         for k, shard in enumerate(dataset.shards(split)):
-            path = dataset.dir / shard.name
-            samples = _index_shard(path, self.dtype.itemsize)
-            if len(samples) != shard.samples or sum(n for _, n, _ in samples) != shard.tokens:
-                raise DataError(f"{path}: {len(samples)} conversations / {sum(n for _, n, _ in samples)} tokens, "
-                                f"the manifest says {shard.samples} / {shard.tokens}: re-run `megagpt prep chat`")
-            digest = sha256_file(path)
-            if digest != shard.sha256:
-                raise DataError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
-                                f"{shard.sha256[:12]}...; the shard is corrupt or was replaced: re-run prep")
-            self.files.append(np.memmap(path, dtype=np.uint8, mode="r"))
-            index += [(k, *sample) for sample in samples]
-        self.index = np.asarray(index, dtype=np.int64).reshape(-1, 4)  # shard, token byte offset, length, mask off
-        self.lengths = self.index[:, 2]
+            sequences = self._open(dataset.dir / shard.name, shard)
+            index += [(k, *(v for seq in sequences[j:j + m] for v in seq)) for j in range(0, len(sequences), m)]
+        self.index = np.asarray(index, dtype=np.int64).reshape(-1, 1 + 3 * m)
+        self.lengths = self.index[:, 2::3].max(axis=1)
+
+    def _open(self, path: Path, shard) -> list[tuple[int, int, int]]:
+        """The shard's sequences (checked against its manifest entry), its file memmapped into self.files."""
+        sequences = _index_shard(path, self.dtype.itemsize)
+        tokens = sum(n for _, n, _ in sequences)
+        if len(sequences) != self.sequences * shard.samples or tokens != shard.tokens:
+            raise DataError(f"{path}: {len(sequences)} {self.sequence}s / {tokens} tokens, the manifest says "
+                            f"{shard.samples} {self.noun}s / {shard.tokens} tokens: re-run `megagpt prep {self.kind}`")
+        digest = sha256_file(path)
+        if digest != shard.sha256:
+            raise DataError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
+                            f"{shard.sha256[:12]}...; the shard is corrupt or was replaced: re-run prep")
+        self.files.append(np.memmap(path, dtype=np.uint8, mode="r"))
+        return sequences
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        k, offset, n, mask_offset = (int(v) for v in self.index[i])
+    def _sequence(self, i: int, k: int, offset: int, n: int, mask_offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of a sequence of sample i, at offset in shard k."""
         data = self.files[k]
         ids = data[offset:offset + n * self.dtype.itemsize].view(self.dtype)
         if n and int(ids.max()) >= self.vocab_size:
             raise DataError(f"{self.dir}: token id {int(ids.max())} >= vocab_size {self.vocab_size} in "
-                            f"conversation {i}; the shard does not belong to this manifest's tokenizer")
+                            f"{self.noun} {i}; the shard does not belong to this manifest's tokenizer")
         return ids, data[mask_offset:mask_offset + n]
+
+
+class Conversations(SampleShards):
+    """A split's conversations: (ids, mask) by index."""
+
+    kind, reader, noun, sequence, sequences = "chat", "the sft stage", "conversation", "conversation", 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._sequence(i, *(int(v) for v in self.index[i]))
 
 
 def _index_shard(path: Path, itemsize: int) -> list[tuple[int, int, int]]:
@@ -104,69 +129,110 @@ def to_rows(samples: list[tuple[np.ndarray, np.ndarray]], block_size: int) -> tu
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-class ChatLoader:
-    """Infinite iterator of (x, y) torch.long CPU tensors (micro_batch_size, T <= block_size) for this rank."""
+class SampleLoader:
+    """Infinite iterator of this rank's micro-batches of a split's samples, in the global order (RankSampler over
+    WindowOrder positions), exactly resumable; a subclass says what a micro-batch is (`collate`)."""
 
-    def __init__(self, dataset: Dataset, block_size: int, micro_batch_size: int, grad_accum_steps: int = 1,
-                 rank: int = 0, world_size: int = 1, seed: int = 1337):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.conversations = Conversations(dataset, "train")
-        if len(self.conversations) == 0:
-            raise DataError(f"{dataset.dir}: the train split holds no conversations")
-        self.block_size, self.seed = block_size, seed
+    state_kind: str | None = None  # the "kind" its state names (None: the chat loader's, which names none)
+
+    def __init__(self, samples: SampleShards, block_size: int, micro_batch_size: int, grad_accum_steps: int,
+                 rank: int, world_size: int, seed: int):
+        if len(samples) == 0:
+            raise DataError(f"{samples.dir}: the train split holds no {samples.noun}s")
+        self.samples, self.block_size, self.seed = samples, block_size, seed
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.rank, self.world_size = rank, world_size
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
-        self.order = WindowOrder(len(self.conversations), seed)  # the pre-training loader's shuffle
+        self.order = WindowOrder(len(samples), seed)  # the pre-training loader's shuffle
         self.step, self.micro = 0, 0
         self._positions = None
-        too_long = int((self.conversations.lengths > block_size + 1).sum())
-        if too_long:
-            warn_once(f"{dataset.dir}: {too_long} of {len(self.conversations)} conversations are longer than "
-                      f"block_size + 1 = {block_size + 1} tokens and are cut there; re-prepare with "
-                      f"`megagpt prep chat --max-length {block_size + 1}` to cut them at turn boundaries")
 
     @property
     def num_samples(self) -> int:
-        return len(self.conversations)
+        return len(self.samples)
+
+    def too_long(self) -> int:
+        """How many samples have a sequence longer than block_size + 1 tokens (cut there)."""
+        return int((self.samples.lengths > self.block_size + 1).sum())
+
+    def collate(self, samples: list):
+        raise NotImplementedError
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self):
         if self._positions is None:
             self._positions = iter(RankSampler(self.micro_batch_size, self.grad_accum_steps, self.rank,
                                                self.world_size, self.step, self.micro))
         indices = self.order.window_ids(np.asarray(next(self._positions)))
-        batch = to_rows([self.conversations[int(i)] for i in indices], self.block_size)
+        batch = self.collate([self.samples[int(i)] for i in indices])
         self.micro += 1
         if self.micro == self.grad_accum_steps:
             self.step, self.micro = self.step + 1, 0
         return batch
 
     def state_dict(self) -> dict:
-        consumed = self.step * self.global_batch
-        return {"format_version": STATE_VERSION, "seed": self.seed, "samples_consumed": consumed,
-                "epoch": consumed // self.num_samples, "micro_batches_into_step": self.micro,
+        kind = {} if self.state_kind is None else {"kind": self.state_kind}
+        return {"format_version": STATE_VERSION, **kind, "seed": self.seed,
+                "samples_consumed": self.step * self.global_batch, "micro_batches_into_step": self.micro,
                 "global_batch_samples": self.global_batch, "num_samples": self.num_samples,
                 "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the same global sequence; the world size may change when G (the global batch) does not."""
-        if state.get("format_version") != STATE_VERSION or "samples_consumed" not in state:
-            raise DataError(f"chat loader state {state.get('format_version')!r} is not this loader's "
-                            f"(version {STATE_VERSION}): was the checkpoint written by another stage?")
-        for key, mine in (("seed", self.seed), ("num_samples", self.num_samples)):
-            if state[key] != mine:
-                raise DataError(f"cannot resume the data order: saved {key}={state[key]}, now {mine}")
-        consumed, micro = state["samples_consumed"], state["micro_batches_into_step"]
-        if consumed % self.global_batch or (micro and (state["global_batch_samples"] != self.global_batch
-                                                       or state["world_size"] != self.world_size)):
-            raise DataError(f"cannot resume exactly: {consumed} conversations consumed (+{micro} micro-batches) "
-                            f"with a global batch of {state['global_batch_samples']}, now {self.global_batch}")
-        self.step, self.micro = consumed // self.global_batch, micro
+        self.step, self.micro = resume_position(state, self.state_kind, self.seed, self.num_samples,
+                                                self.global_batch, self.world_size)
         self._positions = None
+
+
+def resume_position(state: dict, kind: str | None, seed: int, num_samples: int, global_batch: int,
+                    world_size: int) -> tuple[int, int]:
+    """(step, micro) to continue a saved sequence; the world size may change when the global batch does not.
+
+    kind: the "kind" the state must name; None for the chat loader's state, which names none."""
+    if kind is None and (state.get("format_version") != STATE_VERSION or "samples_consumed" not in state):
+        raise DataError(f"chat loader state {state.get('format_version')!r} is not this loader's (version "
+                        f"{STATE_VERSION}): was the checkpoint written by another stage?")
+    if kind is not None and (state.get("format_version") != STATE_VERSION or state.get("kind") != kind):
+        raise DataError(f"data loader state {state.get('kind')!r} v{state.get('format_version')!r} is not this "
+                        f"stage's ({kind!r} v{STATE_VERSION}): was the checkpoint written by another stage?")
+    for key, mine in (("seed", seed), ("num_samples", num_samples)):
+        if state[key] != mine:
+            raise DataError(f"cannot resume the data order: saved {key}={state[key]}, now {mine}")
+    consumed, micro = state["samples_consumed"], state["micro_batches_into_step"]
+    if consumed % global_batch or (micro and (state["global_batch_samples"] != global_batch
+                                              or state["world_size"] != world_size)):
+        raise DataError(f"cannot resume exactly: {consumed} samples consumed (+{micro} micro-batches) with a "
+                        f"global batch of {state['global_batch_samples']}, now {global_batch}")
+    return consumed // global_batch, micro
+
+
+class ChatLoader(SampleLoader):
+    """Infinite iterator of (x, y) torch.long CPU tensors (micro_batch_size, T <= block_size) for this rank."""
+
+    def __init__(self, dataset: Dataset, block_size: int, micro_batch_size: int, grad_accum_steps: int = 1,
+                 rank: int = 0, world_size: int = 1, seed: int = 1337):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        super().__init__(Conversations(dataset, "train"), block_size, micro_batch_size, grad_accum_steps, rank,
+                         world_size, seed)
+        too_long = self.too_long()
+        if too_long:
+            warn_once(f"{dataset.dir}: {too_long} of {len(self.conversations)} conversations are longer than "
+                      f"block_size + 1 = {block_size + 1} tokens and are cut there; re-prepare with "
+                      f"`megagpt prep chat --max-length {block_size + 1}` to cut them at turn boundaries")
+
+    @property
+    def conversations(self) -> Conversations:
+        return self.samples
+
+    def collate(self, samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_rows(samples, self.block_size)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        return {**state, "epoch": state["samples_consumed"] // self.num_samples}
 
 
 def eval_batches(conversations: Conversations, micro_batch_size: int, limit: int, rank: int = 0,

@@ -18,57 +18,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megagpt.chat_data import _index_shard, to_rows
+from megagpt.chat_data import STATE_VERSION, SampleLoader, SampleShards, resume_position, to_rows
 from megagpt.chat_template import ASSISTANT, require_chat_tokens
 from megagpt.data import RankSampler, WindowOrder
-from megagpt.dataset import DataError, Dataset, sha256_file
+from megagpt.dataset import DataError, Dataset
 from megagpt.distributed import warn_once
 
-STATE_VERSION = 1
 SIDES = ("chosen", "rejected")
 
 Completion = tuple[np.ndarray, np.ndarray]  # (ids, mask)
 
 
-class Pairs:
-    """A split's pairs: ((chosen ids, mask), (rejected ids, mask)) by index (shards checked once, memmapped)."""
+class Pairs(SampleShards):
+    """A split's pairs: ((chosen ids, mask), (rejected ids, mask)) by index."""
 
-    def __init__(self, dataset: Dataset, split: str):
-        if dataset.kind != "preferences":
-            raise DataError(f"{dataset.dir}: a dataset of kind {dataset.kind!r}; this stage reads kind "
-                            f"'preferences' (prepare it with `megagpt prep preferences`)")
-        self.dir, self.vocab_size = dataset.dir, dataset.vocab_size
-        self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
-        self.files, index = [], []
-        for k, shard in enumerate(dataset.shards(split)):
-            path = dataset.dir / shard.name
-            samples = _index_shard(path, self.dtype.itemsize)  # (token offset, count, mask offset) per completion
-            if len(samples) != 2 * shard.samples or sum(n for _, n, _ in samples) != shard.tokens:
-                raise DataError(f"{path}: {len(samples)} completions / {sum(n for _, n, _ in samples)} tokens, the "
-                                f"manifest says {shard.samples} pairs / {shard.tokens} tokens: re-run `megagpt prep "
-                                f"preferences`")
-            digest = sha256_file(path)
-            if digest != shard.sha256:
-                raise DataError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
-                                f"{shard.sha256[:12]}...; the shard is corrupt or was replaced: re-run prep")
-            self.files.append(np.memmap(path, dtype=np.uint8, mode="r"))
-            index += [(k, *chosen, *rejected) for chosen, rejected in zip(samples[::2], samples[1::2], strict=True)]
-        self.index = np.asarray(index, dtype=np.int64).reshape(-1, 7)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def _completion(self, i: int, k: int, offset: int, n: int, mask_offset: int) -> Completion:
-        data = self.files[k]
-        ids = data[offset:offset + n * self.dtype.itemsize].view(self.dtype)
-        if n and int(ids.max()) >= self.vocab_size:
-            raise DataError(f"{self.dir}: token id {int(ids.max())} >= vocab_size {self.vocab_size} in pair {i}; "
-                            f"the shard does not belong to this manifest's tokenizer")
-        return ids, data[mask_offset:mask_offset + n]
+    kind, reader, noun, sequence, sequences = "preferences", "this stage", "pair", "completion", 2
 
     def __getitem__(self, i: int) -> tuple[Completion, Completion]:
         k, *rest = (int(v) for v in self.index[i])
-        return self._completion(i, k, *rest[:3]), self._completion(i, k, *rest[3:])
+        return self._sequence(i, k, *rest[:3]), self._sequence(i, k, *rest[3:])
 
 
 # ---------------------------------------------------------------- micro-batches of pairs
@@ -94,68 +62,27 @@ def completion_rows(sequences: list) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.tensor([len(s) - 1 for s in sequences], dtype=torch.long)
 
 
-class PairLoader:
+class PairLoader(SampleLoader):
     """Infinite iterator of micro-batches (lists of micro_batch_size pairs) of this rank, in the global order."""
+
+    state_kind = "pairs"
 
     def __init__(self, dataset: Dataset, block_size: int, micro_batch_size: int, grad_accum_steps: int = 1,
                  rank: int = 0, world_size: int = 1, seed: int = 1337):
-        self.pairs = Pairs(dataset, "train")
-        if len(self.pairs) == 0:
-            raise DataError(f"{dataset.dir}: the train split holds no pairs")
-        self.seed, self.micro_batch_size, self.grad_accum_steps = seed, micro_batch_size, grad_accum_steps
-        self.rank, self.world_size = rank, world_size
-        self.global_batch = micro_batch_size * grad_accum_steps * world_size
-        self.order = WindowOrder(len(self.pairs), seed)
-        self.step, self.micro = 0, 0
-        self._positions = None
-        lengths = np.maximum(self.pairs.index[:, 2], self.pairs.index[:, 5])
-        too_long = int((lengths > block_size + 1).sum())
+        super().__init__(Pairs(dataset, "train"), block_size, micro_batch_size, grad_accum_steps, rank, world_size,
+                         seed)
+        too_long = self.too_long()
         if too_long:
             warn_once(f"{dataset.dir}: {too_long} of {len(self.pairs)} pairs have a completion longer than "
                       f"block_size + 1 = {block_size + 1} tokens, cut there (its end-of-turn is lost); re-prepare "
                       f"with `megagpt prep preferences --max-length {block_size}` to drop them")
 
-    def __iter__(self):
-        return self
+    @property
+    def pairs(self) -> Pairs:
+        return self.samples
 
-    def __next__(self) -> list[tuple[Completion, Completion]]:
-        if self._positions is None:
-            self._positions = iter(RankSampler(self.micro_batch_size, self.grad_accum_steps, self.rank,
-                                               self.world_size, self.step, self.micro))
-        indices = self.order.window_ids(np.asarray(next(self._positions)))
-        batch = [self.pairs[int(i)] for i in indices]
-        self.micro += 1
-        if self.micro == self.grad_accum_steps:
-            self.step, self.micro = self.step + 1, 0
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"format_version": STATE_VERSION, "kind": "pairs", "seed": self.seed,
-                "samples_consumed": self.step * self.global_batch, "micro_batches_into_step": self.micro,
-                "global_batch_samples": self.global_batch, "num_samples": len(self.pairs),
-                "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.micro = resume_position(state, "pairs", self.seed, len(self.pairs), self.global_batch,
-                                                self.world_size)
-        self._positions = None
-
-
-def resume_position(state: dict, kind: str, seed: int, num_samples: int, global_batch: int,
-                    world_size: int) -> tuple[int, int]:
-    """(step, micro) to continue a saved sequence; the world size may change when the global batch does not."""
-    if state.get("format_version") != STATE_VERSION or state.get("kind") != kind:
-        raise DataError(f"data loader state {state.get('kind')!r} v{state.get('format_version')!r} is not this "
-                        f"stage's ({kind!r} v{STATE_VERSION}): was the checkpoint written by another stage?")
-    for key, mine in (("seed", seed), ("num_samples", num_samples)):
-        if state[key] != mine:
-            raise DataError(f"cannot resume the data order: saved {key}={state[key]}, now {mine}")
-    consumed, micro = state["samples_consumed"], state["micro_batches_into_step"]
-    if consumed % global_batch or (micro and (state["global_batch_samples"] != global_batch
-                                              or state["world_size"] != world_size)):
-        raise DataError(f"cannot resume exactly: {consumed} samples consumed (+{micro} micro-batches) with a "
-                        f"global batch of {state['global_batch_samples']}, now {global_batch}")
-    return consumed // global_batch, micro
+    def collate(self, samples: list[tuple[Completion, Completion]]) -> list[tuple[Completion, Completion]]:
+        return samples
 
 
 def eval_pair_batches(pairs: Pairs, micro_batch_size: int, limit: int, rank: int = 0, world_size: int = 1):
