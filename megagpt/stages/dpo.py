@@ -12,8 +12,6 @@ evaluation reports the same on the held-out pairs.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from megagpt.align_objectives import dpo_loss, sequence_logprobs
@@ -21,32 +19,23 @@ from megagpt.config import Config, ConfigError
 from megagpt.dataset import Dataset
 from megagpt.distributed import DistInfo
 from megagpt.frozen_models import load_reference
-from megagpt.model import GPT
-from megagpt.preference_data import PairLoader, Pairs, Prompts, eval_pair_batches, pair_rows
+from megagpt.preference_data import Prompts, pair_rows
 from megagpt.rollout import reply_text
-from megagpt.stages import LossStage
-from megagpt.stages.reward import PairStats
+from megagpt.stages.reward import PairStage, PairStats
 
 STATS = ("chosen_reward", "rejected_reward", "margin", "accuracy")
 
 
-class DPOStage(LossStage):
+class DPOStage(PairStage):
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):
-        self.cfg, self.dataset, self.dist, self.device = cfg, dataset, dist, device
-        self.grad_accum_steps = grad_accum_steps
-        self.loader = PairLoader(dataset, cfg.model.block_size, cfg.train.micro_batch_size, grad_accum_steps,
-                                 dist.rank, dist.world_size, seed=cfg.train.seed)  # first: refuses other kinds
+        super().__init__(cfg, dataset, dist, device, grad_accum_steps)  # the loader first: it refuses other kinds
         if not (cfg.align.reference or cfg.train.init_from):
             raise ConfigError("train.stage=dpo needs the SFT model: set train.init_from (also the reference) or "
                               "align.reference")
         self.reference = load_reference(cfg, device)
         self.stats = PairStats(STATS, device)
-        self._val: Pairs | None = None
         self._sample_prompt: list[int] | None = None
-
-    def build_model(self) -> torch.nn.Module:
-        return GPT(self.cfg.model)
 
     def next_batch(self):
         x, y = pair_rows(next(self.loader), self.cfg.model.block_size)
@@ -73,15 +62,11 @@ class DPOStage(LossStage):
     def evaluate(self, engine) -> dict[str, float]:
         """The DPO loss, implicit rewards, margin and accuracy over the first eval_steps x micro_batch x world
         val pairs."""
-        if self._val is None:
-            self._val = Pairs(self.dataset, "val")
-        if len(self._val) == 0:
+        if len(self.val_pairs()) == 0:
             return {}
         stats = PairStats(("loss", *STATS), self.device)
-        limit = self.cfg.train.eval_steps * self.cfg.train.micro_batch_size * self.dist.world_size
         engine.eval()
-        for pairs, weight in eval_pair_batches(self._val, self.cfg.train.micro_batch_size, limit, self.dist.rank,
-                                               self.dist.world_size):
+        for pairs, weight in self.val_batches():
             x, y = (t.to(self.device) for t in pair_rows(pairs, self.cfg.model.block_size))
             _, chosen, rejected = self.terms(engine, (x, y))
             margin = chosen - rejected
@@ -100,9 +85,3 @@ class DPOStage(LossStage):
                                                                 self.cfg.model.block_size - 1))[0]
         return reply_text(engine.module, self.dataset.tokenizer, self._sample_prompt, self.cfg.train.sample_tokens,
                           self.cfg.train.seed + step, self.cfg.deepspeed.zero_stage == 3)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])

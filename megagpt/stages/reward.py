@@ -5,6 +5,9 @@ scalar head read at each completion's end-of-turn token: r(x, y). One micro-batc
 2B rows (chosen, then rejected); the loss is -log σ(r_chosen - r_rejected). Logged with the loss: the pairwise
 accuracy (r_chosen > r_rejected) and the mean margin r_chosen - r_rejected of the training pairs; evaluation
 reports both on the held-out (val) pairs.
+
+The stages on pairs (this one and dpo) share `PairStage` (the pair loader, the val pairs, the checkpointed data
+position) and `PairStats` (their device-side statistics).
 """
 
 from __future__ import annotations
@@ -43,15 +46,41 @@ class PairStats:
         return {f"{prefix}{name}": total / count for name, total in zip(self.names, totals, strict=True)}
 
 
-class RewardStage(LossStage):
+class PairStage(LossStage):
+    """A LossStage on preference pairs (reward, dpo): the pair loader, built first (it refuses other dataset
+    kinds), the val pairs from the first evaluation on, and the loader's position in each checkpoint."""
+
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):
-        self.cfg, self.dataset, self.dist, self.device = cfg, dataset, dist, device
-        self.grad_accum_steps = grad_accum_steps
+        super().__init__(cfg, dataset, dist, device, grad_accum_steps)
         self.loader = PairLoader(dataset, cfg.model.block_size, cfg.train.micro_batch_size, grad_accum_steps,
-                                 dist.rank, dist.world_size, seed=cfg.train.seed)  # first: refuses other kinds
-        self.stats = PairStats(("accuracy", "margin"), device)
+                                 dist.rank, dist.world_size, seed=cfg.train.seed)
         self._val: Pairs | None = None
+
+    def val_pairs(self) -> Pairs:
+        """The val split's pairs (indexed at the first evaluation, then kept)."""
+        if self._val is None:
+            self._val = Pairs(self.dataset, "val")
+        return self._val
+
+    def val_batches(self):
+        """This rank's (pairs, weight) micro-batches of the first eval_steps x micro_batch x world val pairs."""
+        limit = self.cfg.train.eval_steps * self.cfg.train.micro_batch_size * self.dist.world_size
+        return eval_pair_batches(self.val_pairs(), self.cfg.train.micro_batch_size, limit, self.dist.rank,
+                                 self.dist.world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+
+
+class RewardStage(PairStage):
+    def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
+                 grad_accum_steps: int):
+        super().__init__(cfg, dataset, dist, device, grad_accum_steps)
+        self.stats = PairStats(("accuracy", "margin"), device)
 
     def build_model(self) -> torch.nn.Module:
         return RewardModel(self.cfg.model)
@@ -77,15 +106,11 @@ class RewardStage(LossStage):
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
         """Loss, pairwise accuracy and margin over the first eval_steps x micro_batch x world val pairs."""
-        if self._val is None:
-            self._val = Pairs(self.dataset, "val")
-        if len(self._val) == 0:
+        if len(self.val_pairs()) == 0:
             return {}
         stats = PairStats(("loss", "accuracy", "margin"), self.device)
-        limit = self.cfg.train.eval_steps * self.cfg.train.micro_batch_size * self.dist.world_size
         engine.eval()
-        for pairs, weight in eval_pair_batches(self._val, self.cfg.train.micro_batch_size, limit, self.dist.rank,
-                                               self.dist.world_size):
+        for pairs, weight in self.val_batches():
             ids, last = score_rows(pairs, self.cfg.model.block_size)
             chosen, rejected = self.rewards(engine, (ids.to(self.device), last.to(self.device)))
             margin = chosen - rejected
@@ -93,9 +118,3 @@ class RewardStage(LossStage):
                       margin=margin)
         engine.train()
         return stats.read("val_")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])
