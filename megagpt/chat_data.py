@@ -130,30 +130,37 @@ def to_rows(samples: list[tuple[np.ndarray, np.ndarray]], block_size: int) -> tu
 
 
 class SampleLoader:
-    """Infinite iterator of this rank's micro-batches of a split's samples, in the global order (RankSampler over
-    WindowOrder positions), exactly resumable; a subclass says what a micro-batch is (`collate`)."""
+    """Infinite iterator of this rank's micro-batches of the train split's samples, in the global order
+    (RankSampler over WindowOrder positions), exactly resumable; a subclass says what it reads (`shards`), what a
+    micro-batch is (`collate`) and what to do about samples longer than block_size + 1 (`too_long_advice`)."""
 
+    shards: type[SampleShards]
     state_kind: str | None = None  # the "kind" its state names (None: the chat loader's, which names none)
 
-    def __init__(self, samples: SampleShards, block_size: int, micro_batch_size: int, grad_accum_steps: int,
-                 rank: int, world_size: int, seed: int):
-        if len(samples) == 0:
-            raise DataError(f"{samples.dir}: the train split holds no {samples.noun}s")
-        self.samples, self.block_size, self.seed = samples, block_size, seed
+    def __init__(self, dataset: Dataset, block_size: int, micro_batch_size: int, grad_accum_steps: int = 1,
+                 rank: int = 0, world_size: int = 1, seed: int = 1337):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.samples = self.shards(dataset, "train")
+        if len(self.samples) == 0:
+            raise DataError(f"{dataset.dir}: the train split holds no {self.samples.noun}s")
+        self.block_size, self.seed = block_size, seed
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.rank, self.world_size = rank, world_size
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
-        self.order = WindowOrder(len(samples), seed)  # the pre-training loader's shuffle
+        self.order = WindowOrder(len(self.samples), seed)  # the pre-training loader's shuffle
         self.step, self.micro = 0, 0
         self._positions = None
+        too_long = int((self.samples.lengths > block_size + 1).sum())
+        if too_long:
+            warn_once(f"{dataset.dir}: {too_long} of {len(self.samples)} {self.too_long_advice(block_size)}")
 
     @property
     def num_samples(self) -> int:
         return len(self.samples)
 
-    def too_long(self) -> int:
-        """How many samples have a sequence longer than block_size + 1 tokens (cut there)."""
-        return int((self.samples.lengths > self.block_size + 1).sum())
+    def too_long_advice(self, block_size: int) -> str:
+        raise NotImplementedError
 
     def collate(self, samples: list):
         raise NotImplementedError
@@ -211,21 +218,15 @@ def resume_position(state: dict, kind: str | None, seed: int, num_samples: int, 
 class ChatLoader(SampleLoader):
     """Infinite iterator of (x, y) torch.long CPU tensors (micro_batch_size, T <= block_size) for this rank."""
 
-    def __init__(self, dataset: Dataset, block_size: int, micro_batch_size: int, grad_accum_steps: int = 1,
-                 rank: int = 0, world_size: int = 1, seed: int = 1337):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        super().__init__(Conversations(dataset, "train"), block_size, micro_batch_size, grad_accum_steps, rank,
-                         world_size, seed)
-        too_long = self.too_long()
-        if too_long:
-            warn_once(f"{dataset.dir}: {too_long} of {len(self.conversations)} conversations are longer than "
-                      f"block_size + 1 = {block_size + 1} tokens and are cut there; re-prepare with "
-                      f"`megagpt prep chat --max-length {block_size + 1}` to cut them at turn boundaries")
+    shards = Conversations
 
     @property
     def conversations(self) -> Conversations:
         return self.samples
+
+    def too_long_advice(self, block_size: int) -> str:
+        return (f"conversations are longer than block_size + 1 = {block_size + 1} tokens and are cut there; "
+                f"re-prepare with `megagpt prep chat --max-length {block_size + 1}` to cut them at turn boundaries")
 
     def collate(self, samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
         return to_rows(samples, self.block_size)

@@ -22,7 +22,6 @@ from megagpt.chat_data import STATE_VERSION, SampleLoader, SampleShards, resume_
 from megagpt.chat_template import ASSISTANT, require_chat_tokens
 from megagpt.data import RankSampler, WindowOrder
 from megagpt.dataset import DataError, Dataset
-from megagpt.distributed import warn_once
 
 SIDES = ("chosen", "rejected")
 
@@ -65,21 +64,16 @@ def completion_rows(sequences: list) -> tuple[torch.Tensor, torch.Tensor]:
 class PairLoader(SampleLoader):
     """Infinite iterator of micro-batches (lists of micro_batch_size pairs) of this rank, in the global order."""
 
-    state_kind = "pairs"
-
-    def __init__(self, dataset: Dataset, block_size: int, micro_batch_size: int, grad_accum_steps: int = 1,
-                 rank: int = 0, world_size: int = 1, seed: int = 1337):
-        super().__init__(Pairs(dataset, "train"), block_size, micro_batch_size, grad_accum_steps, rank, world_size,
-                         seed)
-        too_long = self.too_long()
-        if too_long:
-            warn_once(f"{dataset.dir}: {too_long} of {len(self.pairs)} pairs have a completion longer than "
-                      f"block_size + 1 = {block_size + 1} tokens, cut there (its end-of-turn is lost); re-prepare "
-                      f"with `megagpt prep preferences --max-length {block_size}` to drop them")
+    shards, state_kind = Pairs, "pairs"
 
     @property
     def pairs(self) -> Pairs:
         return self.samples
+
+    def too_long_advice(self, block_size: int) -> str:
+        return (f"pairs have a completion longer than block_size + 1 = {block_size + 1} tokens, cut there (its "
+                f"end-of-turn is lost); re-prepare with `megagpt prep preferences --max-length {block_size}` to "
+                f"drop them")
 
     def collate(self, samples: list[tuple[Completion, Completion]]) -> list[tuple[Completion, Completion]]:
         return samples
