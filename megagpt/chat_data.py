@@ -241,12 +241,19 @@ def eval_batches(conversations: Conversations, micro_batch_size: int, limit: int
     """The split's first min(len, limit) conversations, each once, as fixed micro-batches for this rank (ranks
     interleaved, the same at every evaluation). Every rank gets the same number of batches (ZeRO-3's forward is
     a collective); places past the end hold a conversation with every target -1, which weighs nothing."""
-    n = len(conversations)
+    for indices, real in eval_positions(len(conversations), micro_batch_size, limit, rank, world_size):
+        x, y = to_rows([conversations[i] for i in indices], block_size)
+        y[[not r for r in real]] = -1
+        yield x, y
+
+
+def eval_positions(n: int, micro_batch_size: int, limit: int, rank: int, world_size: int):
+    """The first min(n, limit) samples of a split, each once, as this rank's fixed micro-batches (ranks
+    interleaved); every rank gets as many as the first rank. Per micro-batch: (sample indices, which of them are
+    real: the places past the end repeat earlier samples and must weigh nothing)."""
     count = min(n, limit)
     per_batch = micro_batch_size * world_size
     for b in range(-(-count // per_batch)):
         first = (b * world_size + rank) * micro_batch_size
         positions = range(first, first + micro_batch_size)
-        x, y = to_rows([conversations[p % n] for p in positions], block_size)
-        y[[p >= count for p in positions]] = -1
-        yield x, y
+        yield [p % n for p in positions], [p < count for p in positions]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megagpt.chat_data import STATE_VERSION, SampleLoader, SampleShards, resume_position, to_rows
+from megagpt.chat_data import STATE_VERSION, SampleLoader, SampleShards, eval_positions, resume_position, to_rows
 from megagpt.chat_template import ASSISTANT, require_chat_tokens
 from megagpt.data import RankSampler, WindowOrder
 from megagpt.dataset import DataError, Dataset
@@ -83,13 +83,8 @@ def eval_pair_batches(pairs: Pairs, micro_batch_size: int, limit: int, rank: int
     """The split's first min(len, limit) pairs, each once, as fixed micro-batches for this rank, with a weight per
     pair (1, or 0 for the places past the end that keep every rank's batch count equal: ZeRO-3's forward is a
     collective)."""
-    n = len(pairs)
-    count = min(n, limit)
-    per_batch = micro_batch_size * world_size
-    for b in range(-(-count // per_batch)):
-        first = (b * world_size + rank) * micro_batch_size
-        positions = range(first, first + micro_batch_size)
-        yield [pairs[p % n] for p in positions], torch.tensor([float(p < count) for p in positions])
+    for indices, real in eval_positions(len(pairs), micro_batch_size, limit, rank, world_size):
+        yield [pairs[i] for i in indices], torch.tensor([float(r) for r in real])
 
 
 # ---------------------------------------------------------------- prompts (ppo)
