@@ -46,6 +46,13 @@ def load_questions(data_dir: str | Path, split: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _progress(questions: list[dict], desc: str):
+    """The questions, with a progress bar on a terminal (a full evaluation takes minutes on a CPU)."""
+    from tqdm import tqdm
+
+    return tqdm(questions, desc=desc, unit="question", disable=None, leave=False)
+
+
 def subset(questions: list[dict], kind: str, limit: int, seed: int) -> list[dict]:
     """At most `limit` questions of a kind, drawn at random (seeded), in file order."""
     found = [q for q in questions if q["kind"] == kind]
@@ -60,7 +67,7 @@ def ask_chat_model(model, tokenizer, questions: list[dict], max_new_tokens: int)
     """(reply, stopped at end-of-turn) per question, greedy."""
     special = chat_token_ids(tokenizer)
     out = []
-    for q in questions:
+    for q in _progress(questions, "fine-tuned, greedy"):
         ids = prompt_ids(tokenizer, check_messages(q["messages"][:1], final_role="user"))
         reply = generate_reply(model, ids, special[END], max_new_tokens, temperature=0.0)
         out.append((tokenizer.decode(reply.ids), reply.stopped))
@@ -71,7 +78,7 @@ def rank_chat_answers(model, tokenizer, questions: list[dict], candidates: list[
     """Per "who" question, the candidate the fine-tuned model finds likeliest as its whole reply (name, <|end|>)."""
     end = chat_token_ids(tokenizer)[END]
     out = []
-    for q in questions:
+    for q in _progress(questions, "fine-tuned, ranking"):
         prompt = prompt_ids(tokenizer, check_messages(q["messages"][:1], final_role="user"))
         out.append(candidates[likeliest(model, [(prompt, [*tokenizer.encode(s), end]) for s in candidates])])
     return out
@@ -90,7 +97,7 @@ def ask_completer(model, tokenizer, questions: list[dict], examples: list[dict],
     """(text up to the first newline, a newline came within max_new_tokens) per question, greedy."""
     newline = tokenizer.encode("\n")[-1]
     out = []
-    for q in questions:
+    for q in _progress(questions, f"base, {len(examples)}-shot"):
         ids = tokenizer.encode(few_shot_prompt(examples, q))
         reply = generate_reply(model, ids, newline, max_new_tokens, temperature=0.0)
         out.append((tokenizer.decode(reply.ids), reply.stopped))
@@ -100,7 +107,7 @@ def ask_completer(model, tokenizer, questions: list[dict], examples: list[dict],
 def rank_speakers(model, tokenizer, questions: list[dict], candidates: list[str]) -> list[str]:
     """Per "who" question, the candidate under whose heading ("\\nSPEAKER:\\n<line>\\n") the line is likeliest."""
     return [candidates[likeliest(model, [([], tokenizer.encode(f"\n{s}:\n{_line(q)}\n")) for s in candidates])]
-            for q in questions]
+            for q in _progress(questions, "base, ranking")]
 
 
 # ---------------------------------------------------------------- ranking, for both models
