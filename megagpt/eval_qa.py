@@ -2,7 +2,7 @@
 
 Reads the val questions that `megagpt prep shakespeare-qa` wrote (by default about speeches held out from every
 play, text that both models read in pre-training; with its `--holdout tail`, about the last 10% of the text,
-which neither model read) and reports, with greedy decoding:
+which neither model read) and reports, decoding greedily unless it says otherwise:
   * the fine-tuned model (chat template): the stop rate (replies that end with the end-of-turn token within
     --max-new-tokens), exact-match accuracy of the speaker answers ("who"), and of the next lines ("next");
     and, decoded as the base model's ranking is, the speaker accuracy of ranking the same candidates as its
@@ -172,7 +172,8 @@ def evaluate(run_dir, data_dir, base=None, limit: int = 400, max_new_tokens: int
                             exact(replies_who, who), "next_line_accuracy": exact(replies_next, following),
                             "ranking_speaker_accuracy": hit_rate(rank_chat_answers(model, tokenizer, who, speakers),
                                                                  who)},
-              "ranking": {"candidates": len(speakers), "coverage": hit_rate(None, who, speakers)},
+              "ranking": {"candidates": len(speakers),
+                          "coverage": sum(q["answer"] in speakers for q in who) / len(who)},
               "chance": {"uniform": 1 / len({q["answer"] for q in who}),
                          "most_frequent_train_speaker": most_common,
                          "always_most_frequent": hit_rate([most_common] * len(who), who)}}
@@ -186,10 +187,8 @@ def evaluate(run_dir, data_dir, base=None, limit: int = 400, max_new_tokens: int
     return report
 
 
-def hit_rate(answers: list[str] | None, questions: list[dict], among: list[str] | None = None) -> float:
-    """The share of questions answered right by `answers`, or (answers None) whose answer is `among` a list."""
-    if answers is None:
-        return sum(q["answer"] in among for q in questions) / len(questions)
+def hit_rate(answers: list[str], questions: list[dict]) -> float:
+    """The share of questions whose answer is the one given (exact match)."""
     return sum(a == q["answer"] for a, q in zip(answers, questions, strict=True)) / len(questions)
 
 
