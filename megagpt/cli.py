@@ -58,6 +58,16 @@ HELP = {
 }
 
 
+def _said_by_local_rank_0(error: Exception) -> bool:
+    """A config error is the same on every rank of a node (one config file, one filesystem): under a launcher
+    only local rank 0 prints it, so 8 ranks give one line, not 8. Other errors (a shard, a path) may be one
+    rank's own and are printed by every rank that meets them."""
+    from megagpt.config import ConfigError
+    from megagpt.distributed import read_dist_env
+
+    return isinstance(error, ConfigError) and read_dist_env().local_rank != 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     words = next((w for w in sorted(COMMANDS, key=len, reverse=True) if tuple(argv[: len(w)]) == w), None)
@@ -68,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(importlib.import_module(module_name), function)(argv[len(words):])
     except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        print(f"megagpt {name}: error: {e}", file=sys.stderr)  # bad config, data or paths: one line
+        if not _said_by_local_rank_0(e):
+            print(f"megagpt {name}: error: {e}", file=sys.stderr)  # bad config, data or paths: one line
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -60,3 +60,13 @@ def test_a_global_batch_that_does_not_divide_is_a_clear_error(shakespeare_datase
     cfg = load_config(None, tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH + 32))
     with pytest.raises(ConfigError, match=r"train.global_batch_tokens=288 is not a multiple of .* = 128"):
         train(cfg, tmp_path / "run")
+
+
+def test_a_config_error_under_torchrun_is_one_line_per_node_not_per_rank(shakespeare_dataset, tmp_path):
+    """Both ranks meet the same bad config; only local rank 0 says so (a data or path error is every rank's)."""
+    launcher = torchrun(tmp_path / "run", tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH + 32), 2)
+    (code,) = finish(launcher, timeout=120, ok=False)
+    log = launcher.log_path.read_text()
+    assert code != 0
+    assert log.count("megagpt train: error: ") == 1, log[-3000:]
+    assert "train.global_batch_tokens=288 is not a multiple of" in log
