@@ -69,7 +69,7 @@ def load_model(path: Path, chars: str | None) -> GPT:
 def score(model: GPT, tokens: torch.Tensor, block_size: int, batch: int = 64) -> tuple[float, int]:
     """Mean next-token loss over every non-overlapping window of block_size (+1) tokens; (loss, windows)."""
     model.eval()
-    starts = range(0, len(tokens) - block_size - 1, block_size)
+    starts = range(0, len(tokens) - block_size, block_size)  # a window is block_size + 1 tokens
     total = 0.0
     for i in range(0, len(starts), batch):
         first = starts[i:i + batch]

@@ -198,12 +198,11 @@ def resume_position(state: dict, kind: str | None, seed: int, num_samples: int, 
     """(step, micro) to continue a saved sequence; the world size may change when the global batch does not.
 
     kind: the "kind" the state must name; None for the chat loader's state, which names none."""
-    if kind is None and (state.get("format_version") != STATE_VERSION or "samples_consumed" not in state):
-        raise DataError(f"chat loader state {state.get('format_version')!r} is not this loader's (version "
-                        f"{STATE_VERSION}): was the checkpoint written by another stage?")
-    if kind is not None and (state.get("format_version") != STATE_VERSION or state.get("kind") != kind):
-        raise DataError(f"data loader state {state.get('kind')!r} v{state.get('format_version')!r} is not this "
-                        f"stage's ({kind!r} v{STATE_VERSION}): was the checkpoint written by another stage?")
+    if (state.get("format_version") != STATE_VERSION or state.get("kind") != kind
+            or "samples_consumed" not in state):
+        raise DataError(f"data loader state (kind {state.get('kind')!r}, version {state.get('format_version')!r}) "
+                        f"is not this stage's (kind {kind!r}, version {STATE_VERSION}): was the checkpoint written "
+                        f"by another stage?")
     for key, mine in (("seed", seed), ("num_samples", num_samples)):
         if state[key] != mine:
             raise DataError(f"cannot resume the data order: saved {key}={state[key]}, now {mine}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from megagpt.config import ConfigError
 from megagpt.errors import UserError
 
 
@@ -40,7 +41,7 @@ class StepGuard:
         # clip here only where DeepSpeed does not (`deepspeed.extra` may have switched its clipping back on)
         self._clip = grad_clip if self._plain_optimizer and not engine.gradient_clipping() else 0.0
         if grad_clip and not self._plain_optimizer and not engine.gradient_clipping():
-            raise UserError("deepspeed.extra gives DeepSpeed an optimizer wrapper that megagpt's config did not "
+            raise ConfigError("deepspeed.extra gives DeepSpeed an optimizer wrapper that megagpt's config did not "
                             "(its ZeRO stage or dtype), so train.grad_clip would apply nowhere: set "
                             "deepspeed.zero_stage and train.dtype instead")
         if getattr(optimizer, "check_grad_overflow", True) is False:

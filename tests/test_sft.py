@@ -417,3 +417,17 @@ def _logprob(model, prefix, continuation):
         logits = model(torch.tensor([row[:-1]]))[0][0].double()
     logp = torch.log_softmax(logits, -1)[torch.arange(len(row) - 1), torch.tensor(row[1:])]
     return float(logp[-min(len(continuation), len(row) - 1):].sum())
+
+
+def test_a_data_loader_state_of_another_stage_is_refused():
+    from megagpt.chat_data import STATE_VERSION, resume_position
+    from megagpt.dataset import DataError
+
+    chat = {"format_version": STATE_VERSION, "seed": 1, "samples_consumed": 8, "micro_batches_into_step": 0,
+            "global_batch_samples": 4, "num_samples": 10, "world_size": 1}
+    pairs = {**chat, "kind": "pairs"}
+    assert resume_position(chat, None, 1, 10, 4, 1) == resume_position(pairs, "pairs", 1, 10, 4, 1) == (2, 0)
+    pretraining = {"format_version": 2, "seed": 1, "windows_consumed": 8}
+    for state, kind in ((chat, "pairs"), (pairs, None), (pretraining, None), (pretraining, "pairs")):
+        with pytest.raises(DataError, match="is not this stage's"):
+            resume_position(state, kind, 1, 10, 4, 1)
