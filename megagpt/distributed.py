@@ -4,6 +4,7 @@ and rank-0 output (every message once per job, not once per rank or DataLoader w
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import socket
 import sys
@@ -45,6 +46,8 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
     import deepspeed
 
+    if not torch.cuda.is_available():
+        _skip_inference_shm_op()
     info = read_dist_env()
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if torch.cuda.is_available():
@@ -66,6 +69,17 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
             **kwargs,
         )
     return info
+
+
+def _skip_inference_shm_op() -> None:
+    """DeepSpeed's CPU backend compiles a C++ shared-memory all-reduce (`deepspeed_shm_comm`) when it makes its
+    process group, the first time on each machine and Python environment: 30-100 s on 2 cores. Only
+    `inference_all_reduce` uses it, which training never calls; every collective of a run goes through
+    torch.distributed (gloo) either way, so the build is skipped."""
+    # by module name: the attribute `deepspeed.comm.torch` is the torch package that deepspeed.comm imports
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
 
 
 def device_for(info: DistInfo) -> torch.device:

@@ -19,8 +19,10 @@ def one_process(shakespeare_dataset, tmp_path_factory):
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_two_ranks_under_torchrun_match_one_process(zero_stage, one_process, shakespeare_dataset, tmp_path):
-    run_dir = tmp_path / "run"
+def test_two_ranks_under_torchrun_match_one_process(zero_stage, one_process, shakespeare_dataset, tmp_path,
+                                                    monkeypatch):
+    run_dir, extensions = tmp_path / "run", tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))  # where DeepSpeed would build its C++ ops
     overrides = tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH, zero_stage=zero_stage)
     finish(torchrun(run_dir, overrides, 2))
     got = losses(run_dir)
@@ -28,6 +30,8 @@ def test_two_ranks_under_torchrun_match_one_process(zero_stage, one_process, sha
     for step, loss in one_process.items():
         assert got[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000008"
+    # the CPU process group comes up without compiling DeepSpeed's inference-only shared-memory all-reduce
+    assert not list(extensions.rglob("deepspeed_shm_comm*")), "deepspeed_shm_comm was built"
 
 
 def test_two_nodes_under_torchrun_train_and_checkpoint(one_process, shakespeare_dataset, tmp_path):
