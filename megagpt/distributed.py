@@ -8,6 +8,7 @@ import importlib
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
 
     if not torch.cuda.is_available():
         _skip_inference_shm_op()
+    _quiet_deepspeeds_deprecated_collectives()
     info = read_dist_env()
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if torch.cuda.is_available():
@@ -80,6 +82,13 @@ def _skip_inference_shm_op() -> None:
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     if hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = lambda: None
+
+
+def _quiet_deepspeeds_deprecated_collectives() -> None:
+    """DeepSpeed's ZeRO calls torch.distributed's all_gather_into_tensor and reduce_scatter_tensor, which torch
+    2.13 deprecates with a FutureWarning on each rank's first call: nothing a user of megagpt can act on."""
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=f"`torch.distributed.{name}` is deprecated", category=FutureWarning)
 
 
 def device_for(info: DistInfo) -> torch.device:
