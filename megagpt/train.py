@@ -79,7 +79,8 @@ class Run:
     def save(self) -> None:
         self.guard.check(self.state.step)  # never save a state that too many bad steps in a row produced
         self.state.skipped_steps = self.guard.skipped_steps()
-        meta = {"model": {key: getattr(self.cfg.model, key) for key in CHECKED_KEYS}}  # checked before any load
+        meta = {"model": {key: getattr(self.cfg.model, key) for key in CHECKED_KEYS},  # checked before any load
+                "train": {"dtype": self.cfg.train.dtype}}
         with self.throughput.paused():
             self.checkpointer.save(self.engine, self.state.step, self.client_state(), meta)
 
@@ -229,7 +230,8 @@ def _open_dataset(cfg: Config) -> Dataset:
 
 
 def _check_shape(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
-    """The checkpoint's model keys equal the config's (µP keys a checkpoint predates count as the defaults)."""
+    """The checkpoint's model keys and dtype equal the config's (µP keys a checkpoint predates count as the
+    defaults; a checkpoint from before dtypes were recorded is not checked for one)."""
     defaults = {key: ModelConfig.model_fields[key].default for key in FUNCTION_KEYS}
     saved_model = {**defaults, **manifest.get("model", {})}
     for key in CHECKED_KEYS:
@@ -238,6 +240,12 @@ def _check_shape(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
                 f"model.{key}={getattr(cfg.model, key)!r} but checkpoint {tag} was trained with "
                 f"{saved_model.get(key)!r}: resume with the same model or start a new --run-dir"
             )
+    saved_dtype = manifest.get("train", {}).get("dtype", cfg.train.dtype)
+    if saved_dtype != cfg.train.dtype:  # DeepSpeed keeps a different optimizer state for each
+        raise ConfigError(
+            f"train.dtype={cfg.train.dtype!r} but checkpoint {tag} was trained in {saved_dtype!r}: resume with "
+            f"--set train.dtype={saved_dtype}, or start a new --run-dir with --set train.init_from=RUN_DIR"
+        )
 
 
 def _resume(engine, point: ResumePoint | None, stage, state: TrainState, cfg: Config,

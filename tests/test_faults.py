@@ -161,13 +161,15 @@ def test_a_refused_train_command_is_one_line_and_leaves_the_run_dir_byte_identic
     assert snapshot(run_copy) == before
 
 
-@pytest.mark.parametrize("case", ["resume never", "other model", "all tags damaged"])
+@pytest.mark.parametrize("case", ["resume never", "other model", "other dtype", "all tags damaged"])
 def test_refusals_leave_the_run_dir_byte_identical(case, run_copy, shakespeare_dataset):
     resume, overrides = "auto", tiny(shakespeare_dataset, max_steps=8, checkpoint_interval=2)
     if case == "resume never":
         resume, error, match = "never", UserError, "already holds checkpoints"
     elif case == "other model":
         overrides, error, match = [*overrides, "model.n_embd=48"], UserError, "model.n_embd=48"
+    elif case == "other dtype":  # before the check, DeepSpeed's loader failed with a KeyError traceback
+        overrides, error, match = [*overrides, "train.dtype=bf16"], UserError, "train.dtype='bf16' .* in 'fp32'"
     else:
         for tag in checkpoints(run_copy).tags():
             flip_a_byte(run_copy / "checkpoints" / tag / "mp_rank_00_model_states.pt")
