@@ -111,7 +111,9 @@ class TrainConfig(_Section):
         None, ge=1, description="also keep every checkpoint whose step is a multiple"
     )
     seed: int = 1337
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="auto: bf16 where the GPU or CPU does bf16 natively, else fp32; fixed at a run's start"
+    )
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
     sample_tokens: int = Field(200, ge=0, description="tokens sampled at each evaluation (0: none)")
     sample_prompt: str = "\n"

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from megagpt import hardware  # no torch at import: doctor reports a missing torch itself
+
 PACKAGES = {  # import name -> distribution name, as pyproject.toml lists them
     "torch": "torch", "triton": "triton", "deepspeed": "deepspeed", "webdataset": "webdataset",
     "pydantic": "pydantic", "yaml": "pyyaml", "numpy": "numpy", "sentencepiece": "sentencepiece",
@@ -89,8 +91,6 @@ def check_versions() -> Result:
 def check_devices() -> Result:
     import torch
 
-    from megagpt import hardware
-
     if not torch.cuda.is_available():
         return Result("devices", "PASS", f"no CUDA device; CPU: {_cpu_name()}, {os.cpu_count()} cores, "
                                          f"torch threads {torch.get_num_threads()}")
@@ -105,26 +105,10 @@ def check_devices() -> Result:
 
 
 def _cpu_name() -> str:
-    for line in _cpuinfo().splitlines():
+    for line in hardware.cpuinfo().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def cpu_bf16_flags(cpuinfo: str) -> list[str]:
-    """The CPU flags that make bf16 matmuls native: AVX-512 BF16 and AMX (Intel Sapphire Rapids, AMD Zen 4+)."""
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags |= set(line.split(":", 1)[1].split())
-    return [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
 
 
 def check_bf16() -> Result:
@@ -135,12 +119,12 @@ def check_bf16() -> Result:
         native = torch.cuda.is_bf16_supported() and major >= 8
         detail = f"sm_{major}{minor}: bf16 tensor cores {'yes' if native else 'no (needs sm_80+): use fp16'}"
         return Result("bf16", "PASS", detail)
-    flags = cpu_bf16_flags(_cpuinfo())
+    flags = hardware.cpu_bf16_flags(hardware.cpuinfo())
     capability = torch.backends.cpu.get_cpu_capability()
     if flags:
         return Result("bf16", "PASS", f"native on this CPU ({', '.join(flags)}; torch uses {capability})")
     return Result("bf16", "PASS", f"not native on this CPU (no AVX-512 BF16 / AMX; torch uses {capability}): "
-                                  "bf16 is emulated, train.dtype fp32 is faster here")
+                                  "bf16 is emulated, slower than fp32; train.dtype auto picks fp32 here")
 
 
 def _collective_worker(rank: int, world: int, port: int, backend: str, queue) -> None:

@@ -1,8 +1,10 @@
-"""GPUs megagpt knows (dense peaks, memory), which one this is, and model FLOPs utilisation (MFU)."""
+"""GPUs megagpt knows (dense peaks, memory), which one this is, whether bf16 is native here (and so what
+`train.dtype: auto` means), and model FLOPs utilisation (MFU)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from megagpt.errors import UserError
 
@@ -57,6 +59,40 @@ def detect_gpu() -> GPU | None:
     if not torch.cuda.is_available():
         return None
     return gpu_from_device_name(torch.cuda.get_device_name())
+
+
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text ("" where there is none)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_bf16_flags(cpuinfo_text: str) -> list[str]:
+    """The CPU flags that make bf16 matmuls native: AVX-512 BF16 and AMX (Intel Sapphire Rapids, AMD Zen 4+)."""
+    flags = set()
+    for line in cpuinfo_text.splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    return [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+
+
+def native_bf16() -> bool:
+    """bf16 matmuls in hardware on this process's device: a CUDA GPU of sm_80 or later, else the CPU's flags."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_capability()[0] >= 8
+    return bool(cpu_bf16_flags(cpuinfo()))
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`train.dtype` as a run trains: `auto` is bf16 where bf16 is native (emulated bf16 is slower than fp32),
+    else fp32; any other value as it is."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if native_bf16() else "fp32"
 
 
 def peak_flops(dtype: str = "bf16", override: float | None = None) -> float | None:

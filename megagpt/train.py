@@ -12,10 +12,10 @@ import torch
 from megagpt.checkpoint import Checkpointer
 from megagpt.config import FUNCTION_KEYS, SHAPE_KEYS, Config, ConfigError, ModelConfig, save_config, with_vocab_size
 from megagpt.dataset import MANIFEST, Dataset
-from megagpt.distributed import DistInfo, device_for, init_distributed, warn_once
+from megagpt.distributed import DistInfo, device_for, init_distributed, on_main, warn_once
 from megagpt.ds_config import grad_accum_steps
 from megagpt.engine import build_engine
-from megagpt.hardware import mfu, peak_flops
+from megagpt.hardware import mfu, peak_flops, resolve_dtype
 from megagpt.inference import TOKENIZER_DIR
 from megagpt.init_from import loader as init_loader
 from megagpt.init_from import resolve as resolve_init_from
@@ -178,6 +178,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
         if lock is not None:
             lock.release(undo=True)  # refused: the run dir is left byte-identical
         raise
+    cfg = _with_dtype(cfg, checkpointer, point)
     try:
         return _build(cfg, dist, run_dir, dataset, checkpointer, point, lock, init_source)
     except BaseException:
@@ -241,11 +242,21 @@ def _check_shape(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
                 f"{saved_model.get(key)!r}: resume with the same model or start a new --run-dir"
             )
     saved_dtype = manifest.get("train", {}).get("dtype", cfg.train.dtype)
-    if saved_dtype != cfg.train.dtype:  # DeepSpeed keeps a different optimizer state for each
+    if cfg.train.dtype != "auto" and saved_dtype != cfg.train.dtype:  # DeepSpeed's optimizer state differs
         raise ConfigError(
             f"train.dtype={cfg.train.dtype!r} but checkpoint {tag} was trained in {saved_dtype!r}: resume with "
             f"--set train.dtype={saved_dtype}, or start a new --run-dir with --set train.init_from=RUN_DIR"
         )
+
+
+def _with_dtype(cfg: Config, checkpointer: Checkpointer, point: ResumePoint | None) -> Config:
+    """train.dtype `auto` decided once per run: a resumed run keeps the dtype its checkpoint was trained in;
+    a new one takes rank 0's hardware's (bf16 where native, else fp32), the same on every rank."""
+    if cfg.train.dtype != "auto":
+        return cfg
+    saved = checkpointer.read_manifest(point.tag).get("train", {}).get("dtype") if point is not None else None
+    dtype = saved or on_main(lambda: resolve_dtype("auto"))
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"dtype": dtype})})
 
 
 def _resume(engine, point: ResumePoint | None, stage, state: TrainState, cfg: Config,

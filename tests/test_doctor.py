@@ -7,7 +7,7 @@ import sys
 import pytest
 from helpers import REPO
 
-from megagpt import doctor
+from megagpt import doctor, hardware
 from megagpt.doctor import Result
 
 
@@ -97,7 +97,7 @@ sys.exit(doctor.main([], checks=[doctor.check_versions, doctor.check_training]))
 ])
 def test_native_bf16_is_read_from_the_cpu_flags(flags, expected):
     cpuinfo = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
-    assert doctor.cpu_bf16_flags(cpuinfo) == expected
+    assert hardware.cpu_bf16_flags(cpuinfo) == expected
 
 
 def test_full_reads_the_benchmarks_goals_from_their_own_output(tmp_path):

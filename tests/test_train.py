@@ -82,7 +82,8 @@ def test_sampling_with_a_seed_is_reproducible(trained_run):
     assert no_cache == a
 
 
-def test_resume_continues_identical_losses(shakespeare_dataset, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: what train.dtype auto picks on a CPU with native bf16
+def test_resume_continues_identical_losses(dtype, shakespeare_dataset, tmp_path):
     """Stopped at step 12 and resumed: step 13 onwards equals the uninterrupted run bit for bit."""
     common = tiny_overrides(
         shakespeare_dataset,
@@ -91,6 +92,7 @@ def test_resume_continues_identical_losses(shakespeare_dataset, tmp_path):
         max_steps=24,
         sample_tokens=0,
         eval_interval=100,
+        dtype=dtype,
     )
     train(load_config(CPU_CONFIG, common), tmp_path / "whole")
     stopped = train(load_config(CPU_CONFIG, [*common, "train.max_steps=12"]), tmp_path / "split")
@@ -105,6 +107,26 @@ def test_resume_continues_identical_losses(shakespeare_dataset, tmp_path):
         assert r["lr"] == reference[r["step"]]["lr"]
     split_metrics = [r["step"] for r in read_metrics(tmp_path / "split") if "loss" in r]
     assert split_metrics == list(range(1, 25))  # the resumed run appended
+
+
+def test_dtype_auto_is_decided_once_per_run(shakespeare_dataset, tmp_path, monkeypatch):
+    """auto: fp32 without native bf16, bf16 with it; a resumed run keeps its checkpoint's dtype either way."""
+    from megagpt import hardware
+
+    common = tiny_overrides(shakespeare_dataset, max_steps=2, sample_tokens=0, eval_interval=100, dtype="auto")
+    monkeypatch.setattr(hardware, "native_bf16", lambda: False)
+    train(load_config(CPU_CONFIG, common), tmp_path / "run")
+    assert load_config(tmp_path / "run" / "config.yaml").train.dtype == "fp32"
+    monkeypatch.setattr(hardware, "native_bf16", lambda: True)  # the same run on a machine with native bf16
+    resumed = train(load_config(CPU_CONFIG, [*common, "train.max_steps=4"]), tmp_path / "run")
+    assert resumed.resumed_from == "step_000002" and resumed.step == 4
+    assert load_config(tmp_path / "run" / "config.yaml").train.dtype == "fp32"
+    train(load_config(CPU_CONFIG, common), tmp_path / "new")  # a new run there
+    assert load_config(tmp_path / "new" / "config.yaml").train.dtype == "bf16"
+    manifest = json.loads((tmp_path / "new" / "checkpoints" / "step_000002" / "megagpt_manifest.json").read_text())
+    assert manifest["train"] == {"dtype": "bf16"}
+    with pytest.raises(ConfigError, match="train.dtype='fp32' but checkpoint step_000002 was trained in 'bf16'"):
+        train(load_config(CPU_CONFIG, [*common, "train.dtype=fp32", "train.max_steps=4"]), tmp_path / "new")
 
 
 def test_resuming_into_a_different_model_shape_is_a_clear_error(shakespeare_dataset, tmp_path):
