@@ -178,8 +178,8 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
         if lock is not None:
             lock.release(undo=True)  # refused: the run dir is left byte-identical
         raise
-    cfg = _with_dtype(cfg, checkpointer, point)
     try:
+        cfg = _with_dtype(cfg, point)
         return _build(cfg, dist, run_dir, dataset, checkpointer, point, lock, init_source)
     except BaseException:
         if lock is not None:
@@ -249,13 +249,14 @@ def _check_shape(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
         )
 
 
-def _with_dtype(cfg: Config, checkpointer: Checkpointer, point: ResumePoint | None) -> Config:
-    """train.dtype `auto` decided once per run: a resumed run keeps the dtype its checkpoint was trained in;
-    a new one takes rank 0's hardware's (bf16 where native, else fp32), the same on every rank."""
+def _with_dtype(cfg: Config, point: ResumePoint | None) -> Config:
+    """train.dtype `auto` decided once per run: a resumed run keeps the dtype its checkpoint was trained in; a
+    new one (or a checkpoint from before manifests recorded the dtype) takes rank 0's hardware's (bf16 where
+    native, else fp32), the same on every rank."""
     if cfg.train.dtype != "auto":
         return cfg
-    saved = checkpointer.read_manifest(point.tag).get("train", {}).get("dtype") if point is not None else None
-    dtype = saved or on_main(lambda: resolve_dtype("auto"))
+    saved = point.checkpointer.read_manifest(point.tag).get("train", {}) if point is not None else {}
+    dtype = saved.get("dtype") or on_main(lambda: resolve_dtype("auto"))
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"dtype": dtype})})
 
 

@@ -121,6 +121,9 @@ def test_dtype_auto_is_decided_once_per_run(shakespeare_dataset, tmp_path, monke
     resumed = train(load_config(CPU_CONFIG, [*common, "train.max_steps=4"]), tmp_path / "run")
     assert resumed.resumed_from == "step_000002" and resumed.step == 4
     assert load_config(tmp_path / "run" / "config.yaml").train.dtype == "fp32"
+    elsewhere = train(load_config(CPU_CONFIG, [*common, "train.max_steps=4"]), tmp_path / "branch",
+                      resume=str(tmp_path / "run" / "checkpoints" / "step_000002"))  # --resume PATH: another run dir
+    assert elsewhere.step == 4 and load_config(tmp_path / "branch" / "config.yaml").train.dtype == "fp32"
     train(load_config(CPU_CONFIG, common), tmp_path / "new")  # a new run there
     assert load_config(tmp_path / "new" / "config.yaml").train.dtype == "bf16"
     manifest = json.loads((tmp_path / "new" / "checkpoints" / "step_000002" / "megagpt_manifest.json").read_text())
