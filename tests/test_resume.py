@@ -59,7 +59,7 @@ def test_sigterm_on_one_rank_saves_exits_zero_and_resumes_exactly(uninterrupted,
 # (DeepSpeedZeroOptimizer), checkpoint layout and universal conversion. ZeRO 3's elastic resume (2 -> 1 ranks
 # through a universal checkpoint, with megagpt.universal's repair) is test_mup.py's
 # test_zero3_elastic_resume_keeps_the_per_group_lr: losses within 1e-5 of the 2-rank run, each group's own
-# hyperparameters (the 2.4e-3 drift the repair fixed fails it).
+# hyperparameters (without the repair it fails: a 2.5% loss drift, checked).
 @pytest.mark.parametrize("zero_stage", [2])
 def test_resume_on_three_then_one_rank_continues_the_same_run(zero_stage, shakespeare_dataset, tmp_path):
     """Saved on 2 ranks (accum 3), resumed on 3 (accum 2) via a universal checkpoint, then on 1 (accum 6)."""
