@@ -58,7 +58,7 @@ HELP = {
 }
 
 
-def _said_by_local_rank_0(error: Exception) -> bool:
+def _left_to_local_rank_0(error: Exception) -> bool:
     """A config error is the same on every rank of a node (one config file, one filesystem): under a launcher
     only local rank 0 prints it, so 8 ranks give one line, not 8. Other errors (a shard, a path) may be one
     rank's own and are printed by every rank that meets them."""
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(importlib.import_module(module_name), function)(argv[len(words):])
     except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        if not _said_by_local_rank_0(e):
+        if not _left_to_local_rank_0(e):
             print(f"megagpt {name}: error: {e}", file=sys.stderr)  # bad config, data or paths: one line
         return 2
     except OSError as e:

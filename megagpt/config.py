@@ -243,6 +243,11 @@ def with_vocab_size(cfg: Config, vocab_size: int) -> Config:
     return cfg
 
 
+def with_dtype(cfg: Config, dtype: str) -> Config:
+    """cfg with train.dtype set (`auto` made concrete by the trainer or the planner)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"dtype": dtype})})
+
+
 def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:

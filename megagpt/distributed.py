@@ -45,10 +45,9 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     """Join (or, for a bare single process, create) the process group that DeepSpeed's engine needs."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
+        _skip_inference_shm_op()
     import deepspeed
 
-    if not torch.cuda.is_available():
-        _skip_inference_shm_op()
     _quiet_deepspeeds_deprecated_collectives()
     info = read_dist_env()
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ

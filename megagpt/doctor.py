@@ -116,7 +116,7 @@ def check_bf16() -> Result:
 
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        native = torch.cuda.is_bf16_supported() and major >= 8
+        native = hardware.native_bf16()
         detail = f"sm_{major}{minor}: bf16 tensor cores {'yes' if native else 'no (needs sm_80+): use fp16'}"
         return Result("bf16", "PASS", detail)
     flags = hardware.cpu_bf16_flags(hardware.cpuinfo())

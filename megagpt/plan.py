@@ -15,7 +15,7 @@ import yaml
 from megagpt import hardware
 from megagpt import plan_comm as pc
 from megagpt import plan_memory as pm
-from megagpt.config import Config, load_config
+from megagpt.config import Config, load_config, with_dtype
 from megagpt.errors import UserError
 
 GIB = 2**30
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} must be > 0 (got {value})")
     cfg = load_config(args.config, args.overrides)
     if cfg.train.dtype == "auto":  # every GPU megagpt plans for (A100 and later) does bf16 natively
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"dtype": "bf16"})})
+        cfg = with_dtype(cfg, "bf16")
     gpu_name, mem_gib, peak = _hardware(args, cfg.train.dtype)
     network = pc.network_for(gpu_name, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps)
     result = plan(cfg, args.gpus, gpu_name, mem_gib, peak, args.mfu, network)

@@ -10,7 +10,16 @@ from typing import Any
 import torch
 
 from megagpt.checkpoint import Checkpointer
-from megagpt.config import FUNCTION_KEYS, SHAPE_KEYS, Config, ConfigError, ModelConfig, save_config, with_vocab_size
+from megagpt.config import (
+    FUNCTION_KEYS,
+    SHAPE_KEYS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    save_config,
+    with_dtype,
+    with_vocab_size,
+)
 from megagpt.dataset import MANIFEST, Dataset
 from megagpt.distributed import DistInfo, device_for, init_distributed, on_main, warn_once
 from megagpt.ds_config import grad_accum_steps
@@ -173,7 +182,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
     try:
         # Before the engine: a checkpoint from another world size is converted, and the engine built to load it.
         point = find_resume_point(checkpointer, resume, dist,
-                                  check=lambda manifest, tag: _check_shape(cfg, manifest, tag))
+                                  check=lambda manifest, tag: _check_resumable(cfg, manifest, tag))
     except BaseException:
         if lock is not None:
             lock.release(undo=True)  # refused: the run dir is left byte-identical
@@ -230,7 +239,7 @@ def _open_dataset(cfg: Config) -> Dataset:
     return Dataset(directory)
 
 
-def _check_shape(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
+def _check_resumable(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
     """The checkpoint's model keys and dtype equal the config's (µP keys a checkpoint predates count as the
     defaults; a checkpoint from before dtypes were recorded is not checked for one)."""
     defaults = {key: ModelConfig.model_fields[key].default for key in FUNCTION_KEYS}
@@ -255,9 +264,8 @@ def _with_dtype(cfg: Config, point: ResumePoint | None) -> Config:
     native, else fp32), the same on every rank."""
     if cfg.train.dtype != "auto":
         return cfg
-    saved = point.checkpointer.read_manifest(point.tag).get("train", {}) if point is not None else {}
-    dtype = saved.get("dtype") or on_main(lambda: resolve_dtype("auto"))
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"dtype": dtype})})
+    saved = point.manifest.get("train", {}) if point is not None else {}
+    return with_dtype(cfg, saved.get("dtype") or on_main(lambda: resolve_dtype("auto")))
 
 
 def _resume(engine, point: ResumePoint | None, stage, state: TrainState, cfg: Config,

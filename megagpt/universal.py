@@ -34,7 +34,11 @@ class ResumePoint:
     checkpointer: Checkpointer
     tag: str  # the megagpt checkpoint: manifest, RNG files, DeepSpeed's client state
     load_tag: str  # what DeepSpeed loads: the tag itself, or its universal conversion
-    saved_world_size: int
+    manifest: dict  # the tag's megagpt_manifest.json, as `check` saw it
+
+    @property
+    def saved_world_size(self) -> int:
+        return int(self.manifest.get("world_size", self.checkpointer.dist.world_size))
 
     @property
     def universal(self) -> bool:
@@ -70,11 +74,10 @@ def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo,
     manifest = checkpointer.read_manifest(tag)
     if check is not None:
         check(manifest, tag)
-    saved = int(manifest.get("world_size", dist.world_size))
-    load_tag = tag
-    if saved != dist.world_size and is_zero_partitioned(checkpointer.directory / tag):
-        load_tag = convert_to_universal(checkpointer.directory, tag, dist)
-    return ResumePoint(checkpointer, tag, load_tag, saved)
+    point = ResumePoint(checkpointer, tag, tag, manifest)
+    if point.saved_world_size != dist.world_size and is_zero_partitioned(checkpointer.directory / tag):
+        point = ResumePoint(checkpointer, tag, convert_to_universal(checkpointer.directory, tag, dist), manifest)
+    return point
 
 
 def convert_to_universal(directory: Path, tag: str, dist: DistInfo) -> str:

@@ -100,6 +100,19 @@ def test_native_bf16_is_read_from_the_cpu_flags(flags, expected):
     assert hardware.cpu_bf16_flags(cpuinfo) == expected
 
 
+@pytest.mark.parametrize("flags,native", [("fpu avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True),
+                                          ("fpu avx2 avx512f avx512bw avx512_vnni", False)])
+def test_dtype_auto_follows_this_cpus_flags(flags, native, monkeypatch):
+    """Without CUDA, native_bf16 reads /proc/cpuinfo's flags, and auto becomes bf16 exactly where it is native."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpuinfo", lambda: f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert hardware.native_bf16() is native
+    assert hardware.resolve_dtype("auto") == ("bf16" if native else "fp32")
+    assert [hardware.resolve_dtype(d) for d in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
 def test_full_reads_the_benchmarks_goals_from_their_own_output(tmp_path):
     # The benchmark under the interpreter (toy sizes, CPU): the same files a GPU run writes.
     for kernel in ("attention", "layernorm"):

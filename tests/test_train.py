@@ -95,6 +95,7 @@ def test_resume_continues_identical_losses(dtype, shakespeare_dataset, tmp_path)
         dtype=dtype,
     )
     train(load_config(CPU_CONFIG, common), tmp_path / "whole")
+    assert load_config(tmp_path / "whole" / "config.yaml").train.dtype == dtype  # trained in it, not fp32 anyway
     stopped = train(load_config(CPU_CONFIG, [*common, "train.max_steps=12"]), tmp_path / "split")
     assert stopped.step == 12
     resumed = train(load_config(CPU_CONFIG, common), tmp_path / "split")
