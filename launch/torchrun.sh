@@ -9,7 +9,8 @@
 #   NODE_RANK       this node's index, 0..NNODES-1 [0]
 #   MASTER_ADDR     address of node 0, reachable from every node [127.0.0.1]
 #   MASTER_PORT     a free TCP port on node 0 [29500]
-#   SHUTDOWN_TIMEOUT  seconds torchrun gives workers to save after SIGTERM/SIGUSR1 before SIGKILL [600]
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives workers to save after SIGTERM/SIGUSR1 before SIGKILL [600;
+#                     torch 2.11's torchrun has a fixed 30]
 #   PYTHON          the interpreter with megagpt installed [python]
 #
 # Multi-node: run the same command on every node with NNODES/NODE_RANK/MASTER_ADDR set (see docs/distributed.md).
@@ -28,7 +29,20 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     [[ "$NPROC_PER_NODE" -gt 0 ]] || NPROC_PER_NODE=1
 fi
 
-exec "${PYTHON:-python}" -m torch.distributed.run \
+# torchrun's --shutdown_timeout is newer than torch 2.11, whose torchrun gives workers a fixed 30 s after a signal:
+# pass it only where this torch's torchrun has it.
+python=${PYTHON:-python}
+grace=()
+find_torch='import importlib.util as u; s = u.find_spec("torch"); print(s.submodule_search_locations[0] if s else "")'
+torch_dir=$("$python" -c "$find_torch")  # where torch is, without importing it (seconds)
+[[ -n "$torch_dir" ]] || { echo "torchrun.sh: $python has no torch: install megagpt as the README says" >&2; exit 2; }
+if grep -q -- '--shutdown[-_]timeout' "$torch_dir/distributed/run.py"; then
+    grace=(--shutdown_timeout "${SHUTDOWN_TIMEOUT:-600}")
+elif [[ -n "${SHUTDOWN_TIMEOUT:-}" ]]; then
+    echo "torchrun.sh: this torch's torchrun has no --shutdown_timeout; SHUTDOWN_TIMEOUT is ignored (30 s)" >&2
+fi
+
+exec "$python" -m torch.distributed.run \
     --nnodes "${NNODES:-1}" \
     --node_rank "${NODE_RANK:-0}" \
     --nproc_per_node "$NPROC_PER_NODE" \
@@ -36,5 +50,5 @@ exec "${PYTHON:-python}" -m torch.distributed.run \
     --master_port "${MASTER_PORT:-29500}" \
     --max_restarts 0 \
     --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
-    --shutdown_timeout "${SHUTDOWN_TIMEOUT:-600}" \
+    "${grace[@]}" \
     -m megagpt train "$@"

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -51,6 +52,13 @@ def _missing() -> list[str]:
     return [name for name in PACKAGES if importlib.util.find_spec(name) is None]
 
 
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -67,20 +75,14 @@ def _env(**extra: str) -> dict:
 # The checks: each returns one Result (or several); an exception is a FAIL with its first line
 # ---------------------------------------------------------------------------------------------
 def check_versions() -> Result:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "missing"
-
     missing = _missing()
     cuda = "none"
     if "torch" not in missing:
         import torch
 
         cuda = torch.version.cuda or "none"
-    detail = (f"python {platform.python_version()}, torch {version('torch')} (CUDA {cuda}), triton "
-              f"{version('triton')}, deepspeed {version('deepspeed')}")
+    detail = (f"python {platform.python_version()}, torch {_version('torch')} (CUDA {cuda}), triton "
+              f"{_version('triton')}, deepspeed {_version('deepspeed')}")
     if missing:
         dists = " ".join(PACKAGES[m] for m in missing)
         return Result("versions", "FAIL", f"{detail}; missing: {', '.join(missing)}",
@@ -232,14 +234,15 @@ def check_kernels() -> list[Result]:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        fix = "run python -m pytest tests/test_kernels_attention.py -x for the full error"
         return [Result("triton kernels", "FAIL", f"{how}: the probe crashed: {tail}",
-                       "run python -m pytest tests/test_kernels_attention.py -x for the full error")]
+                       fix if on_gpu else interpreter_fix())]
     out = []
     for r in json.loads(proc.stdout.strip().splitlines()[-1]):
         name = f"triton {r['name']}"
         if "exception" in r:
             fix = ("check the CUDA driver and that triton matches torch (pip show triton torch)" if on_gpu else
-                   "the interpreter failed: reinstall triton")
+                   interpreter_fix())
             out.append(Result(name, "FAIL", f"{how}: {r['exception']}", fix, r["seconds"]))
             continue
         detail = (f"{how}, {r['dtype']} {tuple(r['shape'])}: output and gradients within {r['error']:.1e} of "
@@ -247,6 +250,23 @@ def check_kernels() -> list[Result]:
         fix = "" if r["ok"] else "a wrong kernel result: report it with this line and `megagpt doctor` output"
         out.append(Result(name, "PASS" if r["ok"] else "FAIL", detail, fix, r["seconds"]))
     return out
+
+
+def interpreter_fix(triton: str | None = None, numpy: str | None = None) -> str:
+    """What to do when Triton's CPU interpreter fails. Triton before 3.7 turns one-element arrays into ints,
+    which numpy 2.4 and later refuse ("only 0-dimensional arrays can be converted to Python scalars")."""
+    triton = triton or _version("triton")
+    numpy = numpy or _version("numpy")
+    if _major_minor(triton) < (3, 7) and _major_minor(numpy) >= (2, 4):
+        return (f"triton {triton}'s CPU interpreter cannot run with numpy {numpy}: "
+                "pip install 'triton>=3.7' (or 'numpy<2.4')")
+    return "the interpreter failed: reinstall triton"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """(3, 6) of "3.6.0+git1234"; (0, 0) of anything without a leading major.minor."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
 SYNTHETIC_LINES = ["the cat sat on the mat.", "a dog ran to the park.", "we go home at noon.", "it is a fine day."]

@@ -136,3 +136,15 @@ def test_first_step_probe_times_a_cold_and_a_warm_step_of_each_config():
     assert result.returncode == 0, result.stderr[-2000:]
     line = doctor.summarize_part("triton cold first step", REPO, result.stdout)
     assert line.startswith("tiny: first fwd+bwd ") and "(autotune, cold cache), then " in line
+
+
+@pytest.mark.parametrize(
+    "triton, numpy, names_the_pair",
+    [("3.6.0", "2.5.2", True), ("3.6.0+git3f1e", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.2", False)],
+)
+def test_the_interpreter_fix_names_triton_before_3_7_with_numpy_2_4(triton, numpy, names_the_pair):
+    # Triton 3.6's interpreter does int(one_element_array), which numpy 2.4 refuses (seen with the GPU image's
+    # triton 3.6.0 and numpy 2.5.2: every kernel test failed under the interpreter; numpy 2.3.5 passed them all)
+    fix = doctor.interpreter_fix(triton, numpy)
+    assert ("pip install 'triton>=3.7'" in fix and triton in fix and numpy in fix) is names_the_pair
+    assert ("reinstall triton" in fix) is not names_the_pair
