@@ -3,8 +3,10 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from dist_helpers import wait_for
 from helpers import REPO
 
 from megagpt import doctor, hardware
@@ -148,3 +150,32 @@ def test_the_interpreter_fix_names_triton_before_3_7_with_numpy_2_4(triton, nump
     fix = doctor.interpreter_fix(triton, numpy)
     assert ("pip install 'triton>=3.7'" in fix and triton in fix and numpy in fix) is names_the_pair
     assert ("reinstall triton" in fix) is not names_the_pair
+
+
+def test_full_runs_each_part_within_its_limit_and_the_budget(tmp_path):
+    # run_full's own machinery on toy parts (a GPU runs the real ones through the same code): a part that
+    # passes, one stopped at its limit (what it printed is kept, and its own child dies with it), one skipped
+    # because the budget is spent
+    py, pid_file = sys.executable, tmp_path / "grandchild.pid"
+    hang = ("import subprocess, sys, time; "
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid)); print('so far so good', flush=True); time.sleep(300)")
+    parts = [("echo part", [py, "-c", "print('hello from a part')"], 60), ("hang part", [py, "-c", hang], 6),
+             ("late part", [py, "-c", "print('never')"], 60)]
+    results = doctor.run_full(tmp_path, parts, budget_s=10)
+    assert [(r.name, r.status) for r in results] == [("echo part", "PASS"), ("hang part", "FAIL"),
+                                                     ("late part", "SKIP")]
+    assert results[0].detail == "hello from a part"
+    assert "still running after" in results[1].detail and results[1].seconds < 15
+    assert (tmp_path / "hang.log").read_text() == "so far so good\n"
+    assert "run it on its own: -c print('never')" in results[2].fix
+    status = Path(f"/proc/{pid_file.read_text()}/status")
+    # a SIGKILLed process is gone (or dead and not yet reaped) moments after the signal, not at once
+    wait_for(lambda: "State:\tZ" in _read_or(status, "State:\tZ"), 10, "the part's child to die")
+
+
+def _read_or(path: Path, missing: str) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return missing
