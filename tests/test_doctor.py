@@ -179,3 +179,21 @@ def _read_or(path: Path, missing: str) -> str:
         return path.read_text()
     except FileNotFoundError:
         return missing
+
+
+def test_full_parts_commands_parse_as_their_programs_expect(tmp_path):
+    # A GPU run is rare: a misspelt key or flag in a part must fail here, not there. Each `megagpt train`
+    # part's config with its --set overrides validates; each benchmark's arguments parse.
+    from kernels.bench import _parser
+    from megagpt.config import load_config
+
+    for name, cmd, _ in doctor.full_parts(tmp_path):
+        cmd = [c.format(dataset=tmp_path / "dataset") for c in cmd]
+        if cmd[1:4] == ["-m", "megagpt", "train"]:
+            config = load_config(cmd[4], [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"])
+            assert config.logging.progress_bar is False, name
+        elif cmd[1:3] == ["-m", "kernels.bench"]:
+            args = _parser().parse_args(cmd[3:])
+            assert args.dtype == "bf16" and args.out.parent == tmp_path, name
+        else:
+            assert cmd[1:3] in (["-m", "pytest"], ["-c", cmd[2]]), name
