@@ -416,7 +416,7 @@ def full_parts(out: Path) -> list[tuple[str, list[str], int]]:
     py = sys.executable
     probe = "import json; from megagpt.doctor import first_step_probe; print(json.dumps(first_step_probe()))"
     pytest = [py, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests")]
-    if importlib.util.find_spec("xdist") is not None:  # compiling ~90 kernel variants dominates: 4 at a time
+    if importlib.util.find_spec("xdist") is not None:  # compiling 153 kernel configs dominates: 4 at a time
         pytest += ["-n", "4"]
     return [
         ("pytest -m gpu", pytest, 150),
