@@ -219,7 +219,8 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
     elif init_source is not None:
         log.info(f"weights from {init_source.describe()}")
     if device.type == "cuda" and "triton" in (cfg.model.attention, cfg.model.norm):
-        log.info("the first step may pause while the Triton kernels autotune (minutes the first time on a "
+        pause = "under a minute" if cfg.model.kernel_tuning == "pruned" else "minutes with kernel_tuning: full"
+        log.info(f"the first step may pause while the Triton kernels autotune ({pause} the first time on a "
                  "machine; the choices are then cached on disk)")
     tokens_per_step = cfg.train.micro_batch_size * accum * dist.world_size * cfg.model.block_size
     guard = StepGuard(engine, cfg.train.max_bad_steps, cfg.train.dtype == "fp16", device, state.skipped_steps,
