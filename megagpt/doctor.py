@@ -1,9 +1,10 @@
-"""`megagpt doctor [--full] [--out DIR]`: check a new machine or cluster, one line per check and what to do.
+"""`megagpt doctor [--full] [--out DIR] [--time-limit S]`: check a new machine or cluster, one line per check.
 
 Checks: versions and missing packages, devices and their known peaks, native bf16, a collective across local
 devices (gloo on CPU, NCCL on GPUs), each Triton kernel against kernels.reference on this device, and 20 steps
-of a tiny training through DeepSpeed. `--full` (a GPU) adds the GPU tests, kernel benchmarks, a gpt3_125m
-step-time/MFU probe and the whole shakespeare_char run, within 8 minutes, and writes a Markdown report.
+of a tiny training through DeepSpeed; each failure says what to do. `--full` (a GPU) adds the GPU tests, the
+kernels' cold first step, the bf16 matrix rate, kernel benchmarks, a gpt3_125m step-time/MFU probe and the
+whole shakespeare_char run, within 8 minutes, judges issue #14's goals on them and writes a Markdown report.
 Exit 0 only if every check that applies passed. Imports only the standard library at the top, so it also
 runs where megagpt's own dependencies are missing, and says which.
 """
@@ -25,7 +26,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from megagpt import hardware  # no torch at import: doctor reports a missing torch itself
@@ -47,6 +48,7 @@ class Result:
     detail: str
     fix: str = ""  # what to do, on failure
     seconds: float = 0.0
+    numbers: dict = field(default_factory=dict)  # a --full part's measurements (part_numbers)
 
 
 def _missing() -> list[str]:
@@ -411,6 +413,26 @@ def first_step_probe(shapes: dict | None = None) -> dict:
     return times
 
 
+def matmul_probe(n: int = 8192) -> dict:
+    """The dense bf16 matrix rate on random data (an n x n x n product, triton's do_bench), the ceiling the
+    attention forward is judged against. On a CPU (tests only) fp32, timed by perf_counter."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    if on_gpu:
+        import triton.testing
+
+        ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200)
+    else:
+        a @ b
+        started = time.perf_counter()
+        a @ b
+        ms = (time.perf_counter() - started) * 1e3
+    return {"n": n, "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
+
+
 def full_parts(out: Path) -> list[tuple[str, list[str], int]]:
     """(name, command, seconds allowed) for each part of --full; the last gets whatever budget is left."""
     py = sys.executable
@@ -421,6 +443,8 @@ def full_parts(out: Path) -> list[tuple[str, list[str], int]]:
     return [
         ("pytest -m gpu", pytest, 150),
         ("triton cold first step", [py, "-c", probe], 90),
+        ("bf16 matmul rate", [py, "-c", "import json; from megagpt.doctor import matmul_probe; "
+                                        "print(json.dumps(matmul_probe()))"], 30),
         ("attention T=4096 D=128 bf16", [py, "-m", "kernels.bench", "--kernel", "attention", "--dtype", "bf16",
                                          "--seq-len", "4096", "--head-dim", "128", "--out",
                                          str(out / "attention")], 60),
@@ -484,46 +508,94 @@ def run_part(name: str, cmd: list[str], limit: float, out: Path) -> Result:
         tail = (text.strip().splitlines() or [""])[-1][:160]
         return Result(name, "FAIL", f"exit {code}: {tail}", f"its log: {log}", seconds)
     try:
-        return Result(name, "PASS", summarize_part(name, out, text), "", seconds)
+        numbers = part_numbers(name, out, text)
+        return Result(name, "PASS", summarize_part(name, numbers, text), "", seconds, numbers)
     except Exception as e:  # noqa: BLE001  it exited 0 but left no numbers: say so, go on with the next part
         return Result(name, "FAIL", f"exit 0, but its results could not be read: {type(e).__name__}: {e}"[:240],
                       f"its log: {log}", seconds)
 
 
-def summarize_part(name: str, out: Path, output: str) -> str:
+def part_numbers(name: str, out: Path, output: str) -> dict:
     """The numbers the issue's goals are about, read back from each part's own output files."""
     folder = out / name.split()[0]
     if name.startswith("attention"):
         rows = {r["impl"]: r for r in json.loads((folder / "results.json").read_text())["rows"]}
         ours = rows.pop("triton")
-        ratios = ", ".join(f"{ours['fwd_bwd_rate'] / r['fwd_bwd_rate']:.2f}x {impl}" for impl, r in rows.items())
-        return (f"triton fwd {ours['fwd_rate']:g}, fwd+bwd {ours['fwd_bwd_rate']:g} TFLOP/s; fwd+bwd vs "
-                f"{ratios or 'no SDPA backend'}")
+        return {"fwd_tflops": ours["fwd_rate"], "fwd_bwd_tflops": ours["fwd_bwd_rate"],
+                "fwd_bwd_vs": {impl: ours["fwd_bwd_rate"] / r["fwd_bwd_rate"] for impl, r in rows.items()}}
     if name.startswith("layernorm"):
-        rows = json.loads((folder / "results.json").read_text())["rows"]
-        by = {(r["impl"], r["C"]): r for r in rows}
-        lines = []
-        for C in sorted({C for impl, C in by if impl == "triton"}):
-            ours, copy, torch_ln = by["triton", C], by["copy", C], by["torch", C]
-            lines.append(f"C={C}: fwd {ours['fwd_rate']:g} GB/s = {ours['fwd_rate'] / copy['fwd_rate']:.0%} of copy, "
-                         f"fwd+bwd {torch_ln['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x F.layer_norm")
-        return "; ".join(lines)
-    if name.startswith("triton"):
-        times = next(json.loads(line) for line in reversed(output.splitlines()) if line.startswith("{"))
-        return "; ".join(f"{config}: first fwd+bwd {cold:.1f} s (autotune, cold cache), then {warm * 1e3:.1f} ms"
-                         for config, (cold, warm) in times.items())
-    if name.startswith("gpt3_125m") or name.startswith("shakespeare"):
+        by = {(r["impl"], r["C"]): r for r in json.loads((folder / "results.json").read_text())["rows"]}
+        return {C: {"fwd_gbs": by["triton", C]["fwd_rate"],
+                    "of_copy": by["triton", C]["fwd_rate"] / by["copy", C]["fwd_rate"],
+                    "vs_torch": by["torch", C]["fwd_bwd_ms"] / by["triton", C]["fwd_bwd_ms"]}
+                for C in sorted({C for impl, C in by if impl == "triton"})}
+    if name.startswith(("triton", "bf16")):  # the probes print one JSON line last
+        return next(json.loads(line) for line in reversed(output.splitlines()) if line.startswith("{"))
+    if name.startswith(("gpt3_125m", "shakespeare")):
         metrics = read_metrics(folder)
         steps = [m for m in metrics if "loss" in m]
-        last_val = [m["val_loss"] for m in metrics if "val_loss" in m]
-        mfu = [m["mfu"] for m in steps[1:] if m.get("mfu")]  # the first step compiles and autotunes
-        tps = [m["tokens_per_sec"] for m in steps[1:]]
-        parts = [f"{len(steps)} steps logged"]
-        parts += [f"{max(tps):,.0f} tokens/s"] if tps else []
-        parts += [f"MFU {max(mfu):.2f}"] if mfu else []
-        parts += [f"val loss {last_val[-1]:.3f}"] if last_val else []
+        numbers = {"steps": len(steps)}
+        rates = [m["tokens_per_sec"] for m in steps[1:]]  # the first step compiles and autotunes
+        mfu = [m["mfu"] for m in steps[1:] if m.get("mfu")]
+        val = [m["val_loss"] for m in metrics if "val_loss" in m]
+        numbers.update({"tokens_per_sec": max(rates)} if rates else {})
+        numbers.update({"mfu": max(mfu)} if mfu else {})
+        numbers.update({"val_loss": val[-1]} if val else {})
+        return numbers
+    return {}
+
+
+def summarize_part(name: str, n: dict, output: str) -> str:
+    """One line of a part's numbers (part_numbers), or its output's last line."""
+    if name.startswith("attention"):
+        ratios = ", ".join(f"{r:.2f}x {impl}" for impl, r in n["fwd_bwd_vs"].items())
+        return (f"triton fwd {n['fwd_tflops']:g}, fwd+bwd {n['fwd_bwd_tflops']:g} TFLOP/s; fwd+bwd vs "
+                f"{ratios or 'no SDPA backend'}")
+    if name.startswith("layernorm"):
+        return "; ".join(f"C={C}: fwd {r['fwd_gbs']:g} GB/s = {r['of_copy']:.0%} of copy, fwd+bwd "
+                         f"{r['vs_torch']:.2f}x F.layer_norm" for C, r in n.items())
+    if name.startswith("triton"):
+        return "; ".join(f"{config}: first fwd+bwd {cold:.1f} s (autotune, cold cache), then {warm * 1e3:.1f} ms"
+                         for config, (cold, warm) in n.items())
+    if name.startswith("bf16"):
+        return f"{n['tflops']:.0f} TFLOP/s on random {n['n']}x{n['n']}x{n['n']} products"
+    if name.startswith(("gpt3_125m", "shakespeare")):
+        parts = [f"{n['steps']} steps logged"]
+        parts += [f"{n['tokens_per_sec']:,.0f} tokens/s"] if "tokens_per_sec" in n else []
+        parts += [f"MFU {n['mfu']:.2f}"] if "mfu" in n else []
+        parts += [f"val loss {n['val_loss']:.3f}"] if "val_loss" in n else []
         return ", ".join(parts)
     return (output.strip().splitlines() or [""])[-1][:200]
+
+
+GOALS = [  # issue #14's goals on one H100/H200: (what, part, measure of the part's numbers, at least / at most)
+    ("attention fwd+bwd vs SDPA's FlashAttention-2 backend", "attention",
+     lambda n, full: n["fwd_bwd_vs"]["sdpa-flash"], ">=", 1.0),
+    ("attention forward vs the measured bf16 matrix rate", "attention",
+     lambda n, full: n["fwd_tflops"] / full["bf16"]["tflops"], ">", 0.5),
+    ("LayerNorm forward vs copy bandwidth, worst C", "layernorm",
+     lambda n, full: min(r["of_copy"] for r in n.values()), ">=", 0.8),
+    ("LayerNorm fwd+bwd vs F.layer_norm, worst C", "layernorm",
+     lambda n, full: min(r["vs_torch"] for r in n.values()), ">=", 1.5),
+    ("gpt3_125m MFU", "gpt3_125m", lambda n, full: n["mfu"], ">=", 0.45),
+    ("shakespeare_char val loss at its last step", "shakespeare_char", lambda n, full: n["val_loss"], "<=", 1.47),
+]
+
+
+def goal_lines(full: list[Result]) -> list[str]:
+    """Each goal: its measured value and met / NOT met, or why it has no value (a part failed, was skipped, or
+    did not measure it)."""
+    numbers = {r.name.split()[0]: r.numbers for r in full if r.status == "PASS"}
+    lines = []
+    for what, part, measure, op, bound in GOALS:
+        try:
+            value = measure(numbers[part], numbers)
+        except (KeyError, ValueError, ZeroDivisionError) as e:
+            lines.append(f"{what} ({op} {bound:g}): no value ({type(e).__name__}: {e})")
+            continue
+        met = value >= bound if op == ">=" else value > bound if op == ">" else value <= bound
+        lines.append(f"{what} ({op} {bound:g}): {value:.3g}, {'met' if met else 'NOT met'}")
+    return lines
 
 
 def write_report(out: Path, checks: list[Result], full: list[Result], budget_s: float) -> Path:
@@ -534,7 +606,8 @@ def write_report(out: Path, checks: list[Result], full: list[Result], budget_s: 
              f"Device: {device}. {checks[0].detail}.", "", "| check | result | seconds | detail |",
              "|---|---|---|---|"]
     lines += [f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.detail} |" for r in checks + full]
-    lines += ["", f"--full parts took {sum(r.seconds for r in full):.0f} s of a {budget_s:.0f} s budget."]
+    lines += ["", f"--full parts took {sum(r.seconds for r in full):.0f} s of a {budget_s:.0f} s budget.", "",
+              "Issue #14's goals:", ""] + [f"- {line}" for line in goal_lines(full)]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -561,6 +634,7 @@ def main(argv: list[str] | None = None, checks: list[Callable] | None = None) ->
             if args.time_limit is not None:
                 budget = min(budget, args.time_limit - (time.perf_counter() - started))
             full = run_full(args.out, budget_s=budget)
+            print("\n".join(["goals:"] + [f"  {line}" for line in goal_lines(full)]))
             print(f"report: {write_report(args.out, results, full, budget)}")
         else:
             names = ", ".join(name for name, _, _ in full_parts(args.out))

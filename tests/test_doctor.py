@@ -123,10 +123,22 @@ def test_full_reads_the_benchmarks_goals_from_their_own_output(tmp_path):
                                 capture_output=True, text=True, timeout=600, cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"})
         assert result.returncode == 0, result.stderr[-2000:]
-    attention = doctor.summarize_part("attention T=4096 D=128 bf16", tmp_path, "")
+    parts = {}
+    for name in ("attention T=4096 D=128 bf16", "layernorm C=768..8192 bf16"):
+        parts[name] = doctor.part_numbers(name, tmp_path, "")
+        parts[name + " line"] = doctor.summarize_part(name, parts[name], "")
+    attention = parts["attention T=4096 D=128 bf16 line"]
     assert attention.startswith("triton fwd") and "x sdpa-math" in attention
-    layer_norm = doctor.summarize_part("layernorm C=768..8192 bf16", tmp_path, "")
+    layer_norm = parts["layernorm C=768..8192 bf16 line"]
     assert "C=64:" in layer_norm and "of copy" in layer_norm and "x F.layer_norm" in layer_norm
+    # the goals read the same numbers (here no matmul part ran; the interpreter's rates are toys)
+    goals = dict(line.split(" (", 1) for line in doctor.goal_lines(
+        [Result(name.split()[0] + " x", "PASS", "", numbers=n) for name, n in parts.items() if "line" not in name]))
+    assert "no value (KeyError: 'bf16')" in goals["attention forward vs the measured bf16 matrix rate"]
+    flash = parts["attention T=4096 D=128 bf16"]["fwd_bwd_vs"]["sdpa-flash"]
+    assert f": {flash:.3g}, " in goals["attention fwd+bwd vs SDPA's FlashAttention-2 backend"]
+    worst = min(r["of_copy"] for r in parts["layernorm C=768..8192 bf16"].values())
+    assert f": {worst:.3g}, " in goals["LayerNorm forward vs copy bandwidth, worst C"]
 
 
 def test_first_step_probe_times_a_cold_and_a_warm_step_of_each_config():
@@ -136,7 +148,8 @@ def test_first_step_probe_times_a_cold_and_a_warm_step_of_each_config():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    line = doctor.summarize_part("triton cold first step", REPO, result.stdout)
+    name = "triton cold first step"
+    line = doctor.summarize_part(name, doctor.part_numbers(name, REPO, result.stdout), result.stdout)
     assert line.startswith("tiny: first fwd+bwd ") and "(autotune, cold cache), then " in line
 
 
@@ -197,3 +210,32 @@ def test_full_parts_commands_parse_as_their_programs_expect(tmp_path):
             assert args.dtype == "bf16" and args.out.parent == tmp_path, name
         else:
             assert cmd[1:3] in (["-m", "pytest"], ["-c", cmd[2]]), name
+
+
+def test_the_matrix_rate_probe_is_read_back_as_its_part():
+    code = "import json; from megagpt.doctor import matmul_probe; print(json.dumps(matmul_probe(256)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = doctor.part_numbers("bf16 matmul rate", REPO, "a warning first\n" + result.stdout)
+    assert numbers["n"] == 256 and 1e-4 < numbers["tflops"] < 10  # 33.6 MFLOP timed on 2 CPU cores
+    assert doctor.summarize_part("bf16 matmul rate", numbers, "").endswith("TFLOP/s on random 256x256x256 products")
+
+
+@pytest.mark.parametrize(
+    "numbers, verdicts",
+    [({"attention": {"fwd_tflops": 400.0, "fwd_bwd_vs": {"sdpa-flash": 1.1}}, "bf16": {"tflops": 780.0},
+       "layernorm": {768: {"of_copy": 0.85, "vs_torch": 1.6}, 8192: {"of_copy": 0.79, "vs_torch": 2.0}},
+       "gpt3_125m": {"mfu": 0.45}, "shakespeare_char": {"val_loss": 1.4701}},
+      ["met", "met", "NOT met", "met", "met", "NOT met"]),
+     ({"attention": {"fwd_tflops": 390.0, "fwd_bwd_vs": {"sdpa-flash": 0.99}}, "bf16": {"tflops": 780.0},
+       "layernorm": {}, "gpt3_125m": {}, "shakespeare_char": {"val_loss": 1.47}},
+      ["NOT met", "NOT met", "no value", "no value", "no value", "met"])],
+)
+def test_goals_are_judged_on_the_parts_numbers_at_their_bounds(numbers, verdicts):
+    # the bounds: >= 1.0x flash, > 50% of the matrix rate, >= 80% of copy and >= 1.5x F.layer_norm at
+    # the worst width, >= 45% MFU, val loss <= 1.47; a part with no such number gives no value, not a verdict
+    full = [Result(part + " part", "PASS", "", numbers=n) for part, n in numbers.items()]
+    lines = doctor.goal_lines(full)
+    assert [("no value" if "no value" in line else line.rsplit(", ", 1)[1]) for line in lines] == verdicts
+    assert "NOT met" not in "".join(doctor.goal_lines([Result("attention x", "FAIL", "")]))  # failed: no value
