@@ -15,6 +15,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
+import operator
 import os
 import platform
 import re
@@ -593,7 +594,7 @@ def goal_lines(full: list[Result]) -> list[str]:
         except (KeyError, ValueError, ZeroDivisionError) as e:
             lines.append(f"{what} ({op} {bound:g}): no value ({type(e).__name__}: {e})")
             continue
-        met = value >= bound if op == ">=" else value > bound if op == ">" else value <= bound
+        met = {">=": operator.ge, ">": operator.gt, "<=": operator.le}[op](value, bound)
         lines.append(f"{what} ({op} {bound:g}): {value:.3g}, {'met' if met else 'NOT met'}")
     return lines
 
