@@ -34,7 +34,7 @@ fi
 python=${PYTHON:-python}
 grace=()
 find_torch='import importlib.util as u; s = u.find_spec("torch"); print(s.submodule_search_locations[0] if s else "")'
-torch_dir=$("$python" -c "$find_torch")  # where torch is, without importing it (seconds)
+torch_dir=$("$python" -c "$find_torch")  # where torch is, without importing it (that takes seconds)
 [[ -n "$torch_dir" ]] || { echo "torchrun.sh: $python has no torch: install megagpt as the README says" >&2; exit 2; }
 if grep -q -- '--shutdown[-_]timeout' "$torch_dir/distributed/run.py"; then
     grace=(--shutdown_timeout "${SHUTDOWN_TIMEOUT:-600}")
