@@ -208,8 +208,12 @@ def test_full_parts_commands_parse_as_their_programs_expect(tmp_path):
         elif cmd[1:3] == ["-m", "kernels.bench"]:
             args = _parser().parse_args(cmd[3:])
             assert args.dtype == "bf16" and args.out.parent == tmp_path, name
+        elif cmd[1] == "-c":  # an inline probe: valid Python that calls one of doctor's probes
+            compile(cmd[2], name, "exec")
+            probe = cmd[2].split("from megagpt.doctor import ")[1].split(";")[0]
+            assert callable(getattr(doctor, probe)), name
         else:
-            assert cmd[1:3] in (["-m", "pytest"], ["-c", cmd[2]]), name
+            assert cmd[1:6] == ["-m", "pytest", "-q", "-m", "gpu"], name
 
 
 def test_the_matrix_rate_probe_is_read_back_as_its_part():
