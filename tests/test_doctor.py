@@ -1,5 +1,6 @@
 """`megagpt doctor`: a line per check, exit 0 only when all that applies passed, what to do on failure."""
 
+import json
 import os
 import subprocess
 import sys
@@ -243,3 +244,18 @@ def test_goals_are_judged_on_the_parts_numbers_at_their_bounds(numbers, verdicts
     lines = doctor.goal_lines(full)
     assert [("no value" if "no value" in line else line.rsplit(", ", 1)[1]) for line in lines] == verdicts
     assert "NOT met" not in "".join(doctor.goal_lines([Result("attention x", "FAIL", "")]))  # failed: no value
+
+
+def test_a_training_parts_numbers_are_medians_after_its_first_step_and_its_last_val_loss(tmp_path):
+    # metrics.jsonl as megagpt train writes it: the first step (compiling, autotuning) is left out, a lucky step
+    # does not decide MFU or tokens/s, the val loss is the last evaluation's
+    rows = [{"step": 1, "loss": 4.0, "tokens_per_sec": 10.0, "mfu": 0.01},
+            *({"step": s, "loss": 3.0, "tokens_per_sec": t, "mfu": m}
+              for s, t, m in [(2, 100.0, 0.40), (3, 300.0, 0.90), (4, 110.0, 0.44)]),
+            {"step": 4, "val_loss": 2.5}, {"step": 8, "val_loss": 2.25}]
+    (tmp_path / "shakespeare_char").mkdir()
+    (tmp_path / "shakespeare_char" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    numbers = doctor.part_numbers("shakespeare_char to val loss", tmp_path, "")
+    assert numbers == {"steps": 4, "tokens_per_sec": 110.0, "mfu": 0.44, "val_loss": 2.25}
+    assert doctor.summarize_part("shakespeare_char to val loss", numbers, "") == \
+        "4 steps logged, 110 tokens/s (median), MFU 0.44 (median), val loss 2.250"
