@@ -89,7 +89,7 @@ class Run:
         self.guard.check(self.state.step)  # never save a state that too many bad steps in a row produced
         self.state.skipped_steps = self.guard.skipped_steps()
         meta = {"model": {key: getattr(self.cfg.model, key) for key in CHECKED_KEYS},  # checked before any load
-                "train": {"dtype": self.cfg.train.dtype}}
+                "train": {"dtype": self.cfg.train.dtype}}  # read back by _saved_dtype
         with self.throughput.paused():
             self.checkpointer.save(self.engine, self.state.step, self.client_state(), meta)
 
@@ -188,7 +188,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
             lock.release(undo=True)  # refused: the run dir is left byte-identical
         raise
     try:
-        cfg = _with_dtype(cfg, point)
+        cfg = _decide_dtype(cfg, point)
         return _build(cfg, dist, run_dir, dataset, checkpointer, point, lock, init_source)
     except BaseException:
         if lock is not None:
@@ -251,7 +251,7 @@ def _check_resumable(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
                 f"model.{key}={getattr(cfg.model, key)!r} but checkpoint {tag} was trained with "
                 f"{saved_model.get(key)!r}: resume with the same model or start a new --run-dir"
             )
-    saved_dtype = manifest.get("train", {}).get("dtype", cfg.train.dtype)
+    saved_dtype = _saved_dtype(manifest) or cfg.train.dtype
     if cfg.train.dtype != "auto" and saved_dtype != cfg.train.dtype:  # DeepSpeed's optimizer state differs
         raise ConfigError(
             f"train.dtype={cfg.train.dtype!r} but checkpoint {tag} was trained in {saved_dtype!r}: resume with "
@@ -259,14 +259,19 @@ def _check_resumable(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
         )
 
 
-def _with_dtype(cfg: Config, point: ResumePoint | None) -> Config:
+def _saved_dtype(manifest: dict[str, Any]) -> str | None:
+    """The dtype a checkpoint was trained in (None: saved before manifests recorded it)."""
+    return manifest.get("train", {}).get("dtype")
+
+
+def _decide_dtype(cfg: Config, point: ResumePoint | None) -> Config:
     """train.dtype `auto` decided once per run: a resumed run keeps the dtype its checkpoint was trained in; a
     new one (or a checkpoint from before manifests recorded the dtype) takes rank 0's hardware's (bf16 where
     native, else fp32), the same on every rank."""
     if cfg.train.dtype != "auto":
         return cfg
-    saved = point.manifest.get("train", {}) if point is not None else {}
-    return with_dtype(cfg, saved.get("dtype") or on_main(lambda: resolve_dtype("auto")))
+    saved = _saved_dtype(point.manifest) if point is not None else None
+    return with_dtype(cfg, saved or on_main(lambda: resolve_dtype("auto")))
 
 
 def _resume(engine, point: ResumePoint | None, stage, state: TrainState, cfg: Config,

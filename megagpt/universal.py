@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -76,7 +76,7 @@ def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo,
         check(manifest, tag)
     point = ResumePoint(checkpointer, tag, tag, manifest)
     if point.saved_world_size != dist.world_size and is_zero_partitioned(checkpointer.directory / tag):
-        point = ResumePoint(checkpointer, tag, convert_to_universal(checkpointer.directory, tag, dist), manifest)
+        return replace(point, load_tag=convert_to_universal(checkpointer.directory, tag, dist))
     return point
 
 

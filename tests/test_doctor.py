@@ -124,21 +124,19 @@ def test_full_reads_the_benchmarks_goals_from_their_own_output(tmp_path):
                                 capture_output=True, text=True, timeout=600, cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"})
         assert result.returncode == 0, result.stderr[-2000:]
-    parts = {}
-    for name in ("attention T=4096 D=128 bf16", "layernorm C=768..8192 bf16"):
-        parts[name] = doctor.part_numbers(name, tmp_path, "")
-        parts[name + " line"] = doctor.summarize_part(name, parts[name], "")
-    attention = parts["attention T=4096 D=128 bf16 line"]
-    assert attention.startswith("triton fwd") and "x sdpa-math" in attention
-    layer_norm = parts["layernorm C=768..8192 bf16 line"]
-    assert "C=64:" in layer_norm and "of copy" in layer_norm and "x F.layer_norm" in layer_norm
+    names = ("attention T=4096 D=128 bf16", "layernorm C=768..8192 bf16")
+    attention, layer_norm = (doctor.part_numbers(name, tmp_path, "") for name in names)
+    line = doctor.summarize_part(names[0], attention, "")
+    assert line.startswith("triton fwd") and "x sdpa-math" in line
+    line = doctor.summarize_part(names[1], layer_norm, "")
+    assert "C=64:" in line and "of copy" in line and "x F.layer_norm" in line
     # the goals read the same numbers (here no matmul part ran; the interpreter's rates are toys)
-    goals = dict(line.split(" (", 1) for line in doctor.goal_lines(
-        [Result(name.split()[0] + " x", "PASS", "", numbers=n) for name, n in parts.items() if "line" not in name]))
+    full = [Result(name, "PASS", "", numbers=n) for name, n in zip(names, (attention, layer_norm), strict=True)]
+    goals = dict(line.split(" (", 1) for line in doctor.goal_lines(full))
     assert "no value (KeyError: 'bf16')" in goals["attention forward vs the measured bf16 matrix rate"]
-    flash = parts["attention T=4096 D=128 bf16"]["fwd_bwd_vs"]["sdpa-flash"]
+    flash = attention["fwd_bwd_vs"]["sdpa-flash"]
     assert f": {flash:.3g}, " in goals["attention fwd+bwd vs SDPA's FlashAttention-2 backend"]
-    worst = min(r["of_copy"] for r in parts["layernorm C=768..8192 bf16"].values())
+    worst = min(r["of_copy"] for r in layer_norm.values())
     assert f": {worst:.3g}, " in goals["LayerNorm forward vs copy bandwidth, worst C"]
 
 
