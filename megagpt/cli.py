@@ -8,6 +8,7 @@ module of megagpt/ that may import data_prep (data flows one way: data_prep writ
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import shutil
@@ -99,14 +100,35 @@ def _disk_full(e: OSError) -> str:
 
 
 def _usage(argv: list[str]) -> int:
+    """`-h` and `--version` answered; no command: the list of commands; a mistyped one: one line, with the
+    nearest command where one is close."""
     lines = [f"  {word:<8} {text}" for word, text in HELP.items()]
     usage = "usage: megagpt COMMAND ...  (each takes -h)\n\ncommands:\n" + "\n".join(lines)
     if argv[:1] in (["-h"], ["--help"]):
         print(usage)
         return 0
-    problem = f"unknown command {' '.join(argv[:2])!r}" if argv else "no command given"
-    print(f"{usage}\n\nmegagpt: error: {problem}", file=sys.stderr)
+    if argv[:1] == ["--version"]:
+        from megagpt import __version__
+
+        print(f"megagpt {__version__}")
+        return 0
+    if not argv:
+        print(f"{usage}\n\nmegagpt: error: no command given", file=sys.stderr)
+        return 2
+    print(f"megagpt: error: {_unknown(argv)} (megagpt -h lists the commands)", file=sys.stderr)
     return 2
+
+
+def _unknown(argv: list[str]) -> str:
+    """What is wrong with the first words of argv, and the command nearest to them."""
+    groups = {words[0] for words in COMMANDS if len(words) > 1 and (words[0],) not in COMMANDS}
+    typed = argv[:2] if argv[0] in groups else argv[:1]
+    known = [" ".join(words) for words in COMMANDS if words[0] == argv[0]] if argv[0] in groups else list(HELP)
+    near = difflib.get_close_matches(" ".join(typed), known, n=1)
+    hint = f": did you mean '{near[0]}'?" if near else ""
+    if argv[0] in groups and len(typed) == 1:
+        return f"'{argv[0]}' needs one of: {', '.join(known)}"
+    return f"unknown command '{' '.join(typed)}'{hint}"
 
 
 # ---------------------------------------------------------------- train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -218,14 +219,28 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     where = str(path) if path is not None else "<defaults>"
     for item in overrides or []:
         _apply_override(raw, item)
-    return config_from_dict(raw, where)
+    return config_from_dict(raw, where, overrides or [])
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
+def config_from_dict(raw: dict[str, Any], where: str = "<dict>", overrides: list[str] = ()) -> Config:
+    """Validated; an error names the `--set` it came from, else `where` (the file), and the key."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{where}: {_describe(e)}") from None
+        first = e.errors()[0]
+        raise ConfigError(f"{_source(first, overrides, where)}: {_describe(e)}") from None
+
+
+def _source(error: dict, overrides: list[str], where: str) -> str:
+    """Where a bad key came from: the `--set` that sets it (or, for an unknown section, made it), else the file,
+    naming the `--set`s beneath the key (a section's cross-key check fails on the section)."""
+    key = ".".join(str(p) for p in error["loc"])
+    keys = {o: o.partition("=")[0].strip() for o in overrides}
+    exact = [o for o, k in keys.items() if k == key or key.startswith(k + ".")]
+    beneath = [o for o, k in keys.items() if k.startswith(key + ".")]
+    if exact or (error["type"] == "extra_forbidden" and beneath):
+        return f"--set {(exact or beneath)[-1]}"  # the last one wins, as it does when applied
+    return where + (" with --set " + " and --set ".join(beneath) if beneath else "")
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -293,12 +308,26 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[leaf] = yaml.safe_load(text) if text.strip() else None
 
 
+def _nearest_key(loc: tuple) -> str | None:
+    """The known key closest to an unknown one, in the same section."""
+    section: Any = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(part) if isinstance(section, type) else None
+        kinds = (field.annotation, *getattr(field.annotation, "__args__", ())) if field else ()
+        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if section is None:
+            return None
+    near = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    return ".".join([*map(str, loc[:-1]), near[0]]) if near else None
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<top level>"
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":
-        return f"unknown key {key!r} (check its spelling and section)"
+        near = _nearest_key(first["loc"])
+        return f"unknown key {key!r}" + (f": did you mean {near!r}?" if near else " (check its spelling and section)")
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     msg = msg.removeprefix("Value error, ")

@@ -1,12 +1,15 @@
 """The `megagpt` command as a user types it: train prepares its data, sample reads the run, bench train times."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 from helpers import CPU_CONFIG, REPO, TINY_MODEL
+
+from megagpt import cli
 
 TINY = [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
 
@@ -62,3 +65,21 @@ def test_bench_train_runs_megagpt_and_nanogpt_side_by_side(shakespeare_dataset, 
     assert numbers["speedup_pairs"] == pytest.approx(pairs)
     assert "megagpt / nanoGPT tokens/s" in result.stdout
     assert not (NANOGPT / "out-bench").exists() and not (NANOGPT / "data" / "shakespeare_char" / "train.bin").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["trian", "configs/shakespeare_char_cpu.yaml"], "unknown command 'trian': did you mean 'train'?"),
+    (["bench", "kernls"], "unknown command 'bench kernls': did you mean 'bench kernels'?"),
+    (["eval"], "'eval' needs one of: eval qa, eval prefs"),
+    (["frobnicate"], "unknown command 'frobnicate' (megagpt -h lists the commands)"),
+])
+def test_a_mistyped_command_is_one_line_naming_it_and_the_nearest_one(argv, says, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("megagpt: error: ") and says in err
+
+
+def test_version_is_the_packages_as_pyproject_states_it(capsys):
+    assert cli.main(["--version"]) == 0
+    version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M)[1]
+    assert capsys.readouterr().out == f"megagpt {version}\n"

@@ -29,8 +29,25 @@ def test_bad_values_are_one_line_errors_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "shakespeare_char.yaml", [override])
     message = str(err.value)
-    assert key in message and "shakespeare_char.yaml" in message
+    assert key in message and f"--set {override}" in message  # where the bad value came from
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["train.lrr=3e-4"], "--set train.lrr=3e-4: unknown key 'train.lrr': did you mean 'train.lr'?"),
+        (["trian.lr=3e-4"], "--set trian.lr=3e-4: unknown key 'trian': did you mean 'train'?"),
+        (["train.lr=1", "train.lr=fast"], "--set train.lr=fast: train.lr: "),  # the last one is applied
+        (["model.n_layer=2", "model.n_embd=100"],  # a cross-key check fails on the section: both are named
+         "shakespeare_char.yaml with --set model.n_layer=2 and --set model.n_embd=100: model.n_embd (100)"),
+        (["train.zzz=1"], "--set train.zzz=1: unknown key 'train.zzz' (check its spelling and section)"),
+    ],
+)
+def test_an_error_names_the_set_it_came_from_and_the_nearest_known_key(overrides, says):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "shakespeare_char.yaml", overrides)
+    assert says in str(err.value)
 
 
 def test_cpu_config_extends_the_base_and_overrides_apply():
@@ -46,6 +63,7 @@ def test_the_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
     assert cli_main(["train", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.n_layers" in err and "bad.yaml" in err
+    assert "did you mean 'model.n_layer'?" in err
 
 
 def test_base_loops_are_reported(tmp_path):
