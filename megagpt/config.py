@@ -247,6 +247,30 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def changes_since(saved: Path, cfg: Config) -> list[str]:
+    """`key: old -> new` for each dotted key on which cfg differs from a config.yaml that save_config wrote
+    (none when that file is missing or unreadable)."""
+    try:
+        before = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(before, dict):
+        return []
+    old, new = _flatten(before), _flatten(cfg.to_dict())
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def with_vocab_size(cfg: Config, vocab_size: int) -> Config:
     """model.vocab_size filled in from a dataset's vocabulary (null in the config), or checked against it."""
     if cfg.model.vocab_size is None:

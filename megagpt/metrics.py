@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ from tqdm import tqdm
 
 from megagpt.distributed import warn_once
 from megagpt.errors import UserError
+
+LINE_PROGRESS_EVERY_S = 30.0  # where stderr is not a terminal: a progress line at most this often
 
 
 class RunLogger:
@@ -38,10 +42,12 @@ class RunLogger:
 
             # TensorBoard's own version of the same: readers drop earlier events at steps >= start_step.
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step)
-        if progress_bar:
+        if progress_bar and sys.stderr.isatty():
             self._bar = tqdm(
                 total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
             )
+        elif progress_bar:  # a log file or a batch job's output: lines, not a bar redrawn with carriage returns
+            self._bar = LineProgress(max_steps, start_step, LINE_PROGRESS_EVERY_S)
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -76,6 +82,30 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
         self._jsonl.close()
+
+
+class LineProgress:
+    """The progress bar where stderr is not a terminal: `train: step N/M (P%): key value, ...` at most every
+    `every` seconds and at the last step, with tqdm's interface as RunLogger uses it."""
+
+    def __init__(self, total: int, initial: int, every: float):
+        self.total, self.n, self.every, self._shown = total, initial, every, time.monotonic()
+
+    def update(self, steps: int) -> None:
+        self.n += steps
+
+    def set_postfix(self, postfix: dict[str, Any], refresh: bool = False) -> None:
+        if time.monotonic() - self._shown >= self.every or self.n >= self.total:
+            self._shown = time.monotonic()
+            shown = ", ".join(f"{key} {value}" for key, value in postfix.items())
+            print(f"train: step {self.n}/{self.total} ({self.n / self.total:.0%}): {shown}", file=sys.stderr,
+                  flush=True)
+
+    def write(self, message: str) -> None:
+        print(message, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def _drop_records_after(path: Path, step: int) -> None:

@@ -9,19 +9,20 @@ from typing import Any
 
 import torch
 
-from megagpt.checkpoint import Checkpointer
+from megagpt.checkpoint import Checkpointer, step_of
 from megagpt.config import (
     FUNCTION_KEYS,
     SHAPE_KEYS,
     Config,
     ConfigError,
     ModelConfig,
+    changes_since,
     save_config,
     with_dtype,
     with_vocab_size,
 )
 from megagpt.dataset import MANIFEST, Dataset
-from megagpt.distributed import DistInfo, device_for, init_distributed, on_main, warn_once
+from megagpt.distributed import DistInfo, device_for, init_distributed, on_main, print_once, warn_once
 from megagpt.ds_config import grad_accum_steps
 from megagpt.engine import build_engine
 from megagpt.hardware import mfu, peak_flops, resolve_dtype
@@ -55,10 +56,19 @@ class RunSummary:
 
     run_dir: Path
     step: int
-    tokens_seen: int
-    skipped_steps: int
+    tokens_seen: int | None  # None: the run was complete already, nothing was loaded
+    skipped_steps: int | None
     val_loss: float | None
     resumed_from: str | None
+
+
+class RunComplete(Exception):
+    """The run dir's resume point is at train.max_steps already: nothing to train, nothing written."""
+
+    def __init__(self, run_dir: Path, tag: str, max_steps: int):
+        self.run_dir, self.tag, self.step = run_dir, tag, step_of(tag)
+        super().__init__(f"{run_dir} is complete: {tag} is at train.max_steps ({max_steps}), nothing to train "
+                         f"(to train on, raise train.max_steps; to start over, pass a new --run-dir)")
 
 
 @dataclass
@@ -96,7 +106,11 @@ class Run:
 
 def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") -> RunSummary:
     """Train until train.max_steps (or a stop signal); resumable from the run dir's checkpoints."""
-    run = build_run(cfg, run_dir, resume)
+    try:
+        run = build_run(cfg, run_dir, resume)
+    except RunComplete as done:
+        print_once(str(done))
+        return RunSummary(done.run_dir, done.step, None, None, None, done.tag)
     cfg, state = run.cfg, run.state
     stop, val_loss = StopRequest(), None
     last_saved = state.step if run.resumed_from else -1
@@ -124,6 +138,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
                 break
         if last_saved != state.step:
             run.save()
+        if state.step == cfg.train.max_steps:
+            run.log.info(f"done: {state.step} steps, in {run.run_dir}; next, "
+                         + run.stage.next_step.format(run_dir=run.run_dir))
     finally:
         stop.restore()
         run.log.close()
@@ -154,14 +171,20 @@ def _evaluate(run: Run) -> float | None:
     with run.throughput.paused():
         results = run.stage.evaluate(run.engine)
         run.log.log(step, results, section="val")
-        if "val_loss" in results:
-            run.log.info(f"step {step}: val loss {results['val_loss']:.4f}")
+        if results:
+            run.log.info(eval_line(step, results))
         text = run.stage.sample(run.engine, step)
         if text is not None and run.dist.is_main:
             (run.run_dir / "samples").mkdir(exist_ok=True)
             (run.run_dir / "samples" / f"step_{step:06d}.txt").write_text(text)
             run.log.text("samples", text, step)
     return results.get("val_loss")
+
+
+def eval_line(step: int, results: dict[str, float]) -> str:
+    """The console line of an evaluation: `step N: val loss 1.7553` or `step N: val loss 0.31, accuracy 0.87`."""
+    return f"step {step}: val " + ", ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}"
+                                            for k, v in results.items())
 
 
 # ---------------------------------------------------------------- building a run
@@ -183,6 +206,8 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
         # Before the engine: a checkpoint from another world size is converted, and the engine built to load it.
         point = find_resume_point(checkpointer, resume, dist,
                                   check=lambda manifest, tag: _check_resumable(cfg, manifest, tag))
+        if point is not None and step_of(point.tag) >= cfg.train.max_steps:
+            raise RunComplete(run_dir, point.tag, cfg.train.max_steps)
     except BaseException:
         if lock is not None:
             lock.release(undo=True)  # refused: the run dir is left byte-identical
@@ -199,6 +224,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
 def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpointer: Checkpointer,
            point: ResumePoint | None, lock: RunLock | None, init_source=None) -> Run:
     """What build_run does once it has decided to run: write the run dir, build, load the resume point."""
+    changed = changes_since(run_dir / "config.yaml", cfg) if point is not None and dist.is_main else []
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -218,6 +244,9 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
         log.info(f"resumed from {resumed_from} at step {state.step}")
     elif init_source is not None:
         log.info(f"weights from {init_source.describe()}")
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        log.info(f"settings changed since the run's last start: {'; '.join(changed[:5])}{more}")
     if device.type == "cuda" and "triton" in (cfg.model.attention, cfg.model.norm):
         pause = "under a minute" if cfg.model.kernel_tuning == "pruned" else "minutes with kernel_tuning: full"
         log.info(f"the first step may pause while the Triton kernels autotune ({pause} the first time on a "

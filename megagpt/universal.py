@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from megagpt.checkpoint import UNIVERSAL_SUFFIX, Checkpointer, verify_manifest
+from megagpt.checkpoint import TAG_PATTERN, UNIVERSAL_SUFFIX, Checkpointer, tag_for, verify_manifest
 from megagpt.distributed import DistInfo, barrier, on_main, print_once
 from megagpt.errors import UserError
 
@@ -58,6 +58,7 @@ def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo,
         return None
     if resume != "auto":
         path = Path(resume)
+        _check_tag_dir(path, resume, checkpointer.directory)
         checkpointer = Checkpointer(path.parent, dist)
         problem = on_main(lambda: verify_manifest(path))
         if problem is not None:
@@ -78,6 +79,15 @@ def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo,
     if point.saved_world_size != dist.world_size and is_zero_partitioned(checkpointer.directory / tag):
         return replace(point, load_tag=convert_to_universal(checkpointer.directory, tag, dist))
     return point
+
+
+def _check_tag_dir(path: Path, resume: str, checkpoints: Path) -> None:
+    """--resume PATH names an existing checkpoint tag dir (step_NNNNNN), not a typo or a run dir."""
+    example = f"pass auto, never, or a checkpoint dir such as {checkpoints / tag_for(500)}"
+    if not path.is_dir():
+        raise UserError(f"--resume {resume}: no such directory; {example}")
+    if not TAG_PATTERN.match(path.name):
+        raise UserError(f"--resume {resume}: not a checkpoint dir (its name is not step_NNNNNN); {example}")
 
 
 def convert_to_universal(directory: Path, tag: str, dist: DistInfo) -> str:

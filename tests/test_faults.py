@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -177,6 +178,40 @@ def test_refusals_leave_the_run_dir_byte_identical(case, run_copy, shakespeare_d
     before = snapshot(run_copy)
     with pytest.raises(error, match=match):
         train(load_config(None, overrides), run_copy, resume=resume)
+    assert snapshot(run_copy) == before
+
+
+def test_a_complete_run_trains_nothing_and_writes_nothing_even_with_changed_settings(run_copy,
+                                                                                      shakespeare_dataset, capfd):
+    # the fixture's run is at its max_steps (6); before, a rerun with a --set rewrote config.yaml, trained nothing
+    before = snapshot(run_copy)
+    overrides = [*tiny(shakespeare_dataset, max_steps=6, checkpoint_interval=2), "train.lr=3e-4"]
+    summary = train(load_config(None, overrides), run_copy)
+    assert (summary.step, summary.resumed_from, summary.tokens_seen) == (6, "step_000006", None)
+    assert (f"{run_copy} is complete: step_000006 is at train.max_steps (6), nothing to train (to train on, "
+            "raise train.max_steps") in capfd.readouterr().err
+    assert snapshot(run_copy) == before
+
+
+def test_a_resume_names_the_settings_it_changes_and_a_finished_run_what_to_do_next(run_copy, shakespeare_dataset,
+                                                                                     capfd):
+    overrides = [*tiny(shakespeare_dataset, max_steps=8, checkpoint_interval=2), "train.lr=3e-4"]
+    lr_before = load_config(None, tiny(shakespeare_dataset)).train.lr
+    train(load_config(None, overrides), run_copy)
+    out = capfd.readouterr().out
+    assert ("settings changed since the run's last start: "
+            f"train.lr: {lr_before!r} -> 0.0003; train.max_steps: 6 -> 8\n") in out
+    assert f"done: 8 steps, in {run_copy}; next, sample it: megagpt sample {run_copy}\n" in out
+    assert load_config(run_copy / "config.yaml").train.lr == 3e-4  # the run's config is how it goes on
+
+
+@pytest.mark.parametrize("resume, says", [("sometimes", "no such directory"),
+                                          ("RUN", "not a checkpoint dir (its name is not step_NNNNNN)")])
+def test_a_resume_that_names_no_checkpoint_dir_says_so(resume, says, run_copy, shakespeare_dataset):
+    resume = str(run_copy) if resume == "RUN" else resume
+    before = snapshot(run_copy)
+    with pytest.raises(UserError, match=rf"--resume {resume}: {re.escape(says)}; pass auto, never, or a "):
+        train(load_config(None, tiny(shakespeare_dataset, max_steps=8)), run_copy, resume=resume)
     assert snapshot(run_copy) == before
 
 

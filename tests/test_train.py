@@ -6,11 +6,13 @@ import pytest
 import torch
 from helpers import CPU_CONFIG, metrics, tiny_overrides, train_records
 
+from megagpt import metrics as metrics_module
 from megagpt.config import ConfigError, load_config
 from megagpt.errors import UserError
 from megagpt.lr_schedule import lr_at
+from megagpt.metrics import RunLogger
 from megagpt.sample import sample_texts
-from megagpt.train import train
+from megagpt.train import eval_line, train
 
 read_metrics = metrics
 
@@ -288,3 +290,29 @@ def test_a_zero_stage_set_through_deepspeed_extra_cannot_switch_clipping_off(sha
                                    'deepspeed.extra={"zero_optimization": {"stage": 1}}'])
     with pytest.raises(UserError, match="train.grad_clip would apply nowhere"):
         train(cfg, tmp_path)
+
+
+def test_an_evaluation_line_shows_every_measure_of_the_stage():
+    # before, only val_loss reached the console: a reward model's accuracy and PPO's reward and KL did not
+    assert eval_line(2000, {"val_loss": 1.75531}) == "step 2000: val loss 1.7553"
+    assert eval_line(300, {"val_loss": 0.3, "val_accuracy": 0.873}) == "step 300: val loss 0.3000, accuracy 0.8730"
+    assert eval_line(150, {"val_reward_model_score": 1.5, "val_kl": 0.25}) == \
+        "step 150: val reward model score 1.5000, kl 0.2500"
+
+
+def test_progress_goes_to_a_log_as_plain_lines_not_a_redrawn_bar(tmp_path, capfd, monkeypatch):
+    # under pytest stderr is not a terminal, as in a batch job's output file
+    monkeypatch.setattr(metrics_module, "LINE_PROGRESS_EVERY_S", 0.0)
+    log = RunLogger(tmp_path, True, start_step=0, max_steps=4, tensorboard=False, progress_bar=True)
+    for step in range(1, 5):
+        log.progress(1, loss=f"{4 - step:.4f}", tok_s="1,000")
+    log.close()
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == [f"train: step {s}/4 ({s / 4:.0%}): loss {4 - s:.4f}, tok_s 1,000" for s in range(1, 5)]
+    monkeypatch.setattr(metrics_module, "LINE_PROGRESS_EVERY_S", 3600.0)  # the default: a line at most so often
+    log = RunLogger(tmp_path, True, start_step=0, max_steps=4, tensorboard=False, progress_bar=True)
+    for _ in range(4):
+        log.progress(1, loss="1.0000")
+    log.close()
+    assert capfd.readouterr().err.splitlines() == ["train: step 4/4 (100%): loss 1.0000"]  # and at the last step

@@ -8,7 +8,8 @@ schedule, checkpoints with exact and elastic resume, signals, logging. A stage s
   * what evaluation reports (`evaluate`) and what sample text an evaluation shows (`sample`);
   * which statistics of its own each logged step adds to metrics.jsonl (`log_stats`);
   * what of its own a checkpoint must hold to resume exactly (`state_dict`: the data position, a KL
-    controller, ...).
+    controller, ...);
+  * what a finished run suggests doing with it (`next_step`).
 A new stage is a module here and a line in STAGES; `train.stage` in the config names it.
 """
 
@@ -31,6 +32,7 @@ class LossStage:
 
     grad_accum_steps: int
     device: torch.device
+    next_step = "sample it: megagpt sample {run_dir}"  # what a finished run suggests; {run_dir} is filled in
 
     def __init__(self, cfg, dataset, dist, device: torch.device, grad_accum_steps: int):
         self.cfg, self.dataset, self.dist, self.device = cfg, dataset, dist, device

@@ -27,6 +27,8 @@ STATS = ("chosen_reward", "rejected_reward", "margin", "accuracy")
 
 
 class DPOStage(PairStage):
+    next_step = "talk to it: megagpt chat {run_dir}"
+
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):
         super().__init__(cfg, dataset, dist, device, grad_accum_steps)  # the loader first: it refuses other kinds

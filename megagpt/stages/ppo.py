@@ -59,6 +59,8 @@ ROLLOUT_SUMS = ("advantage", "advantage_sq", "reply_tokens", "replies", "score",
 
 
 class PPOStage(LossStage):
+    next_step = "talk to it: megagpt chat {run_dir}"
+
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):
         self.cfg, self.dataset, self.dist, self.device = cfg, dataset, dist, device

@@ -77,6 +77,8 @@ class PairStage(LossStage):
 
 
 class RewardStage(PairStage):
+    next_step = "align with it: --set align.reward_model={run_dir} on a train.stage: ppo config"
+
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):
         super().__init__(cfg, dataset, dist, device, grad_accum_steps)

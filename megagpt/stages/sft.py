@@ -35,6 +35,8 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class SFTStage(LossStage):
+    next_step = "talk to it: megagpt chat {run_dir}"
+
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):
         super().__init__(cfg, dataset, dist, device, grad_accum_steps)
