@@ -242,9 +242,9 @@ def render(r: dict) -> str:
               f"choice    ZeRO-{c['zero_stage']}, micro batch {c['micro_batch_size']}, activation "
               f"checkpointing {on(c['activation_checkpointing'])}{accum}: "
               f"{c['memory_gib']:.1f} of {g['usable_gib']:.1f} GiB",
-              f"speed     {s['tokens_per_sec']:,.0f} tokens/s, {s['tokens_per_day'] / 1e9:.2f}B tokens/day, "
+              f"compute   {s['tokens_per_sec']:,.0f} tokens/s, {s['tokens_per_day'] / 1e9:.2f}B tokens/day, "
               f"step {s['step_seconds']:.2f} s; max_steps {s['max_steps']} "
-              f"in {s['days_for_max_steps']:.1f} days"]
+              f"in {s['days_for_max_steps']:.1f} days (at MFU {s['mfu']:g}, before communication: see comm)"]
     if c["activation_checkpointing"]:
         lines.append("          (checkpointing recomputes the forward: GPUs run ~4/3 busier for this MFU)")
     return "\n".join(lines + [""] + render_communication(r["communication"], s))
