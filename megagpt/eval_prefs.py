@@ -150,6 +150,11 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.limit < 1 or args.max_new_tokens < 1 or args.batch < 1 or args.temperature <= 0:
         raise UserError("--limit, --max-new-tokens and --batch must be at least 1, --temperature above 0")
+    named = [*((r, "RUN_DIR") for r in args.runs), (args.reward_model, "--reward-model"),
+             (args.reference, "--reference")]
+    missing = next(((path, what) for path, what in named if path and not Path(path).is_dir()), None)
+    if missing:  # before the data, which a mistyped run dir would otherwise hide behind
+        raise UserError(f"{missing[1]} {missing[0]}: no such directory")
     torch.set_num_threads(args.threads)
     runs = [Path(r) for r in args.runs]
     data = Path(args.data) if args.data else find_data_dir(runs)

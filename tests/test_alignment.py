@@ -3,6 +3,7 @@ float64 references, the score read at the end-of-turn, evaluation recomputed, a 
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -264,6 +265,16 @@ def _qa_dir(path, questions):
     return path
 
 
+def test_a_question_without_a_pair_is_dropped_for_a_named_reason():
+    from megagpt.shakespeare_prefs import MARGIN, SAME, label
+
+    known = {"good", "lord"}
+    assert label(["good lord", "xq zz", "good zz"], known, 0.5) == ("good lord", "xq zz", 1.0, 0.0)
+    assert label(["good lord", "good zz"], known, 0.6) == MARGIN  # 1.0 against 0.5
+    assert label(["good", "good"], known, 0.01) == MARGIN  # one text: no gap
+    assert label(["good", "good"], known, 0.0) == SAME
+
+
 def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, tmp_path, capsys):
     from data_prep.shakespeare_qa import TRAIN_FRACTION, play_text
     from megagpt.realwords import real_word_rate, vocabulary
@@ -274,6 +285,7 @@ def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, t
     out = tmp_path / "prefs"
     assert megagpt(["prep", "shakespeare-prefs", "--sft", str(chain["sft"]), "--qa", str(qa), "--out", str(out),
                     "--samples", "4", "--min-margin", "0.01", "--val-fraction", "0.2", "--max-new-tokens", "16"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("megagpt prep shakespeare-prefs:")]
     text = play_text()
     known = vocabulary(text[:int(len(text) * TRAIN_FRACTION)])
     assert set((out / "words.txt").read_text().split("\n")[:-1]) == known
@@ -283,6 +295,12 @@ def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, t
         good, bad = real_word_rate(pair["chosen"], known), real_word_rate(pair["rejected"], known)
         assert pair["scores"] == [good, bad] and good >= bad + 0.01
     assert len((out / "prompts-val.jsonl").read_text().splitlines()) == 3
+    counted = re.fullmatch(r"megagpt prep shakespeare-prefs: (\d+) questions -> (\d+) pairs \(.*\), \d+ tokens; "
+                           r"dropped: (\d+) below --min-margin, (\d+) with no room .*, (\d+) with identical replies; "
+                           r"mean real-word rate .*", line)
+    assert counted and line.count(" pairs") == 1, line
+    questions, written, *dropped = map(int, counted.groups())
+    assert questions == len(lines) == written + sum(dropped) and written == len(pairs)
 
     report_path = tmp_path / "eval.json"
     assert megagpt(["eval", "prefs", str(chain["sft"]), "--reward-model", str(chain["reward"]), "--reference",
@@ -294,3 +312,15 @@ def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, t
     assert row["real_word_rate"] == pytest.approx(sum(real_word_rate(s["reply"], known) for s in samples) / 3)
     assert row["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # the SFT model against itself
     assert "real words" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which", ["run", "--reward-model", "--reference"])
+def test_eval_prefs_names_a_missing_model_dir_before_anything_else(which, tmp_path, capsys):
+    # no data dir either: the mistyped model dir is what the user is told about
+    missing, present = str(tmp_path / "nope"), str(tmp_path)
+    argv = {"run": [missing], "--reward-model": [present, "--reward-model", missing],
+            "--reference": [present, "--reference", missing]}[which]
+    assert megagpt(["eval", "prefs", *argv, "--out", str(tmp_path / "e.json")]) == 2
+    label = "RUN_DIR" if which == "run" else which
+    assert capsys.readouterr().err == f"megagpt eval prefs: error: {label} {missing}: no such directory\n"
+
