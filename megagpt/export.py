@@ -83,7 +83,8 @@ def check_out_dir(run_dir: Path, out: Path, force: bool) -> None:
 def _write(folder: Path, run_dir: Path, state, cfg: Config, fmt: str, dtype: str, tag: str) -> None:
     if fmt == "hf":
         _save(hf_state_dict(fold_multipliers(state, cfg.model), cfg), folder / "model.safetensors")  # µP folded
-        (folder / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
+        config = hf_config(cfg, dtype, **special_token_ids(run_dir / TOKENIZER_DIR, cfg.model.vocab_size))
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     else:
         _save(state, folder / "model.safetensors")
         save_config(cfg, folder / "config.yaml")
@@ -93,9 +94,33 @@ def _write(folder: Path, run_dir: Path, state, cfg: Config, fmt: str, dtype: str
     (folder / EXPORT_MARKER).write_text(json.dumps(source, indent=1) + "\n")  # last: marks a finished export
 
 
+def special_token_ids(tokenizer_dir: Path, vocab_size: int) -> dict[str, int | None]:
+    """GPT2Config's bos/eos ids from the run's tokenizer: end of text starts and ends a document (GPT-2's
+    convention), a chat model's generation ends at its end-of-turn token; None for what the vocabulary lacks."""
+    from megagpt.chat_template import END, chat_token_ids
+    from megagpt.dataset import load_tokenizer
+
+    if not tokenizer_dir.is_dir():
+        return {"bos_token_id": None, "eos_token_id": None}
+    tokenizer = load_tokenizer(tokenizer_dir)
+    chat = chat_token_ids(tokenizer)
+    eos = chat[END] if chat else tokenizer.eos_id
+    return {"bos_token_id": _in_vocab(tokenizer.eos_id, vocab_size), "eos_token_id": _in_vocab(eos, vocab_size)}
+
+
+def _in_vocab(token_id: int | None, vocab_size: int) -> int | None:
+    return token_id if token_id is not None and 0 <= token_id < vocab_size else None
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask sets it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """rename(2) replaces an empty folder; an earlier export (--force) is moved aside first, then deleted."""
-    tmp.chmod(0o755)  # mkdtemp made it private
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp made it private; a plain mkdir would follow the umask
     if out.is_dir() and any(out.iterdir()):
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
@@ -114,3 +139,4 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(state, str(path), metadata={"format": "pt"})  # transformers refuses files without "format"
+    path.chmod(0o666 & ~_umask())  # safetensors creates it 0600; colleagues on a shared file system read exports

@@ -1,12 +1,17 @@
-"""Hugging Face GPT-2 <-> megagpt: the one weight-name mapping and config translation, used both ways.
+"""Hugging Face GPT-2 <-> megagpt: the one weight-name mapping and config translation, used both ways, and the
+reading of a GPT-2 folder (config.json + model.safetensors or pytorch_model.bin, maybe tokenizer.json).
 
 GPT2LMHeadModel has megagpt's architecture (pre-LN blocks, learned positions, tied head, 4x MLP) with another
 weight layout: its Conv1D keeps weights as (in, out) where nn.Linear keeps (out, in), so those four matrices are
 transposed on the way in and on the way out; every other name is the same. `megagpt export --format hf` uses
-`hf_state_dict`/`hf_config`; `train.init_from` of a GPT-2 folder uses `megagpt_state_dict`/`model_shape`.
+`hf_state_dict`/`hf_config`; `train.init_from` of a GPT-2 folder (megagpt/init_from.py) and `megagpt sample` /
+`chat` of one (megagpt/inference.py) use `read_config`, `model_shape` and `read_weights`.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -17,6 +22,31 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 # Non-persistent buffers that older transformers versions saved with the weights (the causal mask).
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HF_TOKENIZER = "tokenizer.json"  # a `tokenizers` file; megagpt's own export carries tokenizer/ instead
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face model folder: config.json plus weights (the model type is checked by model_shape)."""
+    return (path / HF_CONFIG).is_file() and any((path / name).is_file() for name in HF_WEIGHTS)
+
+
+def read_config(path: Path) -> dict:
+    """The folder's config.json; a one-line UserError when it is not JSON."""
+    try:
+        return json.loads((path / HF_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path / HF_CONFIG}: not readable JSON ({e})") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The folder's weights under megagpt's names, fp32, the tied head included."""
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return megagpt_state_dict(load_file(str(path / "model.safetensors")))
+    return megagpt_state_dict(torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True))
 
 
 def hf_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
@@ -45,7 +75,9 @@ def megagpt_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def hf_config(cfg, dtype: str) -> dict:
+def hf_config(cfg, dtype: str, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
+    """GPT2Config's keys for this model. The token ids are always written: left out, GPT2Config would fill in
+    GPT-2's 50256, which a smaller vocabulary does not have (transformers warns on loading)."""
     m = cfg.model
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -65,6 +97,8 @@ def hf_config(cfg, dtype: str) -> dict:
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
         "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
         "torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype],
     }
 

@@ -1,17 +1,21 @@
-"""Load a trained model for inference on one process, from a run dir (any ZeRO stage) or an export dir."""
+"""Load a trained model for inference on one process, from a run dir (any ZeRO stage), an export dir, or a
+Hugging Face GPT-2 folder (megagpt's `export --format hf`, or any with config.json, weights and tokenizer.json)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from megagpt.checkpoint import Checkpointer, step_of, tag_for, verify_manifest
-from megagpt.config import load_config
-from megagpt.distributed import DistInfo
+from megagpt.config import config_from_dict, load_config
+from megagpt.distributed import DistInfo, warn_once
 from megagpt.errors import UserError
+from megagpt.hf_gpt2 import HF_CONFIG, HF_TOKENIZER, HF_WEIGHTS, is_hf_folder, model_shape, read_config, read_weights
 from megagpt.reward_model import inference_model
 from megagpt.universal import is_zero_partitioned
 
@@ -62,15 +66,14 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     if is_zero_partitioned(ckpt_dir / tag):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        with contextlib.redirect_stdout(sys.stderr):  # its progress lines would land in `megagpt sample`'s text
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
 
 
 def load_for_inference(path: str | Path, step: int | None = None, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer, config) from a run dir or an export dir."""
-    from megagpt.dataset import load_tokenizer
-
+    """(model in eval mode, tokenizer, config) from a run dir, an export dir or a Hugging Face GPT-2 folder."""
     path = Path(path)
     cfg, state = _load_weights(path, step)
     model, state = inference_model(cfg, state)  # a GPT; a reward run's RewardModel; a ppo run's policy alone
@@ -79,27 +82,46 @@ def load_for_inference(path: str | Path, step: int | None = None, device: str | 
     except RuntimeError as e:
         lines = str(e).strip().splitlines()  # "Error(s) in loading state_dict for GPT:", then the details
         detail = lines[-1 if len(lines) > 1 else 0].strip()[:160]
-        raise UserError(f"{path / 'config.yaml'} does not describe the saved weights ({detail}); was it edited "
+        described = path / ("config.yaml" if (path / "config.yaml").is_file() else HF_CONFIG)
+        raise UserError(f"{described} does not describe the saved weights ({detail}); was it edited "
                         f"after training?") from None
-    tokenizer_dir = path / TOKENIZER_DIR if (path / TOKENIZER_DIR).is_dir() else Path(cfg.data.dataset_dir)
-    return model.to(device).eval(), load_tokenizer(tokenizer_dir), cfg
+    return model.to(device).eval(), _load_tokenizer(path, cfg), cfg
+
+
+def _load_tokenizer(path: Path, cfg):
+    """The tokenizer/ a run or export dir carries, a GPT-2 folder's tokenizer.json, else the config's dataset's."""
+    from megagpt.dataset import load_tokenizer
+    from megagpt.tokenizer import tokenizer_from_file
+
+    if (path / TOKENIZER_DIR).is_dir():
+        return load_tokenizer(path / TOKENIZER_DIR)
+    if is_run_dir(path) or not is_hf_folder(path):
+        return load_tokenizer(Path(cfg.data.dataset_dir))
+    if not (path / HF_TOKENIZER).is_file():
+        raise UserError(f"{path}: a Hugging Face GPT-2 folder without {HF_TOKENIZER} (nor megagpt's "
+                        f"{TOKENIZER_DIR}/); megagpt needs the model's tokenizer to sample it")
+    return tokenizer_from_file("huggingface", path / HF_TOKENIZER)
 
 
 def _load_weights(path: Path, step: int | None):
-    """(config, state dict) of a run dir's checkpoint or an export dir's safetensors; never one for the other."""
+    """(config, state dict) of a run dir's checkpoint, an export dir's safetensors or a GPT-2 folder's weights;
+    never one for the other."""
     if is_run_dir(path):  # an export written into a run dir (older megagpt allowed it) is not what it holds
         return load_config(path / "config.yaml"), consolidated_state_dict(path, resolve_tag(path, step))
-    if not is_export_dir(path):
+    if not is_export_dir(path) and not is_hf_folder(path):
         raise UserError(f"{path}: neither a run dir (config.yaml with checkpoints/ or metrics.jsonl, from "
                         f"`megagpt train`) nor an export dir (model.safetensors with {EXPORT_MARKER}, from "
-                        f"`megagpt export`)")
-    source = json.loads((path / EXPORT_MARKER).read_text())
+                        f"`megagpt export`), nor a Hugging Face GPT-2 folder ({HF_CONFIG} with "
+                        f"{' or '.join(HF_WEIGHTS)})")
     if step is not None:
-        raise UserError(f"--step {step}: {path} is an export of one checkpoint ({source.get('checkpoint')}); "
-                        f"--step picks a checkpoint of a run dir")
-    if source.get("format") == "hf":
-        raise UserError(f"{path}: a Hugging Face GPT-2 export; load it with transformers "
-                        f"(GPT2LMHeadModel.from_pretrained), or export with --format megagpt to sample it here")
+        what = (f"an export of one checkpoint ({json.loads((path / EXPORT_MARKER).read_text()).get('checkpoint')})"
+                if is_export_dir(path) else "a Hugging Face GPT-2 folder (one model's weights)")
+        raise UserError(f"--step {step}: {path} is {what}; --step picks a checkpoint of a run dir")
+    if is_hf_folder(path):  # megagpt's `export --format hf` too: its weights are µP-folded, standard GPT-2
+        shape, warnings = model_shape(read_config(path), str(path / HF_CONFIG))
+        for message in warnings:
+            warn_once(message)
+        return config_from_dict({"model": shape}, str(path / HF_CONFIG)), read_weights(path)
     from safetensors.torch import load_file
 
     state = load_file(str(path / "model.safetensors"))

@@ -27,11 +27,18 @@ from megagpt.config import FUNCTION_KEYS, SHAPE_KEYS, Config, ConfigError
 from megagpt.dataset import MANIFEST, Dataset, load_manifest, sha256_file
 from megagpt.distributed import on_main, warn_once
 from megagpt.errors import UserError
-from megagpt.hf_gpt2 import TIED, megagpt_state_dict, model_shape
+from megagpt.hf_gpt2 import (
+    HF_CONFIG,
+    HF_TOKENIZER,
+    HF_WEIGHTS,
+    TIED,
+    is_hf_folder,
+    model_shape,
+    read_config,
+    read_weights,
+)
 from megagpt.inference import EXPORT_MARKER, TOKENIZER_DIR, consolidated_state_dict, is_export_dir, is_run_dir
 
-HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-HF_TOKENIZER = "tokenizer.json"
 WTE = "transformer.wte.weight"
 
 
@@ -59,7 +66,7 @@ class InitSource:
 
             state = load_file(str(self.path / "model.safetensors"))
         else:
-            state = megagpt_state_dict(_read_hf_weights(self.path))
+            state = read_weights(self.path)
         state = {name: t.float() for name, t in state.items()}
         state[TIED] = state[WTE]
         return state
@@ -81,7 +88,6 @@ def open_source(spec: str) -> InitSource:
     where = f"train.init_from={spec}"
     if not path.exists():
         raise ConfigError(f"{where}: no such directory")
-    hf_config = path / "config.json"
     if step is not None and not is_run_dir(path):
         raise ConfigError(f"{where}: @{step} picks a checkpoint of a run dir, and {path} is not one")
     if is_run_dir(path):
@@ -96,12 +102,8 @@ def open_source(spec: str) -> InitSource:
 
         return InitSource(path, "export", _keys(load_config(path / "config.yaml").model), None,
                           _megagpt_tokenizer(path))
-    if hf_config.is_file() and any((path / name).is_file() for name in HF_WEIGHTS):
-        try:
-            config = json.loads(hf_config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{hf_config}: not readable JSON ({e})") from None
-        shape, warnings = model_shape(config, str(hf_config))
+    if is_hf_folder(path):
+        shape, warnings = model_shape(read_config(path), str(path / HF_CONFIG))
         tokenizer = path / HF_TOKENIZER if (path / HF_TOKENIZER).is_file() else None
         if tokenizer is None and (path / TOKENIZER_DIR).is_dir():  # megagpt's own HF export
             tokenizer = _megagpt_tokenizer(path)
@@ -128,14 +130,6 @@ def _megagpt_tokenizer(path: Path) -> Path | None:
     if not (folder / MANIFEST).is_file():
         return None
     return folder / load_manifest(folder).tokenizer.file
-
-
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(path / "model.safetensors"))
-    return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------- the run's config from the source

@@ -1,4 +1,5 @@
-"""`megagpt sample`: text from a run dir or export dir, seeded and reproducible; every argument checked first."""
+"""`megagpt sample`: text from a run dir, an export dir or a GPT-2 folder, seeded and reproducible; every argument
+checked first."""
 
 from __future__ import annotations
 

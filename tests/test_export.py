@@ -1,11 +1,17 @@
 """Export: a 2-rank ZeRO-3 run -> safetensors that reproduce the engine; HF GPT-2 gives the same logits."""
 
+import json
+import os
+import stat
+
 import pytest
 import torch
 from dist_helpers import finish, metrics, tiny, torchrun
 
+from megagpt.cli import main as megagpt
 from megagpt.config import load_config
 from megagpt.data import eval_batches
+from megagpt.dataset import load_tokenizer
 from megagpt.export import export, hf_state_dict
 from megagpt.inference import load_for_inference
 from megagpt.model import GPT
@@ -82,6 +88,60 @@ def test_hf_export_gives_gpt2lmheadmodel_the_same_logits(zero3_run, tmp_path):
     with torch.no_grad():
         want = ours(idx)[0]
     torch.testing.assert_close(_hf_logits(out, idx), want, atol=1e-5, rtol=0)
+
+
+def test_hf_config_token_ids_exist_in_the_vocabulary_and_transformers_loads_it_quietly(zero3_run, tmp_path, capfd):
+    pytest.importorskip("transformers")
+    out = export(zero3_run, tmp_path / "hf", fmt="hf")
+    config = json.loads((out / "config.json").read_text())
+    eos = load_tokenizer(zero3_run / "tokenizer").eos_id  # None: Tiny Shakespeare is one document
+    assert config["bos_token_id"] == config["eos_token_id"] == eos
+    assert all(config[key] is None or 0 <= config[key] < config["vocab_size"] for key in ("bos_token_id",
+                                                                                         "eos_token_id"))
+    capfd.readouterr()
+    _hf_logits(out, torch.zeros(1, 1, dtype=torch.long))
+    err = capfd.readouterr().err
+    assert "bos_token_id" not in err and "eos_token_id" not in err, err
+
+
+@pytest.mark.parametrize("fmt", ["megagpt", "hf"])
+def test_exported_files_follow_the_umask(zero3_run, tmp_path, fmt):
+    old = os.umask(0o022)
+    try:
+        out = export(zero3_run, tmp_path / fmt, fmt=fmt)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes["model.safetensors"] == 0o644
+    assert all(mode == (0o755 if (out / name).is_dir() else 0o644) for name, mode in modes.items()), modes
+
+
+def test_megagpt_sample_of_an_hf_export_equals_sampling_the_run(zero3_run, tmp_path, capsys):
+    out = export(zero3_run, tmp_path / "hf", fmt="hf")
+    capsys.readouterr()
+    texts = []
+    for path in (zero3_run, out):
+        assert megagpt(["sample", str(path), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--seed", "7",
+                        "--device", "cpu"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("ROMEO:") and len(texts[0]) > 40
+
+
+def test_a_gpt2_folder_samples_with_its_own_tokenizer_json(zero3_run, tmp_path):
+    """Any GPT-2 folder (config.json, model.safetensors, tokenizer.json) samples; the text is its tokenizer's."""
+    tokenizers = pytest.importorskip("tokenizers")
+    out = export(zero3_run, tmp_path / "hf", fmt="hf")
+    chars = load_tokenizer(zero3_run / "tokenizer").chars
+    vocab = {c: i for i, c in enumerate(chars)}
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=chars[0]))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")  # one token per character
+    hf.decoder = tokenizers.decoders.Fuse()
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((out / name).read_bytes())
+    hf.save(str(folder / "tokenizer.json"))
+    assert sample_texts(folder, "ROMEO:", 20, seed=3) == sample_texts(zero3_run, "ROMEO:", 20, seed=3)
 
 
 def test_hf_layout_with_biases(tmp_path):
