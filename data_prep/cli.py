@@ -22,11 +22,25 @@ def main(argv: list[str] | None = None) -> int:
             out = prepare_shakespeare(args.out, args.input, force=args.force, workers=args.workers)
         else:
             out = prepare(args.input, args.out, _settings(args), force=args.force)
+        if getattr(args, "run", None) is None:  # a token dataset; the other kinds print their own summary
+            print(f"megagpt prep {args.kind}: {token_summary(out)}")
     except UserError as e:
         print(f"megagpt prep {args.kind}: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
+
+
+def token_summary(out) -> str:
+    """A token dataset's line, from its manifest: like the chat and preference kinds' summaries."""
+    from megagpt.dataset import load_manifest
+
+    manifest = load_manifest(out)
+    splits = manifest.splits
+    shards = sum(s.shards if isinstance(s.shards, int) else len(s.shards) for s in splits.values())
+    tokens = ", ".join(f"{name} {info.tokens}" for name, info in splits.items())
+    return (f"vocab {manifest.vocab_size} ({manifest.tokenizer.kind}), {sum(s.tokens for s in splits.values())} "
+            f"tokens ({tokens}), {shards} shards")
 
 
 def _settings(args) -> PrepSettings:

@@ -354,6 +354,14 @@ def verify_shard(directory: Path, shard: ShardInfo) -> None:
         raise DataError(f"{path}: its members do not match {index_name(shard.name)}; re-run `megagpt prep`")
 
 
+def human_bytes(n: int) -> str:
+    """A size in the largest decimal unit it reaches (as `ls -h --si` and disk vendors count): 2.2 MB, 812 bytes."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def verify_main(argv: list[str]) -> int:
     """`megagpt data verify DIR`: check each split's shard table, then read every local shard in full against it."""
     from tqdm import tqdm
@@ -382,8 +390,8 @@ def verify_main(argv: list[str]) -> int:
         tables = f"{bad_tables} of {len(dataset.manifest.splits)} shard tables and " if bad_tables else ""
         raise DataError(f"{dataset.dir}: {tables}{bad} of {len(local)} shards failed (listed above)")
     remote = f"; {len(shards) - len(local)} remote shards not checked" if len(local) < len(shards) else ""
-    gigabytes = sum(s.bytes or 0 for s in local) / 1e9
-    print(f"{dataset.dir}: {len(local)} shards ({gigabytes:.2f} GB) match the manifest "
+    size = human_bytes(sum(s.bytes or 0 for s in local))
+    print(f"{dataset.dir}: {len(local)} shards ({size}) match the manifest "
           f"({time.perf_counter() - start:.1f} s){remote}")
     return 0
 

@@ -11,7 +11,7 @@ import pytest
 import data_prep
 from data_prep.cli import main as prep_main
 from data_prep.prep import PrepSettings, prepare
-from megagpt.dataset import load_tokenizer
+from megagpt.dataset import human_bytes, load_tokenizer, verify_main
 
 
 def _files(d):
@@ -55,6 +55,24 @@ def test_shakespeare_has_65_chars_and_nanogpt_split(shakespeare_path, tmp_path):
     assert tok.decode(_tokens(out, "val").tolist()) == text[int(n * 0.9):]
     assert _tokens(out, "train")[:5].tolist() == [chars.index(c) for c in text[:5]]
     assert _sources(out)[0]["sha256"] == hashlib.sha256(shakespeare_path.read_bytes()).hexdigest()
+
+
+def test_prep_shakespeare_and_data_verify_say_counts_and_sizes_in_human_units(shakespeare_path, tmp_path, capsys):
+    out = tmp_path / "sh"
+    assert prep_main(["shakespeare", "--out", str(out), "--input", str(shakespeare_path)]) == 0
+    n, shards = len(shakespeare_path.read_text()), sorted(out.glob("*.tar"))
+    assert capsys.readouterr().out.splitlines() == [
+        f"megagpt prep shakespeare: vocab 65 (char), {n} tokens (train {int(n * 0.9)}, val {n - int(n * 0.9)}), "
+        f"{len(shards)} shards", f"wrote {out}"]
+    assert verify_main([str(out)]) == 0
+    megabytes = sum(p.stat().st_size for p in shards) / 1e6  # 2.2 MB: not "0.00 GB"
+    assert f"{len(shards)} shards ({megabytes:.1f} MB) match the manifest" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 bytes"), (999, "999 bytes"), (1000, "1.0 KB"), (2_234_567, "2.2 MB"),
+                                     (5 * 10**9, "5.0 GB"), (3.5e12, "3.5 TB")])
+def test_sizes_are_shown_in_the_largest_unit_they_reach(n, text):
+    assert human_bytes(n) == text
 
 
 def test_prep_twice_gives_byte_identical_files(shakespeare_path, tmp_path):
