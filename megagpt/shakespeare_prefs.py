@@ -33,6 +33,8 @@ from megagpt.generate import generate_replies
 from megagpt.realwords import WORDS_FILE, real_word_rate, save_vocabulary, vocabulary
 
 PAIRS = "pairs.jsonl"
+# Why a question gives no pair, in the summary's order.
+MARGIN, NO_ROOM, SAME = "below --min-margin", "with no room for a reply in block_size", "with identical replies"
 
 
 def free_text_prompts(data_dir: str | Path, split: str) -> list[list[dict]]:
@@ -66,30 +68,35 @@ def sample_replies(model, tokenizer, questions: list[tuple[int, list[dict]]], sa
     return replies
 
 
-def label(replies: list[str], known: set[str], min_margin: float) -> tuple[str, str, float, float] | None:
-    """(chosen, rejected, their scores): the replies with the highest and lowest real-word rate; None when they
-    differ by less than min_margin."""
+def label(replies: list[str], known: set[str], min_margin: float) -> tuple[str, str, float, float] | str:
+    """(chosen, rejected, their scores): the replies with the highest and lowest real-word rate; else why there is
+    no pair: MARGIN when they differ by less than min_margin, SAME when they are one text (min_margin <= 0)."""
     scores = [real_word_rate(r, known) for r in replies]
     best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-    if scores[best] - scores[worst] < min_margin or replies[best] == replies[worst]:
-        return None
+    if scores[best] - scores[worst] < min_margin:
+        return MARGIN
+    if replies[best] == replies[worst]:
+        return SAME
     return replies[best], replies[worst], scores[best], scores[worst]
 
 
-def make_pairs(model, tokenizer, prompts: list[list[dict]], known: set[str], args) -> list[dict]:
+def make_pairs(model, tokenizer, prompts: list[list[dict]], known: set[str], args) -> tuple[list[dict], dict]:
+    """The labelled pairs, and how many questions gave none for each reason (MARGIN, NO_ROOM, SAME)."""
     from tqdm import tqdm
 
-    pairs = []
+    pairs, dropped = [], dict.fromkeys((MARGIN, NO_ROOM, SAME), 0)
     for first in tqdm(range(0, len(prompts), args.batch), desc="shakespeare-prefs", unit="batch", disable=None):
         questions = list(enumerate(prompts[first:first + args.batch], start=first))
         replies = sample_replies(model, tokenizer, questions, args.samples, args.max_new_tokens, args.temperature,
                                  args.seed)
         for (_, messages), answers in zip(questions, replies, strict=True):
-            labelled = label(answers, known, args.min_margin) if len(answers) >= 2 else None
-            if labelled is not None:
-                chosen, rejected, good, bad = labelled
-                pairs.append({"prompt": messages, "chosen": chosen, "rejected": rejected, "scores": [good, bad]})
-    return pairs
+            labelled = label(answers, known, args.min_margin) if len(answers) >= 2 else NO_ROOM
+            if isinstance(labelled, str):
+                dropped[labelled] += 1
+                continue
+            chosen, rejected, good, bad = labelled
+            pairs.append({"prompt": messages, "chosen": chosen, "rejected": rejected, "scores": [good, bad]})
+    return pairs, dropped
 
 
 def parser() -> argparse.ArgumentParser:
@@ -134,7 +141,7 @@ def main(argv: list[str], training_text, prepare) -> int:
     model, tokenizer, _ = load_for_inference(args.sft, device=args.device)
     require_chat_tokens(tokenizer)
     known = vocabulary(training_text())
-    pairs = make_pairs(model, tokenizer, prompts, known, args)
+    pairs, dropped = make_pairs(model, tokenizer, prompts, known, args)
     if len(pairs) < 2:
         raise UserError(f"--sft {args.sft}: only {len(pairs)} of {len(prompts)} questions gave replies whose "
                         f"real-word rates differ by --min-margin {args.min_margin}; lower it or sample more")
@@ -151,8 +158,19 @@ def main(argv: list[str], training_text, prepare) -> int:
         shutil.rmtree(work, ignore_errors=True)
     save_vocabulary(known, out / WORDS_FILE)
     (out / VAL_PROMPTS).write_text("".join(json.dumps({"messages": m}) + "\n" for m in val_prompts))
-    rates = np.array([p["scores"] for p in pairs])
-    print(f"megagpt prep shakespeare-prefs: {len(pairs)} pairs from {len(prompts)} questions (mean real-word rate "
-          f"chosen {rates[:, 0].mean():.3f}, rejected {rates[:, 1].mean():.3f}); {summary.line()}")
+    print(f"megagpt prep shakespeare-prefs: {summary_line(len(prompts), pairs, dropped, summary)}")
     print(f"wrote {out}")
     return 0
+
+
+def summary_line(questions: int, pairs: list[dict], dropped: dict[str, int], summary) -> str:
+    """Every question once: a pair in the dataset, or dropped for one reason (here, or by the dataset's writer)."""
+    dropped = {**dropped, SAME: dropped[SAME] + summary.identical}
+    if summary.too_long:  # the dataset writer's reason; this command passes it no --max-length
+        dropped["longer than --max-length"] = summary.too_long
+    reasons = ", ".join(f"{n} {why}" for why, n in dropped.items())
+    written, rates = summary.pairs, np.array([p["scores"] for p in pairs])
+    chars = f"; {summary.dropped_chars} unknown characters dropped" if summary.dropped_chars else ""
+    return (f"{questions} questions -> {written['train'] + written['val']} pairs (train {written['train']}, val "
+            f"{written['val']}), {summary.tokens} tokens; dropped: {reasons}; mean real-word rate chosen "
+            f"{rates[:, 0].mean():.3f}, rejected {rates[:, 1].mean():.3f}{chars}")
