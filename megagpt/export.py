@@ -15,6 +15,7 @@ from megagpt.errors import UserError
 from megagpt.hf_gpt2 import TIED, hf_config, hf_state_dict  # the GPT-2 layout, one mapping for both directions
 from megagpt.inference import EXPORT_MARKER, TOKENIZER_DIR, consolidated_state_dict, is_run_dir, resolve_tag
 from megagpt.mup import fold_multipliers
+from megagpt.reward_model import policy_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -38,8 +39,13 @@ def export(run_dir: Path, out: Path, step: int | None = None, fmt: str = "megagp
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     check_out_dir(run_dir, out, force)
     cfg = load_config(run_dir / "config.yaml")
+    if fmt == "hf" and cfg.train.stage == "reward":
+        raise UserError(f"--format hf: {run_dir} is a reward model (a GPT with a scalar head), which GPT-2's "
+                        f"language-model folder cannot hold; export it with --format megagpt")
     tag = resolve_tag(run_dir, step)
     state = consolidated_state_dict(run_dir, tag)
+    if fmt == "hf" and cfg.train.stage == "ppo":
+        state = policy_state(state)  # the language model; PPO's value model stays in the run
     state = {name: t.to(DTYPES[dtype]).contiguous() for name, t in state.items() if name != TIED}
 
     from safetensors import SafetensorError

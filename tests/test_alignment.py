@@ -219,6 +219,10 @@ def test_a_reward_model_exports_and_loads_with_the_same_scores(chain, tmp_path, 
         assert torch.equal(from_run(ids)[0], from_export(ids)[0])
     assert megagpt(["chat", str(tmp_path / "export"), "--prompt", "hi"]) == 2
     assert "does not generate" in capsys.readouterr().err
+    assert megagpt(["export", str(chain["reward"]), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
+    assert "is a reward model (a GPT with a scalar head), which GPT-2's language-model folder cannot hold; " \
+           "export it with --format megagpt" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
 
 
 # ---------------------------------------------------------------- DPO

@@ -14,6 +14,7 @@ from dist_helpers import finish, single, torchrun, wait_for
 from helpers import train_records
 
 from megagpt.align_objectives import KLController, gae, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss, whiten
+from megagpt.export import export
 from megagpt.frozen_models import load_reference
 from megagpt.inference import load_for_inference
 
@@ -230,6 +231,14 @@ def test_ppo_logs_its_statistics_every_step_and_its_runs_load_as_the_policy(chai
     model, _, cfg = load_for_inference(run_dir)
     assert cfg.train.stage == "ppo" and type(model).__name__ == "GPT"
     assert "assistant: " in (run_dir / "samples" / "step_000002.txt").read_text()
+    # exported for transformers: the policy alone, the same logits (PPO's value model stays in the run)
+    export(run_dir, tmp_path / "hf", fmt="hf")
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids)[0], atol=1e-5)
 
 
 @pytest.mark.distributed
