@@ -46,7 +46,7 @@ HELP = {
             "shakespeare-qa,preferences,shakespeare-prefs} -h)",
     "data": "megagpt data verify DIR: read every shard in full and check it against the manifest",
     "train": "train (bare, under torchrun, the deepspeed launcher or Slurm)",
-    "sample": "generate text from a run dir or an export dir",
+    "sample": "generate text from a run dir, an export dir or a Hugging Face GPT-2 folder",
     "export": "consolidate a run's checkpoint into a standalone folder",
     "chat": "talk to a fine-tuned model (megagpt chat RUN_DIR [--prompt TEXT])",
     "eval": "evaluations: megagpt eval qa RUN_DIR --data DIR | megagpt eval prefs RUN_DIR... --out FILE.json",
