@@ -151,9 +151,10 @@ def fit_with_bootstrap(law: str, x: np.ndarray, loss: np.ndarray, samples: int =
                        seed: int = 0) -> Fit:
     """The fit on all points, then on `samples` resamples (with replacement) started from it."""
     x, loss = np.asarray(x, dtype=float), np.asarray(loss, dtype=float)
-    k = len(PARAMS[law])
-    if len(loss) < k:
-        raise UserError(f"{FORMULAS[law]} has {k} parameters: it needs at least {k} points, got {len(loss)}")
+    k, distinct = len(PARAMS[law]), len({tuple(row) for row in x})
+    if distinct < k:
+        raise UserError(f"{FORMULAS[law]} has {k} parameters: it needs points at {k} distinct "
+                        f"{'FLOPs' if law == 'compute' else '(N, D)'}, got {distinct}")
     scale = np.exp(np.log(x).mean(axis=0))
     z = x / scale
     theta, _ = fit_law(law, z, loss)
@@ -166,6 +167,9 @@ def fit_with_bootstrap(law: str, x: np.ndarray, loss: np.ndarray, samples: int =
         t, cost = fit_law(law, z[pick], loss[pick], starts=[theta])
         if math.isfinite(cost):
             boot.append(t)
+    if samples and not boot:
+        raise UserError(f"{FORMULAS[law]}: none of the {samples} bootstrap resamples of the {len(loss)} points held "
+                        f"{k} distinct ones to refit: pass a larger --bootstrap or add points")
     return Fit(law, theta, scale, np.array(boot).reshape(-1, k))
 
 
@@ -230,9 +234,10 @@ def _same_number(a, b) -> bool:
 
 
 def compute_frontier(rows: list[dict]) -> list[dict]:
-    """The points no cheaper point beats: sorted by FLOPs, each lower in loss than all before it."""
+    """The points no cheaper point beats: sorted by FLOPs, each lower in loss than all before it. Of runs of equal
+    FLOPs (an LR swept at one size) only the lowest loss can be on it: the law has one value per C."""
     frontier, best = [], math.inf
-    for row in sorted(rows, key=lambda r: r["flops"]):
+    for row in sorted(rows, key=lambda r: (r["flops"], r["val_loss"])):
         if row["val_loss"] < best:
             frontier.append(row)
             best = row["val_loss"]
@@ -246,8 +251,10 @@ def fit_points(rows: list[dict], heldout: list[dict], samples: int = BOOTSTRAP) 
     """Both laws where the points allow them, each with its intervals and the held-out points' predictions."""
     result = {}
     frontier = compute_frontier(rows)
+    _check_frontier(frontier, rows)
     laws = {"compute": (frontier, lambda r: [r["flops"]])}
-    if len({r["params"] for r in rows}) > 1 and len({r["tokens"] for r in rows}) > 1 and len(rows) >= 5:
+    sizes = {(r["params"], r["tokens"]) for r in rows}
+    if len({n for n, _ in sizes}) > 1 and len({d for _, d in sizes}) > 1 and len(sizes) >= len(PARAMS["chinchilla"]):
         laws["chinchilla"] = (rows, lambda r: [r["params"], r["tokens"]])
     for law, (points, features) in laws.items():
         fit = fit_with_bootstrap(law, [features(r) for r in points], [r["val_loss"] for r in points], samples)
@@ -263,6 +270,15 @@ def fit_points(rows: list[dict], heldout: list[dict], samples: int = BOOTSTRAP) 
             result[law]["note"] = ("E went to 0: the points do not pin the irreducible loss (they lie far above "
                                    "it), so this is a pure power law")
     return result
+
+
+def _check_frontier(frontier: list[dict], rows: list[dict]) -> None:
+    k = len(PARAMS["compute"])
+    if len(frontier) < k:
+        raise UserError(f"the compute frontier has {len(frontier)} point{'s' * (len(frontier) != 1)} (of {len(rows)} "
+                        f"finished runs; runs of equal FLOPs count once) but {FORMULAS['compute']} needs at least "
+                        f"{k} points: sweep at least {k} model sizes (e.g. --grid model.n_embd=32,64,128) or add "
+                        f"runs of other sizes or step counts")
 
 
 def _heldout_row(fit: Fit, row: dict, features) -> dict:
@@ -291,6 +307,9 @@ def fit_main(argv: list[str]) -> int:
     p.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help=f"resamples (default {BOOTSTRAP})")
     p.add_argument("--out", required=True, type=Path, help="folder for fit.json and fit.png")
     args = p.parse_args(argv)
+    if args.bootstrap < 1:
+        raise UserError(f"--bootstrap {args.bootstrap}: the 95% intervals need at least 1 resample (default "
+                        f"{BOOTSTRAP})")
     rows, heldout = split_holdout(load_points(args.dirs), args.holdout)
     result = fit_points(rows, heldout, args.bootstrap)
     args.out.mkdir(parents=True, exist_ok=True)

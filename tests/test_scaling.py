@@ -53,6 +53,12 @@ def test_the_compute_frontier_drops_points_a_cheaper_one_beats():
     assert [r["flops"] for r in compute_frontier(rows)] == [1.0, 3.0, 5.0]
 
 
+def test_of_runs_of_equal_flops_only_the_lowest_loss_is_on_the_frontier():
+    rows = [{"flops": 1.0, "val_loss": 3.0}, {"flops": 1.0, "val_loss": 2.9}, {"flops": 2.0, "val_loss": 2.8},
+            {"flops": 2.0, "val_loss": 2.7}]
+    assert [(r["flops"], r["val_loss"]) for r in compute_frontier(rows)] == [(1.0, 2.9), (2.0, 2.7)]
+
+
 def test_holdout_names_a_key_of_the_rows():
     rows = [{"model.n_embd": "64", "val_loss": 2.0}, {"model.n_embd": "128", "val_loss": 1.9}]
     kept, held = split_holdout(rows, ["model.n_embd=128"])
@@ -118,3 +124,33 @@ def test_too_few_points_for_the_law_is_one_line(tmp_path, capsys):
     assert "at least 3 points" in capsys.readouterr().err
     assert main(["scaling", "fit", str(tmp_path), "--out", str(tmp_path / "fit")]) == 2
     assert "neither a sweep folder" in capsys.readouterr().err
+
+
+def test_a_two_by_two_sweep_is_one_line_naming_the_frontier_and_what_to_sweep(tmp_path, capsys):
+    """Two widths × two LRs: four runs, two FLOPs, so a 2-point frontier (it crashed in the bootstrap)."""
+    rows = []
+    for w in (32, 64):
+        for lr, worse in (("0.002", 0.0), ("0.004", 0.1)):  # the worse LR second: both entered the frontier
+            flops = 6.0 * 12 * w * w * 1e6
+            rows.append({"model.n_embd": str(w), "train.lr": lr, "point": f"n_embd={w},lr={lr}", "status": "done",
+                         "val_loss": float(compute_law(flops)) + worse, "params": 12 * w * w, "tokens": 1e6,
+                         "flops": flops})
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "results.json").write_text(json.dumps(rows))
+    assert main(["scaling", "fit", str(tmp_path / "sw"), "--out", str(tmp_path / "fit")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "frontier has 2 points (of 4 finished runs" in err and "at least 3 points" in err
+    assert "--grid model.n_embd=" in err
+    assert not (tmp_path / "fit").exists()
+
+
+def test_a_bootstrap_that_keeps_no_resample_is_an_error_not_empty_intervals(tmp_path, capsys):
+    flops = np.array([1e13, 1e14, 1e15])  # a resample keeps all 3 distinct points with probability 2/9
+    with pytest.raises(UserError, match="none of the 1 bootstrap resamples of the 3 points.*larger --bootstrap"):
+        fit_with_bootstrap("compute", flops[:, None], compute_law(flops), samples=1, seed=0)
+    fit = fit_with_bootstrap("compute", flops[:, None], compute_law(flops), samples=50, seed=0)
+    assert 0 < len(fit.samples) < 50 and set(fit.intervals()) == {"E", "A", "alpha"}
+    folder = sweep_dir(tmp_path, [64, 96, 128])
+    assert main(["scaling", "fit", str(folder), "--bootstrap", "0", "--out", str(tmp_path / "fit")]) == 2
+    assert "--bootstrap 0" in capsys.readouterr().err
