@@ -282,6 +282,13 @@ def with_vocab_size(cfg: Config, vocab_size: int) -> Config:
     return cfg
 
 
+def with_global_batch(cfg: Config, tokens: int) -> Config:
+    """cfg with train.global_batch_tokens set, gradient accumulation derived from it (the trainer keeps a resumed
+    run's global batch on another world size)."""
+    train = cfg.train.model_copy(update={"global_batch_tokens": tokens, "grad_accum_steps": None})
+    return cfg.model_copy(update={"train": train})
+
+
 def with_dtype(cfg: Config, dtype: str) -> Config:
     """cfg with train.dtype set (`auto` made concrete by the trainer or the planner)."""
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"dtype": dtype})})

@@ -19,6 +19,7 @@ from megagpt.config import (
     changes_since,
     save_config,
     with_dtype,
+    with_global_batch,
     with_vocab_size,
 )
 from megagpt.dataset import MANIFEST, Dataset
@@ -204,10 +205,12 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
     lock = lock_run_dir(run_dir, dist)  # one job per run dir, before anything about it is decided
     try:
         # Before the engine: a checkpoint from another world size is converted, and the engine built to load it.
-        point = find_resume_point(checkpointer, resume, dist,
-                                  check=lambda manifest, tag: _check_resumable(cfg, manifest, tag))
+        point = find_resume_point(checkpointer, resume, dist, check=lambda manifest, tag: (
+            _check_resumable(cfg, manifest, tag), _kept_global_batch(cfg, manifest, tag, dist.world_size)))
         if point is not None and step_of(point.tag) >= cfg.train.max_steps:
             raise RunComplete(run_dir, point.tag, cfg.train.max_steps)
+        if point is not None:
+            cfg = _keep_global_batch(cfg, point, dist.world_size)
     except BaseException:
         if lock is not None:
             lock.release(undo=True)  # refused: the run dir is left byte-identical
@@ -286,6 +289,33 @@ def _check_resumable(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
             f"train.dtype={cfg.train.dtype!r} but checkpoint {tag} was trained in {saved_dtype!r}: resume with "
             f"--set train.dtype={saved_dtype}, or start a new --run-dir with --set train.init_from=RUN_DIR"
         )
+
+
+def _kept_global_batch(cfg: Config, manifest: dict[str, Any], tag: str, world_size: int) -> int | None:
+    """The global batch in tokens that a run resumed on another world size must set to keep the one it was trained
+    with, where the config fixes only the per-rank batch (None: nothing to set); a ConfigError when the new world
+    size cannot reach it."""
+    saved_world = int(manifest.get("world_size", world_size))
+    if saved_world == world_size or cfg.train.global_batch_tokens is not None:
+        return None  # same ranks, or global_batch_tokens fixes the step on any number of ranks
+    per_rank = cfg.train.micro_batch_size * cfg.model.block_size
+    saved = per_rank * saved_world * grad_accum_steps(cfg.train, cfg.model.block_size, saved_world)
+    if saved % (per_rank * world_size):
+        raise ConfigError(
+            f"checkpoint {tag} was trained on {saved_world} ranks with a global batch of {saved} tokens, which "
+            f"{world_size} ranks of micro_batch_size × block_size = {per_rank} cannot make up: set "
+            f"train.micro_batch_size so that they can, or --set train.global_batch_tokens=N to change the batch")
+    return saved
+
+
+def _keep_global_batch(cfg: Config, point: ResumePoint, world_size: int) -> Config:
+    """cfg with the saved global batch made explicit (train.global_batch_tokens; accumulation follows from it)."""
+    tokens = _kept_global_batch(cfg, point.manifest, point.tag, world_size)
+    if tokens is None:
+        return cfg
+    print_once(f"the global batch stays at {tokens} tokens, as on the {point.saved_world_size} ranks {point.tag} "
+               f"was saved on: train.global_batch_tokens={tokens}")
+    return with_global_batch(cfg, tokens)
 
 
 def _saved_dtype(manifest: dict[str, Any]) -> str | None:
