@@ -2,7 +2,8 @@
 
 Determinism: the corpus is cut into chunks by `sources.iter_chunks` alone, chunks are tokenized independently
 and laid end to end in order, and shard boundaries are fixed token offsets; so the shards are byte-identical
-whatever --workers is. Work happens in `<out>.partial/` and is renamed to `<out>` only when complete.
+whatever --workers is. Work happens in `<out>.partial/` and is renamed to `<out>` only when complete; a kill or
+crash leaves it to resume, a UserError (bad inputs or settings: a re-run must change them) removes a fresh one.
 
 Costs that do not grow with the corpus per step: progress is an append-only log (`progress.jsonl`, one line per
 finished chunk or shard, replayed by a re-run, which reuses what is finished and verified); a shard job names
@@ -105,6 +106,9 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSetting
             splits = _write_splits(_Layout(progress, settings, dtype), vocab, work, progress, pool,
                                    _in_flight(settings))
             timings["shards_s"] = time.perf_counter() - clock
+    except UserError:
+        progress.abandon()
+        raise
     finally:
         progress.close()
     manifest = Manifest(
@@ -135,6 +139,8 @@ def _check(s: PrepSettings) -> None:
         raise UserError(f"--val-fraction {s.val_fraction}: must be in [0, 1)")
     if s.workers < 1 or s.sample_tokens < 1 or s.chunk_chars < 1 or s.shard_size_mb <= 0 or s.sample_chars < 1:
         raise UserError("--workers, --sample-tokens, --shard-size-mb and --sample-chars must be positive")
+    if s.tokenizer == "sentencepiece" and not 0.98 <= s.character_coverage <= 1.0:
+        raise UserError(f"--character-coverage {s.character_coverage}: sentencepiece accepts 0.98 to 1")
 
 
 def _fingerprint(paths: list[str], settings: PrepSettings) -> str:
@@ -165,8 +171,10 @@ class _Progress:
         self.codepoints: set[int] = set()
         self.tokenized: dict | None = None
         self.shards: dict[str, dict] = {}
+        self.work = work
         records = self._read()
-        if not records or records[0].get("fingerprint") != fingerprint:
+        self.resumed = bool(records) and records[0].get("fingerprint") == fingerprint
+        if not self.resumed:
             shutil.rmtree(work, ignore_errors=True)
             (work / "chunks").mkdir(parents=True)
             records = []
@@ -221,6 +229,13 @@ class _Progress:
 
     def close(self) -> None:
         self._file.close()
+
+    def abandon(self) -> None:
+        """After a UserError: a partial this run started is removed (nothing in it could be resumed once the
+        inputs or settings change); one resumed from a killed run stays for the next try."""
+        self.close()
+        if not self.resumed:
+            shutil.rmtree(self.work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- worker pool with bounded, ordered results

@@ -1,11 +1,12 @@
 """Sentencepiece training on a seeded sample of the corpus bounded in lines and characters; settings that
-round-trip any UTF-8."""
+round-trip any UTF-8; its failures as advice in megagpt's flags."""
 
 from __future__ import annotations
 
 import io
 import os
 import random
+import re
 from pathlib import Path
 
 from data_prep.sources import iter_chunks
@@ -77,6 +78,25 @@ def train_sentencepiece(paths: list[Path], settings, model_path: Path) -> None:
             hard_vocab_limit=True,
         )
     except RuntimeError as e:
-        raise UserError(f"sentencepiece training failed: {e} (try a smaller --vocab-size or more text)") \
-            from None
+        raise training_error(str(e), settings) from None
     model_path.write_bytes(model.getvalue())
+
+
+def training_error(message: str, settings) -> UserError:
+    """The trainer's failure as one line of advice: a --vocab-size too small for the pieces it must hold (every
+    character of the coverage, the special tokens, the 256 bytes of --byte-fallback) needs a larger one; one
+    larger than the text yields needs a smaller one or more text. Anything else as sentencepiece says it."""
+    if small := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message):
+        vocab, need = int(small[1]), int(small[2])
+        held = "its characters, the special tokens" + (", 256 byte pieces" if settings.byte_fallback else "")
+        fixes = [f"--vocab-size {need} or more"]
+        if settings.byte_fallback:
+            fixes.append("--no-byte-fallback (256 pieces fewer; characters outside the vocabulary become <unk>)")
+        if settings.character_coverage > 0.98 and vocab > 256 * settings.byte_fallback:
+            fixes.append(f"a lower --character-coverage than {settings.character_coverage} (0.98 at least)")
+        return UserError(f"--vocab-size {vocab} is too small for the {need} pieces this text needs ({held}): "
+                         f"pass {', or '.join(fixes)}")
+    if large := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message):
+        return UserError(f"--vocab-size {large[1]} is more pieces than this text yields ({large[2]} at most): "
+                         f"pass --vocab-size {large[2]} or less, or more text (--input, --sample-size, --sample-chars)")
+    return UserError(f"sentencepiece training failed: {message}")

@@ -171,6 +171,37 @@ def test_rerun_after_interruption_reuses_verified_shards(tmp_path, monkeypatch):
     assert _files(out) == _files(fresh)
 
 
+def test_a_user_error_removes_a_fresh_partial_but_keeps_one_resumed_from_a_kill(tmp_path, monkeypatch):
+    import data_prep.prep as prep_module
+    from megagpt.errors import UserError
+
+    _write_corpus(tmp_path / "corpus", np.random.default_rng(1017))
+    real_write = prep_module.write_shard
+
+    def write_then(error, after):
+        def write(job, out_dir):
+            if write.calls == after:
+                raise error
+            write.calls += 1
+            return real_write(job, out_dir)
+        write.calls = 0
+        return write
+
+    monkeypatch.setattr(prep_module, "write_shard", write_then(UserError("bad input"), 2))
+    with pytest.raises(UserError, match="bad input"):
+        prepare([tmp_path / "corpus"], tmp_path / "ds", _settings())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # a deterministic error leaves nothing
+
+    monkeypatch.setattr(prep_module, "write_shard", write_then(KeyboardInterrupt(), 2))
+    with pytest.raises(KeyboardInterrupt):
+        prepare([tmp_path / "corpus"], tmp_path / "ds", _settings())
+    log = (tmp_path / "ds.partial" / "progress.jsonl").read_text()
+    monkeypatch.setattr(prep_module, "write_shard", write_then(UserError("bad input"), 1))
+    with pytest.raises(UserError, match="bad input"):
+        prepare([tmp_path / "corpus"], tmp_path / "ds", _settings())
+    assert (tmp_path / "ds.partial" / "progress.jsonl").read_text().startswith(log)  # the kill's work stays
+
+
 def test_tar_overhead_is_below_2_percent(shakespeare_path, tmp_path):
     out = data_prep.prepare_shakespeare(tmp_path / "sh", shakespeare_path)
     manifest = json.loads((out / "manifest.json").read_text())

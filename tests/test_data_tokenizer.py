@@ -1,6 +1,7 @@
 """megagpt.tokenizer: char round trip and vocabulary."""
 
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import data_prep
 from data_prep.prep import PrepSettings, prepare
 from megagpt.dataset import load_tokenizer
+from megagpt.errors import UserError
 from megagpt.tokenizer import CharTokenizer
 
 
@@ -72,3 +74,43 @@ def test_sentencepiece_shards_hold_the_documents_separated_by_eos(tmp_path):
             current.append(t)
     pieces.append(current)
     assert [tok.decode(p) for p in pieces] == docs
+
+
+def _sp_prep(tmp_path, vocab_size, **kw):
+    """Sentencepiece prep of a fixed small text (every character common, so any coverage keeps them all)."""
+    text = tmp_path / "text.txt"
+    if not text.exists():
+        rng = np.random.default_rng(7)
+        words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "épée", "wörld"]
+        text.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(300)))
+    settings = PrepSettings(tokenizer="sentencepiece", vocab_size=vocab_size, shard_size_mb=0.01, **kw)
+    return prepare([text], tmp_path / f"ds{vocab_size}", settings), text
+
+
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_a_vocab_too_small_for_the_characters_asks_for_the_size_that_works_and_leaves_nothing(tmp_path,
+                                                                                            byte_fallback):
+    with pytest.raises(UserError) as caught:
+        _sp_prep(tmp_path, 20, byte_fallback=byte_fallback)
+    message, text = str(caught.value), (tmp_path / "text.txt").read_text()
+    need = len(set(text) - {"\n"}) + 4 + 256 * byte_fallback  # characters, <unk> <eos> \n \t, bytes
+    assert f"--vocab-size 20 is too small for the {need} pieces" in message
+    assert f"pass --vocab-size {need} or more" in message and "smaller --vocab-size" not in message
+    assert ("--no-byte-fallback" in message) == byte_fallback and "character_coverage" not in message
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["text.txt"]  # no ds20.partial left behind
+    out, _ = _sp_prep(tmp_path, need, byte_fallback=byte_fallback)  # the advice works
+    assert load_tokenizer(out).vocab_size == need
+
+
+def test_a_vocab_larger_than_the_text_yields_asks_for_a_smaller_one(tmp_path):
+    with pytest.raises(UserError, match=r"--vocab-size 5000 is more pieces than this text yields \((\d+) at most\): "
+                                        r"pass --vocab-size \1 or less") as caught:
+        _sp_prep(tmp_path, 5000)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["text.txt"]
+    most = int(re.search(r"\((\d+) at most", str(caught.value))[1])
+    assert load_tokenizer(_sp_prep(tmp_path, most)[0]).vocab_size == most
+
+
+def test_character_coverage_outside_what_sentencepiece_accepts_is_refused_in_our_flag_name(tmp_path):
+    with pytest.raises(UserError, match=r"--character-coverage 0.9: sentencepiece accepts 0.98 to 1"):
+        _sp_prep(tmp_path, 300, character_coverage=0.9)
