@@ -17,6 +17,7 @@ import csv
 import itertools
 import json
 import math
+import re
 import shlex
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megagpt.config import Config, load_config
+from megagpt.config import Config, ConfigError, load_config
 from megagpt.errors import UserError
 
 STATE = "sweep_point.json"  # in each point's run dir: wall time, attempts, last exit code, failed/submitted
@@ -94,9 +95,22 @@ def make_points(config: str, grid: dict[str, list[str]], common: list[str]) -> l
     for values in itertools.product(*grid.values()):
         keys = dict(zip(grid, values, strict=True))
         name = "__".join(f"{k.rsplit('.', 1)[-1] if short else k}={v}" for k, v in keys.items())
-        cfg = load_config(config, [*common, *(f"{k}={v}" for k, v in keys.items())])
-        points.append(Point(keys, name.replace("/", "_"), cfg))
+        points.append(Point(keys, name.replace("/", "_"), _point_config(config, common, keys, grid)))
     return points
+
+
+def _point_config(config: str, common: list[str], keys: dict[str, str], grid: dict[str, list[str]]) -> Config:
+    """The point's config; the loader names the `--set KEY=VALUE` a bad key or value came from, and the swept
+    ones are passed as such: its error names the `--grid KEY=V1,V2,...` the user typed instead."""
+    try:
+        return load_config(config, [*common, *(f"{k}={v}" for k, v in keys.items())])
+    except ConfigError as e:
+        message = str(e)
+        for key, value in keys.items():
+            item = re.escape(f"{key}={value}")
+            typed = f"--grid {key}={','.join(grid[key])}"
+            message = re.sub(rf"--set (?:'{item}'|{item})(?=$|[:\s])", lambda _, typed=typed: typed, message)
+        raise ConfigError(message) from None
 
 
 def _remember(out: Path, config: str, common: list[str], grid: dict[str, list[str]]) -> None:

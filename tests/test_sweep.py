@@ -92,6 +92,18 @@ def test_a_typo_in_a_swept_key_fails_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+
+@pytest.mark.parametrize("args, named", [
+    (["--grid", "model.n_embed=32,64"], "--grid model.n_embed=32,64: unknown key 'model.n_embed': did you mean "
+                                        "'model.n_embd'?"),
+    (["--grid", "model.n_embd=32,abc", "--grid", "train.lr=1e-3"], "--grid model.n_embd=32,abc: model.n_embd: "),
+    (["--grid", "train.lr=1e-3", "--set", "train.lrr=1"], "--set train.lrr=1: unknown key 'train.lrr'")])
+def test_a_bad_key_or_value_is_named_as_the_user_typed_it(tmp_path, capsys, args, named):
+    assert main(["sweep", str(CPU_CONFIG), *args, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"megagpt sweep: error: {named}") and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
 def test_launcher_gets_each_point_once_and_is_not_resubmitted(tmp_path, capsys):
     """A launcher that only records its arguments (as sbatch would queue the job): each point is submitted once,
     with the config, the shared and swept --set values and its run dir; a second sweep does not submit again."""
