@@ -105,8 +105,8 @@ def bench_attention(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool, 
                     ms = _time_passes(fn, qkv, on_gpu, quick)
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # backend unavailable for this case
                     if name not in skipped:
-                        print(f"  skipping {name} where unavailable (first: T={T} D={D}: "
-                              f"{str(e).splitlines()[0][:80]})", file=sys.stderr)
+                        print(f"  skipping {name} where unavailable (first: T={T} D={D}: {_reason(e)})",
+                              file=sys.stderr)
                     skipped.add(name)
                     continue
                 rates = [f / (t * 1e-3) / 1e12 for f, t in zip([fwd_flops, 2.5 * fwd_flops, 3.5 * fwd_flops],
@@ -115,6 +115,13 @@ def bench_attention(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool, 
             if on_gpu:
                 torch.cuda.empty_cache()
     return rows
+
+
+def _reason(error: Exception, limit: int = 200) -> str:
+    """The error's first line, whole; a longer one cut after its last sentence that ends within `limit`."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    end = line.rfind(". ", 0, limit)
+    return line if len(line) <= limit or end < 0 else line[:end + 1]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -46,3 +46,13 @@ def test_quick_bench_writes_table_csv_json_and_plots(tmp_path, capsys):
 def test_bf16_without_gpu_is_a_clear_error(tmp_path, capsys):
     assert kernels.bench.main(["--dtype", "bf16", "--out", str(tmp_path)]) == 2
     assert "bf16 needs a GPU" in capsys.readouterr().err
+
+
+def test_skip_notes_quote_the_error_whole_or_cut_at_a_sentence_end():
+    sdpa = ("No viable backend for scaled_dot_product_attention was found. This is likely due to turning off both "
+            "the math kernel and the fused kernels.")  # torch's, once cut to "... This is likely due"
+    assert kernels.bench._reason(RuntimeError(sdpa + "\n  detail line")) == sdpa
+    long = "The first sentence. The second sentence. " + "w" * 300
+    assert kernels.bench._reason(RuntimeError(long)) == "The first sentence. The second sentence."
+    assert kernels.bench._reason(RuntimeError("z" * 300)) == "z" * 300  # no sentence end: whole
+    assert kernels.bench._reason(RuntimeError("")) == "RuntimeError"
