@@ -149,22 +149,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_throughput(args, work: Path) -> dict:
+    """The prep table (its header first, each kind's rows as they finish) and the loader table."""
     corpus_bytes = make_corpus(work / "corpus", args.corpus_mb)
+    print(f"prep, {corpus_bytes / 1e6:.3g} MB corpus\n{PREP_HEADER}", flush=True)
     prep = []
     for kind in args.kinds:
         extra = {"vocab_size": 4096, "sample_size": 100_000} if kind == "sentencepiece" else {}
         rows = bench_prep(work / "corpus", work, corpus_bytes, kind, args.workers, args.repeat, **extra)
-        for row in rows:
-            prep.append(row)
-            print(_row(row), flush=True)
+        prep += rows
+        print("\n".join(_row(row) for row in rows), flush=True)
+    _print_speedups(prep)
     dataset = Path(prep[0]["dataset"])
     shape = (args.batches, args.batch_size, args.block_size)
+    print(f"\nloader, batch {args.batch_size}x{args.block_size}", flush=True)
     loaders = [bench_baseline(dataset, work, *shape)]
-    loaders += [bench_loader(dataset, w, *shape) for w in (0, 2)]
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "corpus_bytes": corpus_bytes,
-               "batch": [args.batch_size, args.block_size], "prep": prep, "loader": loaders}
-    _print_tables(results)
-    return results
+    print(_loader_row(loaders[0], loaders[0]), flush=True)
+    for w in (0, 2):
+        loaders.append(bench_loader(dataset, w, *shape))
+        print(_loader_row(loaders[-1], loaders[0]), flush=True)
+    return {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "corpus_bytes": corpus_bytes,
+            "batch": [args.batch_size, args.block_size], "prep": prep, "loader": loaders}
 
 
 def _machine() -> str:
@@ -366,30 +370,29 @@ SCALE_HEADER = (f"{'tokens':>8} {'manif ms':>8} {'table ms':>8} {'start s':>8} {
                 f"{'peak MiB':>8} {'book s':>8} {'us/upd':>7} {'replay':>7} {'bk MiB':>7} {'job B':>8}")
 
 
+PREP_HEADER = (f"{'tokenizer':<14}{'workers':>8}{'seconds':>10}{'MB/s':>10}{'Mtokens/s':>14}{'tar ovh %':>12}"
+               f"{'vocab s':>12}{'encode s':>12}{'shards s':>10}")
+
+
 def _row(r: dict) -> str:
     return (f"{r['kind']:<14}{r['workers']:>8}{r['seconds']:>10.2f}{r['mb_per_s']:>10.1f}"
             f"{r['tokens_per_s'] / 1e6:>14.2f}{r['tar_overhead_pct']:>12.3f}"
             f"{r['tokenizer_s']:>12.2f}{r['tokenize_s']:>12.2f}{r['shards_s']:>10.2f}")
 
 
-def _print_tables(results: dict) -> None:
-    print(f"\nprep, {results['corpus_bytes'] / 1e6:.0f} MB corpus")
-    print(f"{'tokenizer':<14}{'workers':>8}{'seconds':>10}{'MB/s':>10}{'Mtokens/s':>14}{'tar ovh %':>12}"
-          f"{'vocab s':>12}{'encode s':>12}{'shards s':>10}")
-    for r in results["prep"]:
-        print(_row(r))
-    for kind in {r["kind"] for r in results["prep"]}:
-        rows = {r["workers"]: r for r in results["prep"] if r["kind"] == kind}
+def _loader_row(r: dict, baseline: dict) -> str:
+    speedup = r["tokens_per_s"] / baseline["tokens_per_s"]
+    return f"{r['loader']:<42}{r['tokens_per_s'] / 1e6:>10.2f} Mtok/s{speedup:>8.2f}x"
+
+
+def _print_speedups(prep: list[dict]) -> None:
+    for kind in dict.fromkeys(r["kind"] for r in prep):
+        rows = {r["workers"]: r for r in prep if r["kind"] == kind}
         if 1 in rows and 2 in rows:
             work = lambda r: r["tokenize_s"] + r["shards_s"]
             enc = work(rows[1]) / work(rows[2])
             print(f"{kind}: 2 workers are {rows[1]['seconds'] / rows[2]['seconds']:.2f}x faster than 1 "
                   f"(encode + shards: {enc:.2f}x)")
-    b, t = results["batch"]
-    print(f"\nloader, batch {b}x{t}")
-    base = results["loader"][0]["tokens_per_s"]
-    for r in results["loader"]:
-        print(f"{r['loader']:<42}{r['tokens_per_s'] / 1e6:>10.2f} Mtok/s{r['tokens_per_s'] / base:>8.2f}x")
 
 
 if __name__ == "__main__":  # the --scale probes run as fresh processes
