@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megagpt.data import RankSampler, WindowOrder
+from megagpt.data import RESUME_HINT, RankSampler, WindowOrder
 from megagpt.dataset import DataError, Dataset, sha256_file
 from megagpt.distributed import warn_once
 
@@ -205,7 +205,7 @@ def resume_position(state: dict, kind: str | None, seed: int, num_samples: int, 
                         f"by another stage?")
     for key, mine in (("seed", seed), ("num_samples", num_samples)):
         if state[key] != mine:
-            raise DataError(f"cannot resume the data order: saved {key}={state[key]}, now {mine}")
+            raise DataError(f"cannot resume the data order: saved {key}={state[key]}, now {mine}; {RESUME_HINT}")
     consumed, micro = state["samples_consumed"], state["micro_batches_into_step"]
     if consumed % global_batch or (micro and (state["global_batch_samples"] != global_batch
                                               or state["world_size"] != world_size)):

@@ -146,11 +146,15 @@ def train_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from megagpt.config import load_config
+    from megagpt.distributed import leave_process_group
     from megagpt.train import train
 
     cfg = load_config(args.config, args.overrides)
     prepare_known_dataset(Path(cfg.data.dataset_dir))
-    train(cfg, args.run_dir, args.resume)
+    try:
+        train(cfg, args.run_dir, args.resume)
+    finally:
+        leave_process_group()
     return 0
 
 

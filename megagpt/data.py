@@ -27,6 +27,8 @@ import torch
 from megagpt.dataset import DataError, Dataset, ShardInfo, as_dataset, check_shard_file, is_remote, read_index
 from megagpt.distributed import warn_once
 
+RESUME_HINT = ("resume with the dataset and settings the checkpoint was trained with, or start a new --run-dir "
+               "(--set train.init_from=RUN_DIR keeps its weights)")
 STATE_VERSION = 2  # 2: windows ordered by WindowOrder (1 was a stored numpy permutation per epoch)
 EVAL_SEED = 0  # eval windows come from a fixed order: the same batches at every evaluation
 
@@ -456,7 +458,7 @@ class TrainLoader:
         for key, mine in (("seed", self.seed), ("block_size", self.block_size),
                           ("num_windows", self.num_windows)):
             if state[key] != mine:
-                raise DataError(f"cannot resume the data order: saved {key}={state[key]}, now {mine}")
+                raise DataError(f"cannot resume the data order: saved {key}={state[key]}, now {mine}; {RESUME_HINT}")
         consumed, micro = state["windows_consumed"], state["micro_batches_into_step"]
         if consumed % self.global_batch or (micro and state["global_batch_windows"] != self.global_batch) or (
                 micro and state["world_size"] != self.world_size):

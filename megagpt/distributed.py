@@ -72,6 +72,14 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     return info
 
 
+def leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits. Left to interpreter shutdown, a rank that stops
+    early (a refused config) sometimes ends in `terminate called without an active exception` (SIGABRT) from
+    gloo's threads instead of its exit code."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _skip_inference_shm_op() -> None:
     """DeepSpeed's CPU backend compiles a C++ shared-memory all-reduce (`deepspeed_shm_comm`) when it makes its
     process group, the first time on each machine and Python environment: 30-100 s on 2 cores. Only

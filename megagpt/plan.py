@@ -4,9 +4,9 @@ and its speed."""
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -310,20 +310,55 @@ PLANNED_KEYS = {"zero_stage": "deepspeed", "micro_batch_size": "train", "activat
 
 
 def write_choice(path: Path, choice: dict, planned: dict) -> None:
-    """The planned keys and the `planner:` section written into the config as YAML data; the file's leading
-    comment block is kept, the rest is re-emitted by the YAML writer (and validated before it replaces the file)."""
+    """The planned keys set in place and the `planner:` section replaced, every other line of the file as it
+    was (comments, number formats, order); validated before it replaces the file."""
     text = path.read_text()
-    lines = text.splitlines(keepends=True)
-    header = "".join(itertools.takewhile(lambda line: line.startswith("#") or not line.strip(), lines))
-    raw = yaml.safe_load(text) or {}
     for key, section in PLANNED_KEYS.items():
-        raw.setdefault(section, {})[key] = choice[key]
-    raw["planner"] = planned
+        text = _set_key(text, section, key, choice[key])
+    text = _drop_section(text, "planner").rstrip("\n") + "\n" + yaml.safe_dump({"planner": planned}, sort_keys=False)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, width=120))
+    tmp.write_text(text)
     try:
         load_config(tmp)  # `base:` resolves from the same folder
     except UserError:
         tmp.unlink()
         raise
     os.replace(tmp, path)
+    print(f"wrote {path}: " + ", ".join(f"{section}.{key}={choice[key]}" for key, section in PLANNED_KEYS.items())
+          + " and its planner: section (its comments are left as they were)")
+
+
+def _section_span(lines: list[str], section: str) -> tuple[int, int] | None:
+    """[start, end) of a top-level `section:` block (its indented lines), or None."""
+    start = next((i for i, line in enumerate(lines) if re.match(rf"{section}:\s*(#.*)?$", line)), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i][0].isspace()),
+               len(lines))
+    while end > start + 1 and not lines[end - 1].strip():  # blank lines after the block are not its own
+        end -= 1
+    return start, end
+
+
+def _set_key(text: str, section: str, key: str, value) -> str:
+    """`section.key: value` in the YAML text: the value on its own line replaced (a trailing comment kept), or
+    the line added at the end of the section (the section added at the end of the file)."""
+    lines, scalar = text.splitlines(keepends=True), yaml.safe_dump(value).removesuffix("\n...\n").strip()
+    span = _section_span(lines, section)
+    if span is None:
+        return text.rstrip("\n") + f"\n{section}:\n  {key}: {scalar}\n"
+    start, end = span
+    for i in range(start + 1, end):
+        found = re.match(rf"(\s+{key}:)\s*[^#\n]*?(\s+#.*)?(\n?)$", lines[i])
+        if found:
+            lines[i] = f"{found[1]} {scalar}{found[2] or ''}{found[3]}"
+            return "".join(lines)
+    indent = next((line[: len(line) - len(line.lstrip())] for line in lines[start + 1:end] if line.strip()), "  ")
+    lines.insert(end, f"{indent}{key}: {scalar}\n")
+    return "".join(lines)
+
+
+def _drop_section(text: str, section: str) -> str:
+    lines = text.splitlines(keepends=True)
+    span = _section_span(lines, section)
+    return text if span is None else "".join(lines[: span[0]] + lines[span[1]:])

@@ -279,9 +279,11 @@ def _check_resumable(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
     saved_model = {**defaults, **manifest.get("model", {})}
     for key in CHECKED_KEYS:
         if saved_model.get(key) != getattr(cfg.model, key):
+            origin = (f" (set, or else the vocabulary of data.dataset_dir={cfg.data.dataset_dir})"
+                      if key == "vocab_size" else "")
             raise ConfigError(
-                f"model.{key}={getattr(cfg.model, key)!r} but checkpoint {tag} was trained with "
-                f"{saved_model.get(key)!r}: resume with the same model or start a new --run-dir"
+                f"model.{key}={getattr(cfg.model, key)!r}{origin} but checkpoint {tag} was trained with "
+                f"{saved_model.get(key)!r}: resume with the same model and data, or start a new --run-dir"
             )
     saved_dtype = _saved_dtype(manifest) or cfg.train.dtype
     if cfg.train.dtype != "auto" and saved_dtype != cfg.train.dtype:  # DeepSpeed's optimizer state differs

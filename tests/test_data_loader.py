@@ -279,3 +279,15 @@ def test_streaming_pipe_urls_yield_the_corpus_windows_and_resume_exactly(random_
     resumed = TrainLoader(out, 8, 3, rank=1, world_size=2)
     resumed.load_state_dict(loaders[1].state_dict())
     assert _ids(next(resumed), index) == [33, 34, 35]
+
+
+@pytest.mark.parametrize("changed", [{"seed": 6}, {"block_size": 17}])
+def test_a_loader_state_from_other_data_settings_is_refused_with_the_way_out(shakespeare, changed):
+    saved = TrainLoader(shakespeare, 16, 4, seed=5)
+    next(saved)
+    other = {"block_size": 16, "seed": 5, **changed}
+    resumed = TrainLoader(shakespeare, other["block_size"], 4, seed=other["seed"])
+    key, value = next(iter(changed.items()))
+    with pytest.raises(DataError, match=rf"cannot resume the data order: saved {key}=\d+, now {value}; resume with "
+                       r"the dataset and settings the checkpoint was trained with, or start a new --run-dir"):
+        resumed.load_state_dict(saved.state_dict())

@@ -162,13 +162,17 @@ def test_a_refused_train_command_is_one_line_and_leaves_the_run_dir_byte_identic
     assert snapshot(run_copy) == before
 
 
-@pytest.mark.parametrize("case", ["resume never", "other model", "other dtype", "all tags damaged"])
+@pytest.mark.parametrize("case", ["resume never", "other model", "other vocab", "other dtype", "all tags damaged"])
 def test_refusals_leave_the_run_dir_byte_identical(case, run_copy, shakespeare_dataset):
     resume, overrides = "auto", tiny(shakespeare_dataset, max_steps=8, checkpoint_interval=2)
     if case == "resume never":
         resume, error, match = "never", UserError, "already holds checkpoints"
     elif case == "other model":
         overrides, error, match = [*overrides, "model.n_embd=48"], UserError, "model.n_embd=48"
+    elif case == "other vocab":  # the vocabulary comes from the dataset unless set: the message says which
+        overrides, error = [*overrides, "model.vocab_size=80"], UserError
+        match = (r"model.vocab_size=80 \(set, or else the vocabulary of data.dataset_dir=.*\) but checkpoint "
+                 r"step_000006 was trained with 65: resume with the same model and data, or start a new --run-dir")
     elif case == "other dtype":  # before the check, DeepSpeed's loader failed with a KeyError traceback
         overrides, error, match = [*overrides, "train.dtype=bf16"], UserError, "train.dtype='bf16' .* in 'fp32'"
     else:

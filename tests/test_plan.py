@@ -1,6 +1,7 @@
 """`megagpt plan`: params, FLOPs, ZeRO memory vs DeepSpeed's estimators; activations vs autograd"""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,6 @@ def _all_live_gpu_gib(estimator, model, nodes: int, options: str, gpus_per_node:
     """Run a DeepSpeed `..._all_live` estimator (it prints a table) and read its per-GPU GiB for `options`."""
     import contextlib
     import io
-    import re
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -202,9 +202,18 @@ def test_write_updates_only_the_planned_keys(tmp_path, capsys):
     original = (ROOT / "configs" / "gpt3_125m.yaml").read_text()
     copy = tmp_path / "gpt3_125m.yaml"
     (tmp_path / "gpt3_base.yaml").write_text((ROOT / "configs" / "gpt3_base.yaml").read_text())
-    copy.write_text(original.replace("micro_batch_size: ", "micro_batch_size: 3 #"))
+    changed = original.replace("micro_batch_size: ", "micro_batch_size: 3 #")
+    copy.write_text(changed)
     args = [str(copy), "--gpus", "8", "--gpu-mem-gib", "24", "--peak-tflops", "100"]
     assert planner.main([*args, "--write"]) == 0
+    text = copy.read_text()
+    # every other line as it was (comments, number formats, order); the planned value replaced in its own line
+    def others(t):
+        return [line for line in t.split("\nplanner:")[0].splitlines() if "micro_batch_size" not in line]
+    assert others(text) == others(changed)
+    micro = load_config(copy).train.micro_batch_size
+    assert f"\n  micro_batch_size: {micro} #32\n" in text  # the value replaced in its line, its comment kept
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"wrote {copy}: deepspeed.zero_stage=")
     written, source = load_config(copy), load_config(ROOT / "configs" / "gpt3_125m.yaml")
     assert written.model == source.model and written.data == source.data
     assert written.train.model_copy(update={"micro_batch_size": 1}) == source.train.model_copy(
