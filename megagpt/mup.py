@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +246,9 @@ def _plot(result: dict, param: str, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-def coord_check_main(argv: list[str]) -> int:
+def coord_check_main(argv: list[str], prepare_dataset: Callable[[Path], None] | None = None) -> int:
+    """`prepare_dataset(dir)`: megagpt.cli's `prepare_known_dataset` (only the CLI may import data_prep), which
+    prepares data/shakespeare_char when it is missing, as `megagpt train` does."""
     p = argparse.ArgumentParser(prog="megagpt mup coord-check",
                                 description="microsoft/mup's coordinate check: activation sizes over the first "
                                             "steps across widths, standard vs mup (a PNG each, a JSON of slopes)")
@@ -264,6 +267,8 @@ def coord_check_main(argv: list[str]) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _check_widths(widths, args.head_dim or cfg.model.head_dim)
+    if prepare_dataset is not None:
+        prepare_dataset(Path(cfg.data.dataset_dir))
     _require_dataset(Path(cfg.data.dataset_dir))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

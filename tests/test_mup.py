@@ -438,3 +438,21 @@ def test_init_from_a_mup_run_carries_its_parametrization_and_resume_refuses_anot
     assert (m.parametrization, m.mup_base_width, m.mup_output_alpha) == ("mup", 16, 2.0)
     with pytest.raises(ConfigError, match="model.parametrization='standard' but checkpoint step_000002"):
         train(load_config(CPU_CONFIG, [*tiny, "train.max_steps=3"]), source)
+
+
+def test_coord_check_prepares_a_missing_known_dataset_through_the_hook_the_cli_passes(tmp_path, capsys):
+    from helpers import CPU_CONFIG
+
+    from megagpt.cli import prepare_known_dataset
+    from megagpt.errors import UserError
+    from megagpt.mup import coord_check_main
+
+    missing = tmp_path / "data" / "shakespeare_char"  # the default's name, as `megagpt train` prepares it
+    argv = [str(CPU_CONFIG), "--widths", "16,32", "--steps", "1", "--seeds", "1", "--out", str(tmp_path / "cc"),
+            "--set", f"data.dataset_dir={missing}", "--set", "model.n_layer=1", "--set", "model.n_head=2",
+            "--set", "model.n_embd=16", "--set", "model.block_size=16", "--set", "train.micro_batch_size=2"]
+    with pytest.raises(UserError, match="has no manifest.json; prepare it first"):
+        coord_check_main(argv)  # no hook: says how to prepare it
+    assert coord_check_main(argv, prepare_known_dataset) == 0
+    assert "preparing Tiny Shakespeare" in capsys.readouterr().err
+    assert (missing / "manifest.json").is_file() and (tmp_path / "cc" / "coord_check.json").is_file()
