@@ -28,6 +28,22 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     [[ "$NPROC_PER_NODE" -gt 0 ]] || NPROC_PER_NODE=1
 fi
+NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_PORT=${MASTER_PORT:-29500}
+
+# A value torchrun would reject in a 20-line traceback: one line naming the variable instead.
+check_int() {  # NAME MIN MAX WHAT (MAX empty: no upper bound)
+    local value=${!1} max=${3:-999999999} range="from $2 to $3"
+    [[ -n "$3" ]] || range="of at least $2"
+    if [[ ! "$value" =~ ^[0-9]{1,9}$ ]] || (( 10#$value < $2 || 10#$value > max )); then
+        echo "torchrun.sh: $1=$value: expected a whole number $range ($4)" >&2
+        exit 2
+    fi
+}
+check_int NPROC_PER_NODE 1 "" "workers on this node"
+check_int NNODES 1 "" "nodes in the job"
+check_int NODE_RANK 0 $((10#$NNODES - 1)) "this node's index, below NNODES=$NNODES"
+check_int MASTER_PORT 1 65535 "a TCP port on node 0"
+[[ -z "${SHUTDOWN_TIMEOUT:-}" ]] || check_int SHUTDOWN_TIMEOUT 0 "" "seconds"
 
 # torchrun's --shutdown_timeout is newer than torch 2.11, whose torchrun gives workers a fixed 30 s after a signal:
 # pass it only where this torch's torchrun has it.
@@ -43,11 +59,11 @@ elif [[ -n "${SHUTDOWN_TIMEOUT:-}" ]]; then
 fi
 
 exec "$python" -m torch.distributed.run \
-    --nnodes "${NNODES:-1}" \
-    --node_rank "${NODE_RANK:-0}" \
+    --nnodes "$NNODES" \
+    --node_rank "$NODE_RANK" \
     --nproc_per_node "$NPROC_PER_NODE" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" \
-    --master_port "${MASTER_PORT:-29500}" \
+    --master_port "$MASTER_PORT" \
     --max_restarts 0 \
     --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
     "${grace[@]}" \

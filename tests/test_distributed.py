@@ -1,7 +1,9 @@
 """Real multi-process training on loopback: ZeRO 1-3 on 2 ranks equals 1 process; two "nodes", 2 launchers."""
 
+import subprocess
+
 import pytest
-from dist_helpers import deepspeed_launcher, finish, free_port, losses, single, tiny, torchrun
+from dist_helpers import REPO, child_env, deepspeed_launcher, finish, free_port, losses, single, tiny, torchrun
 
 from megagpt.config import ConfigError, load_config
 from megagpt.train import train
@@ -76,3 +78,18 @@ def test_a_config_error_under_torchrun_is_one_line_per_node_not_per_rank(shakesp
     assert code != 0
     assert log.count("megagpt train: error: ") == 1, log[-3000:]
     assert "train.global_batch_tokens=288 is not a multiple of" in log
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE=0: expected a whole number of at least 1 (workers on this node)"),
+    ({"NPROC_PER_NODE": "abc"}, "NPROC_PER_NODE=abc: expected a whole number of at least 1"),
+    ({"NNODES": "-1"}, "NNODES=-1: expected a whole number of at least 1 (nodes in the job)"),
+    ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2: expected a whole number from 0 to 1"),
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000: expected a whole number from 1 to 65535"),
+    ({"SHUTDOWN_TIMEOUT": "1.5"}, "SHUTDOWN_TIMEOUT=1.5: expected a whole number of at least 0")])
+def test_torchrun_sh_names_a_bad_count_in_one_line_before_starting_anything(env, named, tmp_path):
+    clean = {k: v for k, v in child_env(NPROC_PER_NODE="1").items() if k not in ("NNODES", "NODE_RANK")}
+    done = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), "CONFIG"], cwd=tmp_path,
+                          env={**clean, **env}, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"torchrun.sh: {named}")
