@@ -31,7 +31,7 @@ COMMANDS = {
     ("eval", "prefs"): "megagpt.eval_prefs:main",
     ("plan",): "megagpt.plan:main",
     ("doctor",): "megagpt.doctor:main",
-    ("mup", "coord-check"): "megagpt.mup:coord_check_main",
+    ("mup", "coord-check"): "megagpt.cli:coord_check_main",
     ("sweep",): "megagpt.sweep:sweep_main",
     ("scaling", "fit"): "megagpt.scaling:fit_main",
     ("scaling", "predict"): "megagpt.scaling:predict_main",
@@ -182,6 +182,13 @@ def prepare_known_dataset(dataset_dir: Path) -> None:
         if time.monotonic() > deadline:
             raise UserError(f"{dataset_dir}: rank 0 did not finish preparing it within {PREPARE_WAIT_S} s")
         time.sleep(1)
+
+
+def coord_check_main(argv: list[str]) -> int:
+    """`megagpt mup coord-check`, a missing known dataset prepared first as `megagpt train` does."""
+    from megagpt.mup import coord_check_main as run
+
+    return run(argv, prepare_known_dataset)
 
 
 def shakespeare_prefs_main(argv: list[str]) -> int:

@@ -286,7 +286,8 @@ def _require_dataset(directory: Path) -> None:
 
     if not (directory / MANIFEST).is_file():
         raise UserError(f"data.dataset_dir: {directory} has no {MANIFEST}; prepare it first, e.g. `megagpt prep "
-                        f"shakespeare --out {directory}` (`megagpt train` does that itself for data/shakespeare_char)")
+                        f"shakespeare --out {directory}` (`megagpt train` and `megagpt mup coord-check` do that "
+                        f"themselves for data/shakespeare_char)")
 
 
 def _parse_widths(text: str) -> list[int]:

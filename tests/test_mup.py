@@ -440,10 +440,10 @@ def test_init_from_a_mup_run_carries_its_parametrization_and_resume_refuses_anot
         train(load_config(CPU_CONFIG, [*tiny, "train.max_steps=3"]), source)
 
 
-def test_coord_check_prepares_a_missing_known_dataset_through_the_hook_the_cli_passes(tmp_path, capsys):
+def test_coord_check_prepares_a_missing_known_dataset_as_train_does(tmp_path, capsys):
     from helpers import CPU_CONFIG
 
-    from megagpt.cli import prepare_known_dataset
+    from megagpt.cli import main as cli_main
     from megagpt.errors import UserError
     from megagpt.mup import coord_check_main
 
@@ -453,6 +453,6 @@ def test_coord_check_prepares_a_missing_known_dataset_through_the_hook_the_cli_p
             "--set", "model.n_embd=16", "--set", "model.block_size=16", "--set", "train.micro_batch_size=2"]
     with pytest.raises(UserError, match="has no manifest.json; prepare it first"):
         coord_check_main(argv)  # no hook: says how to prepare it
-    assert coord_check_main(argv, prepare_known_dataset) == 0
+    assert cli_main(["mup", "coord-check", *argv]) == 0  # the command passes the hook
     assert "preparing Tiny Shakespeare" in capsys.readouterr().err
     assert (missing / "manifest.json").is_file() and (tmp_path / "cc" / "coord_check.json").is_file()
