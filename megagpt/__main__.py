@@ -1,5 +1,3 @@
-import sys
+from megagpt.cli import console_main
 
-from megagpt.cli import main
-
-sys.exit(main())
+console_main()

@@ -92,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """The `megagpt` command and `python -m megagpt`: main's exit code, after leaving the process group a command
+    made (left to interpreter shutdown, a rank that stops early, e.g. on a refused config, can end in SIGABRT from
+    gloo's threads instead of its exit code). Only here: a process that calls main again needs its group."""
+    code = main()
+    if "torch" in sys.modules:
+        from megagpt.distributed import leave_process_group
+
+        leave_process_group()
+    sys.exit(code)
+
+
 def _disk_full(e: OSError) -> str:
     where = Path(e.filename or ".")
     folder = next((p for p in [where, *where.parents] if p.is_dir()), Path("."))
@@ -146,15 +158,11 @@ def train_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from megagpt.config import load_config
-    from megagpt.distributed import leave_process_group
     from megagpt.train import train
 
     cfg = load_config(args.config, args.overrides)
     prepare_known_dataset(Path(cfg.data.dataset_dir))
-    try:
-        train(cfg, args.run_dir, args.resume)
-    finally:
-        leave_process_group()
+    train(cfg, args.run_dir, args.resume)
     return 0
 
 
