@@ -58,6 +58,10 @@ elif [[ -n "${SHUTDOWN_TIMEOUT:-}" ]]; then
     echo "torchrun.sh: this torch's torchrun has no --shutdown_timeout; SHUTDOWN_TIMEOUT is ignored (30 s)" >&2
 fi
 
+# The config and its overrides checked once for all the job's ranks: a mistake is megagpt's one line before any rank
+# starts (under torchrun every rank would meet it, and torchrun would add its own failure summary).
+"$python" -m megagpt train "$@" --check-ranks $(( 10#$NNODES * 10#$NPROC_PER_NODE )) || exit $?
+
 exec "$python" -m torch.distributed.run \
     --nnodes "$NNODES" \
     --node_rank "$NODE_RANK" \

@@ -154,13 +154,21 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--run-dir", help="where config, metrics, tb/ and checkpoints go (default runs/<config name>)")
     p.add_argument("--resume", default="auto",
                    help="auto: continue from the run dir's latest good checkpoint; never; or a checkpoint tag dir")
+    p.add_argument("--check-ranks", type=int, metavar="N", help="only check CONFIG and the overrides for N ranks "
+                   "and exit (launch/torchrun.sh runs it before starting any rank)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
 
     from megagpt.config import load_config
-    from megagpt.train import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.check_ranks is not None:
+        from megagpt.ds_config import grad_accum_steps  # the batch must divide over the ranks (no torch imported)
+
+        grad_accum_steps(cfg.train, cfg.model.block_size, args.check_ranks)
+        return 0
+    from megagpt.train import train
+
     prepare_known_dataset(Path(cfg.data.dataset_dir))
     train(cfg, args.run_dir, args.resume)
     return 0

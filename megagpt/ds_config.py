@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from megagpt.config import Config, ConfigError, TrainConfig, deep_merge
 
 
@@ -42,6 +40,8 @@ def guard_clips(cfg: Config) -> bool:
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    import torch  # here, not at the top: a config check before a launch imports this file without torch
+
     t, ds = cfg.train, cfg.deepspeed
     accum = grad_accum_steps(t, cfg.model.block_size, world_size)
     zero: dict[str, Any] = {"stage": ds.zero_stage}

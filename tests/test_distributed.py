@@ -1,9 +1,22 @@
 """Real multi-process training on loopback: ZeRO 1-3 on 2 ranks equals 1 process; two "nodes", 2 launchers."""
 
 import subprocess
+import sys
 
 import pytest
-from dist_helpers import REPO, child_env, deepspeed_launcher, finish, free_port, losses, single, tiny, torchrun
+from dist_helpers import (
+    BASE_CONFIG,
+    REPO,
+    child_env,
+    deepspeed_launcher,
+    finish,
+    free_port,
+    losses,
+    set_args,
+    single,
+    tiny,
+    torchrun,
+)
 
 from megagpt.config import ConfigError, load_config
 from megagpt.train import train
@@ -70,12 +83,26 @@ def test_a_global_batch_that_does_not_divide_is_a_clear_error(shakespeare_datase
         train(cfg, tmp_path / "run")
 
 
-def test_a_config_error_under_torchrun_is_one_line_per_node_not_per_rank(shakespeare_dataset, tmp_path):
-    """Both ranks meet the same bad config; only local rank 0 says so (a data or path error is every rank's)."""
+def test_a_config_error_under_torchrun_sh_is_one_line_before_any_rank_starts(shakespeare_dataset, tmp_path):
+    # checked for the job's 2 ranks before torchrun starts: no rank, no torchrun failure summary, no run dir
     launcher = torchrun(tmp_path / "run", tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH + 32), 2)
     (code,) = finish(launcher, timeout=120, ok=False)
     log = launcher.log_path.read_text()
-    assert code != 0
+    assert code == 2 and log.count("\n") == 1, log[-3000:]
+    assert log.startswith("megagpt train: error: train.global_batch_tokens=288 is not a multiple of micro_batch_size "
+                          "× block_size × world_size = 4 × 32 × 2 = 256")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_error_under_plain_torchrun_is_one_line_per_node_not_per_rank(shakespeare_dataset, tmp_path):
+    """Without the script's check (torchrun run directly, the deepspeed launcher, Slurm without the script) both
+    ranks meet the same bad config; only local rank 0 says so (a data or path error is every rank's)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "megagpt", "train", str(BASE_CONFIG),
+           *set_args(tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH + 32)), "--run-dir", str(tmp_path)]
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=120)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0
     assert log.count("megagpt train: error: ") == 1, log[-3000:]
     assert "train.global_batch_tokens=288 is not a multiple of" in log
 
