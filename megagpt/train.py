@@ -100,7 +100,9 @@ class Run:
         self.guard.check(self.state.step)  # never save a state that too many bad steps in a row produced
         self.state.skipped_steps = self.guard.skipped_steps()
         meta = {"model": {key: getattr(self.cfg.model, key) for key in CHECKED_KEYS},  # checked before any load
-                "train": {"dtype": self.cfg.train.dtype}}  # read back by _saved_dtype
+                "train": {"dtype": self.cfg.train.dtype,  # read back by _saved_dtype, and by _kept_global_batch:
+                          "micro_batch_size": self.cfg.train.micro_batch_size,
+                          "global_batch_tokens": self.throughput.tokens_per_step}}
         with self.throughput.paused():
             self.checkpointer.save(self.engine, self.state.step, self.client_state(), meta)
 
@@ -205,8 +207,11 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
     lock = lock_run_dir(run_dir, dist)  # one job per run dir, before anything about it is decided
     try:
         # Before the engine: a checkpoint from another world size is converted, and the engine built to load it.
-        point = find_resume_point(checkpointer, resume, dist, check=lambda manifest, tag: (
-            _check_resumable(cfg, manifest, tag), _kept_global_batch(cfg, manifest, tag, dist.world_size)))
+        def check(manifest: dict[str, Any], tag: str) -> None:  # refusals before anything is converted
+            _check_resumable(cfg, manifest, tag)
+            _kept_global_batch(cfg, manifest, tag, dist.world_size)
+
+        point = find_resume_point(checkpointer, resume, dist, check=check)
         if point is not None and step_of(point.tag) >= cfg.train.max_steps:
             raise RunComplete(run_dir, point.tag, cfg.train.max_steps)
         if point is not None:
@@ -294,18 +299,28 @@ def _check_resumable(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
 
 
 def _kept_global_batch(cfg: Config, manifest: dict[str, Any], tag: str, world_size: int) -> int | None:
-    """The global batch in tokens that a run resumed on another world size must set to keep the one it was trained
-    with, where the config fixes only the per-rank batch (None: nothing to set); a ConfigError when the new world
-    size cannot reach it."""
-    saved_world = int(manifest.get("world_size", world_size))
-    if saved_world == world_size or cfg.train.global_batch_tokens is not None:
-        return None  # same ranks, or global_batch_tokens fixes the step on any number of ranks
-    per_rank = cfg.train.micro_batch_size * cfg.model.block_size
-    saved = per_rank * saved_world * grad_accum_steps(cfg.train, cfg.model.block_size, saved_world)
-    if saved % (per_rank * world_size):
+    """The global batch in tokens a resumed run must set to go on with the one its checkpoint was trained with,
+    where the config fixes only the per-rank batch and the world size changed it (now or at an earlier resume);
+    None: nothing to set (the config fixes it, or the per-rank batch was changed on purpose). A ConfigError when
+    this world size cannot make it up."""
+    if cfg.train.global_batch_tokens is not None:
+        return None  # global_batch_tokens fixes the step on any number of ranks
+    t, block = cfg.train, cfg.model.block_size
+    saved_train = manifest.get("train", {})
+    if "global_batch_tokens" in saved_train:
+        if saved_train.get("micro_batch_size") != t.micro_batch_size:
+            return None  # a new per-rank batch, on purpose: the global batch changes with it
+        saved = saved_train["global_batch_tokens"]
+    else:  # saved before manifests recorded it: what this config made on the saved world size
+        saved_world = int(manifest.get("world_size", world_size))
+        saved = t.micro_batch_size * block * saved_world * grad_accum_steps(t, block, saved_world)
+    per_pass = t.micro_batch_size * block * world_size
+    if saved == per_pass * grad_accum_steps(t, block, world_size):
+        return None
+    if saved % per_pass:
         raise ConfigError(
-            f"checkpoint {tag} was trained on {saved_world} ranks with a global batch of {saved} tokens, which "
-            f"{world_size} ranks of micro_batch_size × block_size = {per_rank} cannot make up: set "
+            f"checkpoint {tag} was trained with a global batch of {saved} tokens, which {world_size} ranks of "
+            f"micro_batch_size × block_size = {t.micro_batch_size * block} cannot make up: set "
             f"train.micro_batch_size so that they can, or --set train.global_batch_tokens=N to change the batch")
     return saved
 
@@ -315,8 +330,8 @@ def _keep_global_batch(cfg: Config, point: ResumePoint, world_size: int) -> Conf
     tokens = _kept_global_batch(cfg, point.manifest, point.tag, world_size)
     if tokens is None:
         return cfg
-    print_once(f"the global batch stays at {tokens} tokens, as on the {point.saved_world_size} ranks {point.tag} "
-               f"was saved on: train.global_batch_tokens={tokens}")
+    print_once(f"the global batch stays at {tokens} tokens, as {point.tag} was trained with: "
+               f"train.global_batch_tokens={tokens}")
     return with_global_batch(cfg, tokens)
 
 

@@ -98,7 +98,8 @@ def test_resume_on_three_then_one_rank_continues_the_same_run(zero_stage, shakes
 
 def test_a_run_resumed_on_fewer_ranks_keeps_its_global_batch(shakespeare_dataset, tmp_path):
     """No train.global_batch_tokens (as in the Shakespeare configs): saved on 2 ranks of 4 x 32 tokens, resumed on
-    1 rank, which accumulates 2 micro-batches a step. Before, the step silently halved to 128 tokens."""
+    1 rank, which accumulates 2 micro-batches a step, and again on 1 rank with the same config. Before, the step
+    silently halved to 128 tokens."""
     def overrides(max_steps):
         return tiny(shakespeare_dataset, micro_batch_size=4, max_steps=max_steps, checkpoint_interval=4,
                     keep_checkpoints=10)
@@ -107,20 +108,25 @@ def test_a_run_resumed_on_fewer_ranks_keeps_its_global_batch(shakespeare_dataset
     finish(torchrun(reference, overrides(8), 2))
     launcher = torchrun(resumed, overrides(8), 1, "--resume", str(reference / "checkpoints" / "step_000004"))
     finish(launcher)
-    assert ("the global batch stays at 256 tokens, as on the 2 ranks step_000004 was saved on: "
-            "train.global_batch_tokens=256") in launcher.log_path.read_text()
+    said = "the global batch stays at 256 tokens, as step_000004 was trained with: train.global_batch_tokens=256"
+    assert said in launcher.log_path.read_text()
     expected, got = losses(reference), losses(resumed)
     assert sorted(got) == [5, 6, 7, 8]
     for step in got:  # the same windows and updates, up to summation order
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+    again = torchrun(resumed, overrides(10), 1, log=tmp_path / "again.log")  # saved on 1 rank, still 256 tokens
+    finish(again)
+    assert said.replace("step_000004", "step_000008") in again.log_path.read_text()
     seen = [r["tokens_seen"] for r in metrics(resumed) if "loss" in r]
-    assert seen == [256 * step for step in (5, 6, 7, 8)]
+    assert seen == [256 * step for step in range(5, 11)]
 
 
 @pytest.mark.parametrize("saved, now, fixed, kept", [
-    (2, 1, None, 256), (4, 2, None, 512),  # the saved global batch, accumulated over fewer ranks
-    (2, 2, None, None), (2, 4, 512, None),  # same ranks, or train.global_batch_tokens fixes it on any number
-    (1, 2, None, "refused"),  # 2 ranks of 128 tokens cannot make up 128
+    ({"world_size": 2}, 1, None, 256), ({"world_size": 4}, 2, None, 512),  # a manifest before 2026-11-30
+    ({"world_size": 2}, 2, None, None), ({"world_size": 2}, 4, 512, None),  # same ranks; a fixed global batch
+    ({"world_size": 1}, 2, None, "refused"),  # 2 ranks of 128 tokens cannot make up 128
+    ({"world_size": 1, "train": {"micro_batch_size": 4, "global_batch_tokens": 256}}, 1, None, 256),  # 2 -> 1 -> 1
+    ({"world_size": 1, "train": {"micro_batch_size": 8, "global_batch_tokens": 256}}, 1, None, None),  # new micro
 ])
 def test_the_kept_global_batch_is_the_saved_one_or_a_refusal_naming_the_way_out(saved, now, fixed, kept,
                                                                                 shakespeare_dataset):
@@ -128,10 +134,10 @@ def test_the_kept_global_batch_is_the_saved_one_or_a_refusal_naming_the_way_out(
     from megagpt.train import _kept_global_batch
 
     cfg = load_config(None, tiny(shakespeare_dataset, micro_batch_size=4, global_batch_tokens=fixed or "null"))
-    if kept == "refused":
-        with pytest.raises(ConfigError, match=r"step_000004 was trained on 1 ranks with a global batch of 128 "
-                           r"tokens, which 2 ranks of micro_batch_size × block_size = 128 cannot make up: set "
+    if kept == "refused":  # block 32: 128 tokens a rank
+        with pytest.raises(ConfigError, match=r"step_000004 was trained with a global batch of 128 tokens, which 2 "
+                           r"ranks of micro_batch_size × block_size = 128 cannot make up: set "
                            r"train.micro_batch_size so that they can, or --set train.global_batch_tokens=N"):
-            _kept_global_batch(cfg, {"world_size": saved}, "step_000004", now)
+            _kept_global_batch(cfg, saved, "step_000004", now)
     else:
-        assert _kept_global_batch(cfg, {"world_size": saved}, "step_000004", now) == kept
+        assert _kept_global_batch(cfg, saved, "step_000004", now) == kept
