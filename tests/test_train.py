@@ -130,7 +130,7 @@ def test_dtype_auto_is_decided_once_per_run(shakespeare_dataset, tmp_path, monke
     train(load_config(CPU_CONFIG, common), tmp_path / "new")  # a new run there
     assert load_config(tmp_path / "new" / "config.yaml").train.dtype == "bf16"
     manifest = json.loads((tmp_path / "new" / "checkpoints" / "step_000002" / "megagpt_manifest.json").read_text())
-    assert manifest["train"] == {"dtype": "bf16"}
+    assert manifest["train"] == {"dtype": "bf16", "micro_batch_size": 8, "global_batch_tokens": 8 * 32}  # 1 rank
     with pytest.raises(ConfigError, match="train.dtype='fp32' but checkpoint step_000002 was trained in 'bf16'"):
         train(load_config(CPU_CONFIG, [*common, "train.dtype=fp32", "train.max_steps=4"]), tmp_path / "new")
 
