@@ -185,9 +185,11 @@ def _evaluate(run: Run) -> float | None:
 
 
 def eval_line(step: int, results: dict[str, float]) -> str:
-    """The console line of an evaluation: `step N: val loss 1.7553` or `step N: val loss 0.31, accuracy 0.87`."""
-    return f"step {step}: val " + ", ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}"
-                                            for k, v in results.items())
+    """The console line of an evaluation: `step N: val loss 1.7553`, `step N: val loss 0.3100, accuracy 0.8700`,
+    `step N: val loss 0.9665, assistant tokens 7564` (a count as a whole number)."""
+    shown = (f"{k.removeprefix('val_').replace('_', ' ')} {int(v) if float(v).is_integer() else f'{v:.4f}'}"
+             for k, v in results.items())
+    return f"step {step}: val " + ", ".join(shown)
 
 
 # ---------------------------------------------------------------- building a run

@@ -298,6 +298,8 @@ def test_an_evaluation_line_shows_every_measure_of_the_stage():
     assert eval_line(300, {"val_loss": 0.3, "val_accuracy": 0.873}) == "step 300: val loss 0.3000, accuracy 0.8730"
     assert eval_line(150, {"val_reward_model_score": 1.5, "val_kl": 0.25}) == \
         "step 150: val reward model score 1.5000, kl 0.2500"
+    assert eval_line(300, {"val_loss": 0.96651, "val_assistant_tokens": 7564.0}) == \
+        "step 300: val loss 0.9665, assistant tokens 7564"  # SFT's count of the tokens it scored
 
 
 def test_progress_goes_to_a_log_as_plain_lines_not_a_redrawn_bar(tmp_path, capfd, monkeypatch):
