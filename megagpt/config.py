@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -222,7 +223,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(raw, where, overrides or [])
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "<dict>", overrides: list[str] = ()) -> Config:
+def config_from_dict(raw: dict[str, Any], where: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
     """Validated; an error names the `--set` it came from, else `where` (the file), and the key."""
     try:
         return Config.model_validate(raw)
@@ -231,7 +232,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "<dict>", overrides: list
         raise ConfigError(f"{_source(first, overrides, where)}: {_describe(e)}") from None
 
 
-def _source(error: dict, overrides: list[str], where: str) -> str:
+def _source(error: dict, overrides: Sequence[str], where: str) -> str:
     """Where a bad key came from: the `--set` that sets it (or, for an unknown section, made it), else the file,
     naming the `--set`s beneath the key (a section's cross-key check fails on the section)."""
     key = ".".join(str(p) for p in error["loc"])
