@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,34 +214,37 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (following `base:` chains), apply `key.sub=value` overrides, validate everything."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                named: Mapping[str, str] | None = None) -> Config:
+    """Read YAML (following `base:` chains), apply `key.sub=value` overrides, validate everything. An error names
+    the override it came from as `named` gives it (how the user typed it), else as `--set ITEM`."""
     raw: dict[str, Any] = _read_with_bases(Path(path)) if path is not None else {}
     where = str(path) if path is not None else "<defaults>"
     for item in overrides or []:
         _apply_override(raw, item)
-    return config_from_dict(raw, where, overrides or [])
+    return config_from_dict(raw, where, {o: (named or {}).get(o, f"--set {o}") for o in overrides or []})
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
-    """Validated; an error names the `--set` it came from, else `where` (the file), and the key."""
+def config_from_dict(raw: dict[str, Any], where: str = "<dict>", overrides: Mapping[str, str] | None = None) -> Config:
+    """Validated; an error names the override it came from (`overrides`: each item and how to name it), else
+    `where` (the file), and the key."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
-        raise ConfigError(f"{_source(first, overrides, where)}: {_describe(e)}") from None
+        raise ConfigError(f"{_source(first, overrides or {}, where)}: {_describe(e)}") from None
 
 
-def _source(error: dict, overrides: Sequence[str], where: str) -> str:
-    """Where a bad key came from: the `--set` that sets it (or, for an unknown section, made it), else the file,
-    naming the `--set`s beneath the key (a section's cross-key check fails on the section)."""
+def _source(error: dict, overrides: Mapping[str, str], where: str) -> str:
+    """Where a bad key came from: the override that sets it (or, for an unknown section, made it), else the file,
+    naming the overrides beneath the key (a section's cross-key check fails on the section)."""
     key = ".".join(str(p) for p in error["loc"])
     keys = {o: o.partition("=")[0].strip() for o in overrides}
     exact = [o for o, k in keys.items() if k == key or key.startswith(k + ".")]
     beneath = [o for o, k in keys.items() if k.startswith(key + ".")]
     if exact or (error["type"] == "extra_forbidden" and beneath):
-        return f"--set {(exact or beneath)[-1]}"  # the last one wins, as it does when applied
-    return where + (" with --set " + " and --set ".join(beneath) if beneath else "")
+        return overrides[(exact or beneath)[-1]]  # the last one wins, as it does when applied
+    return where + (" with " + " and ".join(overrides[o] for o in beneath) if beneath else "")
 
 
 def save_config(cfg: Config, path: Path) -> None:

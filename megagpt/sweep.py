@@ -17,7 +17,6 @@ import csv
 import itertools
 import json
 import math
-import re
 import shlex
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megagpt.config import Config, ConfigError, load_config
+from megagpt.config import Config, load_config
 from megagpt.errors import UserError
 
 STATE = "sweep_point.json"  # in each point's run dir: wall time, attempts, last exit code, failed/submitted
@@ -100,17 +99,9 @@ def make_points(config: str, grid: dict[str, list[str]], common: list[str]) -> l
 
 
 def _point_config(config: str, common: list[str], keys: dict[str, str], grid: dict[str, list[str]]) -> Config:
-    """The point's config; the loader names the `--set KEY=VALUE` a bad key or value came from, and the swept
-    ones are passed as such: its error names the `--grid KEY=V1,V2,...` the user typed instead."""
-    try:
-        return load_config(config, [*common, *(f"{k}={v}" for k, v in keys.items())])
-    except ConfigError as e:
-        message = str(e)
-        for key, value in keys.items():
-            item = re.escape(f"{key}={value}")
-            typed = f"--grid {key}={','.join(grid[key])}"
-            message = re.sub(rf"--set (?:'{item}'|{item})(?=$|[:\s])", lambda _, typed=typed: typed, message)
-        raise ConfigError(message) from None
+    """The point's config; a bad swept key or value is named as the `--grid KEY=V1,V2,...` the user typed."""
+    swept = {f"{k}={v}": f"--grid {k}={','.join(grid[k])}" for k, v in keys.items()}
+    return load_config(config, [*common, *swept], named=swept)
 
 
 def _remember(out: Path, config: str, common: list[str], grid: dict[str, list[str]]) -> None:

@@ -92,7 +92,6 @@ def test_a_typo_in_a_swept_key_fails_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
-
 @pytest.mark.parametrize("args, named", [
     (["--grid", "model.n_embed=32,64"], "--grid model.n_embed=32,64: unknown key 'model.n_embed': did you mean "
                                         "'model.n_embd'?"),
@@ -103,6 +102,7 @@ def test_a_bad_key_or_value_is_named_as_the_user_typed_it(tmp_path, capsys, args
     err = capsys.readouterr().err
     assert err.startswith(f"megagpt sweep: error: {named}") and err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
 
 def test_launcher_gets_each_point_once_and_is_not_resubmitted(tmp_path, capsys):
     """A launcher that only records its arguments (as sbatch would queue the job): each point is submitted once,
