@@ -577,3 +577,22 @@ def test_bad_sample_arguments_are_one_line_on_the_command_line(trained):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "megagpt sample: error: --top-p 1.5: must be in (0, 1]"
     assert "Traceback" not in result.stderr
+
+
+def test_the_megagpt_command_leaves_the_process_group_before_exiting(shakespeare_dataset, tmp_path):
+    # a rank that refuses (here: --resume naming no checkpoint) after joining the group exits 2 with the group
+    # destroyed, not left to interpreter shutdown (where gloo's threads could end it in SIGABRT)
+    code = f"""
+import atexit, sys
+import torch.distributed as dist
+atexit.register(lambda: print("group left:", not dist.is_initialized(), flush=True))
+sys.argv = ["megagpt", "train", {str(BASE_CONFIG)!r}, *{set_args(tiny(shakespeare_dataset))!r},
+            "--run-dir", {str(tmp_path / "run")!r}, "--resume", "nowhere"]
+from megagpt.cli import console_main
+console_main()
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=child_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--resume nowhere: no such directory" in done.stderr
+    assert done.stdout.strip().endswith("group left: True")
