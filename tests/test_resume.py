@@ -5,7 +5,7 @@ import signal
 
 import pytest
 import torch
-from dist_helpers import client_state, finish, losses, metrics, tiny, torchrun, wait_for, worker_pids
+from dist_helpers import client_state, finish, losses, metrics, single, tiny, torchrun, wait_for, worker_pids
 
 pytestmark = pytest.mark.distributed
 LONG = 150  # steps of the uninterrupted reference; lr_decay_steps is fixed, so max_steps does not move the LR
@@ -106,7 +106,7 @@ def test_a_run_resumed_on_fewer_ranks_keeps_its_global_batch(shakespeare_dataset
 
     reference, resumed = tmp_path / "two_ranks", tmp_path / "one_rank"
     finish(torchrun(reference, overrides(8), 2))
-    launcher = torchrun(resumed, overrides(8), 1, "--resume", str(reference / "checkpoints" / "step_000004"))
+    launcher = single(resumed, overrides(8), "--resume", str(reference / "checkpoints" / "step_000004"))
     finish(launcher)
     said = "the global batch stays at 256 tokens, as step_000004 was trained with: train.global_batch_tokens=256"
     assert said in launcher.log_path.read_text()
@@ -114,7 +114,7 @@ def test_a_run_resumed_on_fewer_ranks_keeps_its_global_batch(shakespeare_dataset
     assert sorted(got) == [5, 6, 7, 8]
     for step in got:  # the same windows and updates, up to summation order
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
-    again = torchrun(resumed, overrides(10), 1, log=tmp_path / "again.log")  # saved on 1 rank, still 256 tokens
+    again = single(resumed, overrides(10))  # saved on 1 rank, still 256 tokens
     finish(again)
     assert said.replace("step_000004", "step_000008") in again.log_path.read_text()
     seen = [r["tokens_seen"] for r in metrics(resumed) if "loss" in r]
