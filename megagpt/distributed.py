@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import logging
 import os
 import socket
 import sys
@@ -43,12 +44,7 @@ def _free_port() -> int:
 
 def init_distributed(timeout_minutes: float) -> DistInfo:
     """Join (or, for a bare single process, create) the process group that DeepSpeed's engine needs."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
-        _skip_inference_shm_op()
-    import deepspeed
-
-    _quiet_deepspeeds_deprecated_collectives()
+    deepspeed = import_deepspeed()
     info = read_dist_env()
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if torch.cuda.is_available():
@@ -78,6 +74,32 @@ def leave_process_group() -> None:
     gloo's threads instead of its exit code."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def import_deepspeed():
+    """DeepSpeed, imported the way megagpt runs it: told the accelerator where there is no GPU (rather than have
+    it warn on stdout that it guessed), without its inference-only C++ build, and without notices a megagpt user
+    cannot act on."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _skip_inference_shm_op()
+    import deepspeed
+    from deepspeed.utils import logger
+
+    _quiet_deepspeeds_deprecated_collectives()
+    if not any(isinstance(f, _DropNotices) for f in logger.filters):
+        logger.addFilter(_DropNotices())
+    return deepspeed
+
+
+class _DropNotices(logging.Filter):
+    """DeepSpeed's warnings that describe no problem in a megagpt run: megagpt has no tensor parallelism, so a
+    universal checkpoint's load rightly sets the tensor-parallel size to 1."""
+
+    NOTICES = ("MPU is not provided",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICES)
 
 
 def _skip_inference_shm_op() -> None:

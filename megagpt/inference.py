@@ -13,7 +13,7 @@ import torch
 
 from megagpt.checkpoint import Checkpointer, step_of, tag_for, verify_manifest
 from megagpt.config import config_from_dict, load_config
-from megagpt.distributed import DistInfo, warn_once
+from megagpt.distributed import DistInfo, import_deepspeed, warn_once
 from megagpt.errors import UserError
 from megagpt.hf_gpt2 import HF_CONFIG, HF_TOKENIZER, HF_WEIGHTS, is_hf_folder, model_shape, read_config, read_weights
 from megagpt.reward_model import inference_model
@@ -64,6 +64,7 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 weights from DeepSpeed's files: the module state (ZeRO 0) or zero_to_fp32's merge of the shards."""
     ckpt_dir = run_dir / "checkpoints"
     if is_zero_partitioned(ckpt_dir / tag):
+        import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(sys.stderr):  # its progress lines would land in `megagpt sample`'s text

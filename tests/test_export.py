@@ -3,6 +3,8 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from megagpt.cli import main as megagpt
 from megagpt.config import load_config
 from megagpt.data import eval_batches
 from megagpt.dataset import load_tokenizer
+from megagpt.doctor_checks import child_env
 from megagpt.export import export, hf_state_dict
 from megagpt.inference import load_for_inference
 from megagpt.model import GPT
@@ -102,6 +105,17 @@ def test_hf_config_token_ids_exist_in_the_vocabulary_and_transformers_loads_it_q
     _hf_logits(out, torch.zeros(1, 1, dtype=torch.long))
     err = capfd.readouterr().err
     assert "bos_token_id" not in err and "eos_token_id" not in err, err
+
+
+def test_the_export_command_prints_its_one_line_on_stdout_and_no_deepspeed_notice(zero3_run, tmp_path):
+    """A fresh process without DS_ACCELERATOR (the test session sets it): DeepSpeed, imported to merge the ZeRO
+    shards, once warned on stdout that it guessed the accelerator."""
+    env = {k: v for k, v in child_env().items() if k != "DS_ACCELERATOR" or torch.cuda.is_available()}
+    out = tmp_path / "export"
+    done = subprocess.run([sys.executable, "-m", "megagpt", "export", str(zero3_run), "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == f"megagpt export: wrote {out}\n"
 
 
 @pytest.mark.parametrize("fmt", ["megagpt", "hf"])

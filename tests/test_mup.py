@@ -331,7 +331,7 @@ def one_rank_mup(shakespeare_dataset, tmp_path_factory):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_zero2_on_two_ranks_equals_one_rank_under_mup(one_rank_mup, shakespeare_dataset, tmp_path):
-    from dist_helpers import finish, losses, torchrun
+    from dist_helpers import finish, losses, single, torchrun
 
     finish(torchrun(tmp_path / "two", mup_overrides(shakespeare_dataset, 8), 2))
     one, two = losses(one_rank_mup), losses(tmp_path / "two")
@@ -342,7 +342,7 @@ def test_zero2_on_two_ranks_equals_one_rank_under_mup(one_rank_mup, shakespeare_
 
     # elastic: the 2-rank step-4 checkpoint goes on one rank (a universal checkpoint) with its group LRs intact
     start = tmp_path / "two" / "checkpoints" / "step_000004"
-    finish(torchrun(tmp_path / "elastic", mup_overrides(shakespeare_dataset, 8), 1, "--resume", str(start)))
+    finish(single(tmp_path / "elastic", mup_overrides(shakespeare_dataset, 8), "--resume", str(start)))
     elastic = losses(tmp_path / "elastic")
     assert sorted(elastic) == [5, 6, 7, 8]
     assert [elastic[s] for s in elastic] == pytest.approx([one[s] for s in elastic], rel=1e-5)
@@ -354,12 +354,12 @@ def test_zero2_on_two_ranks_equals_one_rank_under_mup(one_rank_mup, shakespeare_
 def test_zero3_elastic_resume_keeps_the_per_group_lr(shakespeare_dataset, tmp_path):
     """DeepSpeed's ZeRO-3 universal loader gives every group group 0's hyperparameters; megagpt.universal puts each
     group's own back, lr_scale included: the hidden matrices keep lr/m after going from 2 ranks to 1."""
-    from dist_helpers import finish, losses, torchrun
+    from dist_helpers import finish, losses, single, torchrun
 
     finish(torchrun(tmp_path / "two", mup_overrides(shakespeare_dataset, 8, zero_stage=3), 2))
     start = tmp_path / "two" / "checkpoints" / "step_000004"
-    finish(torchrun(tmp_path / "elastic", mup_overrides(shakespeare_dataset, 8, zero_stage=3), 1, "--resume",
-                    str(start)))
+    finish(single(tmp_path / "elastic", mup_overrides(shakespeare_dataset, 8, zero_stage=3), "--resume",
+                  str(start)))
     two, elastic = losses(tmp_path / "two"), losses(tmp_path / "elastic")
     assert sorted(elastic) == [5, 6, 7, 8]
     assert [elastic[s] for s in elastic] == pytest.approx([two[s] for s in elastic], rel=1e-5)
