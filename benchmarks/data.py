@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import pickle
 import platform
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from data_prep.prep import PrepSettings, prepare
+from megagpt.errors import UserError
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"  # optional
 
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         print(json.dumps(PROBES[args.probe[0]](args.probe[1])))
         return 0
+    _check_args(args)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="megagpt-bench-data-"))
     try:
         results = (bench_scale(work, [int(s) for s in args.sizes], args.repeat) if args.scale
@@ -146,6 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_args(args) -> None:
+    """Every number in range and --out writable, before minutes of measuring: a one-line error, nothing lost."""
+    at_least = {"--workers": (min(args.workers), 1), "--repeat": (args.repeat, 1), "--batches": (args.batches, 1),
+                "--batch-size": (args.batch_size, 1), "--block-size": (args.block_size, 1),
+                "--corpus-mb": (args.corpus_mb, 0.001), "--sizes": (min(args.sizes), MIN_SCALE_TOKENS)}
+    for flag, (value, least) in at_least.items():
+        if not least <= value < math.inf:  # also refuses nan
+            raise UserError(f"{flag} {value}: must be at least {least}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give the JSON file's path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot make its folder {out.parent} ({e.strerror})") from None
 
 
 def bench_throughput(args, work: Path) -> dict:
@@ -182,6 +202,7 @@ SCALE_SIZES = (1e9, 1e10, 1e11, 1e12)
 SAMPLE_TOKENS = 1 << 20  # prep's defaults: 1 Mi-token members, 256 MB shards of uint16 tokens
 SHARD_TOKENS = 1 << 27
 BLOCK_SIZE, BATCH = 1024, 8  # a GPT-2-sized run's windows and micro-batch
+MIN_SCALE_TOKENS = 2 * BLOCK_SIZE * BATCH + 1  # --sizes: the probes resume 1.5 epochs of whole batches in
 
 
 def make_synthetic(directory: Path, train_tokens: int) -> Path:
@@ -207,9 +228,11 @@ def make_synthetic(directory: Path, train_tokens: int) -> Path:
                     os.link(template, (directory / name).with_suffix(suffix))
             shards.append({**templates[n], "name": name})
         splits[split] = write_shard_table(directory, split, shards)
-    (directory / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": ["a"], "eos_id": None}))
+    vocab_size = 50304
+    (directory / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": list(map(chr, range(vocab_size))),
+                                                          "eos_id": None}))  # as large as the manifest says
     write_manifest(directory, Manifest(
-        format_version=FORMAT_VERSION, tokenizer={"kind": "char", "file": "tokenizer.json"}, vocab_size=50304,
+        format_version=FORMAT_VERSION, tokenizer={"kind": "char", "file": "tokenizer.json"}, vocab_size=vocab_size,
         token_dtype="uint16", sample_tokens=SAMPLE_TOKENS, splits=splits,
         sources={"files": 1, "bytes": 0, "sha256": "", "list": "sources.jsonl"}))
     return directory

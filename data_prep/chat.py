@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.sample_dataset import SampleKind, SampleSettings, add_options, prepare_samples, settings_of
+from data_prep.sources import utf8_error
 from megagpt.chat_template import ConversationError, Encoded, check_messages, encode_conversation, truncate
 from megagpt.errors import UserError
 
@@ -68,7 +69,7 @@ def _lines(path: Path):
         try:
             yield from enumerate(f, 1)
         except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            raise utf8_error(path, e) from None
         except (OSError, EOFError) as e:
             raise UserError(f"{path}: cannot read: {e}") from None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.out_dir import replace_out_dir, work_dir_for
 from data_prep.shards import ShardJob, chunk_file, write_shard
 from data_prep.sources import input_files, iter_chunks
 from megagpt.dataset import (
@@ -87,10 +89,8 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSetting
     clock = time.perf_counter()
     out_dir = Path(out_dir)
     _check(settings)
-    if out_dir.exists() and not force:
-        raise UserError(f"--out {out_dir}: already exists; pass --force to replace it")
+    work = work_dir_for(out_dir, force)
     paths = input_files(inputs)
-    work = out_dir.with_name(out_dir.name + ".partial")
     progress = _Progress(work, _fingerprint(paths, settings))
     try:
         with _pool(settings.workers) as pool:
@@ -126,9 +126,7 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSetting
     write_manifest(work, manifest)
     shutil.rmtree(work / "chunks", ignore_errors=True)
     (work / _Progress.FILE).unlink(missing_ok=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(work, out_dir)
+    replace_out_dir(work, out_dir)
     return out_dir
 
 
@@ -137,10 +135,19 @@ def _check(s: PrepSettings) -> None:
         raise UserError(f"tokenizer {s.tokenizer!r}: expected char or sentencepiece")
     if not 0.0 <= s.val_fraction < 1.0:
         raise UserError(f"--val-fraction {s.val_fraction}: must be in [0, 1)")
-    if s.workers < 1 or s.sample_tokens < 1 or s.chunk_chars < 1 or s.shard_size_mb <= 0 or s.sample_chars < 1:
-        raise UserError("--workers, --sample-tokens, --shard-size-mb and --sample-chars must be positive")
-    if s.tokenizer == "sentencepiece" and not 0.98 <= s.character_coverage <= 1.0:
-        raise UserError(f"--character-coverage {s.character_coverage}: sentencepiece accepts 0.98 to 1")
+    if not (0 < s.shard_size_mb < math.inf):  # also refuses nan
+        raise UserError(f"--shard-size-mb {s.shard_size_mb}: must be a positive number of megabytes")
+    positive = {"--workers": s.workers, "--sample-tokens": s.sample_tokens, "chunk_chars": s.chunk_chars}
+    if s.tokenizer == "sentencepiece":
+        positive.update({"--vocab-size": s.vocab_size, "--sample-size": s.sample_size,
+                         "--sample-chars": s.sample_chars})
+        if not 0.98 <= s.character_coverage <= 1.0:
+            raise UserError(f"--character-coverage {s.character_coverage}: sentencepiece accepts 0.98 to 1")
+        if not 0 <= s.threads <= 1024:
+            raise UserError(f"--threads {s.threads}: must be 0 (all cores) to 1024")
+    for flag, value in positive.items():
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
 
 
 def _fingerprint(paths: list[str], settings: PrepSettings) -> str:

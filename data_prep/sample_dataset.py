@@ -13,7 +13,7 @@ token).
 from __future__ import annotations
 
 import io
-import os
+import math
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.out_dir import replace_out_dir, work_dir_for
 from data_prep.sources import expand_inputs
 from megagpt.chat_template import CHAT_TOKENS, Encoded
 from megagpt.dataset import (
@@ -29,6 +30,7 @@ from megagpt.dataset import (
     MANIFEST,
     Manifest,
     load_manifest,
+    manifest_tokenizer,
     sha256_file,
     shard_name,
     token_dtype_for,
@@ -70,8 +72,8 @@ def check_settings(s: SampleSettings, min_length: int) -> None:
         raise UserError(f"--max-length {s.max_length}: must be at least {min_length} tokens")
     if s.unknown_chars not in ("error", "drop"):
         raise UserError(f"--unknown-chars {s.unknown_chars!r}: expected error or drop")
-    if s.shard_size_mb <= 0:
-        raise UserError(f"--shard-size-mb {s.shard_size_mb}: must be positive")
+    if not 0 < s.shard_size_mb < math.inf:  # also refuses nan
+        raise UserError(f"--shard-size-mb {s.shard_size_mb}: must be a positive number of megabytes")
 
 
 def add_options(p, defaults: SampleSettings, samples: str, tokenizer_help: str, max_length_help: str) -> None:
@@ -107,8 +109,8 @@ def base_tokenizer(directory: str | Path):
             extra = [name for name in manifest.special_tokens if name not in CHAT_TOKENS]
             if extra:
                 raise UserError(f"--tokenizer {directory}: its special tokens {extra} are not the chat template's")
-            path = folder / manifest.tokenizer.file
-            return tokenizer_from_file(manifest.tokenizer.kind, path), path
+            tokenizer = manifest_tokenizer(folder, manifest)  # checked against the manifest
+            return getattr(tokenizer, "base", tokenizer), folder / manifest.tokenizer.file
     if (directory / HF_TOKENIZER).is_file():
         return tokenizer_from_file(HuggingFaceTokenizer.kind, directory / HF_TOKENIZER), directory / HF_TOKENIZER
     raise UserError(f"--tokenizer {directory}: no {MANIFEST}, tokenizer/{MANIFEST} or {HF_TOKENIZER} here; pass a "
@@ -131,15 +133,13 @@ def prepare_samples(kind: SampleKind, inputs: list[str | Path], out_dir: str | P
     counts what is read and dropped, then each split's samples (`summary.count(split, samples)`)."""
     check_settings(settings, kind.min_length)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise UserError(f"--out {out_dir}: already exists; pass --force to replace it")
+    work = work_dir_for(out_dir, force)
     base, base_file = base or base_tokenizer(tokenizer_dir)
     tokenizer = chat_tokenizer(base)
     splits, paths = read_splits(kind, inputs, val_inputs, tokenizer, settings, summary)
     if not splits["train"]:
         raise UserError(f"--input {' '.join(map(str, inputs))}: no {kind.noun} left for the train split "
                         f"({summary.line()})")
-    work = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     dtype = token_dtype_for(tokenizer.vocab_size)
@@ -222,6 +222,4 @@ def seal_dataset(work: Path, out_dir: Path, kind: str, tokenizers: tuple, dtype:
         sources={"files": files, **sources}, settings=settings,
     )
     write_manifest(work, manifest)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(work, out_dir)
+    replace_out_dir(work, out_dir)

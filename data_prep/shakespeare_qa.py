@@ -35,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from data_prep.chat import ChatPrepSettings, prepare_chat
+from data_prep.out_dir import work_dir_for
 from data_prep.shakespeare import check_embedded, embedded_copy
 from megagpt.errors import UserError
 from megagpt.eval_qa import QUESTION_FILES as QUESTIONS
@@ -135,15 +136,13 @@ def prepare_shakespeare_qa(out_dir: str | Path, max_length: int = 65, force: boo
                            holdout: str = "speeches"):
     """The chat dataset and the question files in out_dir; (out_dir, the chat prep summary)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise UserError(f"--out {out_dir}: already exists; pass --force to replace it")
+    work_dir_for(out_dir, force)  # checked before the questions are made
     if max_length < 16:
         raise UserError(f"--max-length {max_length}: too short for any question (at least 16)")
     if holdout not in HOLDOUTS:
         raise UserError(f"--holdout {holdout}: not one of {', '.join(HOLDOUTS)}")
     text = play_text()
     found = questions(text, max_length, holdout)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.questions-", dir=out_dir.parent))
     try:
         for split, name in QUESTIONS.items():

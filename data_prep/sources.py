@@ -9,10 +9,12 @@ anywhere (a single word longer than a piece).
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -141,9 +143,31 @@ def _iter_pieces(path: str, text_field: str, piece_chars: int,
             else:  # a .txt file is one document
                 yield from _document(iter(lambda: f.read(piece_chars), ""), piece_chars)
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise utf8_error(path, e) from None
     except (OSError, EOFError) as e:
         raise UserError(f"{path}: cannot read: {e}") from None
+
+
+def utf8_error(path: str | Path, error: UnicodeDecodeError) -> UserError:
+    """A file that is not UTF-8, named with its first bad byte's offset and line. The text reader's error counts
+    from the start of the block it was decoding, not of the file, so the file is read again to find them."""
+    where = _first_bad_utf8(str(path))
+    at = f" at byte {where[0]}{' of its text' * str(path).endswith('.gz')} (line {where[1]})" if where else ""
+    return UserError(f"{path}: not valid UTF-8{at}: {error.reason}; re-encode it as UTF-8")
+
+
+def _first_bad_utf8(path: str, block_size: int = 1 << 20) -> tuple[int, int] | None:
+    """(byte offset, 1-based line) of the first byte that breaks UTF-8 (uncompressed, for .gz), or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+        for block in itertools.chain(iter(lambda: f.read(block_size), b""), [b""]):  # b"": the end
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:  # e.object: the bytes held back from the last block, then this one
+                return offset - (len(e.object) - len(block)) + e.start, lines + e.object[:e.start].count(b"\n") + 1
+            offset, lines = offset + len(block), lines + block.count(b"\n")
+    return None
 
 
 def _jsonl_pieces(f, path: str, text_field: str, piece_chars: int) -> Iterator[tuple[str, bool]]:

@@ -34,7 +34,9 @@ def check_messages(messages, final_role: str | None = "assistant") -> list[tuple
 
     final_role: the role the conversation must end with ("assistant" for training data, "user" for a prompt
     that asks for the next reply, None for either)."""
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
+        raise ConversationError(f"expected a list of messages, found {type(messages).__name__} {messages!r:.40}")
+    if not messages:
         raise ConversationError("empty conversation (\"messages\" must be a non-empty list)")
     pairs = []
     for i, message in enumerate(messages):

@@ -78,15 +78,16 @@ def verify_manifest(tag_dir: Path) -> str | None:
         return f"{manifest} is missing (the save did not finish)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"{manifest} is unreadable ({e})"
-    for name, want in files.items():
+        entries = [(name, int(want["bytes"]), str(want["sha256"])) for name, want in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a manifest's shape
+        return f"{manifest} is unreadable ({type(e).__name__}: {e})"
+    for name, size, sha256 in entries:
         path = tag_dir / name
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != want["bytes"]:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
-        if sha256_file(path) != want["sha256"]:
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {size}"
+        if sha256_file(path) != sha256:
             return f"{path} does not match its sha256 in {manifest}"
     return None
 

@@ -163,6 +163,8 @@ def train_main(argv: list[str]) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.check_ranks is not None:
+        if args.check_ranks < 1:
+            raise UserError(f"--check-ranks {args.check_ranks}: must be at least 1")
         from megagpt.ds_config import grad_accum_steps  # the batch must divide over the ranks (no torch imported)
 
         grad_accum_steps(cfg.train, cfg.model.block_size, args.check_ranks)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from megagpt.errors import UserError
 
@@ -18,8 +19,28 @@ class ConfigError(UserError):
 
 
 class _Section(BaseModel):
-    # Unknown keys are typos until proven otherwise; assignment is validated so --set cannot smuggle bad values.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are typos until proven otherwise; assignment is validated so --set cannot smuggle bad values;
+    # inf is no learning rate, size or time (nan fails the bounds anyway).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as 1 and 0 for a number."""
+        if isinstance(value, bool) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a boolean where this key takes none (YAML reads yes/no/on/off/true/false as booleans)")
+        return value
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field of this annotation (`bool`, `int | None`, `Literal[0, 1]`, ...) takes a boolean as it is."""
+    if annotation in (bool, Any):
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        return any(_admits_bool(a) for a in get_args(annotation))
+    return False
 
 
 class ModelConfig(_Section):
@@ -70,6 +91,16 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 # Keys that change the function the same weights compute (µP's scales): a checkpoint or train.init_from source
 # brings its own, and a resume that would change them is refused.
 FUNCTION_KEYS = ("parametrization", "mup_base_width", "mup_input_alpha", "mup_output_alpha")
+CHECKED_KEYS = (*SHAPE_KEYS, *FUNCTION_KEYS)  # a checkpoint's manifest records them; checked before any load
+
+
+def model_mismatch(model: ModelConfig, saved: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first of CHECKED_KEYS on which `model` differs from a checkpoint manifest's `model` record, as
+    (key, model's value, saved value); µP keys a checkpoint predates count as their defaults."""
+    defaults = {key: ModelConfig.model_fields[key].default for key in FUNCTION_KEYS}
+    saved = {**defaults, **saved}
+    return next(((key, getattr(model, key), saved.get(key)) for key in CHECKED_KEYS
+                 if saved.get(key) != getattr(model, key)), None)
 
 
 class DataConfig(_Section):
@@ -301,22 +332,64 @@ def with_dtype(cfg: Config, dtype: str) -> Config:
 def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
-        raise ConfigError(f"{path}: `base` chain loops back to itself")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+        raise ConfigError(f"{seen[-1]}: `base` chain loops back to {path}")
+    data = _read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
     if base is None:
         return data
+    bases = base if isinstance(base, list) else [base]  # a list: merged in order, later ones win
+    if not bases or not all(isinstance(one, str) and one.strip() for one in bases):
+        raise ConfigError(f"{path}: base: expected a config file's path or a list of them (got {base!r})")
     merged: dict[str, Any] = {}
-    for one in base if isinstance(base, list) else [base]:  # a list: merged in order, later ones win
+    for one in bases:
+        if not (path.parent / one).is_file():
+            raise ConfigError(f"{path}: base: {one}: no such config file ({path.parent / one})")
         merged = deep_merge(merged, _read_with_bases(path.parent / one, seen + (path,)))
     return deep_merge(merged, data)
+
+
+def _read_yaml(path: Path) -> Any:
+    """A config file's YAML; a one-line error naming the file and the line for anything unreadable."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}{_yaml_problem(e)}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # unhashable keys: refused by the base class; `<<` merges may be overridden
+            key = self.construct_object(key_node)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {first[key].start_mark.line + 1})",
+                    key_node.start_mark)
+            first[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(error: yaml.YAMLError, one_line: bool = False) -> str:
+    """`, line L, column C: not valid YAML: PROBLEM` (1-based, as editors count; only the column for a --set
+    value, which is one line) from PyYAML's error."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        where = ""
+    else:
+        where = f" at column {mark.column + 1}" if one_line else f", line {mark.line + 1}, column {mark.column + 1}"
+    problem = getattr(error, "problem", None) or str(error).replace("\n", " ")
+    context = getattr(error, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -340,7 +413,11 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {item!r}: {part} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[leaf] = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
+    except yaml.YAMLError as e:
+        problem = _yaml_problem(e, one_line=True)
+        raise ConfigError(f"--set {item!r}: the value{problem}; quote it to pass text") from None
 
 
 def _nearest_key(loc: tuple) -> str | None:

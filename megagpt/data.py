@@ -49,7 +49,7 @@ class OpenShard:
         if shard.max_token >= vocab_size:
             raise DataError(f"{self.path}: token id {shard.max_token} >= vocab_size {vocab_size}; the shard does "
                             f"not belong to this manifest's tokenizer")
-        index = read_index(directory, shard)
+        index = read_index(directory, shard, dtype.name)
         if ((index["offset"] | index["nbytes"]) % dtype.itemsize).any():
             raise DataError(f"{self.path}: its index is not aligned to {dtype.itemsize}-byte tokens; re-run prep")
         self.offset = (index["offset"] // dtype.itemsize).astype(np.int64)
@@ -85,6 +85,16 @@ class OpenShard:
             self.member(m)
 
 
+def require_tokens(dataset: Dataset) -> None:
+    """Packed token windows are read only from a dataset of kind `tokens`: a chat or preferences dataset's shards
+    hold other members (a loss mask, two completions) and would be read as garbage or refused with a wrong hint."""
+    stages = {"chat": "train.stage: sft", "preferences": "train.stage: reward, dpo or ppo"}
+    if dataset.kind != "tokens":
+        raise DataError(f"{dataset.dir}: a dataset of kind {dataset.kind!r}; pre-training reads kind 'tokens' "
+                        f"(prepare it with `megagpt prep char|sentencepiece`, or train on this one with "
+                        f"{stages.get(dataset.kind, 'another train.stage')})")
+
+
 class TokenStream:
     """A split's tokens (its usable shards end to end), random access by global token offset.
 
@@ -95,7 +105,8 @@ class TokenStream:
     def __init__(self, dataset: Dataset, split: str, on_corrupt_shard: str = "error"):
         if on_corrupt_shard not in ("error", "skip"):
             raise ValueError(f"on_corrupt_shard={on_corrupt_shard!r}: expected 'error' or 'skip'")
-        self.dir = dataset.dir
+        require_tokens(dataset)
+        self.dir, self.split = dataset.dir, split
         self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
         self.vocab_size = dataset.vocab_size
         self.skipped_shards = 0
@@ -265,8 +276,8 @@ class WindowDataset(torch.utils.data.Dataset):
         self.stream, self.block_size, self.seed = stream, block_size, seed
         self.num_windows = (stream.num_tokens - 1) // block_size
         if self.num_windows < 1:
-            raise DataError(f"{stream.dir}: {stream.num_tokens} usable tokens, fewer than block_size+1 = "
-                            f"{block_size + 1}; use a smaller block_size or more data")
+            raise DataError(f"{stream.dir}: split {stream.split} has {stream.num_tokens} usable tokens, fewer than "
+                            f"block_size+1 = {block_size + 1}; use a smaller block_size or more data")
         self.order = WindowOrder(self.num_windows, seed)
 
     def window_ids(self, positions: np.ndarray) -> np.ndarray:
@@ -291,6 +302,7 @@ class StreamingWindows:
     """
 
     def __init__(self, dataset: Dataset, split: str, block_size: int):
+        require_tokens(dataset)
         self.block_size, self.vocab_size = block_size, dataset.vocab_size
         self.dtype = np.dtype(dataset.manifest.token_dtype).newbyteorder("<")
         table = dataset.shards(split)

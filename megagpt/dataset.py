@@ -318,8 +318,9 @@ def check_shard_file(path: str | Path, shard: ShardInfo) -> None:
         raise DataError(f"{path}: truncated or corrupt shard ({size} bytes, its shard table says {shard.bytes})")
 
 
-def read_index(directory: Path, shard: ShardInfo) -> np.ndarray:
-    """A shard's member index (INDEX_RECORD per member), checked against the index_sha256 its table records."""
+def read_index(directory: Path, shard: ShardInfo, token_dtype: str) -> np.ndarray:
+    """A shard's member index (INDEX_RECORD per member), checked against the index_sha256 its table records and
+    against its token count in the manifest's token_dtype."""
     path = Path(directory) / index_name(shard.name)
     if shard.index_sha256 is None:
         raise DataError(f"{Path(directory) / shard.name}: its shard table records no index for it; re-run "
@@ -331,10 +332,16 @@ def read_index(directory: Path, shard: ShardInfo) -> np.ndarray:
     if len(raw) != shard.samples * INDEX_RECORD.itemsize or hashlib.sha256(raw).hexdigest() != shard.index_sha256:
         raise DataError(f"{path}: does not match the index_sha256 in its shard table; the index is corrupt or "
                         f"was replaced: re-run `megagpt prep`")
-    return np.frombuffer(raw, dtype=INDEX_RECORD)
+    index = np.frombuffer(raw, dtype=INDEX_RECORD)
+    nbytes, itemsize = int(index["nbytes"].sum()), np.dtype(token_dtype).itemsize
+    if nbytes != shard.tokens * itemsize:
+        raise DataError(f"{Path(directory) / shard.name}: its members hold {nbytes} bytes, not the {shard.tokens} "
+                        f"tokens of {itemsize} bytes ({token_dtype}) that its shard table and {MANIFEST} say; the "
+                        f"manifest was edited or belongs to other shards: re-run `megagpt prep`")
+    return index
 
 
-def verify_shard(directory: Path, shard: ShardInfo) -> None:
+def verify_shard(directory: Path, shard: ShardInfo, token_dtype: str) -> None:
     """Every byte of a local shard: size, the file's sha256, and its index (hash, and the tar's own headers)."""
     path = Path(directory) / shard.name
     check_shard_file(path, shard)
@@ -344,7 +351,7 @@ def verify_shard(directory: Path, shard: ShardInfo) -> None:
                         f"the shard is corrupt or was replaced: re-run prep")
     if shard.index_sha256 is None:  # kinds whose shards carry no index (chat) are checked by their hash alone
         return
-    index = read_index(directory, shard)
+    index = read_index(directory, shard, token_dtype)
     try:
         with tarfile.open(path, "r:") as tar:
             members = [(info.offset_data, info.size) for info in tar]
@@ -369,6 +376,7 @@ def verify_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="megagpt data verify", description=verify_main.__doc__)
     p.add_argument("dataset_dir")
     dataset = Dataset(p.parse_args(argv).dataset_dir)
+    _ = dataset.tokenizer  # loads, and matches the manifest
     start, shards, bad_tables = time.perf_counter(), [], 0
     for split in dataset.manifest.splits:
         try:
@@ -382,7 +390,7 @@ def verify_main(argv: list[str]) -> int:
     bad = 0
     for shard in tqdm(local, desc="verify", unit="shard", disable=None):
         try:
-            verify_shard(dataset.dir, shard)
+            verify_shard(dataset.dir, shard, dataset.manifest.token_dtype)
         except DataError as e:
             bad += 1
             print(f"megagpt data verify: {e}", file=sys.stderr)
@@ -396,13 +404,24 @@ def verify_main(argv: list[str]) -> int:
     return 0
 
 
+def manifest_tokenizer(directory: str | Path, manifest: Manifest) -> Tokenizer:
+    """The tokenizer a manifest names, with its special tokens, checked against the manifest's vocab_size and
+    eos_id: a tokenizer file from another dataset is refused here, not found out later as garbled text."""
+    info = manifest.tokenizer
+    path = Path(directory) / info.file
+    tokenizer = with_special_tokens(tokenizer_from_file(info.kind, path), manifest.special_tokens)
+    if (tokenizer.vocab_size, tokenizer.eos_id) != (manifest.vocab_size, manifest.eos_id):
+        raise DataError(f"{path}: {tokenizer.vocab_size} ids (eos_id {tokenizer.eos_id}), but {MANIFEST} says "
+                        f"vocab_size {manifest.vocab_size} (eos_id {manifest.eos_id}); the tokenizer or the manifest "
+                        f"was replaced or edited: re-run `megagpt prep`")
+    return tokenizer
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer of a dataset dir, or of the tokenizer/ folder a run or export dir carries."""
     directory = Path(directory)
     if (directory / MANIFEST).is_file():
-        manifest = load_manifest(directory)
-        info = manifest.tokenizer
-        return with_special_tokens(tokenizer_from_file(info.kind, directory / info.file), manifest.special_tokens)
+        return manifest_tokenizer(directory, load_manifest(directory))
     for kind, name in TOKENIZER_FILES.items():
         if (directory / name).is_file():
             return tokenizer_from_file(kind, directory / name)
@@ -443,12 +462,12 @@ class Dataset:
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        info = self.manifest.tokenizer
-        return with_special_tokens(tokenizer_from_file(info.kind, self.dir / info.file),
-                                   self.manifest.special_tokens)
+        return manifest_tokenizer(self.dir, self.manifest)
 
     def copy_tokenizer_to(self, dest: Path) -> None:
-        """The manifest (as read) and the tokenizer file into dest: a run or export then needs no dataset."""
+        """The manifest (as read) and the tokenizer file into dest: a run or export then needs no dataset. The
+        tokenizer is loaded and checked first, so a broken one stops a run before it trains, not at its first sample."""
+        _ = self.tokenizer
         dest.mkdir(parents=True, exist_ok=True)
         (dest / MANIFEST).write_bytes(self._raw)
         shutil.copy2(self.dir / self.manifest.tokenizer.file, dest / self.manifest.tokenizer.file)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -148,8 +149,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a small model samples fastest on one)")
     args = p.parse_args(argv)
-    if args.limit < 1 or args.max_new_tokens < 1 or args.batch < 1 or args.temperature <= 0:
-        raise UserError("--limit, --max-new-tokens and --batch must be at least 1, --temperature above 0")
+    if args.limit < 1 or args.max_new_tokens < 1 or args.batch < 1 or args.threads < 1:
+        raise UserError("--limit, --max-new-tokens, --batch and --threads must be at least 1")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):  # also false for nan
+        raise UserError(f"--temperature {args.temperature}: must be a finite number above 0")
+    from megagpt.sample import resolve_device
+
+    args.device = resolve_device(args.device)
     named = [*((r, "RUN_DIR") for r in args.runs), (args.reward_model, "--reward-model"),
              (args.reference, "--reference")]
     missing = next(((path, what) for path, what in named if path and not Path(path).is_dir()), None)

@@ -253,9 +253,12 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.limit < 1 or args.max_new_tokens < 1 or args.candidates < 1:
         raise UserError("--limit, --max-new-tokens and --candidates must be at least 1")
+    from megagpt.sample import resolve_device
+
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     report = evaluate(args.run_dir, args.data, args.base, args.limit, args.max_new_tokens, args.candidates,
-                      args.seed, args.device, args.step)
+                      args.seed, device, args.step)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -10,10 +10,18 @@ from pathlib import Path
 
 import torch
 
-from megagpt.config import Config, load_config, save_config
+from megagpt.config import Config, save_config
 from megagpt.errors import UserError
 from megagpt.hf_gpt2 import TIED, hf_config, hf_state_dict  # the GPT-2 layout, one mapping for both directions
-from megagpt.inference import EXPORT_MARKER, TOKENIZER_DIR, consolidated_state_dict, is_run_dir, resolve_tag
+from megagpt.inference import (
+    EXPORT_MARKER,
+    TOKENIZER_DIR,
+    consolidated_state_dict,
+    is_export_dir,
+    is_run_dir,
+    resolve_tag,
+    run_config,
+)
 from megagpt.mup import fold_multipliers
 from megagpt.reward_model import policy_state
 
@@ -31,6 +39,9 @@ def export(run_dir: Path, out: Path, step: int | None = None, fmt: str = "megagp
            dtype: str = "fp32", force: bool = False) -> Path:
     """Write the export into a temporary sibling of `out`, then rename it: a failed export leaves nothing."""
     run_dir, out = Path(run_dir), Path(out)
+    if is_export_dir(run_dir):
+        raise UserError(f"{run_dir}: an export dir already (from `megagpt export`); export the run dir it came "
+                        f"from (its {EXPORT_MARKER} names it), or use this one as it is")
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: no config.yaml here; expected a run dir written by `megagpt train`")
     if fmt not in ("megagpt", "hf"):
@@ -38,11 +49,11 @@ def export(run_dir: Path, out: Path, step: int | None = None, fmt: str = "megagp
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     check_out_dir(run_dir, out, force)
-    cfg = load_config(run_dir / "config.yaml")
+    tag = resolve_tag(run_dir, step)
+    cfg = run_config(run_dir, tag)
     if fmt == "hf" and cfg.train.stage == "reward":
         raise UserError(f"--format hf: {run_dir} is a reward model (a GPT with a scalar head), which GPT-2's "
                         f"language-model folder cannot hold; export it with --format megagpt")
-    tag = resolve_tag(run_dir, step)
     state = consolidated_state_dict(run_dir, tag)
     if fmt == "hf" and cfg.train.stage == "ppo":
         state = policy_state(state)  # the language model; PPO's value model stays in the run
@@ -75,8 +86,10 @@ def check_out_dir(run_dir: Path, out: Path, force: bool) -> None:
         if is_run_dir(folder):
             where = "is" if folder == target else "is inside"
             raise UserError(f"--out {out}: {where} the run dir {folder}; export to a folder of its own")
-    if target.exists() and not target.is_dir():
-        raise UserError(f"--out {out}: is a file; export to a folder")
+    file = next((folder for folder in [target, *target.parents] if folder.exists() and not folder.is_dir()), None)
+    if file is not None:
+        where = "is a file" if file == target else f"is inside {file}, which is a file"
+        raise UserError(f"--out {out}: {where}; export to a folder")
     if target.is_dir() and any(target.iterdir()):
         if not force:
             raise UserError(f"--out {out}: is not empty; pass --force to replace an earlier export there, or "

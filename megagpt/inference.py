@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from megagpt.checkpoint import Checkpointer, step_of, tag_for, verify_manifest
-from megagpt.config import config_from_dict, load_config
+from megagpt.config import Config, config_from_dict, load_config, model_mismatch
 from megagpt.distributed import DistInfo, import_deepspeed, warn_once
 from megagpt.errors import UserError
 from megagpt.hf_gpt2 import HF_CONFIG, HF_TOKENIZER, HF_WEIGHTS, is_hf_folder, model_shape, read_config, read_weights
@@ -58,6 +58,19 @@ def resolve_tag(run_dir: Path, step: int | None) -> str:
     if problem:
         raise UserError(f"--step {step}: {problem}")
     return tag
+
+
+def run_config(run_dir: Path, tag: str) -> Config:
+    """The run's config.yaml, refused in one line when its model keys differ from those checkpoint `tag` was
+    trained with (an edited config.yaml: n_head or µP's scales load the same tensors into another function)."""
+    cfg = load_config(run_dir / "config.yaml")
+    saved = Checkpointer(run_dir / "checkpoints", DistInfo(0, 0, 1)).read_manifest(tag).get("model")
+    mismatch = model_mismatch(cfg.model, saved) if saved is not None else None  # older manifests: no record
+    if mismatch is not None:
+        key, value, was = mismatch
+        raise UserError(f"{run_dir / 'config.yaml'}: model.{key} is {value!r} but checkpoint {tag} was trained "
+                        f"with {was!r}; was it edited after training? put back {key}: {was}")
+    return cfg
 
 
 def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -108,7 +121,11 @@ def _load_weights(path: Path, step: int | None):
     """(config, state dict) of a run dir's checkpoint, an export dir's safetensors or a GPT-2 folder's weights;
     never one for the other."""
     if is_run_dir(path):  # an export written into a run dir (older megagpt allowed it) is not what it holds
-        return load_config(path / "config.yaml"), consolidated_state_dict(path, resolve_tag(path, step))
+        tag = resolve_tag(path, step)
+        return run_config(path, tag), consolidated_state_dict(path, tag)
+    if not path.is_dir():
+        what = "a file, not a directory" if path.exists() else "no such directory"
+        raise UserError(f"{path}: {what}; pass a run dir, an export dir or a Hugging Face GPT-2 folder")
     if not is_export_dir(path) and not is_hf_folder(path):
         raise UserError(f"{path}: neither a run dir (config.yaml with checkpoints/ or metrics.jsonl, from "
                         f"`megagpt train`) nor an export dir (model.safetensors with {EXPORT_MARKER}, from "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -51,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus < 1 or not 0 < args.mfu <= 1 or args.gpus_per_node < 1:
         raise UserError(f"--gpus and --gpus-per-node must be >= 1 and --mfu in (0, 1] "
                         f"(got {args.gpus}, {args.gpus_per_node}, {args.mfu})")
-    for flag, value in (("--intra-node-gbps", args.intra_node_gbps), ("--inter-node-gbps", args.inter_node_gbps)):
-        if value is not None and value <= 0:
-            raise UserError(f"{flag} must be > 0 (got {value})")
+    for flag in ("--gpu-mem-gib", "--peak-tflops", "--intra-node-gbps", "--inter-node-gbps"):
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None and not (value > 0 and math.isfinite(value)):  # also false for nan
+            raise UserError(f"{flag} must be a finite number > 0 (got {value})")
     cfg = load_config(args.config, args.overrides)
     if cfg.train.dtype == "auto":  # every GPU megagpt plans for (A100 and later) does bf16 natively
         cfg = with_dtype(cfg, "bf16")

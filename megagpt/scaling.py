@@ -180,7 +180,7 @@ def load_points(dirs: list[Path]) -> list[dict]:
     rows = []
     for directory in dirs:
         if (directory / "results.json").is_file():
-            found = json.loads((directory / "results.json").read_text())
+            found = _read_rows(directory / "results.json")
         elif (directory / "metrics.jsonl").is_file() and (directory / "config.yaml").is_file():
             found = [_run_dir_row(directory)]
         else:
@@ -193,13 +193,29 @@ def load_points(dirs: list[Path]) -> list[dict]:
     return done
 
 
+def _read_rows(path: Path) -> list[dict]:
+    """A sweep's results.json: a list of rows whose numbers are numbers (or null); else a one-line error."""
+    todo = "the sweep's command (`megagpt sweep ... --out DIR`) run again rewrites it"
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {todo}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{path}: not a list of rows (JSON objects) as `megagpt sweep` writes; {todo}")
+    for number, row in enumerate(rows, 1):
+        bad = next((k for k in ("val_loss", "flops", "params", "tokens") if row.get(k) is not None
+                    and (isinstance(row[k], bool) or not isinstance(row[k], int | float))), None)
+        if bad is not None:
+            raise UserError(f"{path}: row {number}: {bad} is {row[bad]!r}, expected a number or null; {todo}")
+    return rows
+
+
 def _run_dir_row(run_dir: Path) -> dict:
     from megagpt.config import load_config
-    from megagpt.metrics import read_metrics
-    from megagpt.sweep import model_size
+    from megagpt.sweep import model_size, run_metrics
 
     cfg = load_config(run_dir / "config.yaml")
-    records = read_metrics(run_dir)
+    records = run_metrics(run_dir)
     train = [r for r in records if "loss" in r]
     last = train[-1]["step"] if train else 0
     val = next((r["val_loss"] for r in reversed(records) if r.get("step") == last and "val_loss" in r), None)
@@ -392,13 +408,27 @@ def predict_main(argv: list[str]) -> int:
     path = args.fit / "fit.json" if args.fit.is_dir() else args.fit
     if not path.is_file():
         raise UserError(f"{args.fit}: no fit.json; make one with `megagpt scaling fit DIR... --out DIR`")
-    result = json.loads(path.read_text())
+    if args.world_size < 1:
+        raise UserError(f"--world-size {args.world_size}: must be at least 1")
+    result = read_fit(path)
     point = config_point(load_config(args.config, args.overrides), args.world_size)
     print(f"megagpt scaling predict: {args.config}: N = {point['params']:,} parameters, D = {point['tokens']:,} "
           f"tokens, C = {point['flops']:.4g} FLOPs")
     for law, predicted in predict(result, point).items():
         print(f"  {FORMULAS[law]}: final val loss {predicted[0]:.4f} (95% CI {predicted[1]:.4f}-{predicted[2]:.4f})")
     return 0
+
+
+def read_fit(path: Path) -> dict:
+    """fit.json as `megagpt scaling fit` wrote it (each law's fit parses); else a one-line error naming it."""
+    try:
+        result = json.loads(path.read_text())
+        for law, entry in result.items():
+            fit_from_json(entry, law)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a fit's shape
+        raise UserError(f"{path}: not a fit that `megagpt scaling fit` wrote ({type(e).__name__}: {e}); make it "
+                        f"again with `megagpt scaling fit DIR... --out DIR`") from None
+    return result
 
 
 def predict(result: dict, point: dict) -> dict[str, tuple[float, float, float]]:

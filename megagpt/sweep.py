@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import math
+import os
 import shlex
 import signal
 import subprocess
@@ -30,6 +32,7 @@ from megagpt.errors import UserError
 
 STATE = "sweep_point.json"  # in each point's run dir: wall time, attempts, last exit code, failed/submitted
 SWEEP = "sweep.json"  # in DIR: the config, --set and grid the sweep was made with
+MAX_NAME_BYTES = 255  # of one file name, on Linux's file systems
 
 
 @dataclass
@@ -94,8 +97,17 @@ def make_points(config: str, grid: dict[str, list[str]], common: list[str]) -> l
     for values in itertools.product(*grid.values()):
         keys = dict(zip(grid, values, strict=True))
         name = "__".join(f"{k.rsplit('.', 1)[-1] if short else k}={v}" for k, v in keys.items())
-        points.append(Point(keys, name.replace("/", "_"), _point_config(config, common, keys, grid)))
+        points.append(Point(keys, _dir_name(name.replace("/", "_")), _point_config(config, common, keys, grid)))
     return points
+
+
+def _dir_name(name: str) -> str:
+    """A point's name as a directory name: one longer than a file system takes (255 bytes) is cut and made
+    unique (and the same at every run of the sweep) by a hash of the whole."""
+    raw = name.encode()
+    if len(raw) <= MAX_NAME_BYTES:
+        return name
+    return raw[:MAX_NAME_BYTES - 17].decode(errors="ignore") + "-" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 def _point_config(config: str, common: list[str], keys: dict[str, str], grid: dict[str, list[str]]) -> Config:
@@ -108,14 +120,39 @@ def _remember(out: Path, config: str, common: list[str], grid: dict[str, list[st
     """DIR/sweep.json: a later command on the same DIR must sweep the same config with the same --set."""
     path = out / SWEEP
     now = {"config": str(Path(config).resolve()), "set": common, "grid": grid}
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; the sweep needs a folder")
     if path.is_file():
-        before = json.loads(path.read_text())
+        before = read_json(path, {"config": str, "set": list, "grid": dict}, "delete it to start the sweep's "
+                           "record over (the points' run dirs are kept)")
         if (before["config"], before["set"]) != (now["config"], now["set"]):
             raise UserError(f"--out {out}: holds a sweep of {before['config']} with --set {before['set']}; "
                             f"pass the same config and --set to continue it, or another --out")
         now["grid"] = {**before["grid"], **grid}
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(now, indent=1) + "\n")
+    _write_atomic(path, json.dumps(now, indent=1) + "\n")
+
+
+def read_json(path: Path, fields: dict[str, type], todo: str) -> dict:
+    """A JSON object megagpt wrote, with these fields of these types; else a one-line UserError naming the file,
+    what is wrong and `todo` (a torn write, a hand edit)."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path}: not valid JSON ({e}); {todo}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: a JSON {type(value).__name__}, expected an object; {todo}")
+    bad = next((k for k, kind in fields.items() if not isinstance(value.get(k), kind)), None)
+    if bad is not None:
+        raise UserError(f"{path}: {bad!r} is {value.get(bad)!r}, expected a {fields[bad].__name__}; {todo}")
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers (the next command, after a kill) see the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,11 +234,13 @@ def _run(cmd: list[str], run_dir: Path) -> tuple[int, float]:
 
 def read_state(run_dir: Path) -> dict:
     path = run_dir / STATE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    return read_json(path, {}, "delete it: the point then counts as never run before (its checkpoints stay)")
 
 
 def write_state(run_dir: Path, state: dict) -> None:
-    (run_dir / STATE).write_text(json.dumps(state, indent=1) + "\n")
+    _write_atomic(run_dir / STATE, json.dumps(state, indent=1) + "\n")
 
 
 def is_finished(run_dir: Path, cfg: Config) -> bool:
@@ -210,14 +249,26 @@ def is_finished(run_dir: Path, cfg: Config) -> bool:
 
 
 def final_val_loss(run_dir: Path, max_steps: int) -> float | None:
-    return next((r["val_loss"] for r in reversed(_metrics(run_dir))
+    return next((r["val_loss"] for r in reversed(run_metrics(run_dir))
                  if r.get("step") == max_steps and "val_loss" in r), None)
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    from megagpt.metrics import read_metrics
-
-    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+def run_metrics(run_dir: Path) -> list[dict]:
+    """run_dir/metrics.jsonl's records ([] before it exists), without a torn last line (a run killed in the
+    middle of a write; its resume drops that line too); any other line that is not JSON is a one-line error."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise UserError(f"{path}, line {number}: not a metrics record ({line[:60]!r}); delete that "
+                                f"line") from None
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +279,7 @@ def collect(out: Path, points: list[Point]) -> list[dict]:
     rows = []
     for point in points:
         run_dir = out / point.name
-        records = [r for r in _metrics(run_dir) if "loss" in r]
+        records = [r for r in run_metrics(run_dir) if "loss" in r]
         val = final_val_loss(run_dir, point.cfg.train.max_steps)
         tokens = records[-1]["tokens_seen"] if records else 0
         params, per_token = model_size(run_dir, point.cfg)

@@ -73,7 +73,15 @@ class CharTokenizer:
     @classmethod
     def load(cls, path: Path) -> CharTokenizer:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return cls(data["chars"], data.get("eos_id"))
+        chars = data.get("chars") if isinstance(data, dict) else None
+        if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise ValueError('"chars" must be a list of single characters')
+        if len(set(chars)) != len(chars):
+            raise ValueError('"chars" lists a character twice')
+        eos_id = data.get("eos_id")
+        if eos_id is not None and (type(eos_id) is not int or eos_id != len(chars)):
+            raise ValueError(f'"eos_id" {eos_id!r}: must be null or {len(chars)} (one past the characters)')
+        return cls(chars, eos_id)
 
 
 class SentencePieceTokenizer:

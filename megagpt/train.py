@@ -3,6 +3,7 @@ runs the loop. The one place where they meet; what differs between training stag
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,11 @@ import torch
 
 from megagpt.checkpoint import Checkpointer, step_of
 from megagpt.config import (
-    FUNCTION_KEYS,
-    SHAPE_KEYS,
+    CHECKED_KEYS,
     Config,
     ConfigError,
-    ModelConfig,
     changes_since,
+    model_mismatch,
     save_config,
     with_dtype,
     with_global_batch,
@@ -26,6 +26,7 @@ from megagpt.dataset import MANIFEST, Dataset
 from megagpt.distributed import DistInfo, device_for, init_distributed, on_main, print_once, warn_once
 from megagpt.ds_config import grad_accum_steps
 from megagpt.engine import build_engine
+from megagpt.errors import UserError
 from megagpt.hardware import mfu, peak_flops, resolve_dtype
 from megagpt.inference import TOKENIZER_DIR
 from megagpt.init_from import loader as init_loader
@@ -39,7 +40,7 @@ from megagpt.step_guard import StepGuard
 from megagpt.throughput import Throughput
 from megagpt.universal import ResumePoint, find_resume_point, repair_zero3_universal_load
 
-CHECKED_KEYS = (*SHAPE_KEYS, *FUNCTION_KEYS)  # a checkpoint only resumes into a model that agrees on all of them
+NAME_MAX = 255  # bytes in one file name on Linux's file systems (ext4, xfs, NFS, Lustre)
 
 
 @dataclass
@@ -199,7 +200,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
     """Decide (dataset, resume point, compatibility) before writing anything, then write and build."""
     dist = init_distributed(cfg.deepspeed.timeout_minutes)
     start_parent_watchdog()  # a launched worker stops within a second of its launcher's death
-    run_dir = Path(run_dir or Path("runs") / cfg.name)
+    run_dir = _usable_run_dir(Path(run_dir) if run_dir else None, cfg.name)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dataset = _open_dataset(cfg)
@@ -268,6 +269,23 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
                Throughput(tokens_per_step), resumed_from, lock)
 
 
+def _usable_run_dir(run_dir: Path | None, name: str) -> Path:
+    """--run-dir (default runs/<name>), refused in one line when no directory can be made there: a name longer
+    than a file system takes (NAME_MAX, 255 bytes on Linux's), or a file in its place or above it."""
+    shown = name if len(name) <= 40 else name[:40] + "..."
+    flag = f"--run-dir {run_dir}" if run_dir else f"the run dir runs/<name> (name: {shown!r})"
+    run_dir = run_dir or Path("runs") / name
+    too_long = next((part for part in run_dir.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if too_long is not None:
+        raise UserError(f"{flag}: a name of {len(os.fsencode(too_long))} bytes ({too_long[:20]!r}...), over the "
+                        f"{NAME_MAX} a file system takes; choose a shorter one")
+    file = next((path for path in [run_dir, *run_dir.parents] if path.exists() and not path.is_dir()), None)
+    if file is not None:
+        where = "is a file" if file == run_dir else f"is inside {file}, which is a file"
+        raise UserError(f"{flag}: {where}; pass a directory")
+    return run_dir
+
+
 def _open_dataset(cfg: Config) -> Dataset:
     directory = Path(cfg.data.dataset_dir)
     if not (directory / MANIFEST).is_file():
@@ -282,16 +300,15 @@ def _open_dataset(cfg: Config) -> Dataset:
 def _check_resumable(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
     """The checkpoint's model keys and dtype equal the config's (µP keys a checkpoint predates count as the
     defaults; a checkpoint from before dtypes were recorded is not checked for one)."""
-    defaults = {key: ModelConfig.model_fields[key].default for key in FUNCTION_KEYS}
-    saved_model = {**defaults, **manifest.get("model", {})}
-    for key in CHECKED_KEYS:
-        if saved_model.get(key) != getattr(cfg.model, key):
-            origin = (f" (set, or else the vocabulary of data.dataset_dir={cfg.data.dataset_dir})"
-                      if key == "vocab_size" else "")
-            raise ConfigError(
-                f"model.{key}={getattr(cfg.model, key)!r}{origin} but checkpoint {tag} was trained with "
-                f"{saved_model.get(key)!r}: resume with the same model and data, or start a new --run-dir"
-            )
+    mismatch = model_mismatch(cfg.model, manifest.get("model", {}))
+    if mismatch is not None:
+        key, value, saved = mismatch
+        origin = (f" (set, or else the vocabulary of data.dataset_dir={cfg.data.dataset_dir})"
+                  if key == "vocab_size" else "")
+        raise ConfigError(
+            f"model.{key}={value!r}{origin} but checkpoint {tag} was trained with "
+            f"{saved!r}: resume with the same model and data, or start a new --run-dir"
+        )
     saved_dtype = _saved_dtype(manifest) or cfg.train.dtype
     if cfg.train.dtype != "auto" and saved_dtype != cfg.train.dtype:  # DeepSpeed's optimizer state differs
         raise ConfigError(

@@ -6,10 +6,11 @@ import pytest
 from dist_helpers import tiny
 from helpers import train_records
 
-from megagpt.checkpoint import MANIFEST, Checkpointer
+from megagpt.checkpoint import MANIFEST, Checkpointer, NoVerifiedCheckpoint, verify_manifest
 from megagpt.config import load_config
 from megagpt.distributed import DistInfo
 from megagpt.train import train
+from megagpt.universal import find_resume_point
 
 
 @pytest.fixture
@@ -62,3 +63,17 @@ def test_an_unsealed_tag_newer_than_latest_is_never_used(run_with_tags, capfd):
     (ckpt / "latest").write_text("step_000012")  # even if `latest` named it
     assert Checkpointer(ckpt, DistInfo(0, 0, 1)).latest_good_tag() == "step_000010"
     assert re.search("skipping checkpoint step_000012: .*megagpt_manifest.json is missing", capfd.readouterr().err)
+
+
+@pytest.mark.parametrize("manifest", ['[1]', '{"files": [1]}', '{"files": {"model.pt": 1}}',
+                                      '{"files": {"model.pt": {"bytes": "many"}}}', 'half a{'])
+def test_a_manifest_of_the_wrong_shape_makes_the_tag_unusable_not_a_crash(tmp_path, manifest, capfd):
+    """A hand-edited or foreign manifest: the tag is skipped (auto) or refused (an explicit tag) by name."""
+    ckpt = tmp_path / "checkpoints"
+    tag = ckpt / "step_000002"
+    tag.mkdir(parents=True)
+    (tag / "model.pt").write_bytes(b"weights")
+    (tag / MANIFEST).write_text(manifest)
+    assert re.fullmatch(rf"{tag / MANIFEST} is unreadable \(\w+Error: .*\)", verify_manifest(tag))
+    with pytest.raises(NoVerifiedCheckpoint, match="step_000002: .* is unreadable"):
+        find_resume_point(Checkpointer(ckpt, DistInfo(0, 0, 1)), "auto", DistInfo(0, 0, 1))

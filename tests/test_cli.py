@@ -83,3 +83,23 @@ def test_version_is_the_packages_as_pyproject_states_it(capsys):
     assert cli.main(["--version"]) == 0
     version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M)[1]
     assert capsys.readouterr().out == f"megagpt {version}\n"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", str(CPU_CONFIG), "--check-ranks", "0"], "megagpt train: error: --check-ranks 0: must be at least 1"),
+    (["eval", "qa", "RUN", "--data", "RUN", "--device", "tpu"],
+     "megagpt eval qa: error: --device 'tpu': expected cpu or cuda (or cuda:N)"),
+    (["eval", "prefs", "RUN", "--out", "x.json", "--device", "tpu"],
+     "megagpt eval prefs: error: --device 'tpu': expected cpu or cuda (or cuda:N)"),
+    (["eval", "prefs", "RUN", "--out", "x.json", "--threads", "0"], "--batch and --threads must be at least 1"),
+    (["eval", "prefs", "RUN", "--out", "x.json", "--temperature", "nan"],
+     "--temperature nan: must be a finite number above 0"),
+])
+def test_out_of_range_arguments_are_one_line_before_any_model_loads(argv, says, tmp_path, capsys):
+    """Before, --device tpu was torch's traceback and --check-ranks 0 a ZeroDivisionError (with a global batch)."""
+    argv = [str(tmp_path) if a == "RUN" else a for a in argv]
+    if argv[0] == "train":  # the batch then depends on the rank count
+        argv += ["--set", "train.global_batch_tokens=8192"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1

@@ -73,6 +73,49 @@ def test_base_loops_are_reported(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
+@pytest.mark.parametrize("text, says", [
+    ("model:\n  n_layer: 2\n  n_head: 2\n  n_layer: 3\n", "line 4, column 3: not valid YAML: key 'n_layer' given "
+                                                          "twice (first on line 2)"),
+    ("model:\n  n_layer: 2\n   n_head: 3\n", "line 3, column 10: not valid YAML: mapping values are not allowed"),
+    ("model:\n\tn_layer: 2\n", "line 2, column 1: not valid YAML: found character '\\t'"),
+    ("base: 3\n", "base: expected a config file's path or a list of them (got 3)"),
+    ("base: nowhere.yaml\n", "base: nowhere.yaml: no such config file"),
+    ("train:\n  max_steps: yes\n", "train.max_steps: a boolean where this key takes none"),
+    ("train:\n  lr: .inf\n", "train.lr: Input should be a finite number"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file_and_line_or_key(tmp_path, text, says):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value).startswith(str(bad)) and says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"name: caf\xe9\n")  # latin-1
+    with pytest.raises(ConfigError, match=r"bad.yaml: not UTF-8 text \(byte 9\)"):
+        load_config(bad)
+
+
+def test_a_merge_key_may_be_overridden_and_a_boolean_stays_a_boolean(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("deepspeed:\n  extra: &m {n_layer: 2, bias: yes}\nmodel:\n  <<: *m\n  n_layer: 3\n")
+    cfg = load_config(good)
+    assert cfg.model.n_layer == 3 and cfg.model.bias is True
+
+
+@pytest.mark.parametrize("override, says", [
+    ("model.n_layer=[1", "--set 'model.n_layer=[1': the value at column 3: not valid YAML"),
+    ("deepspeed.extra={a: 1, a: 2}", "key 'a' given twice"),
+    ("train.lr=1e309", "train.lr: Input should be a finite number"),
+])
+def test_a_set_value_that_is_not_yaml_or_not_finite_is_one_line(override, says):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "shakespeare_char.yaml", [override])
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
 def test_gradient_accumulation_comes_from_global_batch_tokens():
     cfg = load_config(CONFIGS / "shakespeare_char_cpu.yaml", ["train.global_batch_tokens=3072"])
     ds = deepspeed_config(cfg, world_size=2)  # 3072 / (12 × 64 × 2) = 2

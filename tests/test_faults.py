@@ -219,6 +219,20 @@ def test_a_resume_that_names_no_checkpoint_dir_says_so(resume, says, run_copy, s
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.parametrize("run_dir, says", [
+    (lambda tmp: tmp / "file", "--run-dir {tmp}/file: is a file; pass a directory"),
+    (lambda tmp: tmp / "file" / "run", "--run-dir {tmp}/file/run: is inside {tmp}/file, which is a file"),
+    (lambda tmp: tmp / ("é" * 130), "a name of 260 bytes ('éééééééééééééééééééé'...), over the 255 a file system "
+                                    "takes; choose a shorter one"),
+])
+def test_a_run_dir_where_no_directory_can_be_made_is_one_line(run_dir, says, shakespeare_dataset, tmp_path):
+    (tmp_path / "file").write_text("notes")
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=re.escape(says.format(tmp=tmp_path))):
+        train(load_config(None, tiny(shakespeare_dataset)), run_dir(tmp_path))
+    assert snapshot(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # One owner per run dir
 # ---------------------------------------------------------------------------------------------
@@ -512,6 +526,16 @@ def test_export_refuses_an_out_in_or_around_the_run_dir(where, message, run_copy
     assert snapshot(run_copy.parent) == before
 
 
+def test_export_refuses_an_out_under_a_file_and_an_export_dir_as_its_run(trained, tmp_path):
+    (tmp_path / "file").write_text("notes")
+    with pytest.raises(UserError, match=f"--out {tmp_path}/file/x: is inside {tmp_path}/file, which is a file"):
+        export(trained, tmp_path / "file" / "x")
+    out = export(trained, tmp_path / "export")
+    with pytest.raises(UserError, match=f"{out}: an export dir already"):
+        export(out, tmp_path / "again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "file"]
+
+
 def test_a_failed_export_leaves_nothing_behind(trained, small_disk):
     fill(small_disk, leave=8192)  # the weights do not fit
     with pytest.raises(UserError, match="could not write the export .*No space left on device"):
@@ -560,15 +584,36 @@ def test_sample_tells_a_run_dir_from_an_export_dir(run_copy, tmp_path):
     for step, same in ((4, True), (6, False)):
         weights = load_for_inference(run_copy, step=step)[0].state_dict()
         assert all(torch.equal(weights[k], exported[k]) for k in exported) == same, step
-    with pytest.raises(UserError, match="neither a run dir .* nor an export dir"):
+    with pytest.raises(UserError, match="nothing: no such directory; pass a run dir, an export dir or a "):
         sample_texts(tmp_path / "nothing", "A", 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a run dir .* nor an export dir"):
+        sample_texts(tmp_path / "empty", "A", 4)
 
 
-def test_a_config_that_does_not_match_the_weights_is_one_line(run_copy):
+@pytest.mark.parametrize("saved, edited, says", [
+    ("n_embd: 32", "n_embd: 48", "model.n_embd is 48 but checkpoint step_000006 was trained with 32"),
+    ("n_head: 2", "n_head: 4", "model.n_head is 4 but checkpoint step_000006 was trained with 2"),  # loaded, wrong
+    ("parametrization: standard", "parametrization: mup",
+     "model.parametrization is 'mup' but checkpoint step_000006 was trained with 'standard'"),
+])
+def test_a_config_edited_after_training_is_refused_by_sample_and_export(run_copy, tmp_path, saved, edited, says):
     config = run_copy / "config.yaml"
+    config.write_text(config.read_text().replace(saved, edited))
+    with pytest.raises(UserError, match=re.escape(f"{config}: {says}; was it edited after training? put back "
+                                                  f"{saved}")):
+        sample_texts(run_copy, "A", 4)
+    with pytest.raises(UserError, match=re.escape(says)):
+        export(run_copy, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_weights_that_do_not_fit_an_export_dirs_config_are_one_line(run_copy, tmp_path):
+    out = export(run_copy, tmp_path / "export")
+    config = out / "config.yaml"
     config.write_text(config.read_text().replace("n_embd: 32", "n_embd: 48"))
     with pytest.raises(UserError, match="config.yaml does not describe the saved weights .*size mismatch"):
-        sample_texts(run_copy, "A", 4)
+        sample_texts(out, "A", 4)
 
 
 def test_bad_sample_arguments_are_one_line_on_the_command_line(trained):

@@ -190,6 +190,14 @@ def test_unknown_gpu_lists_the_known_ones():
         planner.main([f"{ROOT}/configs/gpt3_125m.yaml", "--gpu", "V100"])
 
 
+@pytest.mark.parametrize("flag, value", [("--gpu-mem-gib", "0"), ("--gpu-mem-gib", "nan"), ("--peak-tflops", "inf"),
+                                         ("--peak-tflops", "-1"), ("--inter-node-gbps", "nan")])
+def test_hardware_numbers_that_are_not_finite_and_positive_are_one_line(flag, value):
+    """Before, inf TFLOP/s divided by zero, -1 planned negative days and nan GiB 'did not fit'."""
+    with pytest.raises(UserError, match=f"^{flag} must be a finite number > 0 \\(got {value}"):
+        planner.main([f"{ROOT}/configs/gpt3_125m.yaml", "--gpus", "16", "--gpu", "H100", flag, value])
+
+
 def test_custom_gpu_from_memory_and_peak(capsys):
     args = [f"{ROOT}/configs/gpt3_125m.yaml", "--gpus", "8", "--gpu-mem-gib", "24", "--peak-tflops", "100"]
     args.append("--json")

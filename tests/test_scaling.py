@@ -126,6 +126,28 @@ def test_too_few_points_for_the_law_is_one_line(tmp_path, capsys):
     assert "neither a sweep folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, says", [
+    ('[{"val_loss', "results.json: not valid JSON"),
+    ('{"rows": []}', "results.json: not a list of rows"),
+    ('[{"val_loss": "low", "flops": 1}]', "results.json: row 1: val_loss is 'low', expected a number or null"),
+])
+def test_a_damaged_results_json_is_one_line(tmp_path, capsys, text, says):
+    (tmp_path / "results.json").write_text(text)
+    assert main(["scaling", "fit", str(tmp_path), "--out", str(tmp_path / "fit")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/{says}" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text, says", [("not json", "JSONDecodeError"), ('{"compute": {}}', "KeyError: 'theta'"),
+                                        ('{"law": {"theta": [1]}}', "KeyError")])
+def test_predict_from_a_damaged_fit_or_on_no_ranks_is_one_line(tmp_path, capsys, text, says):
+    (tmp_path / "fit.json").write_text(text)
+    assert main(["scaling", "predict", str(tmp_path), str(CPU_CONFIG), "--set", "model.vocab_size=65"]) == 2
+    assert f"{tmp_path / 'fit.json'}: not a fit that `megagpt scaling fit` wrote ({says}" in capsys.readouterr().err
+    assert main(["scaling", "predict", str(tmp_path), str(CPU_CONFIG), "--world-size", "0"]) == 2
+    assert "--world-size 0: must be at least 1" in capsys.readouterr().err
+
+
 def test_a_two_by_two_sweep_is_one_line_naming_the_frontier_and_what_to_sweep(tmp_path, capsys):
     """Two widths × two LRs: four runs, two FLOPs, so a 2-point frontier (it crashed in the bootstrap)."""
     rows = []

@@ -104,6 +104,48 @@ def test_a_bad_key_or_value_is_named_as_the_user_typed_it(tmp_path, capsys, args
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("damage, says", [
+    (lambda out: (out / "sweep.json").write_text('{"config'), "sweep.json: not valid JSON"),
+    (lambda out: (out / "sweep.json").write_text("[]"), "sweep.json: a JSON list, expected an object"),
+    (lambda out: (out / "lr=1e-3" / "sweep_point.json").write_text('{"wall_s": 1'),
+     "lr=1e-3/sweep_point.json: not valid JSON"),
+    (lambda out: (out / "lr=1e-3" / "metrics.jsonl").write_text('{"step": 1\n{"step": 2}\n'),
+     "lr=1e-3/metrics.jsonl, line 1: not a metrics record"),
+])
+def test_a_damaged_sweep_file_is_one_line_naming_it(tmp_path, capsys, damage, says):
+    """Files a sweep wrote, torn or edited: before, a JSON traceback on the next run of the same command."""
+    out = tmp_path / "sweep"
+    args = ["sweep", str(CPU_CONFIG), "--grid", "train.lr=1e-3", "--launcher", "true", "--out", str(out)]
+    assert main(args) == 0
+    damage(out)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err  # the last line, after the progress bar's
+    assert err.rstrip("\n").split("\n")[-1].startswith(f"megagpt sweep: error: {out}/{says}")
+    assert "Traceback" not in err
+
+
+def test_a_torn_last_metrics_line_counts_as_unfinished_not_as_an_error(tmp_path):
+    from megagpt.sweep import run_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert run_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+def test_an_out_that_is_a_file_and_a_point_name_too_long_for_a_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("notes")
+    args = ["sweep", str(CPU_CONFIG), "--grid", "train.lr=1e-3", "--launcher", "true"]
+    assert main([*args, "--out", str(tmp_path / "file")]) == 2
+    assert f"--out {tmp_path / 'file'}: is a file" in capsys.readouterr().err
+    prompt = "x" * 300  # the point's folder would be named sample_prompt=xxx...: 314 bytes
+    grid = ["--grid", f"train.sample_prompt={prompt},y"]
+    assert main(["sweep", str(CPU_CONFIG), *grid, "--launcher", "true", "--out", str(tmp_path / "s")]) == 0
+    names = sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir())
+    assert len(names) == 2 and all(len(n.encode()) <= 255 for n in names) and "sample_prompt=y" in names
+    assert main(["sweep", str(CPU_CONFIG), *grid, "--launcher", "true", "--out", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == names  # the same names again
+
+
 def test_launcher_gets_each_point_once_and_is_not_resubmitted(tmp_path, capsys):
     """A launcher that only records its arguments (as sbatch would queue the job): each point is submitted once,
     with the config, the shared and swept --set values and its run dir; a second sweep does not submit again."""

@@ -1,0 +1,46 @@
+"""A prep's output dir: checked before any work (exists, --force, a parent that is no folder), built in
+`<out>.partial` beside it, and put in place whole.
+
+`--force` replaces only a dataset dir (one with a manifest.json) or an empty folder: a typo such as `--out data`
+must not delete a folder of other things. The old dataset is moved aside before the new one takes its name and
+removed after, so a kill in between leaves one of the two whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from megagpt.dataset import MANIFEST
+from megagpt.errors import UserError
+
+
+def work_dir_for(out_dir: Path, force: bool) -> Path:
+    """`<out>.partial`, once out_dir may be written: it does not exist (or --force may replace it), and its parent
+    is a folder (made when missing)."""
+    if out_dir.exists() or out_dir.is_symlink():
+        if not force:
+            raise UserError(f"--out {out_dir}: already exists; pass --force to replace it")
+        if not (out_dir.is_dir() and ((out_dir / MANIFEST).is_file() or not any(out_dir.iterdir()))):
+            raise UserError(f"--out {out_dir}: exists and is not a dataset dir (no {MANIFEST}); --force replaces "
+                            f"only a dataset: pick another --out or remove it yourself")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        file = next((p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{file} is a file, not a folder" if file else e.strerror
+        raise UserError(f"--out {out_dir}: cannot make its parent folder {out_dir.parent} ({why})") from None
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def replace_out_dir(work: Path, out_dir: Path) -> None:
+    """The finished work dir renamed to out_dir; an old out_dir (--force) moved aside first, removed after."""
+    if not out_dir.exists():
+        os.replace(work, out_dir)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))  # a fresh name
+    os.replace(out_dir, aside / out_dir.name)
+    os.replace(work, out_dir)
+    shutil.rmtree(aside, ignore_errors=True)
