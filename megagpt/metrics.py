@@ -127,7 +127,7 @@ def _drop_records_after(path: Path, step: int) -> None:
         record_step = _step_of(line)
         if record_step is None:
             if number < len(lines):
-                raise UserError(f"{path}, line {number}: not a metrics record ({line[:60]!r}); delete that line")
+                raise UserError(_not_a_record(path, number, line))
             warn_once(f"{path}: dropping a torn last line (a crash in the middle of a write)")
             dropped = True
         elif record_step <= step:
@@ -164,6 +164,22 @@ def _json_number(value: Any) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of run_dir/metrics.jsonl in order (what tests and benchmarks read instead of live state)."""
+    """The records of run_dir/metrics.jsonl in order ([] before it exists), what sweeps, scaling fits, tests and
+    benchmarks read instead of live state. A torn last line (a run killed in the middle of a write, which its
+    resume drops too) is left out; any other line that is not JSON is a one-line error naming it."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise UserError(_not_a_record(path, number, line)) from None
+    return records
+
+
+def _not_a_record(path: Path, number: int, line: str) -> str:
+    return f"{path}, line {number}: not a metrics record ({line[:60]!r}); delete that line"

@@ -212,10 +212,11 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _run_dir_row(run_dir: Path) -> dict:
     from megagpt.config import load_config
-    from megagpt.sweep import model_size, run_metrics
+    from megagpt.metrics import read_metrics
+    from megagpt.sweep import model_size
 
     cfg = load_config(run_dir / "config.yaml")
-    records = run_metrics(run_dir)
+    records = read_metrics(run_dir)
     train = [r for r in records if "loss" in r]
     last = train[-1]["step"] if train else 0
     val = next((r["val_loss"] for r in reversed(records) if r.get("step") == last and "val_loss" in r), None)

@@ -249,26 +249,10 @@ def is_finished(run_dir: Path, cfg: Config) -> bool:
 
 
 def final_val_loss(run_dir: Path, max_steps: int) -> float | None:
-    return next((r["val_loss"] for r in reversed(run_metrics(run_dir))
+    from megagpt.metrics import read_metrics  # torch: only where a point's records are read
+
+    return next((r["val_loss"] for r in reversed(read_metrics(run_dir))
                  if r.get("step") == max_steps and "val_loss" in r), None)
-
-
-def run_metrics(run_dir: Path) -> list[dict]:
-    """run_dir/metrics.jsonl's records ([] before it exists), without a torn last line (a run killed in the
-    middle of a write; its resume drops that line too); any other line that is not JSON is a one-line error."""
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number < len(lines):
-                raise UserError(f"{path}, line {number}: not a metrics record ({line[:60]!r}); delete that "
-                                f"line") from None
-    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,10 +260,12 @@ def run_metrics(run_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 def collect(out: Path, points: list[Point]) -> list[dict]:
     """One row per point: its keys, status, final val and train loss, tokens, parameters, FLOPs, wall time."""
+    from megagpt.metrics import read_metrics
+
     rows = []
     for point in points:
         run_dir = out / point.name
-        records = [r for r in run_metrics(run_dir) if "loss" in r]
+        records = [r for r in read_metrics(run_dir) if "loss" in r]
         val = final_val_loss(run_dir, point.cfg.train.max_steps)
         tokens = records[-1]["tokens_seen"] if records else 0
         params, per_token = model_size(run_dir, point.cfg)

@@ -43,7 +43,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def metrics(run_dir: Path) -> list[dict]:
     """run_dir/metrics.jsonl's records ([] before the run wrote any)."""
-    return read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
+    return read_metrics(run_dir)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

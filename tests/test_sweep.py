@@ -13,6 +13,7 @@ from helpers import CPU_CONFIG, REPO
 
 from megagpt.cli import main
 from megagpt.config import load_config
+from megagpt.errors import UserError
 from megagpt.model import GPT
 from megagpt.sweep import parse_grid
 
@@ -126,10 +127,13 @@ def test_a_damaged_sweep_file_is_one_line_naming_it(tmp_path, capsys, damage, sa
 
 
 def test_a_torn_last_metrics_line_counts_as_unfinished_not_as_an_error(tmp_path):
-    from megagpt.sweep import run_metrics
+    from megagpt.metrics import read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
-    assert run_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl, line 2: not a metrics record"):
+        read_metrics(tmp_path)
 
 
 def test_an_out_that_is_a_file_and_a_point_name_too_long_for_a_folder(tmp_path, capsys):
