@@ -219,21 +219,29 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
             raise RunComplete(run_dir, point.tag, cfg.train.max_steps)
         if point is not None:
             cfg = _keep_global_batch(cfg, point, dist.world_size)
+        cfg = _decide_dtype(cfg, point)
+        stage = _stage_for(cfg, dist, dataset)  # its refusals (data of another kind, no init_from) come here
     except BaseException:
         if lock is not None:
             lock.release(undo=True)  # refused: the run dir is left byte-identical
         raise
     try:
-        cfg = _decide_dtype(cfg, point)
-        return _build(cfg, dist, run_dir, dataset, checkpointer, point, lock, init_source)
+        return _build(cfg, dist, run_dir, dataset, checkpointer, point, lock, stage, init_source)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
 
+def _stage_for(cfg: Config, dist: DistInfo, dataset: Dataset):
+    """cfg.train.stage's training stage, on this rank's device."""
+    accum = grad_accum_steps(cfg.train, cfg.model.block_size, dist.world_size)
+    return build_stage(cfg.train.stage, cfg=cfg, dataset=dataset, dist=dist, device=device_for(dist),
+                       grad_accum_steps=accum)
+
+
 def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpointer: Checkpointer,
-           point: ResumePoint | None, lock: RunLock | None, init_source=None) -> Run:
+           point: ResumePoint | None, lock: RunLock | None, stage, init_source=None) -> Run:
     """What build_run does once it has decided to run: write the run dir, build, load the resume point."""
     changed = changes_since(run_dir / "config.yaml", cfg) if point is not None and dist.is_main else []
     if dist.is_main:
@@ -242,7 +250,6 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
         dataset.copy_tokenizer_to(run_dir / TOKENIZER_DIR)
     device = device_for(dist)
     accum = grad_accum_steps(cfg.train, cfg.model.block_size, dist.world_size)
-    stage = build_stage(cfg.train.stage, cfg=cfg, dataset=dataset, dist=dist, device=device, grad_accum_steps=accum)
     build_model = stage.build_model  # weights from train.init_from only when not resuming the run's own checkpoint
     if init_source is not None and point is None:
         build_model = init_loader(stage.build_model, source=init_source)

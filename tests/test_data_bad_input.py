@@ -197,6 +197,19 @@ def test_a_split_too_small_for_the_block_is_named(tokens):
         EvalWindows(tokens, "val", 10_000)
 
 
+def test_a_val_split_too_small_for_the_block_stops_a_run_before_it_writes(tokens, tmp_path):
+    """At start-up, not at the first evaluation after train.eval_interval steps of training."""
+    from helpers import CPU_CONFIG, tiny_overrides
+
+    from megagpt.config import load_config
+    from megagpt.train import train
+
+    cfg = load_config(CPU_CONFIG, tiny_overrides(tokens, max_steps=1, micro_batch_size=1, model_block_size=1024))
+    with pytest.raises(DataError, match="split val has .* usable tokens, fewer than block_size"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- megagpt bench data
 
 

@@ -169,6 +169,7 @@ def test_sft_stage_refuses_a_dataset_of_tokens(shakespeare_dataset, tmp_path):
 
     with pytest.raises(DataError, match="the sft stage reads kind 'chat'"):
         train_run(tmp_path / "run", sft_overrides(shakespeare_dataset, max_steps=1))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 # ---------------------------------------------------------------- rows, attention and the loss

@@ -21,7 +21,8 @@ class PretrainStage(LossStage):
         self.loader = TrainLoader(dataset, cfg.model.block_size, cfg.train.micro_batch_size, grad_accum_steps,
                                   dist.rank, dist.world_size, seed=cfg.train.seed,
                                   num_workers=cfg.data.num_workers, on_corrupt_shard=cfg.data.on_corrupt_shard)
-        self._eval_windows: EvalWindows | None = None  # made at the first evaluation, then kept
+        # made now: a val split too small for the block is refused before the run dir is written
+        self.eval_windows = EvalWindows(dataset, "val", cfg.model.block_size)
 
     def loss(self, engine, batch) -> torch.Tensor:
         _, loss = engine(*batch)
@@ -30,9 +31,7 @@ class PretrainStage(LossStage):
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
         """The mean loss over train.eval_steps fixed val batches per rank (the same batches every time)."""
-        if self._eval_windows is None:
-            self._eval_windows = EvalWindows(self.dataset, "val", self.cfg.model.block_size)
-        batches = self._eval_windows.batches(self.cfg.train.micro_batch_size, self.cfg.train.eval_steps,
+        batches = self.eval_windows.batches(self.cfg.train.micro_batch_size, self.cfg.train.eval_steps,
                                              self.dist.rank, self.dist.world_size)
         engine.eval()
         losses = [engine(x.to(self.device), y.to(self.device))[1].float() for x, y in batches]
