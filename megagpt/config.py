@@ -249,27 +249,29 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 named: Mapping[str, str] | None = None) -> Config:
     """Read YAML (following `base:` chains), apply `key.sub=value` overrides, validate everything. An error names
     the override it came from as `named` gives it (how the user typed it), else as `--set ITEM`."""
-    raw: dict[str, Any] = _read_with_bases(Path(path)) if path is not None else {}
+    raw, origins = _read_with_bases(Path(path)) if path is not None else ({}, {})
     where = str(path) if path is not None else "<defaults>"
     for item in overrides or []:
         _apply_override(raw, item)
-    return config_from_dict(raw, where, {o: (named or {}).get(o, f"--set {o}") for o in overrides or []})
+    return config_from_dict(raw, where, {o: (named or {}).get(o, f"--set {o}") for o in overrides or []}, origins)
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "<dict>", overrides: Mapping[str, str] | None = None) -> Config:
+def config_from_dict(raw: dict[str, Any], where: str = "<dict>", overrides: Mapping[str, str] | None = None,
+                     origins: Mapping[str, str] | None = None) -> Config:
     """Validated; an error names the override it came from (`overrides`: each item and how to name it), else
-    `where` (the file), and the key."""
+    the file that set the key (`origins`, dotted key -> file; else `where`), and the key."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
-        raise ConfigError(f"{_source(first, overrides or {}, where)}: {_describe(e)}") from None
+        raise ConfigError(f"{_source(first, overrides or {}, where, origins or {})}: {_describe(e)}") from None
 
 
-def _source(error: dict, overrides: Mapping[str, str], where: str) -> str:
-    """Where a bad key came from: the override that sets it (or, for an unknown section, made it), else the file,
-    naming the overrides beneath the key (a section's cross-key check fails on the section)."""
+def _source(error: dict, overrides: Mapping[str, str], where: str, origins: Mapping[str, str]) -> str:
+    """Where a bad key came from: the override that sets it (or, for an unknown section, made it), else the file
+    that set it, naming the overrides beneath the key (a section's cross-key check fails on the section)."""
     key = ".".join(str(p) for p in error["loc"])
+    where = origins.get(key, where)
     keys = {o: o.partition("=")[0].strip() for o in overrides}
     exact = [o for o, k in keys.items() if k == key or key.startswith(k + ".")]
     beneath = [o for o, k in keys.items() if k.startswith(key + ".")]
@@ -329,25 +331,31 @@ def with_dtype(cfg: Config, dtype: str) -> Config:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"dtype": dtype})})
 
 
-def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = path.resolve()
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """The merged YAML of a config file and its `base:` chain, and for each dotted key the file that set it last
+    (an error about a key then names the file to edit, a base file included)."""
+    shown, path = str(path), path.resolve()
     if path in seen:
         raise ConfigError(f"{seen[-1]}: `base` chain loops back to {path}")
     data = _read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
+    own = dict.fromkeys(_flatten(data), shown)
     if base is None:
-        return data
+        return data, own
     bases = base if isinstance(base, list) else [base]  # a list: merged in order, later ones win
     if not bases or not all(isinstance(one, str) and one.strip() for one in bases):
         raise ConfigError(f"{path}: base: expected a config file's path or a list of them (got {base!r})")
     merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for one in bases:
         if not (path.parent / one).is_file():
             raise ConfigError(f"{path}: base: {one}: no such config file ({path.parent / one})")
-        merged = deep_merge(merged, _read_with_bases(path.parent / one, seen + (path,)))
-    return deep_merge(merged, data)
+        data_of_base, origins_of_base = _read_with_bases(Path(shown).parent / one, seen + (path,))
+        merged = deep_merge(merged, data_of_base)
+        origins.update(origins_of_base)
+    return deep_merge(merged, data), {**origins, **own}
 
 
 def _read_yaml(path: Path) -> Any:

@@ -73,6 +73,18 @@ def test_base_loops_are_reported(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
+def test_a_key_error_names_the_file_that_set_the_key_a_base_file_included(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  n_layr: 2\ntrain:\n  lr: -1\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\ntrain:\n  warmup_steps: -5\n")
+    with pytest.raises(ConfigError, match=r"^\S*base\.yaml: unknown key 'model\.n_layr'"):
+        load_config(tmp_path / "top.yaml")
+    (tmp_path / "base.yaml").write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"^\S*base\.yaml: train\.lr"):  # set in the base alone
+        load_config(tmp_path / "top.yaml", ["train.warmup_steps=5"])
+    with pytest.raises(ConfigError, match=r"^\S*top\.yaml: train\.warmup_steps"):  # the top file's own key
+        load_config(tmp_path / "top.yaml", ["train.lr=0.1"])
+
+
 @pytest.mark.parametrize("text, says", [
     ("model:\n  n_layer: 2\n  n_head: 2\n  n_layer: 3\n", "line 4, column 3: not valid YAML: key 'n_layer' given "
                                                           "twice (first on line 2)"),
