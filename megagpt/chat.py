@@ -157,7 +157,8 @@ def main(argv: list[str]) -> int:
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if session.special is None:
         print(f"megagpt chat: {args.path} was never fine-tuned for chat (its tokenizer has no chat tokens): it "
-              f"continues your text as a document completer", file=sys.stderr)
+              f"continues your text as a document completer{'; --system is ignored' if args.system else ''}",
+              file=sys.stderr)
     if args.prompt is not None:
         reply = _ask(session, args.prompt, "--prompt")
         sys.stdout.write(tokenizer.decode(reply.ids) + "\n")

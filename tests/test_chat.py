@@ -130,10 +130,11 @@ def test_history_is_trimmed_from_the_oldest_exchange_and_keeps_the_system_messag
 
 
 def test_a_model_never_fine_tuned_says_so_and_continues_the_text(runs):
-    result = chat(runs / "base", "--prompt", "ROMEO:", "--temperature", 0, "--max-new-tokens", 12)
+    result = chat(runs / "base", "--prompt", "ROMEO:", "--temperature", 0, "--max-new-tokens", 12, "--system",
+                  "Be brief.")
     assert result.returncode == 0, result.stderr
     notice = [line for line in result.stderr.splitlines() if "never fine-tuned" in line]
-    assert len(notice) == 1 and "document completer" in notice[0]
+    assert len(notice) == 1 and "document completer" in notice[0] and "--system is ignored" in notice[0]
     model, tokenizer, _ = load_for_inference(runs / "base")
     continuation, _ = reference_reply(model, tokenizer.encode("ROMEO:"), None, 12)
     assert result.stdout == tokenizer.decode(continuation) + "\n"
