@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from megagpt.dataset import MANIFEST
-from megagpt.errors import UserError
+from megagpt.errors import UserError, file_in_the_way
 
 
 def work_dir_for(out_dir: Path, force: bool) -> Path:
@@ -29,7 +29,7 @@ def work_dir_for(out_dir: Path, force: bool) -> Path:
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        file = next((p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists() and not p.is_dir()), None)
+        file = file_in_the_way(out_dir.parent)
         why = f"{file} is a file, not a folder" if file else e.strerror
         raise UserError(f"--out {out_dir}: cannot make its parent folder {out_dir.parent} ({why})") from None
     return out_dir.with_name(out_dir.name + ".partial")

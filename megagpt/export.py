@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from megagpt.config import Config, save_config
-from megagpt.errors import UserError
+from megagpt.errors import UserError, refuse_file_in_the_way
 from megagpt.hf_gpt2 import TIED, hf_config, hf_state_dict  # the GPT-2 layout, one mapping for both directions
 from megagpt.inference import (
     EXPORT_MARKER,
@@ -86,10 +86,7 @@ def check_out_dir(run_dir: Path, out: Path, force: bool) -> None:
         if is_run_dir(folder):
             where = "is" if folder == target else "is inside"
             raise UserError(f"--out {out}: {where} the run dir {folder}; export to a folder of its own")
-    file = next((folder for folder in [target, *target.parents] if folder.exists() and not folder.is_dir()), None)
-    if file is not None:
-        where = "is a file" if file == target else f"is inside {file}, which is a file"
-        raise UserError(f"--out {out}: {where}; export to a folder")
+    refuse_file_in_the_way(target, f"--out {out}", "export to a folder")
     if target.is_dir() and any(target.iterdir()):
         if not force:
             raise UserError(f"--out {out}: is not empty; pass --force to replace an earlier export there, or "

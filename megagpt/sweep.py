@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megagpt.config import Config, load_config
-from megagpt.errors import UserError
+from megagpt.errors import UserError, refuse_file_in_the_way
 
 STATE = "sweep_point.json"  # in each point's run dir: wall time, attempts, last exit code, failed/submitted
 SWEEP = "sweep.json"  # in DIR: the config, --set and grid the sweep was made with
@@ -120,8 +120,7 @@ def _remember(out: Path, config: str, common: list[str], grid: dict[str, list[st
     """DIR/sweep.json: a later command on the same DIR must sweep the same config with the same --set."""
     path = out / SWEEP
     now = {"config": str(Path(config).resolve()), "set": common, "grid": grid}
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; the sweep needs a folder")
+    refuse_file_in_the_way(out, f"--out {out}", "the sweep needs a folder")
     if path.is_file():
         before = read_json(path, {"config": str, "set": list, "grid": dict}, "delete it to start the sweep's "
                            "record over (the points' run dirs are kept)")

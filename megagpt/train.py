@@ -26,7 +26,7 @@ from megagpt.dataset import MANIFEST, Dataset
 from megagpt.distributed import DistInfo, device_for, init_distributed, on_main, print_once, warn_once
 from megagpt.ds_config import grad_accum_steps
 from megagpt.engine import build_engine
-from megagpt.errors import UserError
+from megagpt.errors import UserError, refuse_file_in_the_way
 from megagpt.hardware import mfu, peak_flops, resolve_dtype
 from megagpt.inference import TOKENIZER_DIR
 from megagpt.init_from import loader as init_loader
@@ -286,10 +286,7 @@ def _usable_run_dir(run_dir: Path | None, name: str) -> Path:
     if too_long is not None:
         raise UserError(f"{flag}: a name of {len(os.fsencode(too_long))} bytes ({too_long[:20]!r}...), over the "
                         f"{NAME_MAX} a file system takes; choose a shorter one")
-    file = next((path for path in [run_dir, *run_dir.parents] if path.exists() and not path.is_dir()), None)
-    if file is not None:
-        where = "is a file" if file == run_dir else f"is inside {file}, which is a file"
-        raise UserError(f"{flag}: {where}; pass a directory")
+    refuse_file_in_the_way(run_dir, flag, "pass a directory")
     return run_dir
 
 
