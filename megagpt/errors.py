@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+NAME_MAX = 255  # bytes in one file or folder name on Linux's file systems (ext4, xfs, NFS, Lustre)
+
 
 class UserError(ValueError):
     """Raised with a message that names the file, key or value and what to do."""

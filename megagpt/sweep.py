@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megagpt.config import Config, load_config
-from megagpt.errors import UserError, refuse_file_in_the_way
+from megagpt.errors import NAME_MAX, UserError, refuse_file_in_the_way
 
 STATE = "sweep_point.json"  # in each point's run dir: wall time, attempts, last exit code, failed/submitted
 SWEEP = "sweep.json"  # in DIR: the config, --set and grid the sweep was made with
-MAX_NAME_BYTES = 255  # of one file name, on Linux's file systems
 
 
 @dataclass
@@ -105,9 +104,9 @@ def _dir_name(name: str) -> str:
     """A point's name as a directory name: one longer than a file system takes (255 bytes) is cut and made
     unique (and the same at every run of the sweep) by a hash of the whole."""
     raw = name.encode()
-    if len(raw) <= MAX_NAME_BYTES:
+    if len(raw) <= NAME_MAX:
         return name
-    return raw[:MAX_NAME_BYTES - 17].decode(errors="ignore") + "-" + hashlib.sha256(raw).hexdigest()[:16]
+    return raw[:NAME_MAX - 17].decode(errors="ignore") + "-" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 def _point_config(config: str, common: list[str], keys: dict[str, str], grid: dict[str, list[str]]) -> Config:

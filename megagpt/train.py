@@ -26,7 +26,7 @@ from megagpt.dataset import MANIFEST, Dataset
 from megagpt.distributed import DistInfo, device_for, init_distributed, on_main, print_once, warn_once
 from megagpt.ds_config import grad_accum_steps
 from megagpt.engine import build_engine
-from megagpt.errors import UserError, refuse_file_in_the_way
+from megagpt.errors import NAME_MAX, UserError, refuse_file_in_the_way
 from megagpt.hardware import mfu, peak_flops, resolve_dtype
 from megagpt.inference import TOKENIZER_DIR
 from megagpt.init_from import loader as init_loader
@@ -39,8 +39,6 @@ from megagpt.stages import build_stage
 from megagpt.step_guard import StepGuard
 from megagpt.throughput import Throughput
 from megagpt.universal import ResumePoint, find_resume_point, repair_zero3_universal_load
-
-NAME_MAX = 255  # bytes in one file name on Linux's file systems (ext4, xfs, NFS, Lustre)
 
 
 @dataclass
