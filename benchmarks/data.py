@@ -210,7 +210,14 @@ def make_synthetic(directory: Path, train_tokens: int) -> Path:
     and `megagpt data verify` read them as prep's), their indexes, the shard tables and the manifest. Full shards
     are hard links to one file, so 1 T tokens take seconds and no disk; a loader opens, checks and memmaps them
     like any."""
-    from megagpt.dataset import FORMAT_VERSION, Manifest, shard_name, write_manifest, write_shard_table
+    from megagpt.dataset import (
+        FORMAT_VERSION,
+        Manifest,
+        shard_name,
+        tokenizer_info,
+        write_manifest,
+        write_shard_table,
+    )
 
     directory.mkdir(parents=True)
     templates: dict[int, dict] = {}
@@ -232,7 +239,8 @@ def make_synthetic(directory: Path, train_tokens: int) -> Path:
     (directory / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": list(map(chr, range(vocab_size))),
                                                           "eos_id": None}))  # as large as the manifest says
     write_manifest(directory, Manifest(
-        format_version=FORMAT_VERSION, tokenizer={"kind": "char", "file": "tokenizer.json"}, vocab_size=vocab_size,
+        format_version=FORMAT_VERSION, tokenizer=tokenizer_info("char", directory / "tokenizer.json"),
+        vocab_size=vocab_size,
         token_dtype="uint16", sample_tokens=SAMPLE_TOKENS, splits=splits,
         sources={"files": 1, "bytes": 0, "sha256": "", "list": "sources.jsonl"}))
     return directory

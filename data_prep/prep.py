@@ -44,6 +44,7 @@ from megagpt.dataset import (
     sha256_file,
     shard_name,
     token_dtype_for,
+    tokenizer_info,
     write_manifest,
     write_shard_table,
 )
@@ -114,7 +115,7 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSetting
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         kind="tokens",
-        tokenizer={"kind": tokenizer.kind, "file": TOKENIZER_FILES[tokenizer.kind]},
+        tokenizer=tokenizer_info(tokenizer.kind, work / TOKENIZER_FILES[tokenizer.kind]),
         vocab_size=tokenizer.vocab_size,
         token_dtype=dtype,
         eos_id=tokenizer.eos_id,

@@ -34,6 +34,7 @@ from megagpt.dataset import (
     sha256_file,
     shard_name,
     token_dtype_for,
+    tokenizer_info,
     write_manifest,
     write_shard_table,
 )
@@ -216,7 +217,7 @@ def seal_dataset(work: Path, out_dir: Path, kind: str, tokenizers: tuple, dtype:
     files = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
     manifest = Manifest(
         format_version=FORMAT_VERSION, kind=kind,
-        tokenizer={"kind": base.kind, "file": base_file.name}, vocab_size=tokenizer.vocab_size, token_dtype=dtype,
+        tokenizer=tokenizer_info(base.kind, work / base_file.name), vocab_size=tokenizer.vocab_size, token_dtype=dtype,
         eos_id=base.eos_id, special_tokens=tokenizer.special_tokens,
         splits={name: write_shard_table(work, name, shards) for name, shards in splits.items()},
         sources={"files": files, **sources}, settings=settings,

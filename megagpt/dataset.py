@@ -37,9 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from megagpt.errors import UserError
 from megagpt.tokenizer import CHAR_FILE, SENTENCEPIECE_FILE, Tokenizer, tokenizer_from_file, with_special_tokens
 
-FORMAT_VERSION = 3  # 3: per-shard facts in a table per split (2: still read, shards listed in the manifest;
-#                      2 added shard indexes, max_token per shard, sources summarised; 1: re-run prep)
-READ_VERSIONS = (2, 3)
+FORMAT_VERSION = 4  # 4: the tokenizer file's sha256 (3: still read, its tokenizer unchecked; 3 put per-shard
+#                      facts in a table per split; 2: still read, shards listed in the manifest; 2 added shard
+#                      indexes, max_token per shard, sources summarised; 1: re-run prep)
+READ_VERSIONS = (2, 3, 4)
 MANIFEST = "manifest.json"
 TABLE_SUFFIX = ".shards.npy"
 # One record per shard of a split, in order; -1 (bytes, max_token) and 32 zero bytes (index_sha256): not recorded.
@@ -101,10 +102,16 @@ class SplitInfo(_Strict):
 class TokenizerInfo(_Strict):
     kind: Literal["char", "sentencepiece", "huggingface"]
     file: str
+    sha256: str | None = Field(None, description="the file's sha256 (format_version 4; None before)")
+
+
+def tokenizer_info(kind: str, path: Path) -> dict[str, str]:
+    """The manifest's record of a tokenizer file that prep wrote beside it."""
+    return {"kind": kind, "file": path.name, "sha256": sha256_file(path)}
 
 
 class Manifest(_Strict):
-    format_version: Literal[2, 3]
+    format_version: Literal[2, 3, 4]
     kind: Literal["tokens", "chat", "preferences"] = Field(
         "tokens", description="tokens: packed runs of token ids (pre-training); chat: one conversation per sample, "
         "token ids plus a loss mask (data_prep/chat.py); preferences: one comparison per sample, a chosen and a "
@@ -149,13 +156,16 @@ def parse_manifest(raw: bytes, where: Path) -> Manifest:
         raise DataError(f"{where}: not a JSON object")
     if data.get("format_version") not in READ_VERSIONS:
         raise DataError(f"{where}: format_version {data.get('format_version')!r}, this megagpt reads "
-                        f"{' and '.join(map(str, READ_VERSIONS))}; re-run `megagpt prep` to rewrite it")
+                        f"{', '.join(map(str, READ_VERSIONS))}; re-run `megagpt prep` to rewrite it")
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise DataError(f"{where}: {key}: {first['msg']}; re-run `megagpt prep` to rewrite it") from None
+    if manifest.format_version >= 4 and manifest.tokenizer.sha256 is None:
+        raise DataError(f"{where}: tokenizer.sha256 is missing (format_version 4 records it); re-run `megagpt prep` "
+                        f"to rewrite it")
     for name in ("train", "val"):
         if name not in manifest.splits:
             raise DataError(f"{where}: splits.{name} is missing; re-run `megagpt prep` to rewrite it")
@@ -405,8 +415,9 @@ def verify_main(argv: list[str]) -> int:
 
 
 def manifest_tokenizer(directory: str | Path, manifest: Manifest) -> Tokenizer:
-    """The tokenizer a manifest names, with its special tokens, checked against the manifest's vocab_size and
-    eos_id: a tokenizer file from another dataset is refused here, not found out later as garbled text."""
+    """The tokenizer a manifest names, with its special tokens, checked against the manifest's vocab_size, eos_id
+    and (format_version 4) the file's sha256: a tokenizer file from another dataset is refused here, not found out
+    later as garbled text."""
     info = manifest.tokenizer
     path = Path(directory) / info.file
     tokenizer = with_special_tokens(tokenizer_from_file(info.kind, path), manifest.special_tokens)
@@ -414,6 +425,10 @@ def manifest_tokenizer(directory: str | Path, manifest: Manifest) -> Tokenizer:
         raise DataError(f"{path}: {tokenizer.vocab_size} ids (eos_id {tokenizer.eos_id}), but {MANIFEST} says "
                         f"vocab_size {manifest.vocab_size} (eos_id {manifest.eos_id}); the tokenizer or the manifest "
                         f"was replaced or edited: re-run `megagpt prep`")
+    if info.sha256 is not None and sha256_file(path) != info.sha256:
+        raise DataError(f"{path}: does not match the tokenizer sha256 in {MANIFEST}; the tokenizer was replaced or "
+                        f"edited (another dataset's tokenizer of the same size reads these tokens as other text): "
+                        f"re-run `megagpt prep`")
     return tokenizer
 
 

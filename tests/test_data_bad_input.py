@@ -170,6 +170,28 @@ def test_a_tokenizer_that_does_not_fit_the_manifest_stops_a_run_before_it_trains
         verify_main([str(edited)])
 
 
+def test_a_tokenizer_of_the_same_size_from_elsewhere_is_refused_by_its_sha256(tokens, tmp_path):
+    """The same vocab_size and eos_id, the characters in another order: every token would decode as another
+    character. format_version 3 manifests (no sha256) are still read, unchecked; a 4 without one is refused."""
+    import shutil
+
+    edited = shutil.copytree(tokens, tmp_path / "edited")
+    saved = json.loads((edited / "tokenizer.json").read_text())
+    (edited / "tokenizer.json").write_text(json.dumps({**saved, "chars": saved["chars"][::-1]}))
+    with pytest.raises(DataError, match="tokenizer.json: does not match the tokenizer sha256 in manifest.json"):
+        Dataset(edited).copy_tokenizer_to(tmp_path / "run" / "tokenizer")
+    with pytest.raises(DataError, match="does not match the tokenizer sha256"):
+        verify_main([str(edited)])
+    manifest = json.loads((edited / "manifest.json").read_text())
+    assert manifest["format_version"] == 4
+    del manifest["tokenizer"]["sha256"]
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="tokenizer.sha256 is missing"):
+        Dataset(edited)
+    (edited / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))
+    assert Dataset(edited).tokenizer.decode([0]) == saved["chars"][-1]  # a version-3 dataset: read as it is
+
+
 def test_an_edited_token_dtype_is_refused_at_the_first_read(tokens, tmp_path):
     """uint16 shards read as uint32 used to end in an IndexError inside the loader."""
     import shutil
