@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,7 +65,9 @@ def export(run_dir: Path, out: Path, step: int | None = None, fmt: str = "megagp
     from safetensors import SafetensorError
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_abandoned(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{socket.gethostname()}-{os.getpid()}-",
+                                dir=out.parent))
     try:
         _write(tmp, run_dir, state, cfg, fmt, dtype, tag)
         _move_into_place(tmp, out)
@@ -132,6 +137,31 @@ def _umask() -> int:
     mask = os.umask(0)  # reading the umask sets it: put it straight back
     os.umask(mask)
     return mask
+
+
+def _partial_prefix(out: Path) -> str:
+    """An export in progress is `.<out>.partial-<host>-<pid>-<random>` beside `out`."""
+    return f".{out.name}.partial-"
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Partial exports beside `out` whose process is gone (a kill -9, a lost node): this host's, by their pid."""
+    host = socket.gethostname()
+    for folder in out.parent.glob(f"{glob.escape(_partial_prefix(out))}*"):
+        owner = folder.name.removeprefix(_partial_prefix(out)).rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"megagpt export: removed {folder}, left by an export that was killed", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -118,6 +118,24 @@ def test_the_export_command_prints_its_one_line_on_stdout_and_no_deepspeed_notic
     assert done.stdout == f"megagpt export: wrote {out}\n"
 
 
+def test_an_export_removes_what_a_killed_export_left_and_nothing_else(zero3_run, tmp_path, capsys):
+    import socket
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process holds now
+    host = socket.gethostname()
+    killed = tmp_path / f".export.partial-{host}-{gone.pid}-abcd1234"
+    running = tmp_path / f".export.partial-{host}-{os.getpid()}-efgh5678"  # an export still at work
+    elsewhere = tmp_path / f".export.partial-another-host-{gone.pid}-ijkl9012"  # another node's: not judged here
+    for folder in (killed, running, elsewhere):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    export(zero3_run, tmp_path / "export")
+    assert not killed.exists() and running.is_dir() and elsewhere.is_dir()
+    assert f"removed {killed}, left by an export that was killed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", running.name, elsewhere.name])
+
+
 @pytest.mark.parametrize("fmt", ["megagpt", "hf"])
 def test_exported_files_follow_the_umask(zero3_run, tmp_path, fmt):
     old = os.umask(0o022)
