@@ -17,7 +17,8 @@ import tempfile
 
 import torch
 
-from megagpt.config import load_config
+from megagpt.config import Config, ConfigError, load_config
+from megagpt.errors import UserError
 
 SYNC = "aten::_local_scalar_dense"
 PARTS = ("log", "save", "evaluate")  # megagpt's own reads happen only in these
@@ -92,16 +93,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-stages", default="0,1,2,3")
     p.add_argument("--dtypes", default="fp32,bf16")
     args = p.parse_args(argv)
+    runs = configs(args)  # every one checked before the first run (each a training)
     print(f"{'zero':>4} {'dtype':>6} {'steps':>6} {'in a step':>10} {'optimizer':>10} {'logged':>7} "
           f"{'evaluate':>9} {'save':>5}   (reads; 'in a step' and 'optimizer' per step)")
-    for zero, dtype in itertools.product(args.zero_stages.split(","), args.dtypes.split(",")):
-        quiet = [f"deepspeed.zero_stage={zero}", f"train.dtype={dtype}", f"train.max_steps={args.steps}",
-                 f"train.log_interval={args.steps}", f"train.eval_interval={10 * args.steps}",
-                 f"train.checkpoint_interval={10 * args.steps}", "train.sample_tokens=0", "train.eval_steps=1",
-                 "logging.progress_bar=false", "logging.tensorboard=false"]
-        cfg = load_config(args.config, [*args.overrides, *quiet])
+    for zero, dtype, cfg in runs:
         with tempfile.TemporaryDirectory() as run_dir:
             c = host_reads(cfg, run_dir)
         print(f"{zero:>4} {dtype:>6} {c['steps']:>6} {c['step'] / c['steps']:>10.1f} "
               f"{c['optimizer'] / c['steps']:>10.1f} {c['log']:>7} {c['evaluate']:>9} {c['save']:>5}", flush=True)
     return 0
+
+
+def configs(args) -> list[tuple[str, str, Config]]:
+    """(zero stage, dtype, config) of each run, a bad --steps, --zero-stages or --dtypes named before any run."""
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: must be at least 1")
+    load_config(args.config, args.overrides)  # the config's own mistakes, named as such
+    runs = []
+    for zero, dtype in itertools.product(args.zero_stages.split(","), args.dtypes.split(",")):
+        quiet = [f"deepspeed.zero_stage={zero}", f"train.dtype={dtype}", f"train.max_steps={args.steps}",
+                 f"train.log_interval={args.steps}", f"train.eval_interval={10 * args.steps}",
+                 f"train.checkpoint_interval={10 * args.steps}", "train.sample_tokens=0", "train.eval_steps=1",
+                 "logging.progress_bar=false", "logging.tensorboard=false"]
+        try:
+            runs.append((zero, dtype, load_config(args.config, [*args.overrides, *quiet])))
+        except ConfigError as e:
+            raise UserError(f"--zero-stages {args.zero_stages} --dtypes {args.dtypes}: {zero!r}, {dtype!r}: "
+                            f"{str(e).split(': ', 1)[-1]}") from None
+    return runs

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="A B pairs (with --against)")
     p.add_argument("--json", dest="json_out", help="write the results here")
     args = p.parse_args(argv)
-    if args.skip >= args.steps:
-        raise UserError(f"--skip {args.skip} must be smaller than --steps {args.steps}")
+    check_counts(args.steps, args.skip, args.rounds)
+    json_out = None if args.json_out is None else check_json_out(Path(args.json_out))
     cfg = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory(prefix="megagpt-bench-train-") as work:
         work = Path(work)
@@ -53,9 +53,28 @@ def main(argv: list[str] | None = None) -> int:
             print("  ".join(f"{k} {v:.2f} ms/step" for k, v in row.items()), flush=True)
     results = summarise(rounds, _tokens_per_step(cfg))
     _print(results)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
+    if json_out is not None:
+        tmp = json_out.with_name(f".{json_out.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, json_out)  # whole or not at all: a Ctrl-C leaves no half file
     return 0
+
+
+def check_counts(steps: int, skip: int, rounds: int) -> None:
+    """--steps, --skip and --rounds refused before any run when they leave no step to time."""
+    if skip < 0 or rounds < 1:
+        raise UserError(f"--skip {skip} --rounds {rounds}: --skip must be at least 0, --rounds at least 1")
+    if skip >= steps:
+        raise UserError(f"--skip {skip} must be smaller than --steps {steps}")
+
+
+def check_json_out(path: Path) -> Path:
+    """--json's file, refused before the runs (minutes) when it could not be written after them."""
+    if path.is_dir():
+        raise UserError(f"--json {path}: is a folder; give a file name, e.g. {path / 'bench_train.json'}")
+    if not path.parent.is_dir():
+        raise UserError(f"--json {path}: {path.parent} is not a folder; make it first")
+    return path
 
 
 def summarise(rounds: list[dict[str, float]], tokens_per_step: int) -> dict:

@@ -28,10 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-bin", required=True, type=Path, help="nanoGPT's data/shakespeare_char/val.bin")
     p.add_argument("--block-size", type=int, default=64)
     args = p.parse_args(argv)
+    if args.block_size < 1:
+        raise UserError(f"--block-size {args.block_size}: must be at least 1")
     tokens, chars = read_val_bin(args.val_bin)
+    if len(tokens) <= args.block_size:
+        raise UserError(f"--val-bin {args.val_bin}: {len(tokens)} tokens, too few for one window of --block-size "
+                        f"{args.block_size} (+1 for the targets)")
     print(f"{'model':60s} {'windows':>8s} {'val loss':>9s}")
     for path in args.models:
         model = load_model(Path(path), chars)
+        check_fits(path, model, tokens, args.block_size)
         loss, windows = score(model, tokens, args.block_size)
         print(f"{path:60s} {windows:8d} {loss:9.4f}")
     return 0
@@ -41,27 +47,55 @@ def read_val_bin(path: Path) -> tuple[torch.Tensor, str | None]:
     """The uint16 ids of val.bin and, when meta.pkl is beside it, the characters they stand for in id order."""
     if not path.is_file():
         raise UserError(f"--val-bin {path}: no such file")
+    if path.stat().st_size % 2:
+        raise UserError(f"--val-bin {path}: {path.stat().st_size} bytes, not a whole number of uint16 ids "
+                        f"(nanoGPT's prepare.py writes 2 bytes per id)")
     tokens = torch.from_numpy(np.fromfile(path, dtype=np.uint16).astype(np.int64))
     meta = path.with_name("meta.pkl")
     if not meta.is_file():
         return tokens, None
-    itos = pickle.loads(meta.read_bytes())["itos"]
-    return tokens, "".join(itos[i] for i in range(len(itos)))
+    try:
+        itos = pickle.loads(meta.read_bytes())["itos"]
+        return tokens, "".join(itos[i] for i in range(len(itos)))
+    except Exception as e:  # noqa: BLE001  any unpickling failure means the same thing: not nanoGPT's meta.pkl
+        raise UserError(f"{meta}: not nanoGPT's meta.pkl (a pickled dict whose itos maps 0..n-1 to characters): "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def check_fits(path: str, model: GPT, tokens: torch.Tensor, block_size: int) -> None:
+    """The model reads windows of block_size and knows every id of val.bin."""
+    if block_size > model.cfg.block_size:
+        raise UserError(f"--block-size {block_size}: longer than {path}'s model.block_size {model.cfg.block_size}")
+    if int(tokens.max()) >= model.cfg.vocab_size:
+        raise UserError(f"--val-bin: id {int(tokens.max())} is outside {path}'s vocabulary of "
+                        f"{model.cfg.vocab_size}: a val.bin of another tokenizer")
 
 
 def load_model(path: Path, chars: str | None) -> GPT:
     """A nanoGPT ckpt.pt (its model_args and state dict) or a megagpt run/export dir (vocabulary checked)."""
     if path.suffix == ".pt":
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        shape = {k: ckpt["model_args"][k] for k in NANOGPT_SHAPE_KEYS}
-        model = GPT(ModelConfig(**shape, dropout=0.0))
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
-        return model
+        return load_nanogpt(path)
     from megagpt.inference import load_for_inference
 
     model, tokenizer = load_for_inference(path)[:2]
     if chars is not None and tokenizer.decode(list(range(len(chars)))) != chars:
         raise UserError(f"{path}: its vocabulary differs from the val.bin's meta.pkl: the ids mean other characters")
+    return model
+
+
+def load_nanogpt(path: Path) -> GPT:
+    """A nanoGPT ckpt.pt: its model_args and its (maybe torch.compile'd) state dict; a UserError naming the file
+    for anything else."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        shape = {k: ckpt["model_args"][k] for k in NANOGPT_SHAPE_KEYS}
+        model = GPT(ModelConfig(**shape, dropout=0.0))
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001  unpickling, a missing key, a shape: all mean "not nanoGPT's ckpt.pt"
+        raise UserError(f"{path}: not a nanoGPT ckpt.pt (model_args and model): {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
     return model
 
 

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.limits import head_dim_problem
 from kernels.runtime import interpreting
 from kernels.tuning import ATTENTION_CONFIGS, attention_pruner, check_tuning
 
@@ -348,8 +349,8 @@ def _check_qkv(q, k, v) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"causal_attention: q, k, v must share one (B, H, T, D) shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not 16 <= q.shape[-1] <= 128:
-        raise ValueError(f"causal_attention: head dim D={q.shape[-1]} unsupported (16 <= D <= 128)")
+    if (problem := head_dim_problem(q.shape[-1])) is not None:
+        raise ValueError(f"causal_attention: head dim D={q.shape[-1]} {problem}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"causal_attention: q, k, v must share one dtype of fp32/fp16/bf16, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.limits import head_dim_problem, width_problem
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COLUMNS = ["kernel", "impl", "dtype", "B", "H", "T", "D", "rows", "C", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
@@ -98,7 +101,7 @@ def bench_attention(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool, 
     for D in sizes["D"]:
         for T in sizes["T"]:
             B, H = (max(1, 16384 // T), 2048 // D) if on_gpu else (1, 2)
-            qkv = [torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(3)]
+            qkv = _inputs(f"--seq-len {T} --head-dim {D}", [(B, H, T, D)] * 3, device, dtype)
             fwd_flops = 4 * B * H * T * T * D / 2  # two matmuls of 2*T*T*D flops, half under the diagonal
             for name, fn in impls.items():
                 try:
@@ -115,6 +118,18 @@ def bench_attention(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool, 
             if on_gpu:
                 torch.cuda.empty_cache()
     return rows
+
+
+class TooLarge(Exception):
+    """A size whose inputs cannot be allocated on the device: the flag that asked for it, and why."""
+
+
+def _inputs(flags: str, shapes: list[tuple], device: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Random tensors of these shapes; TooLarge naming `flags` when they do not fit in the device's memory."""
+    try:
+        return [torch.randn(shape, device=device, dtype=dtype) for shape in shapes]
+    except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, an allocator's RuntimeError on the CPU
+        raise TooLarge(f"{flags}: the inputs {shapes[0]} do not fit in {device} memory ({_reason(e)})") from None
 
 
 def _reason(error: Exception, limit: int = 200) -> str:
@@ -134,8 +149,7 @@ def bench_layer_norm(dtype: torch.dtype, device: str, on_gpu: bool, quick: bool,
     impls = {"triton": kernels.layer_norm, "torch": lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)}
     rows = []
     for C in sizes["C"]:
-        inputs = [torch.randn(N, C, device=device, dtype=dtype), torch.randn(C, device=device, dtype=dtype),
-                  torch.randn(C, device=device, dtype=dtype)]
+        inputs = _inputs(f"--width {C}", [(N, C), (C,), (C,)], device, dtype)
         nbytes = N * C * inputs[0].element_size()  # one pass over the activations
         for name, fn in impls.items():
             ms = _time_passes(fn, inputs, on_gpu, quick)
@@ -178,14 +192,26 @@ def format_table(rows: list[dict]) -> str:
 
 def write_outputs(rows: list[dict], meta: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "table.txt", out / "results.csv", out / "results.json"]
-    written[0].write_text(meta["note"] + "\n\n" + format_table(rows) + "\n")
-    with open(written[1], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    written[2].write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    texts = {"table.txt": meta["note"] + "\n\n" + format_table(rows) + "\n", "results.csv": table.getvalue(),
+             "results.json": json.dumps({**meta, "rows": rows}, indent=2) + "\n"}
+    written = [_replace_text(out / name, text) for name, text in texts.items()]
     return written + _plots(rows, meta, out)
+
+
+def _replace_text(path: Path, text: str) -> Path:
+    """path holds text whole or keeps what it held: written beside it, then renamed over it (Ctrl-C, a full
+    disk)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, newline="")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _plots(rows: list[dict], meta: dict, out: Path) -> list[Path]:
@@ -244,8 +270,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each size flag's values refused before any work, and --out made."""
+    checks = [("--seq-len", args.seq_len, lambda T: None if T >= 1 else "must be at least 1"),
+              ("--head-dim", args.head_dim, head_dim_problem), ("--width", args.width, width_problem)]
+    for flag, values, problem in checks:
+        for value in values or []:
+            if (why := problem(value)) is not None:
+                p.error(f"{flag} {value}: {why}")
+    make_out(p, args.out)
+
+
+def make_out(p: argparse.ArgumentParser, out: Path) -> None:
+    """--out made before the work (also kernels.compile_check's): a file in the way is refused now, not after."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        in_the_way = isinstance(e, (FileExistsError, NotADirectoryError))
+        p.error(f"--out {out}: cannot make this folder ({'a file is in the way' if in_the_way else e.strerror})")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
     on_gpu = torch.cuda.is_available()
     dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
     if not on_gpu and dtype_name == "bf16":
@@ -261,10 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     print(note)
     dtype = DTYPES[dtype_name]
     rows, chosen = [], {"T": args.seq_len, "D": args.head_dim, "C": args.width}
-    if args.kernel in ("attention", "all"):
-        rows += bench_attention(dtype, device, on_gpu, args.quick, chosen)
-    if args.kernel in ("layernorm", "all"):
-        rows += bench_layer_norm(dtype, device, on_gpu, args.quick, chosen)
+    try:
+        if args.kernel in ("attention", "all"):
+            rows += bench_attention(dtype, device, on_gpu, args.quick, chosen)
+        if args.kernel in ("layernorm", "all"):
+            rows += bench_layer_norm(dtype, device, on_gpu, args.quick, chosen)
+    except TooLarge as e:
+        print(f"megagpt bench kernels: error: {e}; pick a smaller size", file=sys.stderr)
+        return 2
     print(format_table(rows))
     meta = {"note": note, "device": device_name, "interpreter": not on_gpu, "dtype": dtype_name,
             "torch": torch.__version__, "triton": _triton_version(),

@@ -25,12 +25,16 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from kernels.bench import make_out
+from kernels.limits import head_dim_problem, width_problem
 
 # Largest shared memory one block may opt into, per compute capability (CUDA programming guide, table 21).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -254,26 +258,42 @@ class FirstStep:
         return attention + [Case(k, self.dtype, self.C, bias=self.bias, tuning=tuning) for k in LN_KERNELS]
 
 
+FIRST_STEP_ITEMS = "T=..,D=..,C=..[,dropout=..][,dtype=bf16|fp16|fp32][,bias=0|1]"
+BIAS_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def parse_first_step(spec: str) -> FirstStep:
-    """`T=256,D=64,C=384,dropout=0.2,dtype=bf16[,bias=1]` -> FirstStep (T, D, C required)."""
+    """`T=256,D=64,C=384,dropout=0.2,dtype=bf16[,bias=1]` -> FirstStep (T, D, C required), each value one the
+    kernels take (an argparse error naming the item otherwise)."""
     fields: dict = {}
     for item in spec.split(","):
-        name, _, value = item.partition("=")
-        name = name.strip()
-        if name in ("T", "D", "C"):
-            fields[name] = int(value)
-        elif name == "dropout":
-            fields[name] = float(value)
-        elif name == "bias":
-            fields[name] = value.strip().lower() in ("1", "true", "yes")
-        elif name == "dtype" and value in ("bf16", "fp16", "fp32"):
-            fields[name] = value
-        else:
-            raise argparse.ArgumentTypeError(f"--first-step: bad item {item!r} (T=..,D=..,C=..[,dropout=..]"
-                                             "[,dtype=bf16|fp16|fp32][,bias=0|1])")
+        name, _, value = (part.strip() for part in item.partition("="))
+        why = _first_step_problem(name, value)
+        if why is not None:
+            raise argparse.ArgumentTypeError(f"bad item {item!r}: {why} ({FIRST_STEP_ITEMS})")
+        fields[name] = {"T": int, "D": int, "C": int, "dropout": float, "bias": BIAS_VALUES.get,
+                        "dtype": str}[name](value.lower() if name == "bias" else value)
     if not {"T", "D", "C"} <= fields.keys():
-        raise argparse.ArgumentTypeError(f"--first-step {spec!r}: T, D and C are required")
+        raise argparse.ArgumentTypeError(f"{spec!r}: T, D and C are required ({FIRST_STEP_ITEMS})")
     return FirstStep(**fields)
+
+
+def _first_step_problem(name: str, value: str) -> str | None:
+    """Why `name=value` is no item of --first-step (None: it is one)."""
+    if name not in ("T", "D", "C", "dropout", "bias", "dtype"):
+        return "unknown name"
+    if name == "bias":
+        return None if value.lower() in BIAS_VALUES else "bias is 0 or 1"
+    if name == "dtype":
+        return None if value in ("bf16", "fp16", "fp32") else "unknown dtype"
+    try:
+        number = float(value) if name == "dropout" else int(value)
+    except ValueError:
+        return "not a number" if name == "dropout" else "not an integer"
+    if name == "dropout":
+        return None if 0 <= number < 1 else "dropout is in [0, 1)"
+    return {"T": None if number >= 1 else "T is at least 1", "D": head_dim_problem(number),
+            "C": width_problem(number)}[name]
 
 
 def first_step_report(step: FirstStep, tuning: str, results: list[Result]) -> str:
@@ -307,16 +327,13 @@ def run(cases: list[Case], arch: int, jobs: int, one_config: bool = False, progr
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # cold compiles every time: the cache would hide their cost
     try:
         context = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            expanded = [c for batch in pool.map(_expand, cases, [one_config] * len(cases)) for c in batch]
-            pending = [pool.submit(compile_case, c, arch) for c in expanded]
-            results = []
-            for future in futures.as_completed(pending):  # a counter, not tqdm: kernels/ imports torch, triton
-                results.append(future.result())
-                if progress:
-                    end = "\n" if len(results) == len(pending) else ""
-                    print(f"\rcompiled {len(results)}/{len(pending)} for sm_{arch}", end=end, file=sys.stderr,
-                          flush=True)
+        with futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_ignore_ctrl_c) as pool:
+            try:
+                expanded = [c for batch in pool.map(_expand, cases, [one_config] * len(cases)) for c in batch]
+                results = _collect(pool, expanded, arch, progress)
+            except KeyboardInterrupt:  # the compiles not started are dropped: only those running are waited for
+                pool.shutdown(cancel_futures=True)
+                raise
     finally:
         for key, value in previous.items():
             if value is None:
@@ -325,6 +342,25 @@ def run(cases: list[Case], arch: int, jobs: int, one_config: bool = False, progr
                 os.environ[key] = value
     order = {c: i for i, c in enumerate(expanded)}
     return sorted(results, key=lambda r: order[r.case])
+
+
+def _collect(pool: futures.ProcessPoolExecutor, cases: list[Case], arch: int, progress: bool) -> list[Result]:
+    """Every case compiled in the pool, in the order they finish; a counter on stderr (not tqdm: kernels/ imports
+    only torch and triton)."""
+    pending = [pool.submit(compile_case, c, arch) for c in cases]
+    results = []
+    for future in futures.as_completed(pending):
+        results.append(future.result())
+        if progress:
+            end = "\n" if len(results) == len(pending) else ""
+            print(f"\rcompiled {len(results)}/{len(pending)} for sm_{arch}", end=end, file=sys.stderr, flush=True)
+    return results
+
+
+def _ignore_ctrl_c() -> None:
+    """A worker leaves Ctrl-C to the parent, which stops the pool (a worker's KeyboardInterrupt would only fail
+    its one compile, and the pool would go on with the rest)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def unrunnable(results: list[Result]) -> list[tuple]:
@@ -388,13 +424,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     parser.add_argument("--out", type=Path, default=None, help="write compile_check.csv / .json here")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be at least 1")
+    if args.out is not None:
+        make_out(parser, args.out)
+    try:
+        return _check(args)
+    except KeyboardInterrupt:  # the pool's workers got the same Ctrl-C; nothing was written
+        print(f"\n{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _check(args: argparse.Namespace) -> int:
     if args.first_step:
         cases = args.first_step.cases(args.tuning)
     else:
         cases = problems(args.quick, args.dtype, args.tuning)
     cases = [c for c in cases if args.kernel is None or c.kernel in args.kernel]
     started = time.perf_counter()
-    results = run(cases, args.arch, max(1, args.jobs), args.one_config)
+    results = run(cases, args.arch, args.jobs, args.one_config)
     print(summary(results))
     if args.first_step:
         print(first_step_report(args.first_step, args.tuning, results))

@@ -15,10 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.limits import width_problem
 from kernels.runtime import interpreting
 from kernels.tuning import LAYER_NORM_CONFIGS, check_tuning, layer_norm_pruner
-
-MAX_C = 65536  # one row lives in registers: beyond this a row would need a looped kernel
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,8 +251,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         if p is not None and p.shape != (C,):
             raise ValueError(f"layer_norm: {name} must have shape ({C},) to match x's last dim, "
                              f"got {tuple(p.shape)}")
-    if not 1 <= C <= MAX_C:
-        raise ValueError(f"layer_norm: last dim C={C} unsupported (1 <= C <= {MAX_C})")
+    if (problem := width_problem(C)) is not None:
+        raise ValueError(f"layer_norm: last dim C={C} {problem}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"layer_norm: x must be fp32/fp16/bf16, got {x.dtype}")
     return torch.ops.megagpt.layer_norm_fwd(x, weight, bias, float(eps), tuning)[0]

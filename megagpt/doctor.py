@@ -11,6 +11,7 @@ library at the top, so it also runs where megagpt's own dependencies are missing
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -18,16 +19,23 @@ from pathlib import Path
 
 from megagpt import doctor_full
 from megagpt.doctor_checks import CHECKS, Result, run_checks
+from megagpt.errors import UserError
 
 
 def main(argv: list[str] | None = None, checks: list[Callable] | None = None) -> int:
     p = argparse.ArgumentParser(prog="megagpt doctor", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--full", action="store_true", help="GPU only: tests, benchmarks, training probes (8 min)")
-    p.add_argument("--out", type=Path, default=Path("doctor_out"), help="--full's report and logs")
+    p.add_argument("--out", type=Path, default=Path("doctor_out"),
+                   help="--full's report and logs: a new or empty folder, or an earlier doctor's (its parts' folders "
+                        "are replaced)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="end --full within this many seconds of doctor's start (a lease's or a job's limit): "
                         "its budget shrinks by what the checks before it took")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.time_limit is not None and not 0 < args.time_limit < math.inf:
+        raise UserError(f"--time-limit {args.time_limit}: must be a number of seconds above 0")
+    if args.full:
+        doctor_full.check_out(args.out)  # before the checks: --full's parts write there
     started = time.perf_counter()
     print(f"{'check':<18} {'':<4} {'time':>8}  detail", flush=True)
     results = run_checks(CHECKS if checks is None else checks)

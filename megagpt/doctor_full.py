@@ -8,6 +8,7 @@ import importlib.util
 import json
 import operator
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -26,8 +27,10 @@ from megagpt.doctor_checks import (
     read_metrics,
     set_args,
 )
+from megagpt.errors import UserError, refuse_file_in_the_way
 
 FULL_BUDGET_S = 8 * 60
+MARK = ".megagpt-doctor"  # in --out: doctor made this folder, so its parts' own folders are its to replace
 
 
 def run(out: Path, checks: list[Result], seconds_left: float | None) -> list[Result]:
@@ -127,11 +130,22 @@ def full_parts(out: Path) -> list[tuple[str, list[str], int]]:
     ]
 
 
+def check_out(out: Path) -> None:
+    """--out may take --full's parts: new, empty, or an earlier doctor's (its mark). Another folder is refused:
+    its `shakespeare_char` may be a real run that the part would resume, and one part's old results would pass
+    for new ones."""
+    refuse_file_in_the_way(out, f"--out {out}", "pick another folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
+        raise UserError(f"--out {out}: is a folder that doctor did not make (no {MARK}); give a new or empty one")
+
+
 def run_full(out: Path, parts: list[tuple[str, list[str], int]] | None = None,
              budget_s: float = FULL_BUDGET_S) -> list[Result]:
     """Each part in turn within its own limit and what is left of the budget; a part the budget no longer
     allows is skipped with the command that runs it alone."""
+    check_out(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).write_text("made by megagpt doctor --full: each run replaces its parts' folders and logs\n")
     started, results, dataset = time.perf_counter(), [], None
     for name, cmd, allowed in full_parts(out) if parts is None else parts:
         left = budget_s - (time.perf_counter() - started)
@@ -150,7 +164,8 @@ def run_full(out: Path, parts: list[tuple[str, list[str], int]] | None = None,
 def run_part(name: str, cmd: list[str], limit: float, out: Path) -> Result:
     """One part as a child process group, its output streamed to OUT/<first word>.log, so that a part stopped at
     its limit keeps what it printed, and takes its own children (pytest's workers) with it."""
-    log = out / f"{name.split()[0]}.log"
+    log, folder = out / f"{name.split()[0]}.log", out / name.split()[0]
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier doctor's: a training part would resume it
     cold = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton_cold_")} if name.startswith("triton") else {}
     started = time.perf_counter()
     with log.open("w") as f:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from megagpt.config import Config, ModelConfig, load_config, with_vocab_size
-from megagpt.errors import UserError
+from megagpt.errors import UserError, refuse_file_in_the_way
 
 LAYER_TYPES = ("embedding", "attn_logits", "attn_output", "mlp_output", "residual", "logits")
 PARAMETRIZATIONS = ("standard", "mup")
@@ -89,7 +90,11 @@ def _train_and_record(model_cfg: ModelConfig, cfg: Config, batches, lr: float, s
     from megagpt.model import GPT
 
     torch.manual_seed(cfg.train.seed + seed)
-    model = GPT(model_cfg).train()
+    try:
+        model = GPT(model_cfg).train()
+    except RuntimeError as e:  # the allocator's (torch.OutOfMemoryError on a GPU is one too)
+        raise UserError(f"--widths: width {model_cfg.n_embd} does not fit in memory "
+                        f"({str(e).splitlines()[0][:160]}); give smaller widths") from None
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay, model_cfg), lr=lr,
                                   betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
     for group in optimizer.param_groups:
@@ -204,7 +209,9 @@ def _scaled(t: torch.Tensor, scale) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def write_results(result: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "coord_check.json").write_text(json.dumps(result, indent=1) + "\n")
+    tmp = out / ".coord_check.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out / "coord_check.json")  # whole or not at all (a Ctrl-C while writing)
     written = [out / "coord_check.json"]
     try:
         import matplotlib
@@ -262,8 +269,8 @@ def coord_check_main(argv: list[str], prepare_dataset: Callable[[Path], None] | 
     p.add_argument("--out", required=True, help="folder for coord_check.json and the plots")
     args = p.parse_args(argv)
     widths = _parse_widths(args.widths)
-    if args.steps < 1 or args.seeds < 1:
-        raise UserError(f"--steps {args.steps} --seeds {args.seeds}: both must be at least 1")
+    _check_numbers(args)
+    refuse_file_in_the_way(Path(args.out), f"--out {args.out}", "pick another folder")
 
     cfg = load_config(args.config, args.overrides)
     _check_widths(widths, args.head_dim or cfg.model.head_dim)
@@ -279,6 +286,15 @@ def coord_check_main(argv: list[str], prepare_dataset: Callable[[Path], None] | 
         slopes = ", ".join(f"{layer} {value:+.2f}" for layer, value in result["slopes"][param].items())
         print(f"  {param:>8}: slope at step {args.steps}: {slopes}")
     return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.steps < 1 or args.seeds < 1:
+        raise UserError(f"--steps {args.steps} --seeds {args.seeds}: both must be at least 1")
+    if args.lr is not None and not 0 < args.lr <= torch.finfo(torch.float32).max:
+        raise UserError(f"--lr {args.lr}: must be a number above 0 that a float32 holds")
+    if args.head_dim is not None and args.head_dim < 1:
+        raise UserError(f"--head-dim {args.head_dim}: must be at least 1")
 
 
 def _require_dataset(directory: Path) -> None:

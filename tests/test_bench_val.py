@@ -65,3 +65,43 @@ def test_a_run_is_scored_and_a_vocabulary_mismatch_is_refused(shakespeare_datase
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate(CHARS[::-1]))}))
     with pytest.raises(UserError, match="vocabulary differs"):
         main([str(run), "--val-bin", str(val), "--block-size", "32"])
+
+
+# ---------------------------------------------------------------- bad input: one line naming the file or flag
+def _nanogpt_ckpt(tmp_path, block_size=16):
+    shape = dict(n_layer=1, n_head=2, n_embd=32, block_size=block_size, bias=False, vocab_size=65)
+    torch.save({"model": GPT(ModelConfig(**shape, dropout=0.0)).state_dict(), "model_args": shape},
+               tmp_path / "ckpt.pt")
+    return str(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.parametrize("block_size, named", [("0", "--block-size 0: must be at least 1"),
+                                               ("17", "--block-size 17: longer than"),
+                                               ("5000", "too few for one window of --block-size 5000")])
+def test_a_block_size_that_gives_no_window_is_refused(block_size, named, tmp_path):
+    val, _ = _val_bin(tmp_path)
+    with pytest.raises(UserError, match=named):
+        main([_nanogpt_ckpt(tmp_path), "--val-bin", str(val), "--block-size", block_size])
+
+
+def test_a_file_that_is_no_nanogpt_checkpoint_is_named(tmp_path):
+    val, _ = _val_bin(tmp_path)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save({"other": 1}, tmp_path / "dict.pt")
+    for name in ("garbage.pt", "dict.pt"):
+        with pytest.raises(UserError, match=rf"{name}: not a nanoGPT ckpt.pt"):
+            main([str(tmp_path / name), "--val-bin", str(val), "--block-size", "16"])
+
+
+def test_a_val_bin_of_odd_bytes_ids_outside_the_vocabulary_or_a_bad_meta_is_named(tmp_path):
+    ckpt = _nanogpt_ckpt(tmp_path)
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(UserError, match="odd.bin: 3 bytes, not a whole number"):
+        main([ckpt, "--val-bin", str(tmp_path / "odd.bin")])
+    np.array([1, 2, 60000, 3] * 10, dtype=np.uint16).tofile(tmp_path / "big.bin")
+    with pytest.raises(UserError, match="id 60000 is outside"):
+        main([ckpt, "--val-bin", str(tmp_path / "big.bin"), "--block-size", "16"])
+    val, _ = _val_bin(tmp_path)
+    (tmp_path / "meta.pkl").write_text("garbage\n")
+    with pytest.raises(UserError, match="meta.pkl: not nanoGPT's meta.pkl"):
+        main([ckpt, "--val-bin", str(val), "--block-size", "16"])

@@ -123,3 +123,29 @@ def test_the_interpreter_fix_names_triton_before_3_7_with_numpy_2_4(triton, nump
     fix = doctor_checks.interpreter_fix(triton, numpy)
     assert ("pip install 'triton>=3.7'" in fix and triton in fix and numpy in fix) is names_the_pair
     assert ("reinstall triton" in fix) is not names_the_pair
+
+
+@pytest.mark.parametrize("limit", ["nan", "0", "-5", "inf"])
+def test_a_time_limit_that_is_no_positive_number_is_refused(limit):
+    from megagpt.errors import UserError
+
+    with pytest.raises(UserError, match=f"--time-limit {float(limit)}: must be a number of seconds above 0"):
+        doctor.main(["--full", "--time-limit", limit], checks=[])
+
+
+def test_full_refuses_an_out_that_is_a_file_or_someone_elses_folder_before_any_check(tmp_path):
+    from megagpt.errors import UserError
+
+    ran = []
+
+    def check_ran():
+        ran.append(1)
+        return Result("ran", "PASS", "")
+
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "runs" / "shakespeare_char").mkdir(parents=True)  # a real run a part would resume
+    with pytest.raises(UserError, match="is a file"):
+        doctor.main(["--full", "--out", str(tmp_path / "file")], checks=[check_ran])
+    with pytest.raises(UserError, match="doctor did not make"):
+        doctor.main(["--full", "--out", str(tmp_path / "runs")], checks=[check_ran])
+    assert not ran and not any((tmp_path / "runs" / "shakespeare_char").iterdir())

@@ -145,3 +145,14 @@ def test_a_training_parts_numbers_are_medians_after_its_first_step_and_its_last_
     assert numbers == {"steps": 4, "tokens_per_sec": 110.0, "mfu": 0.44, "val_loss": 2.25}
     assert doctor_full.summarize_part("shakespeare_char to val loss", numbers, "") == \
         "4 steps logged, 110 tokens/s (median), MFU 0.44 (median), val loss 2.250"
+
+
+def test_full_again_in_its_own_out_replaces_each_parts_old_folder(tmp_path):
+    # a training part's old run dir would be resumed (a finished one: its old numbers read back as new ones)
+    old = tmp_path / "echo" / "old_result"
+    probe = f"import os; print('old result there:', os.path.exists({str(old)!r}))"
+    part = [("echo part", [sys.executable, "-c", probe], 30)]
+    doctor_full.run_full(tmp_path, part, budget_s=30)  # first run: marks the folder as doctor's
+    old.parent.mkdir()
+    old.write_text("from an earlier doctor")
+    assert doctor_full.run_full(tmp_path, part, budget_s=30)[0].detail == "old result there: False"

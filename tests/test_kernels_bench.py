@@ -4,7 +4,10 @@ import csv
 import importlib.util
 import json
 
+import pytest
+
 import kernels.bench
+from kernels import compile_check
 
 
 def test_quick_bench_writes_table_csv_json_and_plots(tmp_path, capsys):
@@ -56,3 +59,62 @@ def test_skip_notes_quote_the_error_whole_or_cut_at_a_sentence_end():
     assert kernels.bench._reason(RuntimeError(long)) == "The first sentence. The second sentence."
     assert kernels.bench._reason(RuntimeError("z" * 300)) == "z" * 300  # no sentence end: whole
     assert kernels.bench._reason(RuntimeError("")) == "RuntimeError"
+
+
+
+# ---------------------------------------------------------------- bad input: refused before any work, one line
+@pytest.mark.parametrize("flags, named", [
+    (["--seq-len", "0"], "--seq-len 0: must be at least 1"),
+    (["--head-dim", "7"], "--head-dim 7: unsupported (the kernel takes 16 <= D <= 128)"),
+    (["--width", "70000"], "--width 70000: unsupported (the kernel takes 1 <= C <= 65536)"),
+])
+def test_bench_refuses_sizes_the_kernels_cannot_take(flags, named, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        kernels.bench.main([*flags, "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_refuses_an_out_inside_a_file_before_benchmarking(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit):
+        kernels.bench.main(["--quick", "--out", str(tmp_path / "file" / "sub")])
+    printed = capsys.readouterr()
+    assert "--out" in printed.err and "a file is in the way" in printed.err
+    assert "triton" not in printed.out  # nothing was timed
+
+
+def test_bench_names_the_flag_whose_inputs_do_not_fit_in_memory(tmp_path, capsys):
+    seq_len = 2**40  # 1 x 2 x 2^40 x 16 fp32: 128 TiB, refused by the allocator at once
+    assert kernels.bench.main(["--kernel", "attention", "--seq-len", str(seq_len), "--head-dim", "16",
+                               "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--seq-len {seq_len} --head-dim 16: the inputs (1, 2, {seq_len}, 16) do not fit" in err
+    assert "Traceback" not in err and not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("spec, named", [
+    ("T=abc,D=64,C=384", "'T=abc': not an integer"), ("T=0,D=64,C=384", "'T=0': T is at least 1"),
+    ("T=256,D=7,C=384", "'D=7': unsupported"), ("T=256,D=64,C=0", "'C=0': unsupported"),
+    ("T=256,D=64,C=384,dropout=nan", "'dropout=nan': dropout is in [0, 1)"),
+    ("T=256,D=64,C=384,dropout=1", "'dropout=1': dropout is in [0, 1)"),
+    ("T=256,D=64,C=384,bias=maybe", "'bias=maybe': bias is 0 or 1"), ("T=256,D=64", "T, D and C are required"),
+])
+def test_compile_check_refuses_a_first_step_the_kernels_cannot_take(spec, named, capsys):
+    with pytest.raises(SystemExit) as stop:
+        compile_check.main(["--first-step", spec])
+    assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_compile_check_reads_a_good_first_step():
+    step = compile_check.parse_first_step("T=256, D=64, C=384, dropout=0.2, dtype=fp16, bias=0")
+    assert step == compile_check.FirstStep(T=256, D=64, C=384, dtype="fp16", dropout=0.2, bias=False)
+
+
+@pytest.mark.parametrize("flags, named", [(["--jobs", "0"], "--jobs 0: must be at least 1"),
+                                          (["--out", "FILE"], "a file is in the way")])
+def test_compile_check_refuses_jobs_and_out_before_compiling(flags, named, tmp_path, capsys):
+    (tmp_path / "FILE").write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        compile_check.main([f.replace("FILE", str(tmp_path / "FILE")) for f in flags])
+    assert stop.value.code == 2 and named in capsys.readouterr().err

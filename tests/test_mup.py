@@ -456,3 +456,31 @@ def test_coord_check_prepares_a_missing_known_dataset_as_train_does(tmp_path, ca
     assert cli_main(["mup", "coord-check", *argv]) == 0  # the command passes the hook
     assert "preparing Tiny Shakespeare" in capsys.readouterr().err
     assert (missing / "manifest.json").is_file() and (tmp_path / "cc" / "coord_check.json").is_file()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "0"], "--lr 0.0: must be a number above 0"), (["--lr", "nan"], "--lr nan"),
+    (["--lr", "inf"], "--lr inf"), (["--lr", "1e300"], r"--lr 1e\+300"),
+    (["--head-dim", "0"], "--head-dim 0: must be at least 1"),
+    (["--out", "FILE/sub"], "is inside"),
+])
+def test_coord_check_refuses_bad_numbers_and_an_out_in_a_file_before_training(flags, named, tmp_path):
+    from helpers import CPU_CONFIG
+
+    from megagpt.errors import UserError
+    from megagpt.mup import coord_check_main
+
+    (tmp_path / "FILE").write_text("mine")
+    argv = [str(CPU_CONFIG), "--widths", "16,32", "--out", str(tmp_path / "cc"),
+            *[f.replace("FILE", str(tmp_path / "FILE")) for f in flags]]
+    with pytest.raises(UserError, match=named):
+        coord_check_main(argv)
+
+
+def test_coord_check_names_a_width_that_does_not_fit_in_memory(shakespeare_dataset, tmp_path):
+    from megagpt.errors import UserError
+
+    cfg = load_config(None, ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
+                             f"data.dataset_dir={shakespeare_dataset}", "train.micro_batch_size=2"])
+    with pytest.raises(UserError, match=f"width {2**40} does not fit in memory"):
+        coord_check(cfg, [16, 2**40], steps=1, seeds=1)

@@ -1,0 +1,30 @@
+"""`megagpt bench train` and `bench syncs`: a bad count, stage, dtype or --json is one line before any run."""
+
+import pytest
+from helpers import CPU_CONFIG
+
+from megagpt.cli import main
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--steps", "5", "--skip", "-1"], "--skip must be at least 0"),
+    (["--steps", "5", "--skip", "1", "--rounds", "0"], "--rounds at least 1"),
+    (["--steps", "3", "--skip", "3"], "--skip 3 must be smaller than --steps 3"),
+    (["--steps", "3", "--skip", "1", "--json", "TMP"], "is a folder; give a file name"),
+    (["--steps", "3", "--skip", "1", "--json", "TMP/missing/x.json"], "missing is not a folder"),
+])
+def test_bench_train_refuses_counts_and_json_before_running(flags, named, tmp_path, capsys):
+    assert main(["bench", "train", str(CPU_CONFIG), *[f.replace("TMP", str(tmp_path)) for f in flags]]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--zero-stages", "0,5"], "--zero-stages 0,5 --dtypes fp32,bf16: '5', 'fp32': deepspeed.zero_stage"),
+    (["--dtypes", "fp32,fp8"], "'fp8': train.dtype"),
+])
+def test_bench_syncs_names_its_own_flag_before_the_first_run(flags, named, capsys):
+    assert main(["bench", "syncs", str(CPU_CONFIG), *flags]) == 2
+    printed = capsys.readouterr()
+    assert named in printed.err and "zero" not in printed.out  # no table begun: no run started
