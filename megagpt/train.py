@@ -247,7 +247,6 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
         save_config(cfg, run_dir / "config.yaml")
         dataset.copy_tokenizer_to(run_dir / TOKENIZER_DIR)
     device = device_for(dist)
-    accum = grad_accum_steps(cfg.train, cfg.model.block_size, dist.world_size)
     build_model = stage.build_model  # weights from train.init_from only when not resuming the run's own checkpoint
     if init_source is not None and point is None:
         build_model = init_loader(stage.build_model, source=init_source)
@@ -267,7 +266,7 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
         pause = "under a minute" if cfg.model.kernel_tuning == "pruned" else "minutes with kernel_tuning: full"
         log.info(f"the first step may pause while the Triton kernels autotune ({pause} the first time on a "
                  "machine; the choices are then cached on disk)")
-    tokens_per_step = cfg.train.micro_batch_size * accum * dist.world_size * cfg.model.block_size
+    tokens_per_step = cfg.train.micro_batch_size * stage.grad_accum_steps * dist.world_size * cfg.model.block_size
     guard = StepGuard(engine, cfg.train.max_bad_steps, cfg.train.dtype == "fp16", device, state.skipped_steps,
                       grad_clip=cfg.train.grad_clip)
     return Run(cfg, dist, run_dir, dataset, stage, engine, checkpointer, guard, log, state,
