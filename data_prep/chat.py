@@ -137,13 +137,14 @@ CHAT = SampleKind("chat", "conversation", read_conversations,
 def prepare_chat(inputs: list[str | Path], out_dir: str | Path, tokenizer_dir: str | Path | None,
                  settings: ChatPrepSettings | None = None, val_inputs: list[str | Path] | None = None,
                  force: bool = False, extra_settings: dict | None = None,
-                 base: tuple | None = None) -> tuple[Path, ChatSummary]:
+                 base: tuple | None = None,
+                 extra_files: list[Path] | None = None) -> tuple[Path, ChatSummary]:
     """Write the chat dataset dir (via <out>.partial, renamed when complete); its path and the summary.
 
     The base tokenizer is tokenizer_dir's, or `base` = (tokenizer, its file) when given."""
     summary = ChatSummary()
     out = prepare_samples(CHAT, inputs, out_dir, tokenizer_dir, settings or ChatPrepSettings(), summary,
-                          val_inputs, force, extra_settings, base)
+                          val_inputs, force, extra_settings, base, extra_files)
     return out, summary
 
 

@@ -149,13 +149,14 @@ PREFERENCES = SampleKind("preferences", "pair", read_pairs, _sides, min_length=3
 def prepare_preferences(inputs: list[str | Path], out_dir: str | Path, tokenizer_dir: str | Path | None,
                         settings: PreferenceSettings | None = None, val_inputs: list[str | Path] | None = None,
                         force: bool = False, extra_settings: dict | None = None,
-                        base: tuple | None = None) -> tuple[Path, PreferenceSummary]:
+                        base: tuple | None = None,
+                        extra_files: list[Path] | None = None) -> tuple[Path, PreferenceSummary]:
     """Write the preferences dataset dir (via <out>.partial, renamed when complete); its path and the summary.
 
     The base tokenizer is tokenizer_dir's, or `base` = (tokenizer, its file) when given."""
     summary = PreferenceSummary()
     out = prepare_samples(PREFERENCES, inputs, out_dir, tokenizer_dir, settings or PreferenceSettings(), summary,
-                          val_inputs, force, extra_settings, base)
+                          val_inputs, force, extra_settings, base, extra_files)
     return out, summary
 
 

@@ -127,11 +127,13 @@ def chat_tokenizer(base) -> WithSpecialTokens:
 
 def prepare_samples(kind: SampleKind, inputs: list[str | Path], out_dir: str | Path, tokenizer_dir,
                     settings: SampleSettings, summary, val_inputs: list[str | Path] | None = None,
-                    force: bool = False, extra_settings: dict | None = None, base: tuple | None = None) -> Path:
+                    force: bool = False, extra_settings: dict | None = None, base: tuple | None = None,
+                    extra_files: list[Path] | None = None) -> Path:
     """Write kind's dataset dir (via <out>.partial, renamed when complete); its path.
 
     The base tokenizer is tokenizer_dir's, or `base` = (tokenizer, its file) when given; `summary` (the kind's)
-    counts what is read and dropped, then each split's samples (`summary.count(split, samples)`)."""
+    counts what is read and dropped, then each split's samples (`summary.count(split, samples)`); `extra_files`
+    (a prep's own files, e.g. its question lists) are moved into the dir before it is put in place."""
     check_settings(settings, kind.min_length)
     out_dir = Path(out_dir)
     work = work_dir_for(out_dir, force)
@@ -150,7 +152,8 @@ def prepare_samples(kind: SampleKind, inputs: list[str | Path], out_dir: str | P
         summary.count(name, items)
     seal_dataset(work, out_dir, kind.name, (base, base_file, tokenizer), dtype, written, paths,
                  {"summary": asdict(summary)},
-                 {**asdict(settings), "tokenizer_from": str(tokenizer_dir or base_file), **(extra_settings or {})})
+                 {**asdict(settings), "tokenizer_from": str(tokenizer_dir or base_file), **(extra_settings or {})},
+                 extra_files or [])
     return out_dir
 
 
@@ -209,9 +212,10 @@ def _write_tar(kind: SampleKind, samples: list, path: Path, dtype: str) -> dict:
 
 
 def seal_dataset(work: Path, out_dir: Path, kind: str, tokenizers: tuple, dtype: str, splits: dict,
-                 paths: list[Path], sources: dict, settings: dict) -> None:
+                 paths: list[Path], sources: dict, settings: dict, extra_files: list[Path]) -> None:
     """A per-sample dataset made whole: the base tokenizer file, each split's shard table (from `splits`: its
-    shards' entries, in order) and the manifest into <out>.partial, which then replaces out_dir."""
+    shards' entries, in order), the extra files and the manifest into <out>.partial, which then replaces
+    out_dir."""
     base, base_file, tokenizer = tokenizers
     shutil.copy2(base_file, work / base_file.name)
     files = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
@@ -222,5 +226,7 @@ def seal_dataset(work: Path, out_dir: Path, kind: str, tokenizers: tuple, dtype:
         splits={name: write_shard_table(work, name, shards) for name, shards in splits.items()},
         sources={"files": files, **sources}, settings=settings,
     )
+    for extra in extra_files:  # after `files`: an extra file may be one of the inputs
+        shutil.move(extra, work / extra.name)
     write_manifest(work, manifest)
     replace_out_dir(work, out_dir)

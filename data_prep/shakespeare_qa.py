@@ -154,9 +154,8 @@ def prepare_shakespeare_qa(out_dir: str | Path, max_length: int = 65, force: boo
                                     val_inputs=[work / QUESTIONS["val"]], force=force,
                                     extra_settings={"source": "shakespeare-qa", "holdout": holdout,
                                                     "tokenizer_from": "the embedded Tiny Shakespeare, char level"},
-                                    base=(tokenizer, work / "tokenizer.json"))
-        for name in QUESTIONS.values():
-            shutil.move(work / name, out / name)
+                                    base=(tokenizer, work / "tokenizer.json"),
+                                    extra_files=[work / name for name in QUESTIONS.values()])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out, summary

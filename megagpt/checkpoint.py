@@ -148,6 +148,15 @@ class Checkpointer:
         self.directory, self.dist = Path(directory), dist
         self.keep_last, self.keep_every = keep_last, keep_every
 
+    def refuse_obstacles(self) -> None:
+        """A UserError where something the user made stands where checkpoints go: the folder as a file, or a
+        `latest` that is not a file (a save would fail only at its first checkpoint, naming a temp file)."""
+        if self.directory.exists() and not self.directory.is_dir():
+            raise UserError(f"{self.directory} is a file, where the run's checkpoints go: move it away")
+        latest = self.directory / "latest"
+        if latest.exists() and not latest.is_file():
+            raise UserError(f"{latest} is not a file (megagpt writes the newest tag's name there): move it away")
+
     def save(
         self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any] | None = None
     ) -> Path:

@@ -212,6 +212,7 @@ def coord_check_main(argv: list[str]) -> int:
 def shakespeare_prefs_main(argv: list[str]) -> int:
     """`megagpt prep shakespeare-prefs`: megagpt samples and labels the pairs, data_prep writes the dataset (only
     this module may import both)."""
+    from data_prep.out_dir import work_dir_for
     from data_prep.preferences import PreferenceSettings, prepare_preferences
     from data_prep.shakespeare_qa import TRAIN_FRACTION, play_text
     from megagpt.shakespeare_prefs import main
@@ -220,11 +221,12 @@ def shakespeare_prefs_main(argv: list[str]) -> int:
         text = play_text()
         return text[:int(len(text) * TRAIN_FRACTION)]
 
-    def prepare(source, out, tokenizer_dir, val_fraction, seed, force, extra):
+    def prepare(source, out, tokenizer_dir, val_fraction, seed, force, extra, extra_files):
         settings = PreferenceSettings(val_fraction=val_fraction, seed=seed)
-        return prepare_preferences([source], out, tokenizer_dir, settings, force=force, extra_settings=extra)
+        return prepare_preferences([source], out, tokenizer_dir, settings, force=force, extra_settings=extra,
+                                   extra_files=extra_files)
 
-    return main(argv, training_text, prepare)
+    return main(argv, training_text, prepare, work_dir_for)
 
 
 # ---------------------------------------------------------------- sample and export

@@ -119,9 +119,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str], training_text, prepare) -> int:
-    """`training_text()` -> Tiny Shakespeare's training text; `prepare(jsonl, out, tokenizer_dir, val_fraction,
-    seed, force, extra_settings)` writes the preferences dataset (data_prep/preferences.py)."""
+def main(argv: list[str], training_text, prepare, check_out) -> int:
+    """`training_text()` -> Tiny Shakespeare's training text; `check_out(out, force)` refuses an --out the dataset
+    may not replace, before any sampling; `prepare(jsonl, out, tokenizer_dir, val_fraction, seed, force,
+    extra_settings, extra_files)` writes the preferences dataset with the extra files inside
+    (data_prep/preferences.py)."""
     from megagpt.inference import load_for_inference
 
     args = parser().parse_args(argv)
@@ -129,8 +131,7 @@ def main(argv: list[str], training_text, prepare) -> int:
         raise UserError("--samples must be at least 2, --max-new-tokens and --batch at least 1, --temperature "
                         "above 0")
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UserError(f"--out {out}: already exists; pass --force to replace it")
+    check_out(out, args.force)
     prompts = free_text_prompts(args.qa, "train")
     if args.limit is not None:
         keep = sorted(np.random.default_rng(args.seed).permutation(len(prompts))[:args.limit].tolist())
@@ -145,19 +146,18 @@ def main(argv: list[str], training_text, prepare) -> int:
     if len(pairs) < 2:
         raise UserError(f"--sft {args.sft}: only {len(pairs)} of {len(prompts)} questions gave replies whose "
                         f"real-word rates differ by --min-margin {args.min_margin}; lower it or sample more")
-    out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.pairs-", dir=out.parent))
-    try:
+    try:  # the pairs, the rule's vocabulary and the held-out prompts go inside the dataset dir, put in place whole
         (work / PAIRS).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        save_vocabulary(known, work / WORDS_FILE)
+        (work / VAL_PROMPTS).write_text("".join(json.dumps({"messages": m}) + "\n" for m in val_prompts))
         settings = {k: getattr(args, k) for k in ("samples", "temperature", "max_new_tokens", "min_margin",
                                                   "limit", "seed")}
         _, summary = prepare(work / PAIRS, out, args.sft, args.val_fraction, args.seed, args.force,
-                             {"source": "shakespeare-prefs", "sft": str(args.sft), "qa": str(args.qa), **settings})
-        shutil.move(work / PAIRS, out / PAIRS)
+                             {"source": "shakespeare-prefs", "sft": str(args.sft), "qa": str(args.qa), **settings},
+                             [work / name for name in (PAIRS, WORDS_FILE, VAL_PROMPTS)])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    save_vocabulary(known, out / WORDS_FILE)
-    (out / VAL_PROMPTS).write_text("".join(json.dumps({"messages": m}) + "\n" for m in val_prompts))
     print(f"megagpt prep shakespeare-prefs: {summary_line(len(prompts), pairs, dropped, summary)}")
     print(f"wrote {out}")
     return 0

@@ -207,6 +207,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
     checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.train.keep_checkpoints, cfg.train.keep_every)
     lock = lock_run_dir(run_dir, dist)  # one job per run dir, before anything about it is decided
     try:
+        checkpointer.refuse_obstacles()
         # Before the engine: a checkpoint from another world size is converted, and the engine built to load it.
         def check(manifest: dict[str, Any], tag: str) -> None:  # refusals before anything is converted
             _check_resumable(cfg, manifest, tag)
@@ -218,6 +219,7 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
         if point is not None:
             cfg = _keep_global_batch(cfg, point, dist.world_size)
         cfg = _decide_dtype(cfg, point)
+        _check_dtype_on_device(cfg.train.dtype, device_for(dist))
         stage = _stage_for(cfg, dist, dataset)  # its refusals (data of another kind, no init_from) come here
     except BaseException:
         if lock is not None:
@@ -368,6 +370,13 @@ def _decide_dtype(cfg: Config, point: ResumePoint | None) -> Config:
         return cfg
     saved = _saved_dtype(point.manifest) if point is not None else None
     return with_dtype(cfg, saved or on_main(lambda: resolve_dtype("auto")))
+
+
+def _check_dtype_on_device(dtype: str, device: torch.device) -> None:
+    """fp16 trains only on a GPU: DeepSpeed's loss-scaled fp16 has no CPU path."""
+    if dtype == "fp16" and device.type != "cuda":
+        raise ConfigError("train.dtype: fp16 needs a CUDA GPU (DeepSpeed's fp16 has no CPU path); on a CPU use "
+                          "fp32, bf16 or auto")
 
 
 def _resume(engine, point: ResumePoint | None, stage, state: TrainState, cfg: Config,

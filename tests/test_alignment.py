@@ -279,9 +279,26 @@ def test_a_question_without_a_pair_is_dropped_for_a_named_reason():
     assert label(["good", "good"], known, 0.0) == SAME
 
 
-def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, tmp_path, capsys):
+def test_shakespeare_prefs_refuses_to_replace_a_folder_that_is_no_dataset_before_sampling(tmp_path, capsys):
+    # before, --force was checked only after the model had sampled every question, by the dataset's writer
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    qa = _qa_dir(tmp_path / "qa", ["My lord, I will"])
+    assert megagpt(["prep", "shakespeare-prefs", "--sft", str(tmp_path / "no-model"), "--qa", str(qa), "--out",
+                    str(out), "--force"]) == 2
+    assert "is not a dataset dir" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, tmp_path, capsys, monkeypatch):
+    import data_prep.sample_dataset
     from data_prep.shakespeare_qa import TRAIN_FRACTION, play_text
     from megagpt.realwords import real_word_rate, vocabulary
+
+    put_in_place, placed = data_prep.sample_dataset.replace_out_dir, []
+    monkeypatch.setattr(data_prep.sample_dataset, "replace_out_dir",
+                        lambda work, out: (placed.append(sorted(p.name for p in work.iterdir())), put_in_place(work, out)))
 
     lines = ["My lord, I will", "Good morrow to", "What say you", "The king is", "And so I", "Come hither,",
              "I pray thee", "Now, by my", "Farewell, good", "O gentle", "Be it so", "Who is it"]
@@ -299,6 +316,9 @@ def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, t
         good, bad = real_word_rate(pair["chosen"], known), real_word_rate(pair["rejected"], known)
         assert pair["scores"] == [good, bad] and good >= bad + 0.01
     assert len((out / "prompts-val.jsonl").read_text().splitlines()) == 3
+    # every file was inside the dataset dir before it took its name (a kill leaves all of it or none)
+    assert {"pairs.jsonl", "words.txt", "prompts-val.jsonl", "manifest.json"} <= set(*placed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prefs", "qa"]  # no work dir left beside it
     counted = re.fullmatch(r"megagpt prep shakespeare-prefs: (\d+) questions -> (\d+) pairs \(.*\), \d+ tokens; "
                            r"dropped: (\d+) below --min-margin, (\d+) with no room .*, (\d+) with identical replies; "
                            r"mean real-word rate .*", line)

@@ -185,6 +185,15 @@ def test_refusals_leave_the_run_dir_byte_identical(case, run_copy, shakespeare_d
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")
+def test_fp16_on_a_cpu_is_refused_before_the_run_dir_is_written(shakespeare_dataset, tmp_path):
+    # before, DeepSpeed's sanity check raised "Type fp16 is not supported on your device" as a traceback
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match="train.dtype: fp16 needs a CUDA GPU .* use fp32, bf16 or auto"):
+        train(load_config(None, [*tiny(shakespeare_dataset, max_steps=2), "train.dtype=fp16"]), run_dir)
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
 def test_a_complete_run_trains_nothing_and_writes_nothing_even_with_changed_settings(run_copy,
                                                                                       shakespeare_dataset, capfd):
     # the fixture's run is at its max_steps (6); before, a rerun with a --set rewrote config.yaml, trained nothing
@@ -641,3 +650,20 @@ console_main()
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--resume nowhere: no such directory" in done.stderr
     assert done.stdout.strip().endswith("group left: True")
+
+
+@pytest.mark.parametrize("obstacle", ["latest as a folder", "checkpoints as a file"])
+def test_something_where_checkpoints_go_is_refused_before_training(obstacle, shakespeare_dataset, tmp_path):
+    # before, a folder named `latest` failed the first save, naming a temp file, after the steps before it trained
+    run_dir = tmp_path / "run"
+    if obstacle == "latest as a folder":
+        (run_dir / "checkpoints" / "latest").mkdir(parents=True)
+        match = r"checkpoints/latest is not a file .*: move it away"
+    else:
+        run_dir.mkdir()
+        (run_dir / "checkpoints").write_text("notes")
+        match = r"checkpoints is a file, where the run's checkpoints go: move it away"
+    before = snapshot(run_dir)
+    with pytest.raises(UserError, match=match):
+        train(load_config(None, tiny(shakespeare_dataset, max_steps=2)), run_dir)
+    assert snapshot(run_dir) == before
