@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import itertools
+import sys
 import tempfile
 
 import torch
@@ -53,8 +55,13 @@ def host_reads(cfg, run_dir) -> dict[str, int]:
         patches.enter_context(_labelled(trainer, "_log_train", "megagpt.log"))
         patches.enter_context(_labelled(trainer.Run, "save", "megagpt.save"))
         patches.enter_context(_labelled(trainer, "_evaluate", "megagpt.evaluate"))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            trainer.train(cfg, run_dir)
+        said = patches.enter_context(contextlib.redirect_stdout(io.StringIO()))  # the run's lines: not the table's
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                trainer.train(cfg, run_dir)
+        except BaseException:
+            sys.stderr.write(said.getvalue())  # what the run said before it failed
+            raise
     return _attribute(prof.events())
 
 

@@ -9,7 +9,7 @@ from benchmarks.syncs import host_reads
 from megagpt.config import load_config
 
 
-def test_only_logged_steps_read_back_from_the_device(shakespeare_dataset, tmp_path):
+def test_only_logged_steps_read_back_from_the_device(shakespeare_dataset, tmp_path, capsys):
     cfg = load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, max_steps=20, log_interval=10,
                                                  eval_interval=1000, checkpoint_interval=1000, sample_tokens=0))
     counts = host_reads(cfg, tmp_path)
@@ -18,6 +18,7 @@ def test_only_logged_steps_read_back_from_the_device(shakespeare_dataset, tmp_pa
     # each of the 2 logged steps reads loss, gradient norm, skipped count and bad-step run
     assert counts["log"] == 2 * 4, counts
     assert counts["evaluate"] >= 1 and counts["save"] >= 2, counts  # the final evaluation and save read too
+    assert capsys.readouterr().out == ""  # `bench syncs` prints its table there: the run's own lines stay out
 
 
 def test_a_bad_step_is_still_skipped_where_it_happens(shakespeare_dataset, tmp_path, monkeypatch):
