@@ -310,9 +310,12 @@ def _brief(row: dict) -> dict:
 
 
 def fit_from_json(entry: dict, law: str) -> Fit:
-    k = len(PARAMS[law])
-    return Fit(law, np.array(entry["theta"]), np.array(entry["scale"]),
-               np.array(entry["bootstrap_theta"]).reshape(-1, k))
+    """A law's fit as fit.json holds it; a ValueError where a length does not match the law."""
+    k, features = len(PARAMS[law]), 1 if law == "compute" else 2
+    theta, scale = np.array(entry["theta"], dtype=float), np.array(entry["scale"], dtype=float)
+    if theta.shape != (k,) or scale.shape != (features,):
+        raise ValueError(f"{law}: theta needs {k} numbers and scale {features}, got {theta.shape} and {scale.shape}")
+    return Fit(law, theta, scale, np.array(entry["bootstrap_theta"], dtype=float).reshape(-1, k))
 
 
 def fit_main(argv: list[str]) -> int:

@@ -139,7 +139,11 @@ def test_a_damaged_results_json_is_one_line(tmp_path, capsys, text, says):
 
 
 @pytest.mark.parametrize("text, says", [("not json", "JSONDecodeError"), ('{"compute": {}}', "KeyError: 'theta'"),
-                                        ('{"law": {"theta": [1]}}', "KeyError")])
+                                        ('{"law": {"theta": [1]}}', "KeyError"),
+                                        ('{"compute": {"theta": [0, 1], "scale": [1], "bootstrap_theta": []}}',
+                                         "ValueError: compute: theta needs 3 numbers and scale 1, got (2,)"),
+                                        ('{"compute": {"theta": [0, 1, 0.3], "scale": [1, 2], "bootstrap_theta": []}}',
+                                         "ValueError: compute: theta needs 3 numbers and scale 1, got (3,) and (2,)")])
 def test_predict_from_a_damaged_fit_or_on_no_ranks_is_one_line(tmp_path, capsys, text, says):
     (tmp_path / "fit.json").write_text(text)
     assert main(["scaling", "predict", str(tmp_path), str(CPU_CONFIG), "--set", "model.vocab_size=65"]) == 2
