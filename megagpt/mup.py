@@ -10,11 +10,12 @@ the logits with the width. The head size stays that of the config: a width w has
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,11 @@ def coord_check(cfg: Config, widths: list[int], steps: int = 10, seeds: int = 3,
     head_dim = head_dim or cfg.model.head_dim
     _check_widths(widths, head_dim)
     lr = lr or cfg.train.lr
-    batches = {seed: _batches(cfg, dataset, seed, steps) for seed in range(seeds)}
     runs = [(p, w, s) for p in PARAMETRIZATIONS for w in widths for s in range(seeds)]
-    sums: dict = defaultdict(lambda: np.zeros(steps))
+    sums: dict = defaultdict(float)  # arrays of `steps` once a run has trained: nothing held before
     for param, width, seed in _progress(runs, progress):
         model_cfg = width_config(cfg.model, width, head_dim, param)
-        sizes = _train_and_record(model_cfg, cfg, batches[seed], lr, seed)
+        sizes = _train_and_record(model_cfg, cfg, _batches(cfg, dataset, seed, steps), lr, seed)
         for layer in LAYER_TYPES:
             sums[param, layer, width] += np.array(sizes[layer]) / seeds
     values = {p: {layer: {str(w): sums[p, layer, w].tolist() for w in widths} for layer in LAYER_TYPES}
@@ -78,11 +78,12 @@ def _check_widths(widths: list[int], head_dim: int) -> None:
                             f"model.n_head, or --head-dim): the check keeps the head size and varies the heads")
 
 
-def _batches(cfg: Config, dataset, seed: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(cfg: Config, dataset, seed: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The seed's `steps` batches, read as they are trained on: the same ones at every width."""
     from megagpt.data import TrainLoader
 
     loader = TrainLoader(dataset, cfg.model.block_size, cfg.train.micro_batch_size, seed=cfg.train.seed + seed)
-    return [next(loader) for _ in range(steps)]
+    return itertools.islice(loader, steps)
 
 
 def _train_and_record(model_cfg: ModelConfig, cfg: Config, batches, lr: float, seed: int) -> dict[str, list]:

@@ -249,6 +249,20 @@ def test_coord_check_is_flat_under_mup_and_grows_under_standard(shakespeare_data
     assert abs(standard["embedding"]) < 0.2  # the embeddings' output does not depend on the width
 
 
+def test_coord_check_reads_its_batches_as_it_trains_the_same_at_every_width(shakespeare_dataset):
+    # before, every seed's --steps batches were made up front: a large --steps ran out of memory before step 1
+    import itertools
+
+    from megagpt.dataset import Dataset
+    from megagpt.mup import _batches
+
+    cfg = load_config(None, [f"data.dataset_dir={shakespeare_dataset}", "train.micro_batch_size=4"])
+    first, again = (list(itertools.islice(_batches(cfg, Dataset(shakespeare_dataset), 1, 10**12), 2))
+                    for _ in range(2))
+    assert all(torch.equal(a, b) for pair_a, pair_b in zip(first, again, strict=True)
+               for a, b in zip(pair_a, pair_b, strict=True))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # export: the HF GPT-2 layout computes the µP model's logits
 # ---------------------------------------------------------------------------------------------------------------
