@@ -297,8 +297,12 @@ def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, t
     from megagpt.realwords import real_word_rate, vocabulary
 
     put_in_place, placed = data_prep.sample_dataset.replace_out_dir, []
-    monkeypatch.setattr(data_prep.sample_dataset, "replace_out_dir",
-                        lambda work, out: (placed.append(sorted(p.name for p in work.iterdir())), put_in_place(work, out)))
+
+    def seen_then_put_in_place(work, out):
+        placed.append(sorted(p.name for p in work.iterdir()))
+        put_in_place(work, out)
+
+    monkeypatch.setattr(data_prep.sample_dataset, "replace_out_dir", seen_then_put_in_place)
 
     lines = ["My lord, I will", "Good morrow to", "What say you", "The king is", "And so I", "Come hither,",
              "I pray thee", "Now, by my", "Farewell, good", "O gentle", "Be it so", "Who is it"]

@@ -80,24 +80,6 @@ def test_compile_traces_the_ops_without_running_triton():
 # ----------------------------------------------------------------------------------------------------
 # Compiled for the H100 (sm_90) without one: Triton's compiler and its bundled ptxas need no GPU
 # ----------------------------------------------------------------------------------------------------
-def test_every_kernel_compiles_for_hopper_with_the_launchers_arguments():
-    """The interpreter never lowers a kernel: this does, to a cubin, as the autotuner's first config would."""
-    from kernels.compile_check import SHARED_LIMIT, Case, run
-
-    cases = [Case(k, "bf16", 128, True) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")]
-    cases += [Case(k, "fp16", 48, False) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")]  # padded D
-    cases += [Case("attn_bwd_delta", "bf16", 80), Case("ln_column_sum", "bf16", 1000)]
-    cases += [Case(k, "bf16", 1000, bias=True) for k in ("ln_fwd", "ln_bwd")]
-    cases += [Case(k, "fp16", 16384, config=3, tuning="full") for k in ("ln_fwd", "ln_bwd")]  # 16 warps, weight only
-    results = run(cases, arch=90, jobs=2, one_config=True, progress=False)
-    assert [r.case for r in results] == cases
-    for r in results:
-        assert r.status != "error", (r.case, r.error)
-        assert 0 < r.registers <= 255 and r.shared <= SHARED_LIMIT[90], r
-        if r.case.kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
-            assert r.wgmma, f"{r.case}: the dots did not become Hopper wgmma"
-
-
 def test_compile_check_cli_writes_its_report(tmp_path):
     import json
     import os
@@ -212,26 +194,35 @@ def _smallest_config(case) -> int:
     return sizes.index(min(sizes))
 
 
-@pytest.mark.slow  # 14 real compiles: 25-45 s on 2 cores
-def test_every_pruned_list_has_a_config_that_fits_hopper_at_its_largest_shapes():
-    """Shared memory grows with the head dim and dropout, so each list's smallest tile is compiled at the
-    largest head dim of its class (narrow: D = 64, wide: D = 128), and LayerNorm at C = 65536 with a bias;
-    any T is a runtime argument. fp32's lists: the slow test below."""
+@pytest.mark.slow  # 21 real compiles: 30-45 s on 2 cores
+def test_every_kernel_compiles_for_hopper_and_every_pruned_list_fits_at_its_largest_shapes():
+    """The interpreter never lowers a kernel: this does, to a cubin, as the autotuner would.
+
+    Shared memory grows with the head dim and dropout, so each pruned list's smallest tile is compiled at the
+    largest head dim of its class (narrow: D = 64, wide: D = 128), and LayerNorm at C = 65536 with a bias; any T
+    is a runtime argument. Beside them, what only these shapes reach: a padded head dim (48, in fp16), the
+    backward's delta and column-sum kernels, and LayerNorm's 16-warp config of the full search. fp32's lists:
+    the heavy test below."""
     from dataclasses import replace
 
     from kernels.compile_check import SHARED_LIMIT, Case, run, unrunnable
 
-    cases = [Case(k, "fp16", D, dropout) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq") for D in (64, 128)
-             for dropout in (False, True)]
+    attention = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
+    cases = [Case(k, "bf16", D, dropout) for k in attention for D in (64, 128) for dropout in (False, True)]
     cases += [Case(k, "bf16", 65536, bias=True) for k in ("ln_fwd", "ln_bwd")]
     cases = [replace(c, config=_smallest_config(c)) for c in cases]
+    cases += [Case(k, "fp16", 48, False) for k in attention]  # padded D, the first config
+    cases += [Case("attn_bwd_delta", "bf16", 80), Case("ln_column_sum", "bf16", 1000)]
+    cases += [Case(k, "fp16", 16384, config=3, tuning="full") for k in ("ln_fwd", "ln_bwd")]  # 16 warps
     results = run(cases, arch=90, jobs=2, one_config=True, progress=False)
-    assert not unrunnable(results)
+    assert [r.case for r in results] == cases and not unrunnable(results)
     for r in results:
-        assert r.status in ("ok", "spills") and r.shared <= SHARED_LIMIT[90], r
+        assert r.status in ("ok", "spills") and 0 < r.registers <= 255 and r.shared <= SHARED_LIMIT[90], r
+        if r.case.kernel in attention:
+            assert r.wgmma, f"{r.case}: the dots did not become Hopper wgmma"
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # 3 compiles of 20-45 s each: `python -m pytest -m heavy` (docs/benchmarks.md has its result)
 def test_fp32_pruned_lists_fit_hopper_at_head_dim_128_with_dropout():
     """fp32's IEEE dots spill heavily, so these compiles take minutes: the lists are one small tile each."""
     from kernels.compile_check import Case, run, unrunnable
