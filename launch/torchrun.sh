@@ -15,8 +15,8 @@
 #
 # Multi-node: run the same command on every node with NNODES/NODE_RANK/MASTER_ADDR set (see docs/distributed.md).
 # torchrun forwards SIGTERM and SIGUSR1 to the workers, which save a checkpoint at the next step boundary and
-# exit 0 (torchrun itself then exits non-zero, as it does for any signal). A worker that dies takes the whole
-# job down; `--resume auto` (the default) continues from the last complete checkpoint.
+# exit 0; torchrun then says so in one line and exits 128 + the signal's number (143 for SIGTERM). A worker that
+# dies takes the whole job down; `--resume auto` (the default) continues from the last complete checkpoint.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
@@ -62,7 +62,8 @@ fi
 # starts (under torchrun every rank would meet it, and torchrun would add its own failure summary).
 "$python" -m megagpt train "$@" --check-ranks $(( 10#$NNODES * 10#$NPROC_PER_NODE )) || exit $?
 
-exec "$python" -m torch.distributed.run \
+# megagpt.launcher is torchrun with its stop by a signal said in one line, not a traceback.
+exec "$python" -m megagpt.launcher \
     --nnodes "$NNODES" \
     --node_rank "$NODE_RANK" \
     --nproc_per_node "$NPROC_PER_NODE" \

@@ -121,8 +121,9 @@ def worker_pids(launcher: subprocess.Popen) -> list[int]:
     import psutil
 
     procs = psutil.Process(launcher.pid).children(recursive=True)
-    return [p.pid for p in procs if "megagpt" in " ".join(p.cmdline()) and "torch.distributed.run" not in
-            " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+    launchers = ("megagpt.launcher", "torch.distributed.run", "deepspeed.launcher")
+    return [p.pid for p in procs if " megagpt train " in f" {' '.join(p.cmdline())} "
+            and not any(name in " ".join(p.cmdline()) for name in launchers)]
 
 
 def client_state(run_dir: Path, tag: str) -> dict:

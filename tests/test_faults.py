@@ -345,6 +345,22 @@ def test_workers_stop_when_torchrun_is_killed_and_write_nothing_after(shakespear
     RunLock.acquire(run_dir).release()  # and rank 0's lock went with it
 
 
+@pytest.mark.distributed
+def test_sigterm_to_torchrun_saves_and_ends_in_one_line_not_a_traceback(shakespeare_dataset, tmp_path):
+    """A preemption's SIGTERM to the launcher (Slurm, a user's kill): torchrun forwards it, the worker saves and
+    exits 0. Before megagpt.launcher, torchrun's SignalException then ended the log in a traceback."""
+    run_dir = tmp_path / "run"
+    launcher = torchrun(run_dir, tiny(shakespeare_dataset, max_steps=100_000), 1)
+    wait_for(lambda: len(losses(run_dir)) >= 3, 120, "step 3")
+    launcher.send_signal(signal.SIGTERM)
+    assert finish(launcher, timeout=60, ok=False) == [128 + signal.SIGTERM]
+    log = launcher.log_path.read_text()
+    k = max(losses(run_dir))
+    assert "Traceback" not in log and f"stop requested (SIGTERM): saved step {k}, exiting" in log
+    assert log.rstrip().splitlines()[-1].startswith("torchrun: stopped by SIGTERM: the workers were asked to save")
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag_for(k)
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics.jsonl
 # ---------------------------------------------------------------------------------------------
