@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from megagpt.model import GPT, KVCache
 
@@ -41,14 +42,16 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Extend idx (B, T) by max_new_tokens. Once the context outgrows block_size, positions shift every step,
-    so (with learned absolute positions) the cache cannot be reused: each step then recomputes the window."""
+    so (with learned absolute positions) the cache cannot be reused: each step then recomputes the window.
+    `progress`: a bar of tokens on stderr where it is a terminal (none in logs and pipes)."""
     was_training = model.training
     model.eval()
     block_size = model.cfg.block_size
     cache, fed = None, 0  # fed: how many tokens of idx the cache already holds
-    for _ in range(max_new_tokens):
+    for _ in tqdm(range(max_new_tokens), desc="sample", unit="token", leave=False, disable=None if progress else True):
         if use_cache and idx.size(1) <= block_size:
             if cache is None:
                 cache, fed = KVCache(model.cfg.n_layer), 0

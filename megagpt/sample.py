@@ -78,7 +78,7 @@ def sample_texts(
     ids = encode_prompt(tokenizer, prompt)
     generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, progress=True)
     return [tokenizer.decode(row.tolist()) for row in out]
 
 

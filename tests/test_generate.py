@@ -20,3 +20,27 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         order = probs[row].argsort(descending=True)
         need = int((probs[row][order].cumsum(0) < 0.6).sum()) + 1  # first index where the mass reaches p
         assert set(order[:need].tolist()) == set(kept[row].nonzero().flatten().tolist())
+
+
+def test_a_long_sample_shows_a_bar_on_a_terminal_only_and_samples_the_same(monkeypatch):
+    import io
+    import sys
+
+    from megagpt.config import ModelConfig
+    from megagpt.generate import generate
+    from megagpt.model import GPT
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    outs, shown = [], []
+    for progress, stderr in ((False, Terminal()), (True, Terminal()), (True, io.StringIO())):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        idx = torch.zeros(1, 1, dtype=torch.long)
+        outs.append(generate(model, idx, 12, generator=torch.Generator().manual_seed(3), progress=progress))
+        shown.append(stderr.getvalue())
+    assert all(torch.equal(out, outs[0]) for out in outs) and outs[0].shape == (1, 13)
+    assert shown[0] == "" and "sample:" in shown[1] and "/12 " in shown[1] and shown[2] == ""  # a pipe: no bar
