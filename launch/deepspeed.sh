@@ -22,24 +22,42 @@ if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
     exit 2
 fi
 
-args=(--master_port "${MASTER_PORT:-29500}" --no_local_rank)
+source "$(dirname "$0")/checks.sh"  # check_int, check_config
+MASTER_PORT=${MASTER_PORT:-29500}
+check_int MASTER_PORT 1 65535 "a TCP port on the first host"
+args=(--master_port "$MASTER_PORT" --no_local_rank)
 if [[ -n "${HOSTFILE:-}" ]]; then
     [[ -f "$HOSTFILE" ]] || { echo "deepspeed.sh: HOSTFILE=$HOSTFILE does not exist" >&2; exit 2; }
+    # "HOST slots=N" per line, '#' comments and blank lines skipped (DeepSpeed's reading): hosts and workers
+    read -r hosts ranks < <(awk '
+        { sub(/#.*/, "") } NF == 0 { next }
+        NF != 2 || $2 !~ /^slots=[0-9]+$/ || $2 == "slots=0" {
+            printf "deepspeed.sh: HOSTFILE=%s line %d: expected \"HOST slots=N\" (N at least 1), got \"%s\"\n", \
+                FILENAME, FNR, $0 > "/dev/stderr"; bad = 1; exit }
+        { hosts++; ranks += substr($2, 7) }
+        END { if (!bad) print hosts + 0, ranks + 0 }' "$HOSTFILE") || true
+    [[ -n "${ranks:-}" ]] || exit 2
+    (( hosts > 0 )) || { echo "deepspeed.sh: HOSTFILE=$HOSTFILE lists no host" >&2; exit 2; }
     args+=(--hostfile "$HOSTFILE")
 else
     if [[ -z "${NUM_GPUS:-}" ]]; then
         NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
         [[ "$NUM_GPUS" -gt 0 ]] || NUM_GPUS=1
     fi
-    args+=(--num_gpus "$NUM_GPUS")
+    check_int NUM_GPUS 1 "" "workers on this node"
+    hosts=1 ranks=$((10#$NUM_GPUS))
+    args+=(--num_gpus "$ranks")
 fi
 if [[ -n "${NODE_RANK:-}" ]]; then
     if [[ -z "${HOSTFILE:-}" || -z "${MASTER_ADDR:-}" ]]; then
         echo "deepspeed.sh: NODE_RANK (no-ssh mode) needs HOSTFILE and MASTER_ADDR" >&2
         exit 2
     fi
-    args+=(--no_ssh --node_rank "$NODE_RANK")
+    check_int NODE_RANK 0 $((hosts - 1)) "this node's index among the $hosts host(s) of HOSTFILE"
+    args+=(--no_ssh --node_rank "$((10#$NODE_RANK))")
 fi
 [[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
 
-exec "${PYTHON:-python}" -m deepspeed.launcher.runner "${args[@]}" --module megagpt train "$@"
+python=${PYTHON:-python}
+check_config "$python" "$ranks" "$@"
+exec "$python" -m deepspeed.launcher.runner "${args[@]}" --module megagpt train "$@"

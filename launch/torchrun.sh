@@ -30,15 +30,7 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
 fi
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_PORT=${MASTER_PORT:-29500}
 
-# A value torchrun would reject in a 20-line traceback: one line naming the variable instead.
-check_int() {  # NAME MIN MAX WHAT (MAX empty: no upper bound)
-    local value=${!1} max=${3:-999999999} range="from $2 to $3"
-    [[ -n "$3" ]] || range="of at least $2"
-    if [[ ! "$value" =~ ^[0-9]{1,9}$ ]] || (( 10#$value < $2 || 10#$value > max )); then
-        echo "torchrun.sh: $1=$value: expected a whole number $range ($4)" >&2
-        exit 2
-    fi
-}
+source "$(dirname "$0")/checks.sh"  # check_int, check_config
 check_int NPROC_PER_NODE 1 "" "workers on this node"
 check_int NNODES 1 "" "nodes in the job"
 check_int NODE_RANK 0 $((10#$NNODES - 1)) "this node's index, below NNODES=$NNODES"
@@ -58,9 +50,7 @@ elif [[ -n "${SHUTDOWN_TIMEOUT:-}" ]]; then
     echo "torchrun.sh: this torch's torchrun has no --shutdown_timeout; SHUTDOWN_TIMEOUT is ignored (30 s)" >&2
 fi
 
-# The config and its overrides checked once for all the job's ranks: a mistake is megagpt's one line before any rank
-# starts (under torchrun every rank would meet it, and torchrun would add its own failure summary).
-"$python" -m megagpt train "$@" --check-ranks $(( 10#$NNODES * 10#$NPROC_PER_NODE )) || exit $?
+check_config "$python" $(( 10#$NNODES * 10#$NPROC_PER_NODE )) "$@"
 
 # megagpt.launcher is torchrun with its stop by a signal said in one line, not a traceback.
 exec "$python" -m megagpt.launcher \

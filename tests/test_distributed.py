@@ -120,3 +120,25 @@ def test_torchrun_sh_names_a_bad_count_in_one_line_before_starting_anything(env,
                           env={**clean, **env}, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1
     assert done.stderr.startswith(f"torchrun.sh: {named}")
+
+
+@pytest.mark.parametrize("env, hostfile, named", [
+    ({"MASTER_PORT": "0"}, None, "MASTER_PORT=0: expected a whole number from 1 to 65535"),
+    ({"NUM_GPUS": "abc"}, None, "NUM_GPUS=abc: expected a whole number of at least 1 (workers on this node)"),
+    ({}, "a slots=2\nb\n", 'HOSTFILE=HF line 2: expected "HOST slots=N" (N at least 1), got "b"'),
+    ({}, "# nothing\n", "HOSTFILE=HF lists no host"),
+    ({"NODE_RANK": "2", "MASTER_ADDR": "a"}, "a slots=2 # 8 GPUs\n\nb slots=1\n",
+     "NODE_RANK=2: expected a whole number from 0 to 1 (this node's index among the 2 host(s) of HOSTFILE)"),
+    ({"NODE_RANK": "0", "MASTER_ADDR": "a"}, "a slots=2\nb slots=3\n",  # the config checked for all 5 ranks
+     "train.global_batch_tokens=100 is not a multiple of micro_batch_size × block_size × world_size = 12 × 64 × 5")])
+def test_deepspeed_sh_names_a_bad_setting_in_one_line_before_starting_anything(env, hostfile, named, tmp_path):
+    # before, DeepSpeed's runner printed its usage and an argparse error, or each rank the config's error
+    if hostfile is not None:
+        (tmp_path / "HF").write_text(hostfile)
+        env = {**env, "HOSTFILE": "HF"}
+    clean = {k: v for k, v in child_env().items() if k not in ("NUM_GPUS", "NODE_RANK", "HOSTFILE")}
+    done = subprocess.run(["bash", str(REPO / "launch" / "deepspeed.sh"), str(BASE_CONFIG), "--set",
+                           "train.global_batch_tokens=100"], cwd=tmp_path, env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert named in done.stderr
