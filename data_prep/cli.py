@@ -1,6 +1,7 @@
 """`megagpt prep {char,sentencepiece,shakespeare,chat,shakespeare-qa,preferences}` (also `python -m data_prep`):
 arguments -> PrepSettings; chat, shakespeare-qa and preferences bring their own sub-parsers (data_prep/chat.py,
-data_prep/shakespeare_qa.py, data_prep/preferences.py)."""
+data_prep/shakespeare_qa.py, data_prep/preferences.py). shakespeare-prefs is listed for -h only: it samples a
+model, so megagpt/cli.py runs it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import sys
 from data_prep.prep import PrepSettings, prepare
 from megagpt.errors import UserError
 
+PREFS = "shakespeare-prefs"  # listed by -h; megagpt/cli.py runs it (it samples a model)
+
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [PREFS]:
+        print(f"megagpt prep {PREFS}: error: it samples a model: run it as `megagpt prep {PREFS}`", file=sys.stderr)
+        return 2
+    args = _parser().parse_args(argv)
     try:
         if getattr(args, "run", None) is not None:  # kinds with their own parser and runner
             out = args.run(args)
@@ -102,4 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_parser(sub)
     shakespeare_qa.add_parser(sub)
     preferences.add_parser(sub)
+    # Listed here for -h; `megagpt prep shakespeare-prefs` runs it (it samples a model: megagpt's, not data_prep's).
+    sub.add_parser(PREFS, help="preference pairs sampled from an SFT model and labelled by the real-word rule "
+                   "(megagpt prep shakespeare-prefs -h)", add_help=False)
     return p

@@ -127,13 +127,23 @@ def _usage(argv: list[str]) -> int:
     if not argv:
         print(f"{usage}\n\nmegagpt: error: no command given", file=sys.stderr)
         return 2
+    if argv[0] in _groups() and argv[1:2] in (["-h"], ["--help"]):
+        commands = [" ".join(words) for words in COMMANDS if words[0] == argv[0]]
+        print(f"usage: megagpt {argv[0]} COMMAND ...  (each takes -h)\n\n{HELP[argv[0]]}\n\ncommands:\n"
+              + "\n".join(f"  megagpt {command}" for command in commands))
+        return 0
     print(f"megagpt: error: {_unknown(argv)} (megagpt -h lists the commands)", file=sys.stderr)
     return 2
 
 
+def _groups() -> set[str]:
+    """The first words that only name a group of commands (`bench`, `eval`), not a command of their own."""
+    return {words[0] for words in COMMANDS if len(words) > 1 and (words[0],) not in COMMANDS}
+
+
 def _unknown(argv: list[str]) -> str:
     """What is wrong with the first words of argv, and the command nearest to them."""
-    groups = {words[0] for words in COMMANDS if len(words) > 1 and (words[0],) not in COMMANDS}
+    groups = _groups()
     typed = argv[:2] if argv[0] in groups else argv[:1]
     known = [" ".join(words) for words in COMMANDS if words[0] == argv[0]] if argv[0] in groups else list(HELP)
     near = difflib.get_close_matches(" ".join(typed), known, n=1)

@@ -103,3 +103,20 @@ def test_out_of_range_arguments_are_one_line_before_any_model_loads(argv, says, 
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("group, commands", [("bench", ["kernels", "data", "train", "syncs", "val"]),
+                                             ("eval", ["qa", "prefs"]), ("data", ["verify"])])
+def test_a_group_of_commands_answers_help_with_its_commands(group, commands, capsys):
+    # before, `megagpt bench -h` was "unknown command 'bench -h': did you mean 'bench val'?", exit 2
+    assert cli.main([group, "-h"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: megagpt {group} COMMAND") and all(f"megagpt {group} {c}\n" in out for c in commands)
+
+
+def test_prep_help_lists_every_kind_the_readme_names(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["prep", "-h"])
+    out = capsys.readouterr().out
+    for kind in ("char", "sentencepiece", "shakespeare", "chat", "shakespeare-qa", "preferences", "shakespeare-prefs"):
+        assert f"    {kind} " in out or f"    {kind}\n" in out, kind
