@@ -218,7 +218,9 @@ def seal_dataset(work: Path, out_dir: Path, kind: str, tokenizers: tuple, dtype:
     out_dir."""
     base, base_file, tokenizer = tokenizers
     shutil.copy2(base_file, work / base_file.name)
-    files = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
+    kept = {extra.resolve(): out_dir / extra.name for extra in extra_files}  # an input kept inside: its final path
+    files = [{"path": str(kept.get(p.resolve(), p)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in paths]
     manifest = Manifest(
         format_version=FORMAT_VERSION, kind=kind,
         tokenizer=tokenizer_info(base.kind, work / base_file.name), vocab_size=tokenizer.vocab_size, token_dtype=dtype,
@@ -226,7 +228,7 @@ def seal_dataset(work: Path, out_dir: Path, kind: str, tokenizers: tuple, dtype:
         splits={name: write_shard_table(work, name, shards) for name, shards in splits.items()},
         sources={"files": files, **sources}, settings=settings,
     )
-    for extra in extra_files:  # after `files`: an extra file may be one of the inputs
+    for extra in extra_files:  # after `files` were hashed: an extra file may be one of the inputs
         shutil.move(extra, work / extra.name)
     write_manifest(work, manifest)
     replace_out_dir(work, out_dir)

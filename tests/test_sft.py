@@ -4,6 +4,7 @@ stage's loss, evaluation, exact resume, and 2 ranks under ZeRO-2 equal to 1."""
 import json
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from megagpt.chat_data import ChatLoader, Conversations, to_rows
 from megagpt.chat_template import ASSISTANT, CHAT_TOKENS, END, SYSTEM, USER, encode_conversation, truncate
 from megagpt.cli import main as megagpt
 from megagpt.config import ModelConfig
-from megagpt.dataset import Dataset
+from megagpt.dataset import Dataset, sha256_file
 from megagpt.inference import load_for_inference
 from megagpt.model import GPT
 from megagpt.stages.sft import masked_loss
@@ -348,6 +349,10 @@ def test_shakespeare_questions_hold_out_whole_speeches_from_every_play(qa, shake
     assert Dataset(qa).manifest.settings["holdout"] == "speeches"
     assert (qa / "tokenizer.json").read_bytes() == (shakespeare_dataset / "tokenizer.json").read_bytes()
     assert Dataset(qa).manifest.split("val").samples == len(val)
+    # the question files are the dataset's sources and stay inside it: the manifest names them there, as they are
+    named = [(Path(f["path"]), f["sha256"]) for f in Dataset(qa).manifest.sources["files"]]
+    assert named == [(qa / "questions-train.jsonl", sha256_file(qa / "questions-train.jsonl")),
+                     (qa / "questions-val.jsonl", sha256_file(qa / "questions-val.jsonl"))]
 
 
 def test_shakespeare_questions_tail_holdout_asks_about_the_last_tenth(shakespeare_path):
