@@ -100,6 +100,24 @@ def test_prep_summary_counts_truncations(shakespeare_dataset, tmp_path):
     assert [len(conversations[i][0]) for i in range(3)] == [13, 13, 20]
 
 
+def test_prep_counts_the_lines_it_reads_on_a_terminal_only(shakespeare_dataset, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    source = write_jsonl(tmp_path / "c.jsonl", [conversation("Who?", "ROMEO")] * 5)
+    for out, stderr in (("tty", Terminal()), ("pipe", io.StringIO())):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        prepare_chat([source], tmp_path / out, shakespeare_dataset, ChatPrepSettings(val_fraction=0.0))
+        monkeypatch.undo()
+        shown = stderr.getvalue()
+        assert ("read c.jsonl" in shown and " lines" in shown) if out == "tty" else shown == "", shown
+    assert (tmp_path / "tty" / "manifest.json").read_bytes() == (tmp_path / "pipe" / "manifest.json").read_bytes()
+
+
 # ---------------------------------------------------------------- prep chat
 
 
