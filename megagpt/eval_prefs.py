@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from megagpt.align_objectives import token_logprobs
 from megagpt.chat_template import END, check_messages, prompt_ids, require_chat_tokens
@@ -105,7 +106,9 @@ def answer(model, tokenizer, chunk: list[list[dict]], first: int, known: set[str
 def evaluate_run(path: Path, prompts: list[list[dict]], known: set[str], reward_model, reference, args) -> tuple:
     """(the run's row of the table, its sample records), the prompts answered --batch at a time."""
     model, tokenizer, cfg = load(path, args.device)
-    rows = [row for first in range(0, len(prompts), args.batch)
+    batches = tqdm(range(0, len(prompts), args.batch), desc=f"eval {path.name}", unit="batch", disable=None,
+                   leave=False)  # a bar where stderr is a terminal
+    rows = [row for first in batches
             for row in answer(model, tokenizer, prompts[first:first + args.batch], first, known, reward_model,
                               reference, args)]
     for row in rows:
@@ -131,7 +134,7 @@ def format_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megagpt eval prefs", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="RUN_DIR or EXPORT_DIR of each model (e.g. the sft, ppo and dpo runs)")
     p.add_argument("--reward-model", help="a reward model's run or export dir: also report its scores")
@@ -148,7 +151,11 @@ def main(argv: list[str]) -> int:
                    "batch size, up to float rounding)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a small model samples fastest on one)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
     if args.limit < 1 or args.max_new_tokens < 1 or args.batch < 1 or args.threads < 1:
         raise UserError("--limit, --max-new-tokens, --batch and --threads must be at least 1")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):  # also false for nan
