@@ -24,6 +24,7 @@ import torch
 
 from data_prep.prep import PrepSettings, prepare
 from megagpt.errors import UserError
+from megagpt.files import write_whole
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"  # optional
 
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    write_whole(args.out, json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from megagpt.config import Config, load_config
 from megagpt.errors import UserError
+from megagpt.files import write_whole
 from megagpt.metrics import read_metrics
 
 NANOGPT_ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms")
@@ -54,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     results = summarise(rounds, _tokens_per_step(cfg))
     _print(results)
     if json_out is not None:
-        tmp = json_out.with_name(f".{json_out.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        os.replace(tmp, json_out)  # whole or not at all: a Ctrl-C leaves no half file
+        write_whole(json_out, json.dumps(results, indent=1) + "\n")
     return 0
 
 

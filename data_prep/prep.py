@@ -49,6 +49,7 @@ from megagpt.dataset import (
     write_shard_table,
 )
 from megagpt.errors import UserError
+from megagpt.files import write_whole
 from megagpt.tokenizer import SENTENCEPIECE_FILE, CharTokenizer, SentencePieceTokenizer
 
 
@@ -372,16 +373,10 @@ def _encode_chunk(index: int, chunk, tokenizer_file: str | None, path: str, know
         table = np.zeros(int(seen[-1]) + 1 if seen.size else 1, dtype=np.int64)
         table[seen] = np.arange(seen.size)
         ids = table[ids]
-        _write_atomic(path[:-len(".bin")] + ".cp", seen.astype("<u4").tobytes())
+        write_whole(path[:-len(".bin")] + ".cp", seen.astype("<u4").tobytes(), fsync=False)
     dtype = token_dtype_for(seen.size if char else tokenizer.vocab_size)
-    _write_atomic(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
+    write_whole(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes(), fsync=False)  # digests on record
     return len(ids), _chunk_digest(path, char), dtype, seen
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
 
 
 def _tokenize(paths, settings: PrepSettings, tokenizer, work: Path, progress: _Progress, pool) -> dict:

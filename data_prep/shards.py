@@ -13,6 +13,7 @@ import webdataset as wds
 
 from megagpt.dataset import INDEX_RECORD, index_name
 from megagpt.errors import UserError
+from megagpt.files import write_whole
 
 TOKENS_FIELD = "tokens"  # each sample is {"__key__": "000042", "tokens": raw little-endian token ids}
 
@@ -111,8 +112,7 @@ def write_shard(job: ShardJob, out_dir: Path) -> dict:
         writer.close()
     index_bytes = np.array(index, dtype=INDEX_RECORD).tobytes()
     index_path = path.with_name(index_name(job.name))
-    index_path.with_name(index_path.name + ".tmp").write_bytes(index_bytes)
-    os.replace(index_path.with_name(index_path.name + ".tmp"), index_path)
+    write_whole(index_path, index_bytes, fsync=False)
     os.replace(tmp, path)
     return {"name": job.name, "samples": len(index), "tokens": job.end - job.start, "bytes": f.size,
             "sha256": f.digest.hexdigest(), "index_sha256": hashlib.sha256(index_bytes).hexdigest(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import re
 import shutil
@@ -18,6 +17,7 @@ import torch
 from megagpt.dataset import sha256_file
 from megagpt.distributed import DistInfo, barrier, warn_once
 from megagpt.errors import UserError
+from megagpt.files import write_whole
 from megagpt.run_lock import exit_if_orphaned
 
 TAG_PATTERN = re.compile(r"^step_(\d{6,})$")
@@ -68,7 +68,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def write_manifest(tag_dir: Path, extra: dict[str, Any]) -> None:
     files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-    _atomic_write(tag_dir / MANIFEST, json.dumps({"files": entries, **extra}, indent=1))
+    write_whole(tag_dir / MANIFEST, json.dumps({"files": entries, **extra}, indent=1))
 
 
 def verify_manifest(tag_dir: Path) -> str | None:
@@ -90,20 +90,6 @@ def verify_manifest(tag_dir: Path) -> str | None:
         if sha256_file(path) != sha256:
             return f"{path} does not match its sha256 in {manifest}"
     return None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write a temporary sibling, fsync, rename: readers see the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _human(size: float) -> str:
@@ -184,7 +170,7 @@ class Checkpointer:
             exit_if_orphaned()
             try:
                 write_manifest(tag_dir, {"step": step, "world_size": self.dist.world_size, **(meta or {})})
-                _atomic_write(self.directory / "latest", tag)
+                write_whole(self.directory / "latest", tag)
             except OSError as e:
                 self._save_failed(tag_dir, e)
                 raise

@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from megagpt.errors import UserError
+from megagpt.files import write_whole
 from megagpt.tokenizer import CHAR_FILE, SENTENCEPIECE_FILE, Tokenizer, tokenizer_from_file, with_special_tokens
 
 FORMAT_VERSION = 4  # 4: the tokenizer file's sha256 (3: still read, its tokenizer unchecked; 3 put per-shard
@@ -136,14 +137,8 @@ def write_manifest(dataset_dir: str | Path, manifest: Manifest) -> Path:
     """manifest.json, written via a temp name: a reader never sees half of it. Written last: each split's shard
     table (write_shard_table) comes first, as the manifest holds its sha256."""
     path = Path(dataset_dir) / MANIFEST
-    _write_atomic(path, (json.dumps(manifest.model_dump(mode="json", exclude_none=False), indent=1) + "\n").encode())
+    write_whole(path, (json.dumps(manifest.model_dump(mode="json", exclude_none=False), indent=1) + "\n").encode())
     return path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def parse_manifest(raw: bytes, where: Path) -> Manifest:
@@ -226,7 +221,7 @@ def write_shard_table(dataset_dir: str | Path, split: str, shards: list[dict]) -
     records = _records(shards)
     buffer = io.BytesIO()
     np.save(buffer, records, allow_pickle=False)
-    _write_atomic(Path(dataset_dir) / table_name(split), buffer.getvalue())
+    write_whole(Path(dataset_dir) / table_name(split), buffer.getvalue())
     return {"tokens": int(records["tokens"].sum()), "samples": int(records["samples"].sum()),
             "shards": len(records), "table_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from megagpt.align_objectives import token_logprobs
 from megagpt.chat_template import END, check_messages, prompt_ids, require_chat_tokens
 from megagpt.errors import UserError
+from megagpt.files import write_whole
 from megagpt.preference_data import completion_rows
 from megagpt.realwords import WORDS_FILE, load_vocabulary, real_word_rate
 from megagpt.reward_model import read_scores
@@ -191,7 +192,7 @@ def main(argv: list[str]) -> int:
               "settings": {k: getattr(args, k) for k in ("limit", "max_new_tokens", "temperature", "seed")},
               "runs": table, "samples": samples}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_whole(args.out, json.dumps(report, indent=1) + "\n")
     print(format_table(table))
     print(f"wrote {args.out}")
     sys.stdout.flush()

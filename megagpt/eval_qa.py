@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from megagpt.chat import generate_reply
 from megagpt.chat_template import END, chat_token_ids, check_messages, prompt_ids
 from megagpt.errors import UserError
+from megagpt.files import write_whole
 
 QUESTION_FILES = {"train": "questions-train.jsonl", "val": "questions-val.jsonl"}  # data_prep/shakespeare_qa.py
 SHOTS = (0, 1, 2, 3)
@@ -261,6 +262,6 @@ def main(argv: list[str]) -> int:
                       args.seed, device, args.step)
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        write_whole(args.json, json.dumps(report, indent=1) + "\n")
     sys.stdout.flush()
     return 0

@@ -13,7 +13,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from megagpt.config import Config, ModelConfig, load_config, with_vocab_size
 from megagpt.errors import UserError, refuse_file_in_the_way
+from megagpt.files import write_whole
 
 LAYER_TYPES = ("embedding", "attn_logits", "attn_output", "mlp_output", "residual", "logits")
 PARAMETRIZATIONS = ("standard", "mup")
@@ -210,9 +210,7 @@ def _scaled(t: torch.Tensor, scale) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def write_results(result: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".coord_check.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out / "coord_check.json")  # whole or not at all (a Ctrl-C while writing)
+    write_whole(out / "coord_check.json", json.dumps(result, indent=1) + "\n")
     written = [out / "coord_check.json"]
     try:
         import matplotlib

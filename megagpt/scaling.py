@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from megagpt.errors import UserError
+from megagpt.files import write_whole
 
 BOOTSTRAP = 200
 FORMULAS = {"compute": "L(C) = E + A * C^-alpha", "chinchilla": "L(N, D) = E + A / N^alpha + B / D^beta"}
@@ -333,7 +334,7 @@ def fit_main(argv: list[str]) -> int:
     rows, heldout = split_holdout(load_points(args.dirs), args.holdout)
     result = fit_points(rows, heldout, args.bootstrap)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fit.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_whole(args.out / "fit.json", json.dumps(result, indent=1) + "\n")
     print(f"megagpt scaling fit: wrote {args.out / 'fit.json'}")
     plot = plot_fit(result, rows, heldout, args.out / "fit.png")
     if plot:

@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import shlex
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from megagpt.config import Config, load_config
 from megagpt.errors import NAME_MAX, UserError, refuse_file_in_the_way
+from megagpt.files import write_whole
 
 STATE = "sweep_point.json"  # in each point's run dir: wall time, attempts, last exit code, failed/submitted
 SWEEP = "sweep.json"  # in DIR: the config, --set and grid the sweep was made with
@@ -128,7 +128,7 @@ def _remember(out: Path, config: str, common: list[str], grid: dict[str, list[st
                             f"pass the same config and --set to continue it, or another --out")
         now["grid"] = {**before["grid"], **grid}
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(now, indent=1) + "\n")
+    write_whole(path, json.dumps(now, indent=1) + "\n")
 
 
 def read_json(path: Path, fields: dict[str, type], todo: str) -> dict:
@@ -144,13 +144,6 @@ def read_json(path: Path, fields: dict[str, type], todo: str) -> dict:
     if bad is not None:
         raise UserError(f"{path}: {bad!r} is {value.get(bad)!r}, expected a {fields[bad].__name__}; {todo}")
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers (the next command, after a kill) see the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +231,7 @@ def read_state(run_dir: Path) -> dict:
 
 
 def write_state(run_dir: Path, state: dict) -> None:
-    _write_atomic(run_dir / STATE, json.dumps(state, indent=1) + "\n")
+    write_whole(run_dir / STATE, json.dumps(state, indent=1) + "\n")
 
 
 def is_finished(run_dir: Path, cfg: Config) -> bool:
@@ -294,7 +287,7 @@ def model_size(run_dir: Path, cfg: Config) -> tuple[int | None, float | None]:
 
 
 def write_results(rows: list[dict], out: Path, keys: list[str]) -> list[Path]:
-    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_whole(out / "results.json", json.dumps(rows, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
