@@ -11,7 +11,8 @@
 #
 # On a machine whose Python has torch and triton but not deepspeed, webdataset or pydantic (the lent GPU
 # machines), carry the wheels that ../shared/tools/device-wheels.sh puts in .whl/: they are installed into
-# /tmp/site first. Nothing is downloaded. Exit status: doctor's (0 only if every check that applies passed).
+# /tmp/site first (only where one of the three is missing). Nothing is downloaded. Exit status: doctor's (0 only if
+# every check that applies passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-${OUT:+$OUT/doctor}}
@@ -19,7 +20,8 @@ dest=${dest:-doctor_out}
 work=$(mktemp -d /tmp/megagpt_doctor.XXXX)
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" > /dev/null; then
+missing='import importlib.util as u, sys; sys.exit(all(u.find_spec(m) for m in ("deepspeed", "webdataset", "pydantic")))'
+if compgen -G ".whl/*.whl" > /dev/null && python3 -c "$missing"; then  # only where a package is missing
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || { echo "device_check: installing the carried wheels in .whl/ failed"; exit 2; }
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
@@ -31,4 +33,5 @@ status=${PIPESTATUS[0]}
 [[ -f "$work/report.md" ]] && cp "$work/report.md" "$dest/"
 tar -czf "$dest/doctor_files.tar.gz" -C "$work" --exclude=checkpoints . \
     && echo "device_check: $(du -h "$dest/doctor_files.tar.gz" | cut -f1) of logs and results in $dest"
+rm -rf "$work"  # the scratch folder's checkpoints: nothing in it is kept that the tar does not hold
 exit "$status"
