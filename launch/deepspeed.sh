@@ -29,6 +29,7 @@ args=(--master_port "$MASTER_PORT" --no_local_rank)
 if [[ -n "${HOSTFILE:-}" ]]; then
     [[ -f "$HOSTFILE" ]] || { echo "deepspeed.sh: HOSTFILE=$HOSTFILE does not exist" >&2; exit 2; }
     # "HOST slots=N" per line, '#' comments and blank lines skipped (DeepSpeed's reading): hosts and workers
+    hosts='' ranks=''
     read -r hosts ranks < <(awk '
         { sub(/#.*/, "") } NF == 0 { next }
         NF != 2 || $2 !~ /^slots=[0-9]+$/ || $2 == "slots=0" {
