@@ -198,13 +198,13 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> list[Path]:
     writer.writerows(rows)
     texts = {"table.txt": meta["note"] + "\n\n" + format_table(rows) + "\n", "results.csv": table.getvalue(),
              "results.json": json.dumps({**meta, "rows": rows}, indent=2) + "\n"}
-    written = [_replace_text(out / name, text) for name, text in texts.items()]
+    written = [replace_text(out / name, text) for name, text in texts.items()]
     return written + _plots(rows, meta, out)
 
 
-def _replace_text(path: Path, text: str) -> Path:
+def replace_text(path: Path, text: str) -> Path:
     """path holds text whole or keeps what it held: written beside it, then renamed over it (Ctrl-C, a full
-    disk)."""
+    disk). kernels/' own (it imports only torch and triton): megagpt's is megagpt.files.write_whole."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(text, newline="")

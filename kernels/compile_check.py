@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import csv
+import io
 import json
 import multiprocessing
 import os
@@ -33,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from kernels.bench import make_out
+from kernels.bench import make_out, replace_text
 from kernels.limits import head_dim_problem, width_problem
 
 # Largest shared memory one block may opt into, per compute capability (CUDA programming guide, table 21).
@@ -398,11 +399,12 @@ def write(results: list[Result], out: Path, arch: int) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.row() for r in results]
-    with open(out / "compile_check.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS + ["size_kind"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({**row, "size_kind": "D" if row["kernel"].startswith("attn") else "C"} for row in rows)
-    (out / "compile_check.json").write_text(json.dumps(
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS + ["size_kind"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({**row, "size_kind": "D" if row["kernel"].startswith("attn") else "C"} for row in rows)
+    replace_text(out / "compile_check.csv", table.getvalue())  # each file whole (a Ctrl-C, a full disk)
+    replace_text(out / "compile_check.json", json.dumps(
         {"arch": arch, "triton": triton.__version__, "ptxas": get_ptxas(arch).version,
          "shared_limit": SHARED_LIMIT[arch], "results": rows},
         indent=1))

@@ -16,7 +16,7 @@ import torch
 
 from megagpt.dataset import sha256_file
 from megagpt.distributed import DistInfo, barrier, warn_once
-from megagpt.errors import UserError
+from megagpt.errors import UserError, refuse_file_in_the_way
 from megagpt.files import write_whole
 from megagpt.run_lock import exit_if_orphaned
 
@@ -137,8 +137,7 @@ class Checkpointer:
     def refuse_obstacles(self) -> None:
         """A UserError where something the user made stands where checkpoints go: the folder as a file, or a
         `latest` that is not a file (a save would fail only at its first checkpoint, naming a temp file)."""
-        if self.directory.exists() and not self.directory.is_dir():
-            raise UserError(f"{self.directory} is a file, where the run's checkpoints go: move it away")
+        refuse_file_in_the_way(self.directory, str(self.directory), "the run's checkpoints go there: move it away")
         latest = self.directory / "latest"
         if latest.exists() and not latest.is_file():
             raise UserError(f"{latest} is not a file (megagpt writes the newest tag's name there): move it away")

@@ -679,7 +679,7 @@ def test_something_where_checkpoints_go_is_refused_before_training(obstacle, sha
     else:
         run_dir.mkdir()
         (run_dir / "checkpoints").write_text("notes")
-        match = r"checkpoints is a file, where the run's checkpoints go: move it away"
+        match = r"checkpoints: is a file; the run's checkpoints go there: move it away"
     before = snapshot(run_dir)
     with pytest.raises(UserError, match=match):
         train(load_config(None, tiny(shakespeare_dataset, max_steps=2)), run_dir)

@@ -249,16 +249,29 @@ def test_coord_check_is_flat_under_mup_and_grows_under_standard(shakespeare_data
     assert abs(standard["embedding"]) < 0.2  # the embeddings' output does not depend on the width
 
 
-def test_coord_check_reads_its_batches_as_it_trains_the_same_at_every_width(shakespeare_dataset):
-    # before, every seed's --steps batches were made up front: a large --steps ran out of memory before step 1
-    import itertools
+def test_coord_check_reads_its_batches_as_it_trains_the_same_at_every_width(shakespeare_dataset, monkeypatch):
+    # before, every seed's --steps batches were made up front (a list): a large --steps ran out of memory before
+    # step 1. Now each run gets an iterator that reads a batch as it trains, the same windows at every width.
+    import megagpt.mup as mup
 
-    from megagpt.dataset import Dataset
-    from megagpt.mup import _batches
+    class Trained(Exception):
+        pass
 
-    cfg = load_config(None, [f"data.dataset_dir={shakespeare_dataset}", "train.micro_batch_size=4"])
-    first, again = (list(itertools.islice(_batches(cfg, Dataset(shakespeare_dataset), 1, 10**12), 2))
-                    for _ in range(2))
+    runs = []  # per run: its width, what it was given, and the first 2 batches read from it
+
+    def first_two(model_cfg, cfg, batches, lr, seed):
+        runs.append((model_cfg.n_embd, batches, [next(batches) for _ in range(2)]))
+        raise Trained  # stands in for the rest of the training
+
+    monkeypatch.setattr(mup, "_train_and_record", first_two)
+    cfg = load_config(None, [f"data.dataset_dir={shakespeare_dataset}", "train.micro_batch_size=4",
+                             "model.n_layer=1", "model.n_head=1", "model.n_embd=16"])
+    for widths in ([16, 32], [32, 16]):  # the first run of each call: width 16, then width 32
+        with pytest.raises(Trained):
+            mup.coord_check(cfg, widths, steps=50, seeds=1)
+    assert [width for width, _, _ in runs] == [16, 32]
+    assert not any(isinstance(batches, list) for _, batches, _ in runs)  # nothing of --steps' size made up front
+    (_, _, first), (_, _, again) = runs
     assert all(torch.equal(a, b) for pair_a, pair_b in zip(first, again, strict=True)
                for a, b in zip(pair_a, pair_b, strict=True))
 
