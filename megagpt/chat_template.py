@@ -43,7 +43,7 @@ def check_messages(messages, final_role: str | None = "assistant") -> list[tuple
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise ConversationError(f"message {i}: expected {{\"role\": ..., \"content\": \"text\"}}")
         role = message.get("role")
-        if role not in ROLE_TOKENS:
+        if not isinstance(role, str) or role not in ROLE_TOKENS:  # a list or dict role is unhashable
             raise ConversationError(f"message {i}: unknown role {role!r} (expected system, user or assistant)")
         pairs.append((role, message["content"]))
     turns = pairs[1:] if pairs[0][0] == "system" else pairs

@@ -151,6 +151,7 @@ def test_conversations_read_the_same_from_one_shard_or_many(shakespeare_dataset,
 BAD = {
     "bad JSON": ('{"messages": [', "not valid JSON"),
     "unknown role": ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
+    "role not a string": ({"messages": [{"role": ["user"], "content": "x"}]}, "unknown role ['user']"),
     "roles out of order": ({"messages": [{"role": "assistant", "content": "x"}]}, "roles out of order"),
     "two users": ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
                   "roles out of order"),
