@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
@@ -385,6 +386,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     key_node.start_mark)
             first[key] = key_node
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-8, 5e8 and 1.0e8 as text: a float needs a dot and a signed exponent there. Typed keys
+# would convert the text, but `deepspeed.extra` hands it to DeepSpeed as a string; read them as YAML 1.2 does.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def _yaml_problem(error: yaml.YAMLError, one_line: bool = False) -> str:

@@ -128,6 +128,17 @@ def test_a_set_value_that_is_not_yaml_or_not_finite_is_one_line(override, says):
     assert says in str(err.value) and "\n" not in str(err.value)
 
 
+def test_numbers_in_exponent_notation_are_numbers_in_deepspeed_extra_too(tmp_path):
+    # YAML 1.1 reads 1e-8 and 5e8 as text, which reached DeepSpeed's optimizer as the string '1e-8'
+    path = tmp_path / "c.yaml"
+    path.write_text("deepspeed:\n  extra:\n    zero_optimization: {reduce_bucket_size: 5e8}\n")
+    cfg = load_config(path, ["deepspeed.extra.optimizer.params.eps=1e-8", "train.lr=3E-4",
+                             "deepspeed.extra.name='1e3'"])
+    ds = deepspeed_config(cfg, world_size=1)
+    assert ds["optimizer"]["params"]["eps"] == 1e-8 and ds["zero_optimization"]["reduce_bucket_size"] == 5e8
+    assert cfg.train.lr == 3e-4 and ds["name"] == "1e3"  # quoted: still text
+
+
 def test_gradient_accumulation_comes_from_global_batch_tokens():
     cfg = load_config(CONFIGS / "shakespeare_char_cpu.yaml", ["train.global_batch_tokens=3072"])
     ds = deepspeed_config(cfg, world_size=2)  # 3072 / (12 × 64 × 2) = 2
