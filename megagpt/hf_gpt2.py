@@ -25,6 +25,7 @@ TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight
 HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_TOKENIZER = "tokenizer.json"  # a `tokenizers` file; megagpt's own export carries tokenizer/ instead
+LFS_POINTER = b"version https://git-lfs"  # how a git clone without git-lfs leaves a weights file
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -42,11 +43,35 @@ def read_config(path: Path) -> dict:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The folder's weights under megagpt's names, fp32, the tied head included."""
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    name = next(name for name in HF_WEIGHTS if (path / name).is_file())
+    return megagpt_state_dict(load_weights_file(path / name))
 
-        return megagpt_state_dict(load_file(str(path / "model.safetensors")))
-    return megagpt_state_dict(torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True))
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A model.safetensors (a GPT-2 folder's, an export dir's) or pytorch_model.bin as stored; a one-line
+    UserError naming the file when it is not readable (copied in part, a git-lfs pointer never pulled)."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        why = ("a git-lfs pointer, not the weights: fetch them with `git lfs pull`" if _is_lfs_pointer(path) else
+               f"not readable ({detail}); copied in part? copy or export it again")
+        raise UserError(f"{path}: {why}") from None
+
+
+def _is_lfs_pointer(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_POINTER)) == LFS_POINTER
+    except OSError:
+        return False
 
 
 def hf_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:

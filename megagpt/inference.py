@@ -15,7 +15,16 @@ from megagpt.checkpoint import Checkpointer, step_of, tag_for, verify_manifest
 from megagpt.config import Config, config_from_dict, load_config, model_mismatch
 from megagpt.distributed import DistInfo, import_deepspeed, warn_once
 from megagpt.errors import UserError
-from megagpt.hf_gpt2 import HF_CONFIG, HF_TOKENIZER, HF_WEIGHTS, is_hf_folder, model_shape, read_config, read_weights
+from megagpt.hf_gpt2 import (
+    HF_CONFIG,
+    HF_TOKENIZER,
+    HF_WEIGHTS,
+    is_hf_folder,
+    load_weights_file,
+    model_shape,
+    read_config,
+    read_weights,
+)
 from megagpt.reward_model import inference_model
 from megagpt.universal import is_zero_partitioned
 
@@ -140,8 +149,6 @@ def _load_weights(path: Path, step: int | None):
         for message in warnings:
             warn_once(message)
         return config_from_dict({"model": shape}, str(path / HF_CONFIG)), read_weights(path)
-    from safetensors.torch import load_file
-
-    state = load_file(str(path / "model.safetensors"))
+    state = load_weights_file(path / "model.safetensors")
     state.setdefault("lm_head.weight", state["transformer.wte.weight"])  # tied: stored once
     return load_config(path / "config.yaml"), state

@@ -33,6 +33,7 @@ from megagpt.hf_gpt2 import (
     HF_WEIGHTS,
     TIED,
     is_hf_folder,
+    load_weights_file,
     model_shape,
     read_config,
     read_weights,
@@ -62,9 +63,7 @@ class InitSource:
         if self.kind == "run":
             state = consolidated_state_dict(self.path, self.tag)
         elif self.kind == "export":
-            from safetensors.torch import load_file
-
-            state = load_file(str(self.path / "model.safetensors"))
+            state = load_weights_file(self.path / "model.safetensors")
         else:
             state = read_weights(self.path)
         state = {name: t.float() for name, t in state.items()}

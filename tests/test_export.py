@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from megagpt.config import load_config
 from megagpt.data import eval_batches
 from megagpt.dataset import load_tokenizer
 from megagpt.doctor_checks import child_env
+from megagpt.errors import UserError
 from megagpt.export import export, hf_state_dict
 from megagpt.inference import load_for_inference
 from megagpt.model import GPT
@@ -198,3 +200,43 @@ def test_hf_layout_with_biases(tmp_path):
     with torch.no_grad():
         want = model(idx)[0]
     torch.testing.assert_close(_hf_logits(tmp_path, idx), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind, damage", [("export", "truncated"), ("export", "lfs pointer"), ("gpt2", "truncated"),
+                                         ("gpt2", "lfs pointer"), ("gpt2", "bin")])
+def test_an_unreadable_weights_file_is_one_line_naming_it(kind, damage, tmp_path, capsys):
+    """A weights file copied in part, or a git-lfs pointer left by a clone without git-lfs: sample, chat and
+    train.init_from read it through one loader, which names the file (not a safetensors/pickle traceback)."""
+    from safetensors.torch import save_file
+
+    from megagpt.config import save_config
+    from megagpt.export import hf_config
+    from megagpt.init_from import open_source
+
+    cfg = load_config(None, ["model.n_layer=1", "model.n_head=2", "model.n_embd=8", "model.block_size=8",
+                             "model.vocab_size=11", "model.bias=true"])
+    state = {k: v for k, v in GPT(cfg.model).state_dict().items() if k != "lm_head.weight"}
+    folder = tmp_path / kind
+    folder.mkdir()
+    if kind == "export":
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_config(cfg, folder / "config.yaml")
+        (folder / "export.json").write_text(json.dumps({"format": "megagpt", "checkpoint": "step_000001"}))
+    else:
+        save_file(hf_state_dict(state, cfg), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(hf_config(cfg, "fp32")))
+    weights = folder / "model.safetensors"
+    if damage == "bin":  # an older GPT-2 folder's pickle, half of it
+        weights.unlink()
+        weights = folder / "pytorch_model.bin"
+        torch.save(hf_state_dict(state, cfg), weights)
+    data = weights.read_bytes()
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize %d\n" % len(data)
+    weights.write_bytes(pointer if damage == "lfs pointer" else data[:len(data) // 2])
+    capsys.readouterr()
+    assert megagpt(["sample", str(folder), "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(weights) in err, err
+    assert ("git lfs pull" in err) == (damage == "lfs pointer"), err
+    with pytest.raises(UserError, match=re.escape(str(weights))):
+        open_source(str(folder)).state_dict()
