@@ -107,7 +107,7 @@ def plan(cfg: Config, gpus: int, gpu_name: str, gpu_mem_gib: float, peak_flops: 
     stage, b, ckpt = choice
     flops = pm.flops_per_token(m, params)
     tokens_per_sec = gpus * peak_flops * mfu / flops
-    step_tokens = batch["global_batch_tokens"] or b * m.block_size * gpus
+    step_tokens = batch["global_batch_tokens"] or b * (_accum(batch, b) or 1) * m.block_size * gpus
     network = network or pc.network_for(gpu_name)
     comm = communication(cfg, params.total, gpus, stage, b, _accum(batch, b) or 1, e,
                          step_tokens / tokens_per_sec, network)
@@ -181,15 +181,17 @@ def communication(cfg: Config, params: int, gpus: int, stage: int, micro: int, a
 def _batch(cfg: Config, gpus: int) -> dict:
     """Sequences per GPU per step and the micro batches that split them (powers of two)."""
     tokens, T = cfg.train.global_batch_tokens, cfg.model.block_size
-    if tokens is None:  # no global batch: any power of two up to 64 sequences per GPU
+    if tokens is None:  # no global batch: any power of two up to 64 sequences per GPU, train.grad_accum_steps
+        # (else 1) of them per step
         return {"global_batch_tokens": None, "sequences_per_gpu": None, "splits_evenly": True,
-                "micro_batch_candidates": [2**k for k in range(7)]}
+                "micro_batch_candidates": [2**k for k in range(7)],
+                "grad_accum_steps": cfg.train.grad_accum_steps or 1}
     per_gpu = tokens / (T * gpus)
     even = tokens % (T * gpus) == 0
     limit = int(per_gpu) if even else max(1, int(per_gpu))
     candidates = [2**k for k in range(limit.bit_length()) if (not even or int(per_gpu) % 2**k == 0)]
     return {"global_batch_tokens": tokens, "sequences_per_gpu": per_gpu, "splits_evenly": even,
-            "micro_batch_candidates": candidates}
+            "micro_batch_candidates": candidates, "grad_accum_steps": None}  # follows from the micro batch
 
 
 def _choose(candidates: list[int], need, usable: float) -> tuple[int, int, bool] | None:
@@ -203,6 +205,8 @@ def _choose(candidates: list[int], need, usable: float) -> tuple[int, int, bool]
 
 
 def _accum(batch: dict, micro: int) -> int | None:
+    if batch["grad_accum_steps"] is not None:
+        return batch["grad_accum_steps"]
     per_gpu = batch["sequences_per_gpu"]
     return int(per_gpu // micro) if per_gpu is not None and batch["splits_evenly"] else None
 

@@ -180,6 +180,24 @@ def test_choice_prefers_low_zero_stage_then_no_checkpointing_then_big_micro_batc
     assert plan["batch"]["sequences_per_gpu"] % b == 0
 
 
+def test_an_explicit_grad_accum_steps_is_planned_with(capsys):
+    # without a global batch, train.grad_accum_steps sets the micro-batches per step; the planner took 1
+    def planned(*sets):
+        args = [f"{ROOT}/configs/gpt3_125m.yaml", "--gpus", "16", "--gpu", "H100", "--json", "--set",
+                "train.global_batch_tokens=null", *sets]
+        assert planner.main(args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    one, four = planned(), planned("train.grad_accum_steps=4")
+    b = four["choice"]["micro_batch_size"]
+    assert four["choice"]["grad_accum_steps"] == four["communication"]["grad_accum_steps"] == 4
+    assert four["speed"]["step_seconds"] == pytest.approx(4 * one["speed"]["step_seconds"])
+    assert four["speed"]["step_seconds"] == pytest.approx(
+        4 * b * 2048 * 16 / four["speed"]["tokens_per_sec"])  # 4 micro batches of b sequences on each GPU
+    psi, e = four["params"]["total"], 2  # ZeRO-2: a reduce-scatter per micro-batch, one all-gather
+    assert four["communication"]["stages"]["zero2"]["bytes_per_gpu"] == pytest.approx((4 + 1) * psi * e * 15 / 16)
+
+
 def test_impossible_fit_is_a_one_line_error():
     with pytest.raises(UserError, match="does not fit even with ZeRO-3.*needs [0-9.]+ GiB per GPU"):
         planner.main([f"{ROOT}/configs/gpt3_175b.yaml", "--gpus", "8", "--gpu", "H100"])
