@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from megagpt.config import Config, ConfigError
+from megagpt.dataset import Dataset
 from megagpt.ds_config import frozen_model_config
-from megagpt.errors import UserError
 from megagpt.model import GPT
 
 
@@ -34,43 +34,44 @@ def freeze(model: torch.nn.Module, device: torch.device, cfg: Config) -> torch.n
     return engine.module.eval()  # its ZeRO-3 hooks gather each layer's weights for the forward
 
 
-def reference_spec(cfg: Config) -> str:
-    spec = cfg.align.reference or cfg.train.init_from
-    if not spec:
+def reference_spec(cfg: Config) -> tuple[str, str]:
+    """(the reference policy's path, the config key that names it)."""
+    if cfg.align.reference:
+        return cfg.align.reference, "align.reference"
+    if not cfg.train.init_from:
         raise ConfigError(f"train.stage={cfg.train.stage} needs a reference policy: set train.init_from (the SFT "
                           f"model) or align.reference")
-    return spec
+    return cfg.train.init_from, "train.init_from"
 
 
-def load_reference(cfg: Config, device: torch.device) -> GPT:
-    """The reference policy, a GPT of the run's model shape (vocabulary grown like the policy's)."""
-    from megagpt.init_from import load_into, open_source
+def load_reference(cfg: Config, dataset: Dataset, device: torch.device) -> GPT:
+    """The reference policy, a GPT of the run's model shape and the data's tokenizer (vocabulary grown like the
+    policy's)."""
+    from megagpt.init_from import check_tokenizer, load_into, open_source
 
-    spec = reference_spec(cfg)
-    source = open_source(spec)
-    for key, value in source.shape.items():
-        mine = getattr(cfg.model, key)
-        if key != "vocab_size" and mine != value:
-            raise ConfigError(f"align.reference={spec}: model.{key}={value!r} there, the policy has {mine!r}: the "
+    spec, key = reference_spec(cfg)
+    source = open_source(spec, key)
+    for name, value in source.shape.items():
+        mine = getattr(cfg.model, name)
+        if name != "vocab_size" and mine != value:
+            raise ConfigError(f"{key}={spec}: model.{name}={value!r} there, the policy has {mine!r}: the "
                               f"reference must have the policy's shape")
-    try:
-        return freeze(load_into(GPT(cfg.model), source), device, cfg)
-    except UserError as e:
-        raise ConfigError(f"align.reference={spec}: {e}") from None
+    check_tokenizer(source, dataset)  # else it would score token ids that mean other text to it, silently
+    return freeze(load_into(GPT(cfg.model), source), device, cfg)
 
 
-def load_reward_model(cfg: Config, device: torch.device):
-    """(the reward model, its config): a RewardModel that scores the policy's token ids."""
+def load_reward_model(cfg: Config, dataset: Dataset, device: torch.device):
+    """(the reward model, its config): a RewardModel that scores the policy's token ids (the data's tokenizer)."""
     from megagpt.inference import load_for_inference
-    from megagpt.init_from import parse_spec
+    from megagpt.init_from import check_tokenizer, open_source, parse_spec
     from megagpt.reward_model import RewardModel
 
     spec = cfg.align.reward_model
     if not spec:
         raise ConfigError("train.stage=ppo needs align.reward_model: the run (or export) dir of a reward model "
                           "(train.stage: reward)")
-    path, step = parse_spec(spec)
-    model, _, reward_cfg = load_for_inference(path, step, "cpu")
+    source = open_source(spec, "align.reward_model")  # a missing or wrong dir named by its key
+    model, _, reward_cfg = load_for_inference(*parse_spec(spec), "cpu")
     if not isinstance(model, RewardModel):
         raise ConfigError(f"align.reward_model={spec}: a run of train.stage={reward_cfg.train.stage}, not a reward "
                           f"model (train.stage: reward)")
@@ -80,4 +81,5 @@ def load_reward_model(cfg: Config, device: torch.device):
     if reward_cfg.model.block_size < cfg.model.block_size:
         raise ConfigError(f"align.reward_model={spec}: block_size {reward_cfg.model.block_size} is shorter than "
                           f"the policy's {cfg.model.block_size}: it could not score the longest replies")
+    check_tokenizer(source, dataset)  # the same vocabulary size is not the same token ids
     return freeze(model, device, cfg), reward_cfg

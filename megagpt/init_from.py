@@ -53,6 +53,7 @@ class InitSource:
     tag: str | None = None  # the checkpoint of a run dir
     tokenizer_file: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    key: str = "train.init_from"  # the config key that named it (align.reference reads a source too), for errors
 
     def describe(self) -> str:
         what = {"run": "run dir", "export": "export dir", "hf": "Hugging Face GPT-2 folder"}[self.kind]
@@ -71,20 +72,21 @@ class InitSource:
         return state
 
 
-def parse_spec(spec: str) -> tuple[Path, int | None]:
-    """`PATH` or `PATH@STEP`."""
+def parse_spec(spec: str, key: str = "train.init_from") -> tuple[Path, int | None]:
+    """`PATH` or `PATH@STEP`; key: the config key that holds it, for the error."""
     path, at, step = spec.rpartition("@")
     if at and step.isdigit():
         return Path(path), int(step)
     if at and not Path(spec).exists():
-        raise ConfigError(f"train.init_from={spec!r}: @{step} is not a step number (PATH@STEP, e.g. runs/x@500)")
+        raise ConfigError(f"{key}={spec!r}: @{step} is not a step number (PATH@STEP, e.g. runs/x@500)")
     return Path(spec), None
 
 
-def open_source(spec: str) -> InitSource:
-    """The source named by train.init_from: kind, shape and tokenizer, read from its small files only."""
-    path, step = parse_spec(spec)
-    where = f"train.init_from={spec}"
+def open_source(spec: str, key: str = "train.init_from") -> InitSource:
+    """The source named by train.init_from (or another key: align.reference): kind, shape and tokenizer, read
+    from its small files only."""
+    path, step = parse_spec(spec, key)
+    where = f"{key}={spec}"
     if not path.exists():
         raise ConfigError(f"{where}: no such directory")
     if step is not None and not is_run_dir(path):
@@ -95,18 +97,18 @@ def open_source(spec: str) -> InitSource:
 
         tag = on_main(lambda: _resolve(resolve_tag, path, step, where))
         model = load_config(path / "config.yaml").model
-        return InitSource(path, "run", _keys(model), tag, _megagpt_tokenizer(path))
+        return InitSource(path, "run", _keys(model), tag, _megagpt_tokenizer(path), key=key)
     if is_export_dir(path) and json.loads((path / EXPORT_MARKER).read_text()).get("format") != "hf":
         from megagpt.config import load_config
 
         return InitSource(path, "export", _keys(load_config(path / "config.yaml").model), None,
-                          _megagpt_tokenizer(path))
+                          _megagpt_tokenizer(path), key=key)
     if is_hf_folder(path):
         shape, warnings = model_shape(read_config(path), str(path / HF_CONFIG))
         tokenizer = path / HF_TOKENIZER if (path / HF_TOKENIZER).is_file() else None
         if tokenizer is None and (path / TOKENIZER_DIR).is_dir():  # megagpt's own HF export
             tokenizer = _megagpt_tokenizer(path)
-        return InitSource(path, "hf", {**shape, "parametrization": "standard"}, None, tokenizer, warnings)
+        return InitSource(path, "hf", {**shape, "parametrization": "standard"}, None, tokenizer, warnings, key)
     raise ConfigError(f"{where}: neither a megagpt run dir (config.yaml + checkpoints/), a megagpt export dir "
                       f"(model.safetensors + {EXPORT_MARKER}) nor a Hugging Face GPT-2 folder (config.json + "
                       f"{' or '.join(HF_WEIGHTS)})")
@@ -150,7 +152,7 @@ def resolve(cfg: Config, dataset: Dataset, run_dir: Path) -> tuple[Config, InitS
     source = open_source(cfg.train.init_from)
     for message in source.warnings:
         warn_once(message)
-    _check_tokenizer(source, dataset)
+    check_tokenizer(source, dataset)
     shape = {**source.shape, "vocab_size": max(source.shape["vocab_size"], dataset.vocab_size)}
     explicit = cfg.model.model_fields_set
     for key, value in shape.items():
@@ -173,17 +175,19 @@ def _with_model(cfg: Config, update: dict[str, Any]) -> Config:
     return cfg.model_copy(update={"model": model})
 
 
-def _check_tokenizer(source: InitSource, dataset: Dataset) -> None:
+def check_tokenizer(source: InitSource, dataset: Dataset) -> None:
     """The dataset must be tokenized with the source's tokenizer (chat tokens appended are fine)."""
     if source.tokenizer_file is None:
-        warn_once(f"train.init_from: {source.describe()} carries no tokenizer; make sure {dataset.dir} was "
+        warn_once(f"{source.key}: {source.describe()} carries no tokenizer; make sure {dataset.dir} was "
                   f"prepared with the tokenizer the model was trained with")
         return
     mine = dataset.dir / dataset.manifest.tokenizer.file
     if sha256_file(mine) != sha256_file(source.tokenizer_file):
-        raise ConfigError(f"train.init_from: {source.describe()} was trained with the tokenizer "
+        advice = (f"prepare the data with `megagpt prep chat --tokenizer {source.path}`"
+                  if source.key == "train.init_from" else f"{source.key} must be a model of the data's tokenizer")
+        raise ConfigError(f"{source.key}: {source.describe()} was trained with the tokenizer "
                           f"{source.tokenizer_file}, but data.dataset_dir {dataset.dir} uses another one ({mine}); "
-                          f"prepare the data with `megagpt prep chat --tokenizer {source.path}`")
+                          f"{advice}")
 
 
 # ---------------------------------------------------------------- the weights into a new model
@@ -202,7 +206,7 @@ def load_into(model: torch.nn.Module, source: InitSource) -> torch.nn.Module:
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
         detail = lines[-1 if len(lines) > 1 else 0].strip()[:200]
-        raise UserError(f"train.init_from: the weights of {source.describe()} do not fit the model ({detail})") \
+        raise UserError(f"{source.key}: the weights of {source.describe()} do not fit the model ({detail})") \
             from None
     return model
 

@@ -4,6 +4,8 @@ float64 references, the score read at the end-of-turn, evaluation recomputed, a 
 import json
 import math
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from megagpt.align_objectives import bradley_terry_loss, dpo_loss, sequence_logp
 from megagpt.chat_template import ASSISTANT, CHAT_TOKENS, END, USER
 from megagpt.cli import main as megagpt
 from megagpt.config import ModelConfig
-from megagpt.dataset import Dataset
+from megagpt.dataset import Dataset, sha256_file
 from megagpt.inference import load_for_inference
 from megagpt.model import GPT
 from megagpt.preference_data import Pairs, Prompts, pair_rows, score_rows
@@ -116,6 +118,33 @@ def test_the_reward_stage_refuses_a_chat_dataset(chain, tmp_path, capsys):
 
     with pytest.raises(DataError, match="kind 'preferences'"):
         train_run(tmp_path / "run", stage_overrides("reward", chain["chats"], chain["sft"]))
+
+
+def _with_another_tokenizer(run: Path, out: Path) -> Path:
+    """A copy of a run whose char tokenizer lists the same number of characters in another order: the same
+    vocab_size and shape, other token ids."""
+    shutil.copytree(run, out)
+    folder = out / "tokenizer"
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["chars"] = spec["chars"][::-1]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = sha256_file(folder / "tokenizer.json")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize("key", ["reference", "reward_model"])
+def test_a_frozen_model_of_another_tokenizer_or_missing_is_refused_naming_its_key(chain, tmp_path, key):
+    from megagpt.config import ConfigError
+
+    stage, run = ("dpo", chain["sft"]) if key == "reference" else ("ppo", chain["reward"])
+    other = _with_another_tokenizer(run, tmp_path / "other")
+    extra = {} if key == "reference" else {"align_reward_model": str(chain["reward"])}
+    for path, message in ((other, "uses another one"), (tmp_path / "gone", "no such directory")):
+        overrides = stage_overrides(stage, chain["prefs"], chain["sft"], **{**extra, f"align_{key}": str(path)})
+        with pytest.raises(ConfigError, match=f"^align.{key}.*{message}"):
+            train_run(tmp_path / f"run_{path.name}", overrides)
 
 
 # ---------------------------------------------------------------- the objectives against float64

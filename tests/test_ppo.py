@@ -14,6 +14,7 @@ from dist_helpers import finish, single, torchrun, wait_for
 from helpers import train_records
 
 from megagpt.align_objectives import KLController, gae, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss, whiten
+from megagpt.dataset import Dataset
 from megagpt.export import export
 from megagpt.frozen_models import load_reference
 from megagpt.inference import load_for_inference
@@ -209,7 +210,7 @@ def test_ppo_moves_the_policy_and_leaves_reference_and_reward_model_bit_identica
     run = train_steps(cfg, tmp_path / "run", 2)
     sft, _, _ = load_for_inference(chain["sft"])
     reward, _, _ = load_for_inference(chain["reward"])
-    fresh_reference = load_reference(run.cfg, torch.device("cpu"))
+    fresh_reference = load_reference(run.cfg, run.stage.dataset, torch.device("cpu"))
     for name, p in run.stage.reference.named_parameters():
         assert torch.equal(p, fresh_reference.state_dict()[name]) and not p.requires_grad, name
         assert torch.equal(p, sft.state_dict()[name]), name
@@ -279,7 +280,7 @@ def test_under_zero3_the_frozen_models_are_partitioned_and_score_as_replicated(c
     vocab = sft_cfg.model.vocab_size
     sharded = run_config([*ppo_overrides(chain, zero_stage=3), f"model.vocab_size={vocab}"])
     ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    reference = load_reference(sharded, torch.device("cpu"))
+    reference = load_reference(sharded, Dataset(chain["prefs"]), torch.device("cpu"))
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in reference.parameters())  # only the partition
     with torch.no_grad():
         got, want = reference(ids)[0], sft(ids)[0]

@@ -35,7 +35,7 @@ class DPOStage(PairStage):
         if not (cfg.align.reference or cfg.train.init_from):
             raise ConfigError("train.stage=dpo needs the SFT model: set train.init_from (also the reference) or "
                               "align.reference")
-        self.reference = load_reference(cfg, device)
+        self.reference = load_reference(cfg, dataset, device)
         self.stats = PairStats(STATS, device)
         self._sample_prompt: list[int] | None = None
 

@@ -73,9 +73,9 @@ class PPOStage(LossStage):
         self.prompts = Prompts(dataset, "train", cfg.model.block_size - 1)  # first: refuses other kinds
         self.schedule = PromptSchedule(len(self.prompts), cfg.train.micro_batch_size, grad_accum_steps,
                                        cfg.align.rollout_minibatches, dist.rank, dist.world_size, cfg.train.seed)
-        self.reward_model, reward_cfg = load_reward_model(cfg, device)
+        self.reward_model, reward_cfg = load_reward_model(cfg, dataset, device)
         self.value_cfg = reward_cfg.model
-        self.reference = load_reference(cfg, device)
+        self.reference = load_reference(cfg, dataset, device)
         self.kl = KLController(cfg.align.kl_coef, cfg.align.target_kl, cfg.align.kl_horizon)
         self.lockstep = cfg.deepspeed.zero_stage == 3  # every forward is a collective
         self.step = 0
