@@ -17,7 +17,7 @@ import torch
 
 from megagpt.chat_template import END, chat_token_ids, check_messages, prompt_ids
 from megagpt.errors import UserError
-from megagpt.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, filter_logits
+from megagpt.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, draw_token, sampling_probabilities
 from megagpt.generate import prompt_ids as text_ids
 from megagpt.model import KVCache
 
@@ -59,10 +59,7 @@ def stream_reply(model, prompt: list[int], stop_id: int | None, max_new_tokens: 
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> int:
-    if temperature <= 0:
-        return int(logits.argmax(dim=-1))
-    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-    return int(torch.multinomial(probs, num_samples=1, generator=generator))
+    return draw_token(sampling_probabilities(logits, temperature, top_k, top_p), temperature, generator)
 
 
 @dataclass

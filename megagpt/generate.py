@@ -59,11 +59,10 @@ def generate(
             fed = idx.size(1)
         else:
             logits, _ = model(idx[:, -block_size:])
-        logits = logits[:, -1, :].float()
+        probs = sampling_probabilities(logits[:, -1, :].float(), temperature, top_k, top_p)
         if temperature <= 0:  # greedy
-            next_token = logits.argmax(dim=-1, keepdim=True)
+            next_token = probs.argmax(dim=-1, keepdim=True)
         else:
-            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
             next_token = torch.multinomial(probs, num_samples=1, generator=generator)
         idx = torch.cat([idx, next_token.to(idx.device)], dim=1)
     model.train(was_training)
@@ -108,7 +107,7 @@ def generate_replies(
     cache = KVCache(model.cfg.n_layer)
     logits, _ = model(torch.tensor([p[:start] for p in prompts], device=device), cache=cache)
     for t in range(start, end):  # t: the position whose token every row picks now
-        probs = _probabilities(logits[:, -1, :].float(), temperature, top_k, top_p)  # (B, V)
+        probs = sampling_probabilities(logits[:, -1, :].float(), temperature, top_k, top_p)  # (B, V)
         column = []
         for i, prompt in enumerate(prompts):
             if t < lengths[i]:
@@ -116,7 +115,7 @@ def generate_replies(
             elif done[i]:
                 column.append(prompt[0])  # filler: nothing reads it
             else:
-                token = _draw(probs[i:i + 1], temperature, generators[i])
+                token = draw_token(probs[i:i + 1], temperature, generators[i])
                 replies[i].append(token)
                 stopped[i] = token == stop_id
                 done[i] = stopped[i] or len(replies[i]) == caps[i]
@@ -128,15 +127,20 @@ def generate_replies(
     return list(zip(replies, stopped, strict=True))
 
 
-def _probabilities(logits: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
-    """(B, V) the sampling distribution of each row (the logits themselves when greedy: temperature <= 0)."""
+def sampling_probabilities(logits: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
+    """(B, V) the sampling distribution of each row (the logits themselves when greedy: temperature <= 0).
+    The largest logit is shifted to 0 before dividing by the temperature, so a temperature near 0 (1e-40, or
+    below float32's smallest normal, which it is raised to) sends the others to -inf, never to inf (NaN)."""
     if temperature <= 0:
         return logits
-    return torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    scaled = shifted / max(temperature, torch.finfo(logits.dtype).tiny)
+    return torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
 
 
-def _draw(probs: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
-    """One token from a (1, V) row, as megagpt/chat.py draws it for one prompt (the same generator call)."""
+def draw_token(probs: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    """One token from a (1, V) row of sampling_probabilities: generate_replies' rows and megagpt/chat.py's
+    replies draw it alike (the same generator call)."""
     if temperature <= 0:
         return int(probs.argmax(dim=-1))
     return int(torch.multinomial(probs, num_samples=1, generator=generator))

@@ -44,3 +44,23 @@ def test_a_long_sample_shows_a_bar_on_a_terminal_only_and_samples_the_same(monke
         shown.append(stderr.getvalue())
     assert all(torch.equal(out, outs[0]) for out in outs) and outs[0].shape == (1, 13)
     assert shown[0] == "" and "sample:" in shown[1] and "/12 " in shown[1] and shown[2] == ""  # a pipe: no bar
+
+
+
+def test_a_temperature_near_zero_samples_the_likeliest_tokens_not_nan():
+    """logits / 1e-40 overflowed float32 to inf (and below ~1e-45 the temperature itself rounded to 0): softmax
+    gave NaN and torch.multinomial raised. Near 0 the tokens are the greedy ones, with or without top-k/top-p."""
+    from megagpt.config import ModelConfig
+    from megagpt.generate import generate
+    from megagpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # confident logits, as a trained model's: |logit| / 1e-40 > float32's max
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    greedy = generate(model, idx, 10, temperature=0)
+    for temperature in (1e-40, 1e-46, 1e-300):
+        for top_k, top_p in ((None, None), (3, None), (None, 0.9)):
+            out = generate(model, idx, 10, temperature, top_k, top_p, torch.Generator().manual_seed(1))
+            assert torch.equal(out, greedy), (temperature, top_k, top_p)
