@@ -146,7 +146,7 @@ def main(argv: list[str]) -> int:
     from megagpt.sample import check_sampling_args, resolve_device
 
     args = parser().parse_args(argv)
-    check_sampling_args(1, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling_args(1, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     device = resolve_device(args.device)
     model, tokenizer, _ = load_for_inference(args.path, args.step, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)

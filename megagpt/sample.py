@@ -19,6 +19,7 @@ def check_sampling_args(
     temperature: float = DEFAULT_TEMPERATURE,
     top_k: int | None = DEFAULT_TOP_K,
     top_p: float | None = None,
+    seed: int = 0,
 ) -> None:
     """A one-line UserError, named as the command-line flag, for the first argument out of range."""
     if num_samples < 1:
@@ -31,6 +32,8 @@ def check_sampling_args(
         raise UserError(f"--top-k {top_k}: must be at least 1 (or left out)")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    if not -2**63 <= seed < 2**64:  # what a torch.Generator takes
+        raise UserError(f"--seed {seed}: must be between -2**63 and 2**64 - 1")
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -72,9 +75,12 @@ def sample_texts(
     device: str | None = None,
     use_cache: bool = True,
 ) -> list[str]:
-    check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p, seed)
     device = resolve_device(device)
-    model, tokenizer, _ = load_for_inference(path, step, device)
+    model, tokenizer, cfg = load_for_inference(path, step, device)
+    if cfg.train.stage == "reward":
+        raise UserError(f"{path}: a reward model (train.stage: reward) scores text and does not generate it; "
+                        f"sample a language model's run (pretrain, sft, dpo or ppo)")
     ids = encode_prompt(tokenizer, prompt)
     generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)

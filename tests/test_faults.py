@@ -580,6 +580,8 @@ def test_a_failed_export_leaves_nothing_behind(trained, small_disk):
     ({"top_k": 0}, "--top-k 0: must be at least 1"),
     ({"top_p": 1.5}, r"--top-p 1.5: must be in \(0, 1\]"),
     ({"top_p": 0.0}, r"--top-p 0.0: must be in \(0, 1\]"),
+    ({"seed": 2**64}, r"--seed 18446744073709551616: must be between -2\*\*63 and 2\*\*64 - 1"),
+    ({"seed": -2**63 - 1}, "--seed -9223372036854775809: must be between"),
 ])
 def test_sampling_arguments_out_of_range_are_one_line_errors(kwargs, message):
     with pytest.raises(UserError, match=message) as bad:
@@ -589,7 +591,18 @@ def test_sampling_arguments_out_of_range_are_one_line_errors(kwargs, message):
 
 def test_sampling_arguments_in_range_pass():
     check_sampling_args(num_samples=1, max_new_tokens=1, temperature=0.0, top_k=None, top_p=1.0)
-    check_sampling_args(num_samples=3, max_new_tokens=5, temperature=2.0, top_k=1, top_p=1e-3)
+    check_sampling_args(num_samples=3, max_new_tokens=5, temperature=2.0, top_k=1, top_p=1e-3, seed=2**64 - 1)
+    check_sampling_args(seed=-2**63)
+
+
+def test_a_reward_run_is_refused_by_sample_in_one_line(run_copy):
+    """A reward model's forward gives scores, not logits: refused whether or not the KV cache is used (without
+    it, the scores were indexed as logits: an IndexError traceback)."""
+    config = run_copy / "config.yaml"
+    config.write_text(config.read_text().replace("stage: pretrain", "stage: reward"))
+    for use_cache in (True, False):
+        with pytest.raises(UserError, match=f"{run_copy}: a reward model .* does not generate it"):
+            sample_texts(run_copy, "A", 4, use_cache=use_cache)
 
 
 def test_characters_outside_the_vocabulary_are_named_once_each(trained):
