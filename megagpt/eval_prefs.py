@@ -61,6 +61,25 @@ def find_reference(runs: list[Path]) -> str | None:
     return None
 
 
+def check_tokenizers(runs: list[Path], judges: list[tuple[str, str]]) -> None:
+    """The reward model and the reference (judges: (spec, option)) score the runs' token ids: each must carry the
+    tokenizer of every run (its file byte-identical), else its scores and the KL would be of other text."""
+    from megagpt.dataset import sha256_file
+    from megagpt.init_from import open_source
+
+    def tokenizer(spec, option: str) -> tuple[Path | None, str | None]:
+        file = open_source(str(spec), option).tokenizer_file
+        return file, sha256_file(file) if file else None
+
+    for spec, option in judges:
+        judge_file, judge = tokenizer(spec, option)
+        for run in runs:
+            run_file, mine = tokenizer(run, "RUN_DIR")
+            if judge and mine and judge != mine:
+                raise UserError(f"{option} {spec}: its tokenizer ({judge_file}) is not the one of {run} ({run_file});"
+                                f" it reads other token ids: pass a model of that run's tokenizer")
+
+
 def load(spec: str | Path, device: str):
     from megagpt.inference import load_for_inference
     from megagpt.init_from import parse_spec
@@ -109,9 +128,12 @@ def evaluate_run(path: Path, prompts: list[list[dict]], known: set[str], reward_
     model, tokenizer, cfg = load(path, args.device)
     batches = tqdm(range(0, len(prompts), args.batch), desc=f"eval {path.name}", unit="batch", disable=None,
                    leave=False)  # a bar where stderr is a terminal
-    rows = [row for first in batches
-            for row in answer(model, tokenizer, prompts[first:first + args.batch], first, known, reward_model,
-                              reference, args)]
+    try:
+        rows = [row for first in batches
+                for row in answer(model, tokenizer, prompts[first:first + args.batch], first, known, reward_model,
+                                  reference, args)]
+    except ValueError as e:  # a character outside a char vocabulary
+        raise UserError(f"{path}: a held-out prompt of --data does not fit its tokenizer: {e}") from None
     for row in rows:
         row["run"] = str(path)
     summary = {"run": str(path), "stage": cfg.train.stage, "prompts": len(rows)}
@@ -177,10 +199,12 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--data {data}: no {VAL_PROMPTS}; `megagpt prep shakespeare-prefs` writes it")
     prompts = [json.loads(line)["messages"] for line in (data / VAL_PROMPTS).read_text().splitlines()
                if line.strip()][:args.limit]
+    reference_spec = args.reference or find_reference(runs)
+    check_tokenizers(runs, [(spec, option) for spec, option in ((args.reward_model, "--reward-model"),
+                                                                (reference_spec, "--reference")) if spec])
     reward_model = load(args.reward_model, args.device)[0] if args.reward_model else None
     if reward_model is not None and not hasattr(reward_model, "score"):
         raise UserError(f"--reward-model {args.reward_model}: not a reward model (train.stage: reward)")
-    reference_spec = args.reference or find_reference(runs)
     reference = load(reference_spec, args.device)[0] if reference_spec else None
     torch.manual_seed(args.seed)
     table, samples = [], []

@@ -120,13 +120,13 @@ def test_the_reward_stage_refuses_a_chat_dataset(chain, tmp_path, capsys):
         train_run(tmp_path / "run", stage_overrides("reward", chain["chats"], chain["sft"]))
 
 
-def _with_another_tokenizer(run: Path, out: Path) -> Path:
-    """A copy of a run whose char tokenizer lists the same number of characters in another order: the same
-    vocab_size and shape, other token ids."""
+def _with_another_tokenizer(run: Path, out: Path, chars=lambda chars: chars[::-1]) -> Path:
+    """A copy of a run whose char tokenizer lists as many characters, `chars(its own)` (by default in reverse
+    order): the same vocab_size and shape, other token ids."""
     shutil.copytree(run, out)
     folder = out / "tokenizer"
     spec = json.loads((folder / "tokenizer.json").read_text())
-    spec["chars"] = spec["chars"][::-1]
+    spec["chars"] = chars(spec["chars"])
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["tokenizer"]["sha256"] = sha256_file(folder / "tokenizer.json")
@@ -369,6 +369,33 @@ def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, t
     assert row["real_word_rate"] == pytest.approx(sum(real_word_rate(s["reply"], known) for s in samples) / 3)
     assert row["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # the SFT model against itself
     assert "real words" in capsys.readouterr().out
+
+
+def _prompts_dir(folder: Path, prompt: str) -> Path:
+    """The two files of a `prep shakespeare-prefs` dir that `eval prefs` reads, with one held-out prompt."""
+    folder.mkdir()
+    (folder / "words.txt").write_text("hi\n")
+    write_jsonl(folder / "prompts-val.jsonl", [{"messages": [{"role": "user", "content": prompt}]}])
+    return folder
+
+
+@pytest.mark.parametrize("option", ["--reward-model", "--reference"])
+def test_eval_prefs_refuses_a_judge_of_another_tokenizer_before_sampling(option, chain, tmp_path, capsys):
+    run = chain["reward"] if option == "--reward-model" else chain["sft"]
+    other = _with_another_tokenizer(run, tmp_path / "other")
+    assert megagpt(["eval", "prefs", str(chain["sft"]), option, str(other), "--data",
+                    str(_prompts_dir(tmp_path / "data", "hi")), "--out", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{option} {other}: its tokenizer" in err, err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_eval_prefs_names_the_run_whose_tokenizer_cannot_write_a_prompt(chain, tmp_path, capsys):
+    no_h = _with_another_tokenizer(chain["sft"], tmp_path / "no_h", lambda chars: [c.replace("h", "~") for c in chars])
+    assert megagpt(["eval", "prefs", str(no_h), "--data", str(_prompts_dir(tmp_path / "data", "hi")), "--out",
+                    str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{no_h}: a held-out prompt" in err and "'h'" in err, err
 
 
 @pytest.mark.parametrize("which", ["run", "--reward-model", "--reference"])
