@@ -93,9 +93,14 @@ def plan(cfg: Config, gpus: int, gpu_name: str, gpu_mem_gib: float, peak_flops: 
     e = pm.BYTES_PER_ELEMENT[t.dtype]
     usable = gpu_mem_gib * (1 - MEMORY_MARGIN) * GIB
     batch = _batch(cfg, gpus)
+    hpz = pc.hpz_partition_size(cfg.deepspeed.extra.get("zero_optimization", {}))
+
+    def states(stage: int) -> float:  # with hpZ's secondary copy of the weights where the config turns it on
+        hpz_copy = pc.hpz_bytes(params.total, hpz) if stage == 3 and hpz > 1 else 0
+        return pm.model_state_bytes(params, stage, gpus) + hpz_copy
 
     def need(stage: int, b: int, ckpt: bool) -> float:
-        return pm.model_state_bytes(params, stage, gpus) + pm.activation_bytes(m, b, e, ckpt)
+        return states(stage) + pm.activation_bytes(m, b, e, ckpt)
 
     choice = _choose(batch["micro_batch_candidates"], need, usable)
     if choice is None:
@@ -111,9 +116,9 @@ def plan(cfg: Config, gpus: int, gpu_name: str, gpu_mem_gib: float, peak_flops: 
     network = network or pc.network_for(gpu_name)
     comm = communication(cfg, params.total, gpus, stage, b, _accum(batch, b) or 1, e,
                          step_tokens / tokens_per_sec, network)
-    if "with_zeropp" in comm:  # hpZ's secondary weight partition costs memory
-        hpz = pc.hpz_bytes(params.total, network.gpus_per_node)
-        comm["with_zeropp"]["memory_gib"] = (need(stage, b, ckpt) + hpz) / GIB
+    if "with_zeropp" in comm:  # hpZ's secondary weight partition costs memory (counted in need() if already on)
+        added = pc.hpz_bytes(params.total, network.gpus_per_node) if hpz == 1 else 0
+        comm["with_zeropp"]["memory_gib"] = (need(stage, b, ckpt) + added) / GIB
     return {
         "gpus": gpus,
         "gpu": {"name": gpu_name, "memory_gib": gpu_mem_gib, "peak_tflops": peak_flops / 1e12,
@@ -127,7 +132,7 @@ def plan(cfg: Config, gpus: int, gpu_name: str, gpu_mem_gib: float, peak_flops: 
         "batch": batch,
         "memory_gib": {
             f"zero{z}": {
-                "model_states": pm.model_state_bytes(params, z, gpus) / GIB,
+                "model_states": states(z) / GIB,
                 "activations": pm.activation_bytes(m, b, e, False) / GIB,
                 "activations_checkpointed": pm.activation_bytes(m, b, e, True) / GIB,
                 "total": need(z, b, False) / GIB,
@@ -253,10 +258,10 @@ def render(r: dict) -> str:
               f"in {s['days_for_max_steps']:.1f} days (at MFU {s['mfu']:g}, before communication: see comm)"]
     if c["activation_checkpointing"]:
         lines.append("          (checkpointing recomputes the forward: GPUs run ~4/3 busier for this MFU)")
-    return "\n".join(lines + [""] + render_communication(r["communication"], s))
+    return "\n".join(lines + [""] + render_communication(r["communication"], s, g["usable_gib"]))
 
 
-def render_communication(comm: dict, speed: dict) -> list[str]:
+def render_communication(comm: dict, speed: dict, usable_gib: float) -> list[str]:
     """The per-stage table, the chosen plan's verdict, ZeRO++'s effect and the remedies."""
     net, ch = comm["network"], comm["choice"]
     lines = [f"communication per GPU per step at micro batch {comm['micro_batch_size']}, grad accum "
@@ -280,7 +285,8 @@ def render_communication(comm: dict, speed: dict) -> list[str]:
         lines.append(f"          with ZeRO++ hpZ+qwZ+qgZ: {zp['bytes_per_gpu'] / pc.GB:.1f} GB, "
                      f"{zp['comm_seconds']:.2f} s of communication, step {zp['step_seconds']:.2f} s, "
                      f"MFU {mfu * zp['compute_seconds'] / zp['step_seconds']:.2f}; hpZ's weight copy makes it "
-                     f"{zp['memory_gib']:.1f} GiB per GPU")
+                     f"{zp['memory_gib']:.1f} GiB per GPU"
+                     + (f", more than the {usable_gib:.1f} usable" if zp["memory_gib"] > usable_gib else ""))
     if comm["remedies"] and (ch["communication_bound"] or ch["comm_seconds"] > 0.1 * ch["compute_seconds"]):
         lines.append("remedies  (DeepSpeed's own; megagpt passes deepspeed.extra into the DeepSpeed config)")
         for remedy in comm["remedies"]:

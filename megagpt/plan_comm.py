@@ -35,6 +35,9 @@ cross nodes from 3Ψ·2 to Ψ·1 + Ψ·0.5, the paper's 4x.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from megagpt.errors import UserError
 
 GB = 1e9  # link bandwidths are quoted in decimal gigabytes per second
 
@@ -133,9 +136,21 @@ def collectives(params: float, zero_stage: int, gpus: int, accum: int, e: float,
                   ZEROPP_BYTES["qgZ"] if qg else e, times=accum)]
 
 
+def hpz_partition_size(zero_optimization: Any) -> int:
+    """The GPUs hpZ partitions its weight copy over in a DeepSpeed `zero_optimization` section (1: hpZ off); a
+    one-line error for a section or size that is not one."""
+    key = "deepspeed.extra.zero_optimization"
+    if not isinstance(zero_optimization, dict):
+        raise UserError(f"{key}: expected a mapping of DeepSpeed's ZeRO settings (got {zero_optimization!r})")
+    size = zero_optimization.get("zero_hpz_partition_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"{key}.zero_hpz_partition_size: expected a number of GPUs, at least 1 (got {size!r})")
+    return size
+
+
 def zeropp_in(zero_optimization: dict) -> frozenset[str]:
     """The ZeRO++ parts a DeepSpeed `zero_optimization` section turns on."""
-    parts = {"hpZ": zero_optimization.get("zero_hpz_partition_size", 1) > 1,
+    parts = {"hpZ": hpz_partition_size(zero_optimization) > 1,
              "qwZ": bool(zero_optimization.get("zero_quantized_weights")),
              "qgZ": bool(zero_optimization.get("zero_quantized_gradients"))}
     return frozenset(name for name, on in parts.items() if on)

@@ -10,6 +10,7 @@ from megagpt import plan_comm as pc
 from megagpt import plan_memory as pm
 from megagpt.config import load_config
 from megagpt.ds_config import deepspeed_config
+from megagpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,3 +141,29 @@ def test_remedies_pass_through_into_deepspeeds_zero_config_and_the_plan_counts_t
     comm = plan["communication"]
     assert comm["choice"]["zeropp"] == ["hpZ", "qgZ", "qwZ"] and not comm["remedies"]
     assert not comm["choice"]["communication_bound"]
+
+
+def test_hpz_turned_on_in_the_config_counts_its_weight_copy_in_the_choice(capsys):
+    # before, only the ZeRO++ suggestion counted hpZ's 2Ψ/g: with hpZ in the config the choice said 19.9 GiB
+    # (micro batch 2) on a 54 GiB-usable GPU where the run needs 60.5
+    hpz = "deepspeed.extra.zero_optimization.zero_hpz_partition_size=8"
+    args = [f"{ROOT}/configs/gpt3_175b.yaml", "--gpus", "768", "--gpu", "H100", "--gpu-mem-gib", "60"]
+    plain, with_hpz = _plan_json(capsys, *args), _plan_json(capsys, *args, "--set", hpz)
+    copy = 2 * with_hpz["params"]["total"] / 8 / 2**30
+    zero3 = lambda plan: plan["memory_gib"]["zero3"]["model_states"]
+    assert zero3(with_hpz) == pytest.approx(zero3(plain) + copy)
+    assert with_hpz["choice"]["memory_gib"] <= with_hpz["gpu"]["usable_gib"] < plain["choice"]["memory_gib"] + copy
+    assert with_hpz["choice"]["micro_batch_size"] < plain["choice"]["micro_batch_size"]
+    assert with_hpz["communication"]["with_zeropp"]["memory_gib"] == pytest.approx(with_hpz["choice"]["memory_gib"])
+    assert planner.main(args) == 0  # and the ZeRO++ suggestion says when its weight copy does not fit
+    assert "hpZ's weight copy makes it 60.5 GiB per GPU, more than the 54.0 usable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value, says", [
+    ("zero_optimization=3", "deepspeed.extra.zero_optimization: expected a mapping"),
+    ("zero_optimization.zero_hpz_partition_size=abc", "zero_hpz_partition_size: expected a number of GPUs"),
+    ("zero_optimization.zero_hpz_partition_size=null", "zero_hpz_partition_size: expected a number of GPUs"),
+])
+def test_a_zero_section_the_planner_cannot_read_is_one_line(value, says):
+    with pytest.raises(UserError, match=says):  # was a TypeError or AttributeError traceback
+        planner.main([f"{ROOT}/configs/gpt3_125m.yaml", "--gpu", "H100", "--set", f"deepspeed.extra.{value}"])
