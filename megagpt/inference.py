@@ -51,6 +51,18 @@ def is_export_dir(path: Path) -> bool:
     return (path / "model.safetensors").is_file() and (path / EXPORT_MARKER).is_file()
 
 
+def export_record(path: Path) -> dict:
+    """An export dir's export.json: the run, checkpoint, format and dtype it was made from."""
+    marker = path / EXPORT_MARKER
+    try:
+        record = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{marker}: not readable JSON ({e}); export the run again") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{marker}: a JSON {type(record).__name__}, expected an object; export the run again")
+    return record
+
+
 def resolve_tag(run_dir: Path, step: int | None) -> str:
     """The newest verified checkpoint, or the one of `step`; a one-line error when there is none."""
     ckpt = Checkpointer(run_dir / "checkpoints", DistInfo(0, 0, 1))
@@ -141,7 +153,7 @@ def _load_weights(path: Path, step: int | None):
                         f"`megagpt export`), nor a Hugging Face GPT-2 folder ({HF_CONFIG} with "
                         f"{' or '.join(HF_WEIGHTS)})")
     if step is not None:
-        what = (f"an export of one checkpoint ({json.loads((path / EXPORT_MARKER).read_text()).get('checkpoint')})"
+        what = (f"an export of one checkpoint ({export_record(path).get('checkpoint')})"
                 if is_export_dir(path) else "a Hugging Face GPT-2 folder (one model's weights)")
         raise UserError(f"--step {step}: {path} is {what}; --step picks a checkpoint of a run dir")
     if is_hf_folder(path):  # megagpt's `export --format hf` too: its weights are µP-folded, standard GPT-2

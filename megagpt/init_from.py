@@ -16,7 +16,6 @@ before loading, and the model reverted to its random init after one step; tests/
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,14 @@ from megagpt.hf_gpt2 import (
     read_config,
     read_weights,
 )
-from megagpt.inference import EXPORT_MARKER, TOKENIZER_DIR, consolidated_state_dict, is_export_dir, is_run_dir
+from megagpt.inference import (
+    EXPORT_MARKER,
+    TOKENIZER_DIR,
+    consolidated_state_dict,
+    export_record,
+    is_export_dir,
+    is_run_dir,
+)
 
 WTE = "transformer.wte.weight"
 
@@ -98,7 +104,7 @@ def open_source(spec: str, key: str = "train.init_from") -> InitSource:
         tag = on_main(lambda: _resolve(resolve_tag, path, step, where))
         model = load_config(path / "config.yaml").model
         return InitSource(path, "run", _keys(model), tag, _megagpt_tokenizer(path), key=key)
-    if is_export_dir(path) and json.loads((path / EXPORT_MARKER).read_text()).get("format") != "hf":
+    if is_export_dir(path) and export_record(path).get("format") != "hf":
         from megagpt.config import load_config
 
         return InitSource(path, "export", _keys(load_config(path / "config.yaml").model), None,

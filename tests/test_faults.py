@@ -630,6 +630,18 @@ def test_sample_tells_a_run_dir_from_an_export_dir(run_copy, tmp_path):
         sample_texts(tmp_path / "empty", "A", 4)
 
 
+
+@pytest.mark.parametrize("text", ["{bad", "[1, 2]"])
+def test_an_export_with_a_damaged_export_json_is_one_line_naming_it(run_copy, tmp_path, text):
+    from megagpt.init_from import open_source
+
+    out = export(run_copy, tmp_path / "export", step=4)
+    (out / "export.json").write_text(text)
+    with pytest.raises(UserError, match=f"{out / 'export.json'}: .*export the run again"):
+        sample_texts(out, "A", 4, step=2)
+    with pytest.raises(UserError, match=f"{out / 'export.json'}: .*export the run again"):
+        open_source(str(out))
+
 @pytest.mark.parametrize("saved, edited, says", [
     ("n_embd: 32", "n_embd: 48", "model.n_embd is 48 but checkpoint step_000006 was trained with 32"),
     ("n_head: 2", "n_head: 4", "model.n_head is 4 but checkpoint step_000006 was trained with 2"),  # loaded, wrong
