@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,16 @@ from megagpt.files import write_whole
 
 QUESTION_FILES = {"train": "questions-train.jsonl", "val": "questions-val.jsonl"}  # data_prep/shakespeare_qa.py
 SHOTS = (0, 1, 2, 3)
+
+
+@contextmanager
+def questions_for(path):
+    """A question the model's char tokenizer cannot write is a one-line error naming the model (--data is another
+    text's questions)."""
+    try:
+        yield
+    except ValueError as e:  # a character outside a char vocabulary
+        raise UserError(f"{path}: a question of --data does not fit its tokenizer: {e}") from None
 
 
 def load_questions(data_dir: str | Path, split: str) -> list[dict]:
@@ -162,17 +173,18 @@ def evaluate(run_dir, data_dir, base=None, limit: int = 400, max_new_tokens: int
     if chat_token_ids(tokenizer) is None:
         raise UserError(f"{run_dir}: not a fine-tuned model (its tokenizer has no chat tokens); pass a run of "
                         f"`train.stage: sft`")
-    replies_who = ask_chat_model(model, tokenizer, who, max_new_tokens)
-    replies_next = ask_chat_model(model, tokenizer, following, max_new_tokens)
     train_who = Counter(q["answer"] for q in train if q["kind"] == "who")
     most_common = train_who.most_common(1)[0][0]
     speakers = [s for s, _ in train_who.most_common(candidates)]
+    with questions_for(run_dir):
+        replies_who = ask_chat_model(model, tokenizer, who, max_new_tokens)
+        replies_next = ask_chat_model(model, tokenizer, following, max_new_tokens)
+        ranked = rank_chat_answers(model, tokenizer, who, speakers)
     report = {"run_dir": str(run_dir), "holdout": holdout(data_dir),
               "questions": {"who": len(who), "next": len(following)},
               "finetuned": {"stop_rate": stop_rate(replies_who + replies_next), "speaker_accuracy":
                             exact(replies_who, who), "next_line_accuracy": exact(replies_next, following),
-                            "ranking_speaker_accuracy": hit_rate(rank_chat_answers(model, tokenizer, who, speakers),
-                                                                 who)},
+                            "ranking_speaker_accuracy": hit_rate(ranked, who)},
               "ranking": {"candidates": len(speakers),
                           "coverage": sum(q["answer"] in speakers for q in who) / len(who)},
               "chance": {"uniform": 1 / len({q["answer"] for q in who}),
@@ -200,12 +212,14 @@ def evaluate_base(path: Path, step: int | None, device: str, train: list[dict], 
     model, tokenizer, _ = load_for_inference(path, step, device)
     train_who = subset(train, "who", 100 + max(SHOTS), seed)
     examples, dev = train_who[:max(SHOTS)], train_who[max(SHOTS):]
-    by_shots = {k: exact(ask_completer(model, tokenizer, dev, examples[:k], max_new_tokens), dev) for k in SHOTS}
-    best = max(SHOTS, key=lambda k: (by_shots[k], -k))
-    replies = ask_completer(model, tokenizer, who, examples[:best], max_new_tokens)
+    with questions_for(path):
+        by_shots = {k: exact(ask_completer(model, tokenizer, dev, examples[:k], max_new_tokens), dev) for k in SHOTS}
+        best = max(SHOTS, key=lambda k: (by_shots[k], -k))
+        replies = ask_completer(model, tokenizer, who, examples[:best], max_new_tokens)
+        ranked = rank_speakers(model, tokenizer, who, candidates)
     return {"path": str(path), "few_shot_k": best, "few_shot_dev_accuracy": by_shots,
             "few_shot_stop_rate": stop_rate(replies), "few_shot_speaker_accuracy": exact(replies, who),
-            "ranking_speaker_accuracy": hit_rate(rank_speakers(model, tokenizer, who, candidates), who)}
+            "ranking_speaker_accuracy": hit_rate(ranked, who)}
 
 
 def holdout(data_dir: str | Path) -> str:

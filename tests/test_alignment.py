@@ -390,6 +390,19 @@ def test_eval_prefs_refuses_a_judge_of_another_tokenizer_before_sampling(option,
     assert not (tmp_path / "e.json").exists()
 
 
+def test_eval_qa_names_the_model_whose_tokenizer_cannot_write_a_question(chain, tmp_path, capsys):
+    no_w = _with_another_tokenizer(chain["sft"], tmp_path / "no_w", lambda chars: [c.replace("W", "~") for c in chars])
+    qa = _qa_dir(tmp_path / "qa", ["My lord"])
+    for split in ("train", "val"):
+        who = {"messages": [{"role": "user", "content": "Who says: My lord"}, {"role": "assistant", "content": "X"}],
+               "kind": "who", "answer": "X"}
+        with open(qa / f"questions-{split}.jsonl", "a") as f:
+            f.write(json.dumps(who) + "\n")
+    assert megagpt(["eval", "qa", str(no_w), "--data", str(qa), "--limit", "1", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{no_w}: a question of --data" in err and "'W'" in err, err
+
+
 def test_eval_prefs_names_the_run_whose_tokenizer_cannot_write_a_prompt(chain, tmp_path, capsys):
     no_h = _with_another_tokenizer(chain["sft"], tmp_path / "no_h", lambda chars: [c.replace("h", "~") for c in chars])
     assert megagpt(["eval", "prefs", str(no_h), "--data", str(_prompts_dir(tmp_path / "data", "hi")), "--out",
