@@ -205,12 +205,43 @@ class AlignConfig(_Section):
                                    "end with the end-of-turn token within max_new_tokens")
 
 
+# DeepSpeed keys megagpt generates from its own (megagpt/ds_config.py) and reads itself: the loader's batch, the
+# model's dtype, the ZeRO stage (frozen models, PPO's and DPO's lockstep, clipping), the LR the loop sets each step.
+# Given in deepspeed.extra they would override the generated value behind megagpt's back.
+GENERATED_DEEPSPEED_KEYS = {
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param.device": "deepspeed.offload_params",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps or train.global_batch_tokens",
+    "train_batch_size": "train.global_batch_tokens",
+    "bf16.enabled": "train.dtype", "bfloat16.enabled": "train.dtype", "fp16.enabled": "train.dtype",
+    "optimizer.params.lr": "train.lr", "optimizer.params.betas": "train.beta1 and train.beta2",
+    "optimizer.params.weight_decay": "train.weight_decay",
+}
+
+
 class DeepSpeedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_params: Literal["none", "cpu"] = "none"
     timeout_minutes: float = Field(2.0, gt=0, description="collective timeout: a dead rank ends the job")
-    extra: dict[str, Any] = Field(default_factory=dict, description="merged last into the generated config")
+    extra: dict[str, Any] = Field(default_factory=dict, description="merged last into the generated config; "
+                                  "not the keys megagpt generates from its own (GENERATED_DEEPSPEED_KEYS)")
+
+    @model_validator(mode="after")
+    def _extra_leaves_generated_keys_alone(self):
+        for dotted, own in GENERATED_DEEPSPEED_KEYS.items():
+            node: Any = self.extra
+            for part in dotted.split("."):
+                node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+            if node is not _ABSENT:
+                raise ValueError(f"deepspeed.extra.{dotted} ({node!r}) would override what megagpt generates "
+                                 f"from {own}: set {own} instead")
+        return self
+
+
+_ABSENT = object()
 
 
 class LoggingConfig(_Section):

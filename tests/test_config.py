@@ -139,6 +139,21 @@ def test_numbers_in_exponent_notation_are_numbers_in_deepspeed_extra_too(tmp_pat
     assert cfg.train.lr == 3e-4 and ds["name"] == "1e3"  # quoted: still text
 
 
+@pytest.mark.parametrize("override, own", [
+    ("deepspeed.extra.zero_optimization.stage=3", "deepspeed.zero_stage"),
+    ("deepspeed.extra.train_micro_batch_size_per_gpu=4", "train.micro_batch_size"),  # was DeepSpeed's traceback
+    ("deepspeed.extra.bf16={enabled: true}", "train.dtype"),
+    ("deepspeed.extra.optimizer.params.lr=0.1", "train.lr"),  # the loop sets the LR each step: silently unused
+])
+def test_deepspeed_extra_may_not_override_what_megagpt_generates(override, own):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "shakespeare_char.yaml", [override])
+    assert f"--set {override}" in str(err.value) and f"set {own} instead" in str(err.value)
+    tuning = ["deepspeed.extra.zero_optimization.overlap_comm=true", "deepspeed.extra.optimizer.params.eps=1e-6"]
+    ds = deepspeed_config(load_config(CONFIGS / "shakespeare_char.yaml", tuning), world_size=1)
+    assert ds["zero_optimization"] == {"stage": 0, "overlap_comm": True} and ds["optimizer"]["params"]["eps"] == 1e-6
+
+
 def test_gradient_accumulation_comes_from_global_batch_tokens():
     cfg = load_config(CONFIGS / "shakespeare_char_cpu.yaml", ["train.global_batch_tokens=3072"])
     ds = deepspeed_config(cfg, world_size=2)  # 3072 / (12 × 64 × 2) = 2
