@@ -36,15 +36,21 @@ def is_hf_folder(path: Path) -> bool:
 def read_config(path: Path) -> dict:
     """The folder's config.json; a one-line UserError when it is not JSON."""
     try:
-        return json.loads((path / HF_CONFIG).read_text())
+        config = json.loads((path / HF_CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path / HF_CONFIG}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path / HF_CONFIG}: a JSON {type(config).__name__}, expected an object (GPT2Config's keys)")
+    return config
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The folder's weights under megagpt's names, fp32, the tied head included."""
     name = next(name for name in HF_WEIGHTS if (path / name).is_file())
-    return megagpt_state_dict(load_weights_file(path / name))
+    state = load_weights_file(path / name)
+    if not any(key in state for key in ("transformer.wte.weight", "wte.weight")):
+        raise UserError(f"{path / name}: no wte.weight (GPT-2's token embedding); not a GPT-2 model's weights")
+    return megagpt_state_dict(state)
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:

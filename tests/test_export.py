@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from dist_helpers import finish, metrics, tiny, torchrun
+from safetensors.torch import load_file
 
 from megagpt.cli import main as megagpt
 from megagpt.config import load_config
@@ -68,8 +69,6 @@ def test_sampling_an_export_equals_sampling_the_run(zero3_run, tmp_path):
 
 
 def test_bf16_export_is_bf16_and_close(zero3_run, tmp_path):
-    from safetensors.torch import load_file
-
     out = export(zero3_run, tmp_path / "export", dtype="bf16")
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
     full, _, _ = load_for_inference(zero3_run)
@@ -202,21 +201,16 @@ def test_hf_layout_with_biases(tmp_path):
     torch.testing.assert_close(_hf_logits(tmp_path, idx), want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind, damage", [("export", "truncated"), ("export", "lfs pointer"), ("gpt2", "truncated"),
-                                         ("gpt2", "lfs pointer"), ("gpt2", "bin")])
-def test_an_unreadable_weights_file_is_one_line_naming_it(kind, damage, tmp_path, capsys):
-    """A weights file copied in part, or a git-lfs pointer left by a clone without git-lfs: sample, chat and
-    train.init_from read it through one loader, which names the file (not a safetensors/pickle traceback)."""
+def _tiny_folder(folder, kind):
+    """An export dir or a GPT-2 folder of a tiny random model, without a tokenizer (nothing gets that far)."""
     from safetensors.torch import save_file
 
     from megagpt.config import save_config
     from megagpt.export import hf_config
-    from megagpt.init_from import open_source
 
     cfg = load_config(None, ["model.n_layer=1", "model.n_head=2", "model.n_embd=8", "model.block_size=8",
                              "model.vocab_size=11", "model.bias=true"])
     state = {k: v for k, v in GPT(cfg.model).state_dict().items() if k != "lm_head.weight"}
-    folder = tmp_path / kind
     folder.mkdir()
     if kind == "export":
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -225,11 +219,23 @@ def test_an_unreadable_weights_file_is_one_line_naming_it(kind, damage, tmp_path
     else:
         save_file(hf_state_dict(state, cfg), str(folder / "model.safetensors"), metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps(hf_config(cfg, "fp32")))
+    return folder
+
+
+@pytest.mark.parametrize("kind, damage", [("export", "truncated"), ("export", "lfs pointer"), ("gpt2", "truncated"),
+                                         ("gpt2", "lfs pointer"), ("gpt2", "bin")])
+def test_an_unreadable_weights_file_is_one_line_naming_it(kind, damage, tmp_path, capsys):
+    """A weights file copied in part, or a git-lfs pointer left by a clone without git-lfs: sample, chat and
+    train.init_from read it through one loader, which names the file (not a safetensors/pickle traceback)."""
+    from megagpt.init_from import open_source
+
+    folder = _tiny_folder(tmp_path / kind, kind)
     weights = folder / "model.safetensors"
     if damage == "bin":  # an older GPT-2 folder's pickle, half of it
+        state = load_file(weights)
         weights.unlink()
         weights = folder / "pytorch_model.bin"
-        torch.save(hf_state_dict(state, cfg), weights)
+        torch.save(state, weights)
     data = weights.read_bytes()
     pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize %d\n" % len(data)
     weights.write_bytes(pointer if damage == "lfs pointer" else data[:len(data) // 2])
@@ -240,3 +246,18 @@ def test_an_unreadable_weights_file_is_one_line_naming_it(kind, damage, tmp_path
     assert ("git lfs pull" in err) == (damage == "lfs pointer"), err
     with pytest.raises(UserError, match=re.escape(str(weights))):
         open_source(str(folder)).state_dict()
+
+
+def test_a_gpt2_folder_of_something_else_is_one_line_naming_the_file(tmp_path):
+    """config.json that is JSON but not an object, weights without GPT-2's token embedding: AttributeError and
+    KeyError tracebacks before."""
+    from safetensors.torch import save_file
+
+    folder = _tiny_folder(tmp_path / "gpt2", "gpt2")
+    state = {k: v for k, v in load_file(folder / "model.safetensors").items() if "wte" not in k}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=re.escape(f"{folder / 'model.safetensors'}: no wte.weight")):
+        load_for_inference(folder)
+    (folder / "config.json").write_text("[1]")
+    with pytest.raises(UserError, match=re.escape(f"{folder / 'config.json'}: a JSON list, expected an object")):
+        load_for_inference(folder)
