@@ -35,7 +35,7 @@ from megagpt.lr_schedule import lr_at
 from megagpt.metrics import RunLogger
 from megagpt.run_lock import RunLock, lock_run_dir, start_parent_watchdog
 from megagpt.signals import StopRequest
-from megagpt.stages import build_stage
+from megagpt.stages import build_stage, stage_class
 from megagpt.step_guard import StepGuard
 from megagpt.throughput import Throughput
 from megagpt.universal import ResumePoint, find_resume_point, repair_zero3_universal_load
@@ -292,11 +292,8 @@ def _usable_run_dir(run_dir: Path | None, name: str) -> Path:
 def _open_dataset(cfg: Config) -> Dataset:
     directory = Path(cfg.data.dataset_dir)
     if not (directory / MANIFEST).is_file():
-        raise ConfigError(
-            f"data.dataset_dir: {directory} has no {MANIFEST}; prepare it first with `megagpt prep "
-            f"{{char,sentencepiece}} --input CORPUS --out {directory}` (or `megagpt prep shakespeare --out "
-            f"{directory}` for Tiny Shakespeare)"
-        )
+        how = stage_class(cfg.train.stage).prepare_data.format(dir=directory)  # the kind of data the stage reads
+        raise ConfigError(f"data.dataset_dir: {directory} has no {MANIFEST}; prepare it first with {how}")
     return Dataset(directory)
 
 

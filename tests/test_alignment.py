@@ -113,6 +113,15 @@ def test_bad_pairs_are_one_line_errors_naming_file_and_line(chain, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("stage, command", [("sft", "megagpt prep chat "), ("reward", "megagpt prep preferences "),
+                                            ("dpo", "megagpt prep preferences "), ("ppo", "megagpt prep preferences ")])
+def test_a_missing_dataset_is_told_the_prep_command_of_the_kind_its_stage_reads(stage, command, tmp_path):
+    from megagpt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"has no manifest.json; prepare it first with `{command}"):
+        train_run(tmp_path / "run", stage_overrides(stage, tmp_path / "none", tmp_path / "sft"))
+
+
 def test_the_reward_stage_refuses_a_chat_dataset(chain, tmp_path, capsys):
     from megagpt.dataset import DataError
 

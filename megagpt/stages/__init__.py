@@ -9,7 +9,8 @@ schedule, checkpoints with exact and elastic resume, signals, logging. A stage s
   * which statistics of its own each logged step adds to metrics.jsonl (`log_stats`);
   * what of its own a checkpoint must hold to resume exactly (`state_dict`: the data position, a KL
     controller, ...);
-  * what a finished run suggests doing with it (`next_step`).
+  * what a finished run suggests doing with it (`next_step`), and how to prepare the data it reads
+    (`prepare_data`, for a data.dataset_dir that holds none).
 A new stage is a module here and a line in STAGES; `train.stage` in the config names it.
 """
 
@@ -33,6 +34,8 @@ class LossStage:
     grad_accum_steps: int
     device: torch.device
     next_step = "sample it: megagpt sample {run_dir}"  # what a finished run suggests; {run_dir} is filled in
+    prepare_data = ("`megagpt prep {{char,sentencepiece}} --input CORPUS --out {dir}` (or `megagpt prep shakespeare "
+                    "--out {dir}` for Tiny Shakespeare)")  # the command that makes its dataset; {dir} is filled in
 
     def __init__(self, cfg, dataset, dist, device: torch.device, grad_accum_steps: int):
         self.cfg, self.dataset, self.dist, self.device = cfg, dataset, dist, device
@@ -83,7 +86,12 @@ class LossStage:
         pass
 
 
+def stage_class(name: str) -> type:
+    """The stage class named by `train.stage`."""
+    module_name, class_name = STAGES[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def build_stage(name: str, **context):
     """The stage class named by `train.stage`, built with the run's context (cfg, dataset, dist, device...)."""
-    module_name, class_name = STAGES[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(**context)
+    return stage_class(name)(**context)

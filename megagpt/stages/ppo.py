@@ -60,6 +60,8 @@ ROLLOUT_SUMS = ("advantage", "advantage_sq", "reply_tokens", "replies", "score",
 
 class PPOStage(LossStage):
     next_step = "talk to it: megagpt chat {run_dir}"
+    prepare_data = ("`megagpt prep preferences --input PAIRS.jsonl --tokenizer SFT_RUN --out {dir}` (its prompts; or "
+                    "`megagpt prep shakespeare-prefs --sft SFT_RUN --qa QA_DIR --out {dir}` for the demo's)")
 
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):

@@ -50,6 +50,9 @@ class PairStage(LossStage):
     """A LossStage on preference pairs (reward, dpo): the pair loader, built first (it refuses other dataset
     kinds), the val pairs from the first evaluation on, and the loader's position in each checkpoint."""
 
+    prepare_data = ("`megagpt prep preferences --input PAIRS.jsonl --tokenizer SFT_RUN --out {dir}` (or `megagpt "
+                    "prep shakespeare-prefs --sft SFT_RUN --qa QA_DIR --out {dir}` for the demo's pairs)")
+
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):
         super().__init__(cfg, dataset, dist, device, grad_accum_steps)

@@ -36,6 +36,8 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class SFTStage(LossStage):
     next_step = "talk to it: megagpt chat {run_dir}"
+    prepare_data = ("`megagpt prep chat --input CHATS.jsonl --tokenizer BASE_RUN --out {dir}` (or `megagpt prep "
+                    "shakespeare-qa --out {dir}` for the Shakespeare questions)")
 
     def __init__(self, cfg: Config, dataset: Dataset, dist: DistInfo, device: torch.device,
                  grad_accum_steps: int):
