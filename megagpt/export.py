@@ -64,13 +64,14 @@ def export(run_dir: Path, out: Path, step: int | None = None, fmt: str = "megagp
 
     from safetensors import SafetensorError
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{socket.gethostname()}-{os.getpid()}-",
-                                dir=out.parent))
+    target = out.resolve()  # `--out .` has no name to put a sibling beside, nor a parent but itself
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(target)}{socket.gethostname()}-{os.getpid()}-",
+                                dir=target.parent))
     try:
         _write(tmp, run_dir, state, cfg, fmt, dtype, tag)
-        _move_into_place(tmp, out)
+        _move_into_place(tmp, target)
     except (OSError, SafetensorError) as e:  # a full disk, most often
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"--out {out}: could not write the export ({e}); nothing was left there") from None

@@ -562,6 +562,17 @@ def test_export_refuses_an_out_under_a_file_and_an_export_dir_as_its_run(trained
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "file"]
 
 
+def test_export_to_the_current_folder_writes_it_there(run_copy, tmp_path, monkeypatch):
+    """`--out .` from an empty folder: the sibling was made inside it and renaming `.` failed (EBUSY), leaving
+    a `..old-*` folder behind while saying nothing was left."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    export(run_copy, Path("."), step=4)
+    assert sorted(p.name for p in here.iterdir()) == ["config.yaml", "export.json", "model.safetensors", "tokenizer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "run"]
+
+
 def test_a_failed_export_leaves_nothing_behind(trained, small_disk):
     fill(small_disk, leave=8192)  # the weights do not fit
     with pytest.raises(UserError, match="could not write the export .*No space left on device"):
