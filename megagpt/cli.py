@@ -246,7 +246,7 @@ def sample_main(argv: list[str]) -> int:
     from megagpt.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 
     p = argparse.ArgumentParser(prog="megagpt sample", description=HELP["sample"])
-    p.add_argument("path", help="RUN_DIR or EXPORT_DIR")
+    p.add_argument("path", help="RUN_DIR, EXPORT_DIR or a Hugging Face GPT-2 folder")
     p.add_argument("--prompt", default="\n", help="text to continue (empty: start from EOS)")
     p.add_argument("--max-new-tokens", type=int, default=500, help=">= 1")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help=">= 0 (0: greedy)")
