@@ -41,19 +41,20 @@ SHOTS = (0, 1, 2, 3)
 
 
 @contextmanager
-def questions_for(path):
-    """A question the model's char tokenizer cannot write is a one-line error naming the model (--data is another
-    text's questions)."""
+def questions_for(path, option: str = "--data"):
+    """A question the model's char tokenizer cannot write is a one-line error naming the model (`option`'s dir
+    holds another text's questions)."""
     try:
         yield
     except ValueError as e:  # a character outside a char vocabulary
-        raise UserError(f"{path}: a question of --data does not fit its tokenizer: {e}") from None
+        raise UserError(f"{path}: a question of {option} does not fit its tokenizer: {e}") from None
 
 
-def load_questions(data_dir: str | Path, split: str) -> list[dict]:
+def load_questions(data_dir: str | Path, split: str, option: str = "--data") -> list[dict]:
+    """The questions of a split of the dir `prep shakespeare-qa` wrote, named by the command's `option`."""
     path = Path(data_dir) / QUESTION_FILES[split]
     if not path.is_file():
-        raise UserError(f"--data {data_dir}: no {QUESTION_FILES[split]}; prepare it with "
+        raise UserError(f"{option} {data_dir}: no {QUESTION_FILES[split]}; prepare it with "
                         f"`megagpt prep shakespeare-qa --out {data_dir}`")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

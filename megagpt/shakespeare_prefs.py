@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megagpt.chat_template import END, check_messages, prompt_ids, require_chat_tokens
+from megagpt.chat_template import END, chat_token_ids, check_messages, prompt_ids, require_chat_tokens
 from megagpt.errors import UserError
 from megagpt.eval_prefs import VAL_PROMPTS
-from megagpt.eval_qa import load_questions
+from megagpt.eval_qa import load_questions, questions_for
 from megagpt.generate import generate_replies
 from megagpt.realwords import WORDS_FILE, real_word_rate, save_vocabulary, vocabulary
 
@@ -39,7 +39,7 @@ MARGIN, NO_ROOM, SAME = "below --min-margin", "with no room for a reply in block
 
 def free_text_prompts(data_dir: str | Path, split: str) -> list[list[dict]]:
     """The messages (one user turn) of a QA split's free-text ("next") questions."""
-    return [q["messages"][:1] for q in load_questions(data_dir, split) if q["kind"] == "next"]
+    return [q["messages"][:1] for q in load_questions(data_dir, split, "--qa") if q["kind"] == "next"]
 
 
 def sample_seed(seed: int, question: int, sample: int) -> int:
@@ -127,9 +127,9 @@ def main(argv: list[str], training_text, prepare, check_out) -> int:
     from megagpt.inference import load_for_inference
 
     args = parser().parse_args(argv)
-    if args.samples < 2 or args.max_new_tokens < 1 or args.batch < 1 or args.temperature <= 0:
-        raise UserError("--samples must be at least 2, --max-new-tokens and --batch at least 1, --temperature "
-                        "above 0")
+    if args.samples < 2 or args.max_new_tokens < 1 or args.batch < 1 or args.temperature <= 0 or args.limit == 0:
+        raise UserError("--samples must be at least 2, --max-new-tokens, --batch and --limit at least 1, "
+                        "--temperature above 0")
     out = Path(args.out)
     check_out(out, args.force)
     prompts = free_text_prompts(args.qa, "train")
@@ -140,9 +140,12 @@ def main(argv: list[str], training_text, prepare, check_out) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_for_inference(args.sft, device=args.device)
-    require_chat_tokens(tokenizer)
+    if chat_token_ids(tokenizer) is None:
+        raise UserError(f"--sft {args.sft}: not a fine-tuned model (its tokenizer has no chat tokens); pass a run "
+                        f"of train.stage: sft")
     known = vocabulary(training_text())
-    pairs, dropped = make_pairs(model, tokenizer, prompts, known, args)
+    with questions_for(f"--sft {args.sft}", "--qa"):
+        pairs, dropped = make_pairs(model, tokenizer, prompts, known, args)
     if len(pairs) < 2:
         raise UserError(f"--sft {args.sft}: only {len(pairs)} of {len(prompts)} questions gave replies whose "
                         f"real-word rates differ by --min-margin {args.min_margin}; lower it or sample more")

@@ -329,6 +329,23 @@ def test_shakespeare_prefs_refuses_to_replace_a_folder_that_is_no_dataset_before
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("case", ["base model", "no questions", "questions its tokenizer cannot write"])
+def test_shakespeare_prefs_names_the_option_at_fault(case, chain, tmp_path, capsys):
+    sft, qa = chain["sft"], _qa_dir(tmp_path / "qa", ["My lord, I will", "What say you"])
+    if case == "base model":
+        sft, expected = chain["base"], f"--sft {chain['base']}: not a fine-tuned model"
+    elif case == "no questions":
+        qa, expected = tmp_path / "none", f"--qa {tmp_path / 'none'}: no questions-train.jsonl"
+    else:
+        sft = _with_another_tokenizer(sft, tmp_path / "no_w", lambda chars: [c.replace("W", "~") for c in chars])
+        expected = f"--sft {sft}: a question of --qa does not fit its tokenizer"
+    assert megagpt(["prep", "shakespeare-prefs", "--sft", str(sft), "--qa", str(qa), "--out", str(tmp_path / "out"),
+                    "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_shakespeare_prefs_labels_by_the_rule_and_eval_prefs_reports_it(chain, tmp_path, capsys, monkeypatch):
     import data_prep.sample_dataset
     from data_prep.shakespeare_qa import TRAIN_FRACTION, play_text
