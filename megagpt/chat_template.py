@@ -56,7 +56,7 @@ def check_messages(messages, final_role: str | None = "assistant") -> list[tuple
             raise ConversationError(f"message {i + offset}: roles out of order ({role} where {expected} was "
                                     f"expected: [system], then user and assistant alternating)")
     if final_role is not None and turns[-1][0] != final_role:
-        raise ConversationError(f"roles out of order: the conversation ends with a {turns[-1][0]} message, "
+        raise ConversationError(f"roles out of order: the conversation ends with the {turns[-1][0]}'s message, "
                                 f"expected the {final_role}'s")
     return pairs
 

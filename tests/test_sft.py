@@ -155,7 +155,7 @@ BAD = {
     "roles out of order": ({"messages": [{"role": "assistant", "content": "x"}]}, "roles out of order"),
     "two users": ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
                   "roles out of order"),
-    "ends with the user": (conversation("a", "b", "c"), "ends with a user message"),
+    "ends with the user": (conversation("a", "b", "c"), "ends with the user's message"),
     "empty conversation": ({"messages": []}, "empty conversation"),
     "only a system message": ({"messages": [{"role": "system", "content": "x"}]}, "empty conversation"),
     "no messages": ({"text": "x"}, "expected an object"),
