@@ -4,6 +4,8 @@ checked first."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 
 import torch
@@ -102,8 +104,13 @@ def sample_main(args) -> int:
         args.device,
         not args.no_cache,
     )
-    for i, text in enumerate(texts):
-        if len(texts) > 1:
-            print(f"--- sample {i + 1} ---")
-        sys.stdout.write(text + "\n")
+    try:
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"--- sample {i + 1} ---")
+            sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`megagpt sample RUN | head`): end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        return 128 + signal.SIGPIPE  # what a shell reports for a writer that SIGPIPE ended
     return 0

@@ -686,6 +686,30 @@ def test_bad_sample_arguments_are_one_line_on_the_command_line(trained):
     assert "Traceback" not in result.stderr
 
 
+def test_sample_into_a_closed_pipe_ends_quietly(trained, tmp_path, monkeypatch, capsys):
+    """`megagpt sample RUN | head -1`: the reader gone, the rest of the text is dropped without a BrokenPipeError
+    traceback, and the exit status is a SIGPIPE'd writer's (141), as for cat."""
+    from megagpt.cli import main as megagpt
+
+    class ClosedPipe:
+        def __init__(self, fd: int):
+            self.fd = fd
+
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.fd  # a file of the test's own: the command points it at /dev/null
+
+    with open(tmp_path / "stdout", "w") as own:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(own.fileno()))
+        assert megagpt(["sample", str(trained), "--max-new-tokens", "3", "--num-samples", "2"]) == 141
+    assert capsys.readouterr().err == ""
+
+
 def test_the_megagpt_command_leaves_the_process_group_before_exiting(shakespeare_dataset, tmp_path):
     # a rank that refuses (here: --resume naming no checkpoint) after joining the group exits 2 with the group
     # destroyed, not left to interpreter shutdown (where gloo's threads could end it in SIGABRT)
