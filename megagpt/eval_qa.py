@@ -56,7 +56,22 @@ def load_questions(data_dir: str | Path, split: str, option: str = "--data") -> 
     if not path.is_file():
         raise UserError(f"{option} {data_dir}: no {QUESTION_FILES[split]}; prepare it with "
                         f"`megagpt prep shakespeare-qa --out {data_dir}`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    found = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            found.append(_question(line, f"{option} {data_dir}: {QUESTION_FILES[split]}:{number}"))
+    return found
+
+
+def _question(line: str, where: str) -> dict:
+    """One line of a questions file: a JSON object with a kind, the question's messages and its answer."""
+    try:
+        question = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(question, dict) or not {"kind", "messages", "answer"} <= question.keys():
+        raise UserError(f"{where}: not a question (a JSON object with kind, messages and answer)")
+    return question
 
 
 def _progress(questions: list[dict], desc: str):
@@ -170,11 +185,15 @@ def evaluate(run_dir, data_dir, base=None, limit: int = 400, max_new_tokens: int
 
     val, train = load_questions(data_dir, "val"), load_questions(data_dir, "train")
     who, following = subset(val, "who", limit, seed), subset(val, "next", limit, seed)
+    train_who = Counter(q["answer"] for q in train if q["kind"] == "who")
+    for split, found in (("val", who), ("train", train_who)):
+        if not found:
+            raise UserError(f"--data {data_dir}: its {QUESTION_FILES[split]} has no speaker (\"who\") questions; "
+                            f"prepare it with `megagpt prep shakespeare-qa`")
     model, tokenizer, cfg = load_for_inference(run_dir, step, device)
     if chat_token_ids(tokenizer) is None:
         raise UserError(f"{run_dir}: not a fine-tuned model (its tokenizer has no chat tokens); pass a run of "
                         f"`train.stage: sft`")
-    train_who = Counter(q["answer"] for q in train if q["kind"] == "who")
     most_common = train_who.most_common(1)[0][0]
     speakers = [s for s, _ in train_who.most_common(candidates)]
     with questions_for(run_dir):

@@ -435,6 +435,27 @@ def test_eval_qa_reports_what_the_models_answer(qa, source, tmp_path, capsys):
     assert "speaker exact match" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("damage, expected", [
+    ("not json", "questions-val.jsonl:2: not JSON"),
+    ('{"kind": "who"}', "questions-val.jsonl:2: not a question"),
+    ("no who", "questions-val.jsonl has no speaker"),
+])
+def test_eval_qa_names_a_damaged_questions_file(qa, tmp_path, capsys, damage, expected):
+    data = tmp_path / "qa"
+    shutil.copytree(qa, data)
+    val = data / "questions-val.jsonl"
+    lines = val.read_text().splitlines()
+    if damage == "no who":
+        lines = [line for line in lines if json.loads(line)["kind"] != "who"]
+    else:
+        lines[1] = damage
+    val.write_text("\n".join(lines) + "\n")
+    # no run dir exists: the questions are read, and refused, before any model is loaded
+    assert megagpt(["eval", "qa", str(tmp_path / "no_run"), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def _logprob(model, prefix, continuation):
     """log P(continuation | prefix) in float64, one row, cut to the model's last block_size + 1 tokens."""
     row = (prefix + continuation)[-(model.cfg.block_size + 1):]
