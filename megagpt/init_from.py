@@ -16,6 +16,7 @@ before loading, and the model reverted to its random init after one step; tests/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ from megagpt.inference import (
     export_record,
     is_export_dir,
     is_run_dir,
+    resolve_tag,
+    run_config,
 )
 
 WTE = "transformer.wte.weight"
@@ -98,11 +101,8 @@ def open_source(spec: str, key: str = "train.init_from") -> InitSource:
     if step is not None and not is_run_dir(path):
         raise ConfigError(f"{where}: @{step} picks a checkpoint of a run dir, and {path} is not one")
     if is_run_dir(path):
-        from megagpt.config import load_config
-        from megagpt.inference import resolve_tag
-
-        tag = on_main(lambda: _resolve(resolve_tag, path, step, where))
-        model = load_config(path / "config.yaml").model
+        tag = on_main(lambda: _as_config_error(where, lambda: resolve_tag(path, step)))
+        model = _as_config_error(where, lambda: run_config(path, tag)).model  # refused if edited since `tag`
         return InitSource(path, "run", _keys(model), tag, _megagpt_tokenizer(path), key=key)
     if is_export_dir(path) and export_record(path).get("format") != "hf":
         from megagpt.config import load_config
@@ -120,9 +120,10 @@ def open_source(spec: str, key: str = "train.init_from") -> InitSource:
                       f"{' or '.join(HF_WEIGHTS)})")
 
 
-def _resolve(resolve_tag, path: Path, step: int | None, where: str) -> str:
+def _as_config_error(where: str, read: Callable[[], Any]) -> Any:
+    """read(); its one-line UserError (worded for `megagpt sample --step`) as the config key's error."""
     try:
-        return resolve_tag(path, step)
+        return read()
     except UserError as e:
         raise ConfigError(f"{where}: {str(e).replace('--step', 'step')}") from None
 

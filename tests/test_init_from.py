@@ -188,6 +188,21 @@ def test_a_bad_source_is_a_clear_error(case, sources, hf_folder, shakespeare_dat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_dir_whose_config_was_edited_after_training_is_refused(sources, tmp_path):
+    """As sample and export refuse it: n_head read from the edited config.yaml loaded the same tensors into
+    another function (4 heads of 8 instead of 2 of 16), silently."""
+    import shutil
+
+    from megagpt.init_from import open_source
+
+    run = tmp_path / "edited"
+    shutil.copytree(sources / "zero0", run)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("n_head: 2", "n_head: 4"))
+    with pytest.raises(ConfigError, match=f"train.init_from={run}: .*model.n_head is 4 but checkpoint "
+                                          f"step_000004 was trained with 2"):
+        open_source(str(run))
+
+
 def test_data_from_another_tokenizer_is_refused(sources, tmp_path):
     from data_prep.prep import PrepSettings, prepare
 
