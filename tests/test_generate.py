@@ -59,8 +59,7 @@ def test_a_temperature_near_zero_samples_the_likeliest_tokens_not_nan():
     with torch.no_grad():
         model.lm_head.weight.mul_(50)  # confident logits, as a trained model's: |logit| / 1e-40 > float32's max
     idx = torch.zeros(2, 1, dtype=torch.long)
-    greedy = generate(model, idx, 10, temperature=0)
-    for temperature in (1e-40, 1e-46, 1e-300):
-        for top_k, top_p in ((None, None), (3, None), (None, 0.9)):
-            out = generate(model, idx, 10, temperature, top_k, top_p, torch.Generator().manual_seed(1))
-            assert torch.equal(out, greedy), (temperature, top_k, top_p)
+    greedy = generate(model, idx, 6, temperature=0)
+    for temperature, top_k, top_p in ((1e-40, None, None), (1e-46, 3, None), (1e-300, None, 0.9)):
+        out = generate(model, idx, 6, temperature, top_k, top_p, torch.Generator().manual_seed(1))
+        assert torch.equal(out, greedy), (temperature, top_k, top_p)
