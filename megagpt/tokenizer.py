@@ -117,7 +117,9 @@ class SentencePieceTokenizer:
         return self.encode_array(text).tolist()
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        """Ids past the vocabulary (a model's padded rows: gpt3_base.yaml's 50304) are dropped, as CharTokenizer
+        and `tokenizers` drop them; sentencepiece raised IndexError, and a run's evaluation sample ended it."""
+        return self.sp.decode([int(i) for i in ids if int(i) < self.vocab_size])
 
     def __getstate__(self):  # picklable for worker processes: the model is re-read from its file
         return {"model_path": self.model_path}

@@ -56,6 +56,14 @@ def test_sentencepiece_round_trips_whitespace_and_unicode(tmp_path, model_type):
     assert len(tok.encode("\t\n")) == 2  # tab and newline are pieces of their own
 
 
+def test_sentencepiece_decode_drops_ids_past_its_vocabulary(tmp_path):
+    """A model's vocabulary padded past the tokenizer's (gpt3_base.yaml: 50304) samples those ids too: decoded
+    as nothing, like a char vocabulary, not an IndexError that ended the run at its first evaluation sample."""
+    tok = load_tokenizer(_sp_dataset(tmp_path)[0])
+    ids = tok.encode("the quick brown fox.")
+    assert tok.decode([*ids[:2], tok.vocab_size, *ids[2:], tok.vocab_size + 40]) == "the quick brown fox."
+
+
 def test_sentencepiece_shards_hold_the_documents_separated_by_eos(tmp_path):
     out, docs = _sp_dataset(tmp_path)
     tok = load_tokenizer(out)
