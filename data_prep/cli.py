@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from data_prep.prep import PrepSettings, prepare
-from megagpt.errors import UserError
+from megagpt.errors import UserError, check_seed
 
 PREFS = "shakespeare-prefs"  # listed by -h; megagpt/cli.py runs it (it samples a model)
 
@@ -51,7 +51,7 @@ def token_summary(out) -> str:
 
 
 def _settings(args) -> PrepSettings:
-    s = PrepSettings(tokenizer=args.kind, val_fraction=args.val_fraction, seed=args.seed,
+    s = PrepSettings(tokenizer=args.kind, val_fraction=args.val_fraction, seed=check_seed(args.seed),
                      text_field=args.text_field, shard_size_mb=args.shard_size_mb,
                      sample_tokens=args.sample_tokens, workers=args.workers)
     if args.kind == "sentencepiece":

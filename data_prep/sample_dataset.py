@@ -38,7 +38,7 @@ from megagpt.dataset import (
     write_manifest,
     write_shard_table,
 )
-from megagpt.errors import UserError
+from megagpt.errors import UserError, check_seed
 from megagpt.tokenizer import HuggingFaceTokenizer, WithSpecialTokens, tokenizer_from_file
 
 HF_TOKENIZER = "tokenizer.json"
@@ -95,7 +95,8 @@ def add_options(p, defaults: SampleSettings, samples: str, tokenizer_help: str, 
 
 def settings_of(args, settings_class: type[SampleSettings]) -> SampleSettings:
     """The parsed options of add_options as settings_class."""
-    return settings_class(args.val_fraction, args.max_length, args.unknown_chars, args.seed, args.shard_size_mb)
+    return settings_class(args.val_fraction, args.max_length, args.unknown_chars, check_seed(args.seed),
+                          args.shard_size_mb)
 
 
 # ---------------------------------------------------------------- the tokenizer of another dir

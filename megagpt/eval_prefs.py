@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from megagpt.align_objectives import token_logprobs
 from megagpt.chat_template import END, check_messages, prompt_ids, require_chat_tokens
-from megagpt.errors import UserError
+from megagpt.errors import UserError, check_seed
 from megagpt.files import write_whole
 from megagpt.preference_data import completion_rows
 from megagpt.realwords import WORDS_FILE, load_vocabulary, real_word_rate
@@ -183,6 +183,7 @@ def main(argv: list[str]) -> int:
         raise UserError("--limit, --max-new-tokens, --batch and --threads must be at least 1")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):  # also false for nan
         raise UserError(f"--temperature {args.temperature}: must be a finite number above 0")
+    check_seed(args.seed)
     from megagpt.sample import resolve_device
 
     args.device = resolve_device(args.device)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from megagpt.chat import generate_reply
 from megagpt.chat_template import END, chat_token_ids, check_messages, prompt_ids
-from megagpt.errors import UserError
+from megagpt.errors import UserError, check_seed
 from megagpt.files import write_whole
 
 QUESTION_FILES = {"train": "questions-train.jsonl", "val": "questions-val.jsonl"}  # data_prep/shakespeare_qa.py
@@ -288,6 +288,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.limit < 1 or args.max_new_tokens < 1 or args.candidates < 1:
         raise UserError("--limit, --max-new-tokens and --candidates must be at least 1")
+    check_seed(args.seed)
     from megagpt.sample import resolve_device
 
     device = resolve_device(args.device)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from megagpt.errors import UserError
+from megagpt.errors import UserError, check_seed
 from megagpt.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, generate, prompt_ids
 from megagpt.inference import load_for_inference
 
@@ -34,8 +34,7 @@ def check_sampling_args(
         raise UserError(f"--top-k {top_k}: must be at least 1 (or left out)")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"--top-p {top_p}: must be in (0, 1]")
-    if not -2**63 <= seed < 2**64:  # what a torch.Generator takes
-        raise UserError(f"--seed {seed}: must be between -2**63 and 2**64 - 1")
+    check_seed(seed)
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from megagpt.chat_template import END, chat_token_ids, check_messages, prompt_ids, require_chat_tokens
-from megagpt.errors import UserError
+from megagpt.errors import UserError, check_seed
 from megagpt.eval_prefs import VAL_PROMPTS
 from megagpt.eval_qa import load_questions, questions_for
 from megagpt.generate import generate_replies
@@ -130,6 +130,7 @@ def main(argv: list[str], training_text, prepare, check_out) -> int:
     if args.samples < 2 or args.max_new_tokens < 1 or args.batch < 1 or args.temperature <= 0 or args.limit == 0:
         raise UserError("--samples must be at least 2, --max-new-tokens, --batch and --limit at least 1, "
                         "--temperature above 0")
+    check_seed(args.seed)
     out = Path(args.out)
     check_out(out, args.force)
     prompts = free_text_prompts(args.qa, "train")

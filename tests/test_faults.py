@@ -591,8 +591,8 @@ def test_a_failed_export_leaves_nothing_behind(trained, small_disk):
     ({"top_k": 0}, "--top-k 0: must be at least 1"),
     ({"top_p": 1.5}, r"--top-p 1.5: must be in \(0, 1\]"),
     ({"top_p": 0.0}, r"--top-p 0.0: must be in \(0, 1\]"),
-    ({"seed": 2**64}, r"--seed 18446744073709551616: must be between -2\*\*63 and 2\*\*64 - 1"),
-    ({"seed": -2**63 - 1}, "--seed -9223372036854775809: must be between"),
+    ({"seed": 2**63}, r"--seed 9223372036854775808: must be between 0 and 2\*\*63 - 1"),
+    ({"seed": -1}, "--seed -1: must be between"),
 ])
 def test_sampling_arguments_out_of_range_are_one_line_errors(kwargs, message):
     with pytest.raises(UserError, match=message) as bad:
@@ -602,8 +602,24 @@ def test_sampling_arguments_out_of_range_are_one_line_errors(kwargs, message):
 
 def test_sampling_arguments_in_range_pass():
     check_sampling_args(num_samples=1, max_new_tokens=1, temperature=0.0, top_k=None, top_p=1.0)
-    check_sampling_args(num_samples=3, max_new_tokens=5, temperature=2.0, top_k=1, top_p=1e-3, seed=2**64 - 1)
-    check_sampling_args(seed=-2**63)
+    check_sampling_args(num_samples=3, max_new_tokens=5, temperature=2.0, top_k=1, top_p=1e-3, seed=2**63 - 1)
+    check_sampling_args(seed=0)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63])
+@pytest.mark.parametrize("command", [
+    ["sample", "RUN"], ["chat", "RUN"], ["eval", "qa", "RUN", "--data", "QA"], ["eval", "prefs", "RUN", "--out", "OUT"],
+    ["prep", "shakespeare-prefs", "--sft", "RUN", "--qa", "QA", "--out", "OUT"],
+    ["prep", "char", "--input", "CORPUS", "--out", "OUT"],
+    ["prep", "chat", "--input", "CHATS", "--tokenizer", "RUN", "--out", "OUT"],
+    ["prep", "preferences", "--input", "PAIRS", "--tokenizer", "RUN", "--out", "OUT"],
+])
+def test_a_seed_no_generator_takes_is_refused_first_by_every_command(command, seed, tmp_path, capsys):
+    # every path named is missing: the seed is checked before any of them is read
+    argv = [str(tmp_path / a) if a.isupper() else a for a in command]
+    assert cli_main([*argv, "--seed", str(seed)]) == 2
+    err = capsys.readouterr().err
+    assert f"--seed {seed}: must be between 0 and 2**63 - 1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_reward_run_is_refused_by_sample_in_one_line(run_copy):
