@@ -284,7 +284,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     raw, origins = _read_with_bases(Path(path)) if path is not None else ({}, {})
     where = str(path) if path is not None else "<defaults>"
     for item in overrides or []:
-        _apply_override(raw, item)
+        _apply_override(raw, item, f"{named[item]} ({item!r})" if item in (named or {}) else f"--set {item!r}")
     return config_from_dict(raw, where, {o: (named or {}).get(o, f"--set {o}") for o in overrides or []}, origins)
 
 
@@ -449,22 +449,23 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str, name: str) -> None:
+    """`key.sub=value` applied to the raw tree; an error names the override as `name`."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        raise ConfigError(f"{name}: expected key.sub=value")
     *parents, leaf = key.strip().split(".")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {item!r}: {part} is not a section")
+            raise ConfigError(f"{name}: {part} is not a section")
         node = child
     try:
         node[leaf] = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
     except yaml.YAMLError as e:
         problem = _yaml_problem(e, one_line=True)
-        raise ConfigError(f"--set {item!r}: the value{problem}; quote it to pass text") from None
+        raise ConfigError(f"{name}: the value{problem}; quote it to pass text") from None
 
 
 def _nearest_key(loc: tuple) -> str | None:

@@ -90,6 +90,10 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 
 def make_points(config: str, grid: dict[str, list[str]], common: list[str]) -> list[Point]:
+    both = next((item for item in common if item.partition("=")[0].strip() in grid), None)
+    if both is not None:  # the grid's value is applied last: the --set would be silently lost
+        raise UserError(f"--set {both} and --grid {both.partition('=')[0].strip()}: the grid sets this key at every "
+                        f"point; drop the --set, or the key from the grid")
     leaves = [key.rsplit(".", 1)[-1] for key in grid]
     short = len(set(leaves)) == len(leaves)  # "lr=0.001" unless two swept keys share a leaf name
     points = []

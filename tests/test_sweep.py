@@ -97,7 +97,11 @@ def test_a_typo_in_a_swept_key_fails_before_anything_runs(tmp_path, capsys):
     (["--grid", "model.n_embed=32,64"], "--grid model.n_embed=32,64: unknown key 'model.n_embed': did you mean "
                                         "'model.n_embd'?"),
     (["--grid", "model.n_embd=32,abc", "--grid", "train.lr=1e-3"], "--grid model.n_embd=32,abc: model.n_embd: "),
-    (["--grid", "train.lr=1e-3", "--set", "train.lrr=1"], "--set train.lrr=1: unknown key 'train.lrr'")])
+    (["--grid", "train.lr=1e-3", "--set", "train.lrr=1"], "--set train.lrr=1: unknown key 'train.lrr'"),
+    (["--grid", "model.attention=[math,sdpa]"],  # a value that is not YAML was named as a --set
+     "--grid model.attention=[math,sdpa] ('model.attention=[math'): the value at column 6: not valid YAML"),
+    (["--grid", "train.lr=1e-3,2e-3", "--set", "train.lr=5e-3", "--launcher", "true"],  # the --set was lost
+     "--set train.lr=5e-3 and --grid train.lr: the grid sets this key at every point")])
 def test_a_bad_key_or_value_is_named_as_the_user_typed_it(tmp_path, capsys, args, named):
     assert main(["sweep", str(CPU_CONFIG), *args, "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
