@@ -12,7 +12,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from megagpt.errors import UserError
+from megagpt.errors import SEED_MAX, UserError
 
 
 class ConfigError(UserError):
@@ -144,7 +144,7 @@ class TrainConfig(_Section):
     keep_every: int | None = Field(
         None, ge=1, description="also keep every checkpoint whose step is a multiple"
     )
-    seed: int = 1337
+    seed: int = Field(1337, ge=0, le=SEED_MAX)
     dtype: Literal["fp32", "bf16", "fp16", "auto"] = Field(
         "fp32", description="auto: bf16 where the GPU or CPU does bf16 natively, else fp32; fixed at a run's start"
     )

@@ -23,6 +23,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("train.min_lr=1", "train.min_lr"),
         ("optimizer.lr=1", "optimizer"),
+        ("train.seed=-1", "train.seed"),  # no generator takes it (torch's, numpy's): a traceback at the first step
+        (f"train.seed={2**63}", "train.seed"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(override, key):
