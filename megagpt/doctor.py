@@ -25,16 +25,20 @@ from megagpt.errors import UserError
 def main(argv: list[str] | None = None, checks: list[Callable] | None = None) -> int:
     p = argparse.ArgumentParser(prog="megagpt doctor", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--full", action="store_true", help="GPU only: tests, benchmarks, training probes (8 min)")
-    p.add_argument("--out", type=Path, default=Path("doctor_out"),
-                   help="--full's report and logs: a new or empty folder, or an earlier doctor's (its parts' folders "
-                        "are replaced)")
+    p.add_argument("--out", type=Path,
+                   help="--full's report and logs [doctor_out]: a new or empty folder, or an earlier doctor's (its "
+                        "parts' folders are replaced)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="end --full within this many seconds of doctor's start (a lease's or a job's limit): "
                         "its budget shrinks by what the checks before it took")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.time_limit is not None and not 0 < args.time_limit < math.inf:
         raise UserError(f"--time-limit {args.time_limit}: must be a number of seconds above 0")
+    if not args.full and (args.out is not None or args.time_limit is not None):
+        raise UserError("--out and --time-limit are --full's: without --full doctor writes nothing and has no "
+                        "time limit")
     if args.full:
+        args.out = args.out or Path("doctor_out")
         doctor_full.check_out(args.out)  # before the checks: --full's parts write there
     started = time.perf_counter()
     print(f"{'check':<18} {'':<4} {'time':>8}  detail", flush=True)

@@ -9,6 +9,7 @@ import pytest
 from helpers import REPO
 
 from megagpt import doctor, doctor_checks, hardware
+from megagpt.cli import main as cli_main
 from megagpt.doctor_checks import Result
 
 
@@ -63,6 +64,14 @@ def test_a_failing_check_exits_non_zero_with_what_to_do(capsys):
 def test_only_passing_checks_exit_zero(capsys):
     assert doctor.main([], checks=[doctor_checks.check_bf16, doctor_checks.check_devices]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "2 passed, 0 failed"
+
+
+@pytest.mark.parametrize("flag", [["--out", "somewhere"], ["--time-limit", "60"]])
+def test_fulls_options_without_full_are_refused(flag, capsys):
+    # without --full doctor writes no report and keeps no time: the flag would be silently ignored
+    assert cli_main(["doctor", *flag]) == 2
+    err = capsys.readouterr().err
+    assert "--out and --time-limit are --full's" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(doctor_checks.has_cuda(), reason="on a GPU --full runs for real")
