@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -292,10 +293,11 @@ def model_size(run_dir: Path, cfg: Config) -> tuple[int | None, float | None]:
 
 def write_results(rows: list[dict], out: Path, keys: list[str]) -> list[Path]:
     write_whole(out / "results.json", json.dumps(rows, indent=1) + "\n")
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_whole(out / "results.csv", table.getvalue())
     return [out / "results.csv", out / "results.json", *plot_results(rows, out, keys)]
 
 

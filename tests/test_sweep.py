@@ -173,3 +173,20 @@ def test_launcher_gets_each_point_once_and_is_not_resubmitted(tmp_path, capsys):
     assert len(log.read_text().splitlines()) == 2  # not submitted twice
     assert "submitted earlier" in capsys.readouterr().out
     assert [r["status"] for r in json.loads((out / "results.json").read_text())] == ["unfinished", "unfinished"]
+
+
+def test_results_are_rewritten_whole_or_left_as_they_were(tmp_path, monkeypatch):
+    from megagpt import sweep
+
+    rows = [{"train.lr": 1e-3, "point": "p0", "status": "done", "val_loss": 2.5}]
+    sweep.write_results(rows, tmp_path, ["train.lr"])
+    before = (tmp_path / "results.csv").read_bytes()
+    assert before.decode().splitlines() == ["train.lr,point,status,val_loss", "0.001,p0,done,2.5"]
+
+    def fail_midway(self, rows):  # a crash while the table is being written (disk full, a kill)
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(sweep.csv.DictWriter, "writerows", fail_midway)
+    with pytest.raises(OSError):
+        sweep.write_results([{**rows[0], "val_loss": 2.0}], tmp_path, ["train.lr"])
+    assert (tmp_path / "results.csv").read_bytes() == before  # not a truncated header
