@@ -324,20 +324,34 @@ PLANNED_KEYS = {"zero_stage": "deepspeed", "micro_batch_size": "train", "activat
 def write_choice(path: Path, choice: dict, planned: dict) -> None:
     """The planned keys set in place and the `planner:` section replaced, every other line of the file as it
     was (comments, number formats, order); validated before it replaces the file."""
-    text = path.read_text()
+    text = path.read_bytes().decode()  # as it is: a CRLF file keeps its line ends
+    for section in {*PLANNED_KEYS.values(), "planner"}:
+        _refuse_flow_style(path, text, section)
     for key, section in PLANNED_KEYS.items():
         text = _set_key(text, section, key, choice[key])
-    text = _drop_section(text, "planner").rstrip("\n") + "\n" + yaml.safe_dump({"planner": planned}, sort_keys=False)
+    text = _drop_section(text, "planner").rstrip("\r\n") + "\n" + yaml.safe_dump({"planner": planned}, sort_keys=False)
+    if "\r\n" in text:  # the lines added in a CRLF file end as its others do
+        text = text.replace("\r\n", "\n").replace("\n", "\r\n")
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(text.encode())
     try:
         load_config(tmp)  # `base:` resolves from the same folder
-    except UserError:
+    except UserError as e:
         tmp.unlink()
-        raise
+        raise UserError(f"--write: {str(e).replace(str(tmp), str(path))} (as it would be written; {path} is "
+                        f"unchanged)") from None
     os.replace(tmp, path)
     print(f"wrote {path}: " + ", ".join(f"{section}.{key}={choice[key]}" for key, section in PLANNED_KEYS.items())
           + " and its planner: section (its comments are left as they were)")
+
+
+def _refuse_flow_style(path: Path, text: str, section: str) -> None:
+    """--write edits a section as a block of indented `key: value` lines; one written on its own line
+    (`train: {micro_batch_size: 4}`) is refused, naming the line, before anything is written."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"{section}:\s*[^\s#]", line):
+            raise UserError(f"{path}, line {number}: --write edits `{section}:` as a block of indented key: value "
+                            f"lines, not a value on the same line; rewrite it so, or set the planned keys by hand")
 
 
 def _section_span(lines: list[str], section: str) -> tuple[int, int] | None:
@@ -361,7 +375,7 @@ def _set_key(text: str, section: str, key: str, value) -> str:
         return text.rstrip("\n") + f"\n{section}:\n  {key}: {scalar}\n"
     start, end = span
     for i in range(start + 1, end):
-        found = re.match(rf"(\s+{key}:)\s*[^#\n]*?(\s+#.*)?(\n?)$", lines[i])
+        found = re.match(rf"(\s+{key}:)\s*[^#\n]*?([ \t]+#.*?)?(\r?\n?)$", lines[i])  # CRLF: \r kept
         if found:
             lines[i] = f"{found[1]} {scalar}{found[2] or ''}{found[3]}"
             return "".join(lines)

@@ -252,6 +252,35 @@ def test_write_updates_only_the_planned_keys(tmp_path, capsys):
     assert copy.read_text().startswith(original.split("\nbase:")[0])  # the header comments are kept
 
 
+def _config_copy(tmp_path, text=None):
+    (tmp_path / "gpt3_base.yaml").write_text((ROOT / "configs" / "gpt3_base.yaml").read_text())
+    copy = tmp_path / "gpt3_125m.yaml"
+    copy.write_bytes((text or (ROOT / "configs" / "gpt3_125m.yaml").read_text()).encode())
+    return copy, [str(copy), "--gpus", "8", "--gpu-mem-gib", "24", "--peak-tflops", "100", "--write"]
+
+
+def test_write_refuses_a_section_written_on_one_line_naming_it(tmp_path, capsys):
+    copy, args = _config_copy(tmp_path)
+    text = copy.read_text().replace("deepspeed:\n  zero_stage: 0\n", "deepspeed: {zero_stage: 0}\n")
+    copy.write_text(text)
+    line = text.splitlines().index("deepspeed: {zero_stage: 0}") + 1
+    says = rf"^{re.escape(str(copy))}, line {line}: --write edits `deepspeed:` as a block"
+    with pytest.raises(UserError, match=says):
+        planner.main(args)
+    assert copy.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["gpt3_125m.yaml",
+                                                                                    "gpt3_base.yaml"]
+
+
+def test_write_keeps_a_crlf_files_line_endings_on_the_lines_it_sets(tmp_path, capsys):
+    original = (ROOT / "configs" / "gpt3_125m.yaml").read_text()
+    assert "\n  micro_batch_size: " in original  # the key is set in its own line
+    copy, args = _config_copy(tmp_path, original.replace("\n", "\r\n"))
+    assert planner.main(args) == 0
+    written = copy.read_bytes().decode()
+    assert written.count("\n") == written.count("\r\n") >= original.count("\n")  # the planner: section's too
+    assert f"\n  micro_batch_size: {load_config(copy).train.micro_batch_size}\r\n" in copy.read_bytes().decode()
+
+
 # ---- hardware ----
 @pytest.mark.parametrize("device_name,expected", [
     ("NVIDIA H100 80GB HBM3", "H100-SXM"), ("NVIDIA H100 PCIe", "H100-PCIe"), ("NVIDIA H100 NVL", "H100-NVL"),
