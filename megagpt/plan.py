@@ -160,7 +160,7 @@ def communication(cfg: Config, params: int, gpus: int, stage: int, micro: int, a
     """Per ZeRO stage the bytes and seconds of a step's collectives; for the chosen stage what DeepSpeed does
     with this config's zero_optimization (overlap_comm, ZeRO++), whether it is communication-bound, remedies."""
     zero = cfg.deepspeed.extra.get("zero_optimization", {})
-    overlap_comm, zeropp = zero.get("overlap_comm"), pc.zeropp_in(zero)
+    overlap_comm, zeropp = pc.switch(zero, "overlap_comm"), pc.zeropp_in(zero)
 
     def at(z: int, parts: frozenset[str] = frozenset()) -> dict:
         return pc.step(params, z, gpus, accum, e, compute_seconds, network, overlap_comm, parts)

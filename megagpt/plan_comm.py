@@ -148,11 +148,20 @@ def hpz_partition_size(zero_optimization: Any) -> int:
     return size
 
 
+def switch(zero_optimization: dict, name: str) -> bool | None:
+    """A true/false key of a DeepSpeed `zero_optimization` section, None where unset; a one-line error for anything
+    else (the text "false" would otherwise count as on)."""
+    value = zero_optimization.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise UserError(f"deepspeed.extra.zero_optimization.{name}: expected true or false (got {value!r})")
+    return value
+
+
 def zeropp_in(zero_optimization: dict) -> frozenset[str]:
     """The ZeRO++ parts a DeepSpeed `zero_optimization` section turns on."""
     parts = {"hpZ": hpz_partition_size(zero_optimization) > 1,
-             "qwZ": bool(zero_optimization.get("zero_quantized_weights")),
-             "qgZ": bool(zero_optimization.get("zero_quantized_gradients"))}
+             "qwZ": bool(switch(zero_optimization, "zero_quantized_weights")),
+             "qgZ": bool(switch(zero_optimization, "zero_quantized_gradients"))}
     return frozenset(name for name, on in parts.items() if on)
 
 

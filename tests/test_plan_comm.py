@@ -163,6 +163,9 @@ def test_hpz_turned_on_in_the_config_counts_its_weight_copy_in_the_choice(capsys
     ("zero_optimization=3", "deepspeed.extra.zero_optimization: expected a mapping"),
     ("zero_optimization.zero_hpz_partition_size=abc", "zero_hpz_partition_size: expected a number of GPUs"),
     ("zero_optimization.zero_hpz_partition_size=null", "zero_hpz_partition_size: expected a number of GPUs"),
+    # quoted: the text "false", which bool() counted as on (an overlapped step planned for a serial one)
+    ("zero_optimization.overlap_comm='false'", r"overlap_comm: expected true or false \(got 'false'\)"),
+    ("zero_optimization.zero_quantized_weights=1", r"zero_quantized_weights: expected true or false \(got 1\)"),
 ])
 def test_a_zero_section_the_planner_cannot_read_is_one_line(value, says):
     with pytest.raises(UserError, match=says):  # was a TypeError or AttributeError traceback
