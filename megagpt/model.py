@@ -35,10 +35,16 @@ def _sdpa_attention(q, k, v, dropout_p: float, scale: float | None = None):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
 
 
-def _triton_attention(q, k, v, dropout_p: float, scale: float | None = None, tuning: str = "pruned"):
-    import kernels  # lazily: only the triton backend needs triton
+def _kernels():
+    """The kernels package, imported when a triton backend is chosen (only those need triton), so, on a CPU, at
+    model build: before DeepSpeed or inductor import triton, which would leave its interpreter off."""
+    import kernels
 
-    return kernels.causal_attention(q, k, v, softmax_scale=scale, dropout_p=dropout_p, tuning=tuning)
+    return kernels
+
+
+def _triton_attention(q, k, v, dropout_p: float, scale: float | None = None, tuning: str = "pruned"):
+    return _kernels().causal_attention(q, k, v, softmax_scale=scale, dropout_p=dropout_p, tuning=tuning)
 
 
 ATTENTION_BACKENDS = {"math": _math_attention, "sdpa": _sdpa_attention, "triton": _triton_attention}
@@ -48,6 +54,7 @@ def attention_backend(cfg: ModelConfig):
     """cfg.attention's function with the parametrization's score scale; the triton one searches tiles as
     cfg.kernel_tuning says."""
     if cfg.attention == "triton":
+        _kernels()
         return functools.partial(_triton_attention, scale=attention_scale(cfg), tuning=cfg.kernel_tuning)
     return functools.partial(ATTENTION_BACKENDS[cfg.attention], scale=attention_scale(cfg))
 
@@ -64,11 +71,10 @@ class TritonLayerNorm(nn.LayerNorm):
     def __init__(self, *args, tuning: str = "pruned", **kwargs):
         super().__init__(*args, **kwargs)
         self.tuning = tuning
+        _kernels()
 
     def forward(self, x):
-        import kernels
-
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps, tuning=self.tuning)
+        return _kernels().layer_norm(x, self.weight, self.bias, self.eps, tuning=self.tuning)
 
 
 def make_norm(cfg: ModelConfig) -> nn.LayerNorm:

@@ -1,8 +1,13 @@
 """The model with the Triton kernels trains like the plain-torch model (kernels under the interpreter on CPU)."""
 
+import os
+import runpy
+import subprocess
+import sys
+
 import pytest
 import torch
-from helpers import CPU_CONFIG, tiny_overrides, train_records
+from helpers import CPU_CONFIG, REPO, tiny_overrides, train_records
 from torch._dynamo.utils import counters
 
 from megagpt.config import load_config
@@ -49,3 +54,25 @@ def test_train_compile_with_triton_backends_matches_eager(shakespeare_dataset, t
     assert len(runs[True]) == 3
     for step, (a, b) in enumerate(zip(runs[True], runs[False], strict=True), start=1):
         assert a == pytest.approx(b, abs=1e-5), f"step {step}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is the CPU's path")
+def test_triton_model_runs_on_cpu_when_triton_is_imported_after_the_model_is_built():
+    """deepspeed.initialize imports triton after the model is built: the kernels must be imported (and the
+    interpreter switched on) by then. `megagpt train` with triton backends on a CPU died in the interpreter."""
+    code = ("import torch; from megagpt.config import ModelConfig; from megagpt.model import GPT\n"
+            "cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=11, attention='triton', "
+            "norm='triton')\n"
+            "model = GPT(cfg)\n"
+            "import triton  # as deepspeed.initialize does\n"
+            "idx = torch.randint(0, 11, (1, 8)); model(idx, idx); print('ran')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and "ran" in result.stdout, result.stderr[-2000:]
+
+
+def test_kernels_refuse_to_load_after_triton_where_the_interpreter_is_off(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ImportError, match="triton was imported before kernels.*TRITON_INTERPRET=1"):
+        runpy.run_path(str(REPO / "kernels" / "__init__.py"))
