@@ -77,6 +77,20 @@ class ModelConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _kernels_take_the_shape(self):
+        """The triton backends' sizes (kernels/limits.py), checked here instead of at the first step."""
+        if "triton" not in (self.attention, self.norm):
+            return self
+        from kernels.limits import head_dim_problem, width_problem  # only a triton backend imports triton
+
+        if self.attention == "triton" and (problem := head_dim_problem(self.head_dim)):
+            raise ValueError(f"model.attention: triton: head dim model.n_embd / model.n_head = {self.n_embd} / "
+                             f"{self.n_head} = {self.head_dim} {problem}; change the shape or use sdpa")
+        if self.norm == "triton" and (problem := width_problem(self.n_embd)):
+            raise ValueError(f"model.norm: triton: model.n_embd={self.n_embd} {problem}; use torch")
+        return self
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head

@@ -52,6 +52,23 @@ def test_an_error_names_the_set_it_came_from_and_the_nearest_known_key(overrides
     assert says in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["model.attention=triton", "model.n_embd=32", "model.n_head=4"],  # head dim 8: a traceback at step 1
+         "model.attention: triton: head dim model.n_embd / model.n_head = 32 / 4 = 8 unsupported (the kernel takes "
+         "16 <= D <= 128)"),
+        (["model.attention=triton", "model.n_embd=512", "model.n_head=2"], "= 256 unsupported"),
+        (["model.norm=triton", "model.n_embd=65537", "model.n_head=1"],
+         "model.norm: triton: model.n_embd=65537 unsupported (the kernel takes 1 <= C <= 65536)"),
+    ],
+)
+def test_a_shape_the_triton_kernels_cannot_take_is_refused_with_the_config(overrides, says):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "shakespeare_char.yaml", overrides)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
 def test_cpu_config_extends_the_base_and_overrides_apply():
     cfg = load_config(CONFIGS / "shakespeare_char_cpu.yaml", ["train.lr=3e-4", "model.dropout=0.1"])
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (4, 128, 64)
