@@ -20,6 +20,9 @@ from megagpt.errors import UserError, file_in_the_way
 def work_dir_for(out_dir: Path, force: bool) -> Path:
     """`<out>.partial`, once out_dir may be written: it does not exist (or --force may replace it), and its parent
     is a folder (made when missing)."""
+    if out_dir.name in ("", ".."):  # ".", "..", "/": no name to build NAME.partial beside
+        raise UserError(f"--out {out_dir}: name the dataset dir itself (e.g. --out ../NAME), not . or ..; it is "
+                        f"built beside it as NAME.partial")
     if out_dir.exists() or out_dir.is_symlink():
         if not force:
             raise UserError(f"--out {out_dir}: already exists; pass --force to replace it")

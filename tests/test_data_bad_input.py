@@ -122,6 +122,16 @@ def test_an_out_under_a_file_is_a_one_line_error(kind, tokens, tmp_path, capsys)
     assert f"{tmp_path / 'file'} is a file, not a folder" in err, err
 
 
+@pytest.mark.parametrize("out", [".", ".."])
+def test_an_out_without_a_name_is_a_one_line_error(out, tmp_path, monkeypatch, capsys):
+    (tmp_path / "in.txt").write_text(TEXT)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # an empty folder: --force may replace it
+    err = _one_line_error(["prep", "char", "--input", "../in.txt", "--out", out, "--force"], capsys)
+    assert f"--out {out}: name the dataset dir itself" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "in.txt"]
+
+
 @pytest.mark.parametrize("kind", ["char", "chat"])
 def test_force_replaces_a_dataset_but_never_a_folder_of_other_things(kind, tokens, tmp_path, capsys):
     source = tmp_path / ("in.txt" if kind == "char" else "in.jsonl")
