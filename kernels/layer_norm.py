@@ -150,11 +150,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _unit_stride(p: torch.Tensor | None) -> torch.Tensor | None:
+    """A weight or bias as the kernels read it, (C,) with unit stride (a strided view would be read wrongly)."""
+    return None if p is None else p.contiguous()
+
+
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                        tuning: str = "pruned"):
     """Launch the forward kernel: returns y (x's shape and dtype), mean and rstd (N,) in fp32."""
     C = x.shape[-1]
-    x2 = _rows(x)
+    x2, weight, bias = _rows(x), _unit_stride(weight), _unit_stride(bias)
     N = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mean = torch.empty(N, dtype=torch.float32, device=x.device)
@@ -169,7 +174,7 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
 def layer_norm_backward(dy, x, weight, bias, mean, rstd, tuning: str = "pruned"):
     """Launch the row kernel and the column sums: dx, dw, db (dw/db empty when the parameter is None)."""
     C = x.shape[-1]
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2, weight = _rows(x), _rows(dy), _unit_stride(weight)
     N = x2.shape[0]
     interpret = interpreting(x)
     groups = min(N, 4 if interpret else 2 * torch.cuda.get_device_properties(x.device).multi_processor_count)

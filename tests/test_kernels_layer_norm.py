@@ -86,6 +86,19 @@ def test_non_contiguous_input_gives_the_same_result(view):
     assert rel_err(y.detach(), ref[0]) <= FP32_TOL and rel_err(dx, ref[1]) <= FP32_TOL
 
 
+def test_strided_weight_and_bias_give_the_same_result():
+    """Every other element of a (2C,) tensor: the kernels read (C,) parameters with unit stride, so a strided
+    view gave silently wrong outputs and gradients."""
+    x, w, b, dy = make_inputs((5, 24), True, True, seed=6)
+    w_base, b_base = torch.randn(48).requires_grad_(), torch.randn(48).requires_grad_()
+    y = kernels.layer_norm(x, w_base[::2], b_base[::2])
+    y.backward(dy)
+    ref = run(layer_norm_reference, x, w_base[::2].detach(), b_base[::2].detach(), dy, torch.float64)
+    assert rel_err(y.detach(), ref[0]) <= FP32_TOL
+    assert rel_err(w_base.grad[::2], ref[2]) <= FP32_TOL and rel_err(b_base.grad[::2], ref[3]) <= FP32_TOL
+    assert not w_base.grad[1::2].any() and not b_base.grad[1::2].any()
+
+
 def test_custom_ops_pass_opcheck():
     x, w, b, dy = make_inputs((3, 24), True, True, seed=5)
     x, w, b = (t.requires_grad_() for t in (x, w, b))
