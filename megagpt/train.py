@@ -101,7 +101,8 @@ class Run:
         meta = {"model": {key: getattr(self.cfg.model, key) for key in CHECKED_KEYS},  # checked before any load
                 "train": {"dtype": self.cfg.train.dtype,  # read back by _saved_dtype, and by _kept_global_batch:
                           "micro_batch_size": self.cfg.train.micro_batch_size,
-                          "global_batch_tokens": self.throughput.tokens_per_step}}
+                          "global_batch_tokens": self.throughput.tokens_per_step},
+                "deepspeed": {"zero_stage": self.cfg.deepspeed.zero_stage}}  # read back by _check_resumable
         with self.throughput.paused():
             self.checkpointer.save(self.engine, self.state.step, self.client_state(), meta)
 
@@ -297,9 +298,14 @@ def _open_dataset(cfg: Config) -> Dataset:
     return Dataset(directory)
 
 
+# DeepSpeed's checkpoint files by ZeRO stage: 1 and 2 write and read the same ones; 0 (no optimizer partitions)
+# and 3 (partitioned weights too) each their own, and loading another's fails inside DeepSpeed.
+ZERO_LAYOUTS = {0: "unpartitioned", 1: "optimizer partitions", 2: "optimizer partitions", 3: "weight partitions"}
+
+
 def _check_resumable(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
-    """The checkpoint's model keys and dtype equal the config's (µP keys a checkpoint predates count as the
-    defaults; a checkpoint from before dtypes were recorded is not checked for one)."""
+    """The checkpoint's model keys, dtype and ZeRO layout match the config's (µP keys a checkpoint predates count
+    as the defaults; a checkpoint from before dtypes or ZeRO stages were recorded is not checked for one)."""
     mismatch = model_mismatch(cfg.model, manifest.get("model", {}))
     if mismatch is not None:
         key, value, saved = mismatch
@@ -314,6 +320,14 @@ def _check_resumable(cfg: Config, manifest: dict[str, Any], tag: str) -> None:
         raise ConfigError(
             f"train.dtype={cfg.train.dtype!r} but checkpoint {tag} was trained in {saved_dtype!r}: resume with "
             f"--set train.dtype={saved_dtype}, or start a new --run-dir with --set train.init_from=RUN_DIR"
+        )
+    saved_zero = manifest.get("deepspeed", {}).get("zero_stage", cfg.deepspeed.zero_stage)
+    if ZERO_LAYOUTS[saved_zero] != ZERO_LAYOUTS[cfg.deepspeed.zero_stage]:  # DeepSpeed's loader fails mid-build
+        raise ConfigError(
+            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} but checkpoint {tag} was saved under ZeRO "
+            f"{saved_zero}, whose files that stage cannot load: resume with --set deepspeed.zero_stage={saved_zero}"
+            f"{' (or 2)' if saved_zero == 1 else ' (or 1)' if saved_zero == 2 else ''}, or start a new --run-dir "
+            f"with --set train.init_from=RUN_DIR"
         )
 
 

@@ -162,7 +162,8 @@ def test_a_refused_train_command_is_one_line_and_leaves_the_run_dir_byte_identic
     assert snapshot(run_copy) == before
 
 
-@pytest.mark.parametrize("case", ["resume never", "other model", "other vocab", "other dtype", "all tags damaged"])
+@pytest.mark.parametrize("case", ["resume never", "other model", "other vocab", "other dtype", "other zero stage",
+                                  "all tags damaged"])
 def test_refusals_leave_the_run_dir_byte_identical(case, run_copy, shakespeare_dataset):
     resume, overrides = "auto", tiny(shakespeare_dataset, max_steps=8, checkpoint_interval=2)
     if case == "resume never":
@@ -175,6 +176,10 @@ def test_refusals_leave_the_run_dir_byte_identical(case, run_copy, shakespeare_d
                  r"step_000006 was trained with 65: resume with the same model and data, or start a new --run-dir")
     elif case == "other dtype":  # before the check, DeepSpeed's loader failed with a KeyError traceback
         overrides, error, match = [*overrides, "train.dtype=bf16"], UserError, "train.dtype='bf16' .* in 'fp32'"
+    elif case == "other zero stage":  # before the check, DeepSpeed's loader failed after config.yaml was written
+        overrides, error = [*overrides, "deepspeed.zero_stage=1"], UserError
+        match = (r"deepspeed.zero_stage=1 but checkpoint step_000006 was saved under ZeRO 0, whose files that stage "
+                 r"cannot load: resume with --set deepspeed.zero_stage=0, or start a new --run-dir")
     else:
         for tag in checkpoints(run_copy).tags():
             flip_a_byte(run_copy / "checkpoints" / tag / "mp_rank_00_model_states.pt")
