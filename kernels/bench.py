@@ -271,10 +271,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Each size flag's values refused before any work, and --out made."""
+    """Each size flag's values refused before any work, a size flag of the kernel --kernel leaves out refused
+    (it would be ignored), and --out made."""
     checks = [("--seq-len", args.seq_len, lambda T: None if T >= 1 else "must be at least 1"),
               ("--head-dim", args.head_dim, head_dim_problem), ("--width", args.width, width_problem)]
+    sized = {"--seq-len": "attention", "--head-dim": "attention", "--width": "layernorm"}
     for flag, values, problem in checks:
+        if values and args.kernel not in ("all", sized[flag]):
+            p.error(f"{flag} sizes {sized[flag]}, which --kernel {args.kernel} leaves out; drop it or pass "
+                    f"--kernel {sized[flag]} or all")
         for value in values or []:
             if (why := problem(value)) is not None:
                 p.error(f"{flag} {value}: {why}")

@@ -67,6 +67,8 @@ def test_skip_notes_quote_the_error_whole_or_cut_at_a_sentence_end():
     (["--seq-len", "0"], "--seq-len 0: must be at least 1"),
     (["--head-dim", "7"], "--head-dim 7: unsupported (the kernel takes 16 <= D <= 128)"),
     (["--width", "70000"], "--width 70000: unsupported (the kernel takes 1 <= C <= 65536)"),
+    (["--kernel", "attention", "--width", "64"], "--width sizes layernorm, which --kernel attention leaves out"),
+    (["--kernel", "layernorm", "--head-dim", "16"], "--head-dim sizes attention, which --kernel layernorm leaves"),
 ])
 def test_bench_refuses_sizes_the_kernels_cannot_take(flags, named, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
