@@ -92,7 +92,7 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, settings: PrepSetting
     out_dir = Path(out_dir)
     _check(settings)
     work = work_dir_for(out_dir, force)
-    paths = input_files(inputs)
+    paths = input_files(inputs, exclude=(out_dir, work))  # never its own output: a re-run would read it
     progress = _Progress(work, _fingerprint(paths, settings))
     try:
         with _pool(settings.workers) as pool:

@@ -33,25 +33,25 @@ Chunk = list[tuple[str, bool]]
 # ---------------------------------------------------------------- which files
 
 
-def input_files(inputs: list[str | Path]) -> list[str]:
+def input_files(inputs: list[str | Path], exclude: tuple[str | Path, ...] = ()) -> list[str]:
     """Files, directories (recursively) and globs as absolute paths, each expanded in the order of sorting by
-    path components, duplicates dropped. Strings, not Path objects: a million inputs stay ~150 MB."""
+    path components, duplicates dropped; none under an `exclude` folder (a prep's own output and work dir, when
+    they lie in an input folder). Strings, not Path objects: a million inputs stay ~150 MB."""
+    excluded = tuple(os.path.join(os.path.realpath(folder), "") for folder in exclude)
     found: dict[str, None] = {}
     for spec in map(str, inputs):
         if os.path.isdir(spec):
-            matches = list(_walk(os.path.realpath(spec)))
-        elif os.path.isfile(spec):
-            matches = [os.path.realpath(spec)]
+            matches = list(_walk(os.path.realpath(spec)))  # corpus files only
         else:
-            hits = sorted(glob.glob(spec, recursive=True), key=lambda p: Path(p).parts)
-            matches = [os.path.realpath(p) for p in hits if os.path.isfile(p)]
+            hits = [spec] if os.path.isfile(spec) else glob.glob(spec, recursive=True)
+            matches = [os.path.realpath(p) for p in sorted(hits, key=lambda p: Path(p).parts) if os.path.isfile(p)]
             for m in matches:
-                if not m.endswith(SUFFIXES):
+                if not (m.endswith(SUFFIXES) or m.startswith(excluded)):
                     raise UserError(f"--input {m}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+        if excluded:
+            matches = [m for m in matches if not m.startswith(excluded)]
         if not matches:
             raise UserError(f"--input {spec}: no such file, or no {'/'.join(SUFFIXES)} files in it")
-        if not matches[0].endswith(SUFFIXES):
-            raise UserError(f"--input {matches[0]}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
         found.update(dict.fromkeys(matches))
     return list(found)
 

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -200,6 +201,27 @@ def test_a_user_error_removes_a_fresh_partial_but_keeps_one_resumed_from_a_kill(
     with pytest.raises(UserError, match="bad input"):
         prepare([tmp_path / "corpus"], tmp_path / "ds", _settings())
     assert (tmp_path / "ds.partial" / "progress.jsonl").read_text().startswith(log)  # the kill's work stays
+
+
+def test_an_out_inside_an_input_folder_is_never_read_as_input(tmp_path, monkeypatch):
+    import data_prep.prep as prep_module
+
+    _write_corpus(tmp_path / "corpus", np.random.default_rng(1018))
+    fresh = prepare([tmp_path / "corpus"], tmp_path / "fresh", _settings())
+    inside = tmp_path / "corpus" / "ds"  # its sources.jsonl and progress.jsonl are .jsonl files in the folder
+    prepare([tmp_path / "corpus"], inside, _settings())
+    assert _files(prepare([tmp_path / "corpus"], inside, _settings(), force=True)) == _files(fresh)
+    shutil.rmtree(inside)  # another dataset in the folder would be read: only a prep's own output is left out
+
+    real_write = prep_module.write_shard
+    monkeypatch.setattr(prep_module, "write_shard", lambda job, out: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare([tmp_path / "corpus"], tmp_path / "corpus" / "ds2", _settings())
+    written = []
+    monkeypatch.setattr(prep_module, "write_shard", lambda job, out: written.append(job) or real_write(job, out))
+    assert _files(prepare([tmp_path / "corpus", f"{tmp_path}/corpus/**/*.jsonl*"], tmp_path / "corpus" / "ds2",
+                          _settings())) == _files(fresh)
+    assert written and not (tmp_path / "corpus" / "ds2.partial").exists()
 
 
 def test_tar_overhead_is_below_2_percent(shakespeare_path, tmp_path):
