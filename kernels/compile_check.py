@@ -417,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="D in {64, 128}, C in {768, 16384} only")
     parser.add_argument("--one-config", action="store_true",
                         help="only each kernel's first autotune config: a quick sweep for compile errors")
-    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", nargs="+", default=None, choices=["bf16", "fp16", "fp32"],
+                        help="default: all three (with --first-step, its dtype= item says it)")
     parser.add_argument("--tuning", default="pruned", choices=["pruned", "full"],
                         help="whose autotune configs: the default pruned search or the full one")
     parser.add_argument("--first-step", type=parse_first_step, metavar="T=..,D=..,C=..[,dropout=..][,dtype=..]",
@@ -428,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be at least 1")
+    if args.first_step and (args.quick or args.dtype):  # they pick the matrix, which --first-step replaces
+        parser.error(f"{'--quick' if args.quick else '--dtype'} does not apply to --first-step, whose spec gives the "
+                     "sizes and the dtype (dtype=bf16|fp16|fp32)")
     if args.out is not None:
         make_out(parser, args.out)
     try:
@@ -441,7 +445,7 @@ def _check(args: argparse.Namespace) -> int:
     if args.first_step:
         cases = args.first_step.cases(args.tuning)
     else:
-        cases = problems(args.quick, args.dtype, args.tuning)
+        cases = problems(args.quick, args.dtype or ["bf16", "fp16", "fp32"], args.tuning)
     cases = [c for c in cases if args.kernel is None or c.kernel in args.kernel]
     started = time.perf_counter()
     results = run(cases, args.arch, args.jobs, args.one_config)

@@ -113,9 +113,16 @@ def test_compile_check_reads_a_good_first_step():
     assert step == compile_check.FirstStep(T=256, D=64, C=384, dtype="fp16", dropout=0.2, bias=False)
 
 
-@pytest.mark.parametrize("flags, named", [(["--jobs", "0"], "--jobs 0: must be at least 1"),
-                                          (["--out", "FILE"], "a file is in the way")])
-def test_compile_check_refuses_jobs_and_out_before_compiling(flags, named, tmp_path, capsys):
+ONE_STEP = ["--first-step", "T=16,D=16,C=8", "--kernel", "ln_column_sum"]  # one compile, were it to run
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--jobs", "0"], "--jobs 0: must be at least 1"), (["--out", "FILE"], "a file is in the way"),
+    # the spec replaces the matrix: they were silently ignored
+    ([*ONE_STEP, "--dtype", "fp16"], "--dtype does not apply to --first-step"),
+    ([*ONE_STEP, "--quick"], "--quick does not apply to --first-step"),
+])
+def test_compile_check_refuses_bad_flags_before_compiling(flags, named, tmp_path, capsys):
     (tmp_path / "FILE").write_text("mine")
     with pytest.raises(SystemExit) as stop:
         compile_check.main([f.replace("FILE", str(tmp_path / "FILE")) for f in flags])
