@@ -40,8 +40,9 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # TensorBoard's own version of the same: readers drop earlier events at steps >= start_step.
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step)
+            # TensorBoard's own version of the same: readers drop earlier events at steps >= purge_step, and the
+            # checkpoint's own step (its loss, its evaluation) stays, as in metrics.jsonl.
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
         if progress_bar and sys.stderr.isatty():
             self._bar = tqdm(
                 total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True

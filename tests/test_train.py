@@ -206,6 +206,28 @@ def test_a_restart_drops_what_was_logged_after_the_last_checkpoint(shakespeare_d
     assert metrics.read_text().count('"val_loss"') == 2  # evaluations at 5 and 10, once each
 
 
+def test_tensorboard_after_a_restart_holds_the_steps_metrics_jsonl_holds(tmp_path):
+    """Killed after step 7 with its checkpoint at 5: the rerun keeps step 5's records in TensorBoard too (they were
+    purged with the steps after it, so TensorBoard lacked the loss and evaluation of every resume's first step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    killed = RunLogger(tmp_path, True, start_step=0, max_steps=10, progress_bar=False)
+    for step in range(1, 8):
+        killed.log(step, {"loss": float(step)})
+    killed.log(5, {"val_loss": 0.5}, section="val")
+    killed.close()
+    resumed = RunLogger(tmp_path, True, start_step=5, max_steps=10, progress_bar=False)
+    for step in range(6, 11):
+        resumed.log(step, {"loss": 10.0 + step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    logged = [(r["step"], r["loss"]) for r in read_metrics(tmp_path) if "loss" in r]
+    assert logged == [(s, float(s)) for s in range(1, 6)] + [(s, 10.0 + s) for s in range(6, 11)]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == logged
+    assert [(e.step, e.value) for e in events.Scalars("val/loss")] == [(5, 0.5)]
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_logged_grad_norm_is_the_first_steps_true_gradient_norm(shakespeare_dataset, tmp_path, zero_stage):
     """Against plain autograd on the same initial weights and the same first batch."""
