@@ -482,10 +482,12 @@ class TrainLoader:
 
 
 class EvalWindows:
-    """A split's fixed evaluation windows: the same batches at every call (the order of seed EVAL_SEED)."""
+    """A split's fixed evaluation windows: the same batches at every call (the order of seed EVAL_SEED).
+    on_corrupt_shard as for TrainLoader: "skip" checks the split's shards now and leaves the bad ones out."""
 
-    def __init__(self, dataset: Dataset | str | Path, split: str, block_size: int):
-        self.windows = WindowDataset(TokenStream(as_dataset(dataset), split), block_size, EVAL_SEED)
+    def __init__(self, dataset: Dataset | str | Path, split: str, block_size: int, on_corrupt_shard: str = "error"):
+        self.windows = WindowDataset(TokenStream(as_dataset(dataset), split, on_corrupt_shard), block_size,
+                                     EVAL_SEED)
 
     def batches(self, micro_batch_size: int, num_batches: int, rank: int = 0,
                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -242,6 +242,25 @@ def test_a_val_split_too_small_for_the_block_stops_a_run_before_it_writes(tokens
     assert not (tmp_path / "run").exists()
 
 
+def test_skip_mode_with_no_good_val_shard_stops_a_run_before_it_writes(tokens, tmp_path):
+    """data.on_corrupt_shard=skip covers the val split: its damage is found at start-up, not at the first
+    evaluation after train.eval_interval steps (when skip did not apply to it)."""
+    import shutil
+
+    from helpers import CPU_CONFIG, tiny_overrides
+
+    from megagpt.config import load_config
+    from megagpt.train import train
+
+    damaged = shutil.copytree(tokens, tmp_path / "damaged")
+    for shard in damaged.glob("val-*.tar"):
+        shard.write_bytes(b"garbage")
+    cfg = load_config(CPU_CONFIG, [*tiny_overrides(damaged, max_steps=1), "data.on_corrupt_shard=skip"])
+    with pytest.raises(DataError, match="split val has 0 usable tokens"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- megagpt bench data
 
 

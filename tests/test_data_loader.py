@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data_prep
-from megagpt.data import TrainLoader, eval_batches
+from megagpt.data import EvalWindows, TrainLoader, eval_batches
 from megagpt.dataset import DataError, Dataset, load_manifest
 
 
@@ -254,6 +254,25 @@ def test_skip_mode_excludes_a_corrupt_shard_and_counts_it(random_ds, tmp_path, c
     expected = {stream[i * 8:i * 8 + 9].tobytes() for i in range(loader.num_windows)}
     for _ in range(5):
         x, y = next(loader)
+        rows = torch.cat([x, y[:, -1:]], 1).numpy().astype("<u2")
+        assert all(row.tobytes() in expected for row in rows)
+
+
+def test_skip_mode_leaves_a_corrupt_val_shard_out_of_evaluation_too(tmp_path, capsys):
+    """data.on_corrupt_shard=skip used to cover the train split only: a run trained, then died at its first
+    evaluation on the val shard it was told to skip."""
+    out, _ = _random_dataset(tmp_path, shard_size_mb=0.0002, seed=1019)  # 97-token shards: 7 in val
+    shards = list(Dataset(out).shards("val"))
+    (out / shards[2].name).write_bytes(b"garbage")
+    with pytest.raises(DataError, match=shards[2].name):
+        list(eval_batches(out, "val", 8, 4, 40))
+    windows = EvalWindows(out, "val", 8, on_corrupt_shard="skip")
+    assert shards[2].name in capsys.readouterr().err
+    stream = np.concatenate([np.frombuffer(b"".join(_payloads(out / s.name)), "<u2")
+                             for i, s in enumerate(shards) if i != 2])  # read independently
+    assert windows.windows.num_windows == (len(stream) - 1) // 8
+    expected = {stream[i * 8:i * 8 + 9].tobytes() for i in range(windows.windows.num_windows)}
+    for x, y in windows.batches(4, 40):
         rows = torch.cat([x, y[:, -1:]], 1).numpy().astype("<u2")
         assert all(row.tobytes() in expected for row in rows)
 

@@ -22,7 +22,7 @@ class PretrainStage(LossStage):
                                   dist.rank, dist.world_size, seed=cfg.train.seed,
                                   num_workers=cfg.data.num_workers, on_corrupt_shard=cfg.data.on_corrupt_shard)
         # made now: a val split too small for the block is refused before the run dir is written
-        self.eval_windows = EvalWindows(dataset, "val", cfg.model.block_size)
+        self.eval_windows = EvalWindows(dataset, "val", cfg.model.block_size, cfg.data.on_corrupt_shard)
 
     def loss(self, engine, batch) -> torch.Tensor:
         _, loss = engine(*batch)
