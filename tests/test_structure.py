@@ -134,3 +134,11 @@ def test_a_bad_tokenizer_kind_is_a_one_line_error(shakespeare_dataset, tmp_path)
 def _megagpt(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megagpt", *map(str, args)], capture_output=True, text=True,
                           timeout=300, cwd=REPO)
+
+
+def test_every_config_the_docs_and_launch_scripts_name_exists():
+    import re
+
+    texts = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "launch").iterdir()]
+    named = {m for path in texts if path.is_file() for m in re.findall(r"configs/[\w.-]+\.yaml", path.read_text())}
+    assert named and not {name for name in named if not (REPO / name).is_file()}  # a usage line that cannot run
