@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from megagpt.config import Config, load_config
+from megagpt.ds_config import grad_accum_steps
 from megagpt.errors import UserError
 from megagpt.files import write_whole
 from megagpt.metrics import read_metrics
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["nanogpt"] = run_nanogpt(nanogpt, cfg, args.steps, args.skip)
             rounds.append(row)
             print("  ".join(f"{k} {v:.2f} ms/step" for k, v in row.items()), flush=True)
-    results = summarise(rounds, _tokens_per_step(cfg))
+    results = summarise(rounds, tokens_per_step(cfg))
     _print(results)
     if json_out is not None:
         write_whole(json_out, json.dumps(results, indent=1) + "\n")
@@ -99,9 +100,14 @@ def _print(results: dict) -> None:
         print(f"megagpt / nanoGPT tokens/s: {results['speedup']:.3f} (pairs: {pairs})")
 
 
-def _tokens_per_step(cfg: Config) -> int:
-    accum = cfg.train.grad_accum_steps or 1
-    return cfg.train.micro_batch_size * accum * cfg.model.block_size
+def tokens_per_step(cfg: Config) -> int:
+    """Tokens in one optimizer step of the single-process run, every accumulated micro-batch counted."""
+    return cfg.train.micro_batch_size * _accum(cfg) * cfg.model.block_size
+
+
+def _accum(cfg: Config) -> int:
+    """Micro-batches per step: train.grad_accum_steps, or what train.global_batch_tokens gives on one process."""
+    return grad_accum_steps(cfg.train, cfg.model.block_size, world_size=1)
 
 
 # ---------------------------------------------------------------- megagpt
@@ -146,7 +152,8 @@ def nanogpt_args(cfg: Config, steps: int, out_dir: Path) -> list[str]:
     m, t = cfg.model, cfg.train
     return ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", f"--out_dir={out_dir}",
             f"--eval_iters={t.eval_steps}", f"--eval_interval={t.eval_interval}", "--log_interval=1",
-            f"--block_size={m.block_size}", f"--batch_size={t.micro_batch_size}", f"--n_layer={m.n_layer}",
+            f"--block_size={m.block_size}", f"--batch_size={t.micro_batch_size}",
+            f"--gradient_accumulation_steps={_accum(cfg)}", f"--n_layer={m.n_layer}",
             f"--n_head={m.n_head}", f"--n_embd={m.n_embd}", f"--dropout={m.dropout}", f"--bias={m.bias}",
             f"--max_iters={steps}", f"--lr_decay_iters={t.lr_decay_steps or t.max_steps}",
             f"--learning_rate={t.lr}", f"--min_lr={t.min_lr}", f"--warmup_iters={t.warmup_steps}",

@@ -1,9 +1,13 @@
 """`megagpt bench train` and `bench syncs`: a bad count, stage, dtype or --json is one line before any run."""
 
+from pathlib import Path
+
 import pytest
 from helpers import CPU_CONFIG
 
+from benchmarks import train as bench_train
 from megagpt.cli import main
+from megagpt.config import load_config
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -17,6 +21,15 @@ def test_bench_train_refuses_counts_and_json_before_running(flags, named, tmp_pa
     assert main(["bench", "train", str(CPU_CONFIG), *[f.replace("TMP", str(tmp_path)) for f in flags]]) == 2
     err = capsys.readouterr().err
     assert named in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_train_counts_every_accumulated_micro_batch_and_nanogpt_runs_as_many():
+    """global_batch_tokens gives 4 micro-batches a step: tokens/s was reported 4x too low, and nanoGPT ran 1."""
+    cfg = load_config(CPU_CONFIG, ["train.micro_batch_size=4", "model.block_size=16",
+                                   "train.global_batch_tokens=256"])
+    assert bench_train.tokens_per_step(cfg) == 256
+    assert bench_train.summarise([{"megagpt": 10.0}], 256)["megagpt"]["tokens_per_sec"] == 25600
+    assert "--gradient_accumulation_steps=4" in bench_train.nanogpt_args(cfg, 30, Path("out"))
 
 
 @pytest.mark.parametrize("flags, named", [
