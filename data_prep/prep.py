@@ -35,6 +35,7 @@ from tqdm import tqdm
 from data_prep.out_dir import replace_out_dir, work_dir_for
 from data_prep.shards import ShardJob, chunk_file, write_shard
 from data_prep.sources import input_files, iter_chunks
+from data_prep.spm import MIN_VOCAB as SPM_MIN_VOCAB
 from megagpt.dataset import (
     FORMAT_VERSION,
     SOURCES_FILE,
@@ -143,6 +144,9 @@ def _check(s: PrepSettings) -> None:
     if s.tokenizer == "sentencepiece":
         positive.update({"--vocab-size": s.vocab_size, "--sample-size": s.sample_size,
                          "--sample-chars": s.sample_chars})
+        if s.vocab_size < SPM_MIN_VOCAB:  # below it the trainer fails without saying why (vocab 1: "INTERNAL")
+            raise UserError(f"--vocab-size {s.vocab_size}: sentencepiece needs at least {SPM_MIN_VOCAB} pieces "
+                            f"(<unk>, </s>, the \\n and \\t pieces, one character)")
         if not 0.98 <= s.character_coverage <= 1.0:
             raise UserError(f"--character-coverage {s.character_coverage}: sentencepiece accepts 0.98 to 1")
         if not 0 <= s.threads <= 1024:

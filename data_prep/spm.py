@@ -13,6 +13,7 @@ from data_prep.sources import iter_chunks
 from megagpt.errors import UserError
 
 MAX_LINE_CHARS = 4000  # sentencepiece drops longer "sentences" (max_sentence_length is in bytes)
+MIN_VOCAB = 5  # <unk>, </s>, the "\n" and "\t" pieces, one character: below it the trainer fails unexplained
 
 
 def sample_lines(paths: list, text_field: str, chunk_chars: int, sample_size: int, seed: int,

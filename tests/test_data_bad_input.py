@@ -96,6 +96,7 @@ def test_messages_that_are_not_a_list_are_named_as_such():
     ("char", ["--shard-size-mb", "nan"], "--shard-size-mb nan"),
     ("char", ["--shard-size-mb", "inf"], "--shard-size-mb inf"),
     ("sentencepiece", ["--vocab-size", "0"], "--vocab-size 0"),
+    ("sentencepiece", ["--vocab-size", "1"], "--vocab-size 1: sentencepiece needs at least 5 pieces"),  # "INTERNAL"
     ("sentencepiece", ["--sample-size", "0"], "--sample-size 0"),
     ("sentencepiece", ["--threads", "-1"], "--threads -1"),
     ("chat", ["--shard-size-mb", "nan"], "--shard-size-mb nan"),
