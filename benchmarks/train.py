@@ -37,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=400, help="steps per run")
     p.add_argument("--skip", type=int, default=100, help="steps left out of the median (start-up, warm-up)")
     p.add_argument("--against", metavar="NANOGPT_DIR", help="a nanoGPT checkout to run side by side")
-    p.add_argument("--rounds", type=int, default=3, help="A B pairs (with --against)")
+    p.add_argument("--rounds", type=int, default=None, help="A B pairs (with --against; default 3)")
     p.add_argument("--json", dest="json_out", help="write the results here")
     args = p.parse_args(argv)
+    if args.rounds is not None and not args.against:
+        raise UserError(f"--rounds {args.rounds}: counts A B pairs with --against; alone, megagpt runs once")
+    args.rounds = 3 if args.rounds is None else args.rounds
     check_counts(args.steps, args.skip, args.rounds)
     json_out = None if args.json_out is None else check_json_out(Path(args.json_out))
     cfg = load_config(args.config, args.overrides)

@@ -12,7 +12,8 @@ from megagpt.config import load_config
 
 @pytest.mark.parametrize("flags, named", [
     (["--steps", "5", "--skip", "-1"], "--skip must be at least 0"),
-    (["--steps", "5", "--skip", "1", "--rounds", "0"], "--rounds at least 1"),
+    (["--steps", "5", "--skip", "1", "--rounds", "0", "--against", "TMP"], "--rounds at least 1"),
+    (["--steps", "5", "--skip", "1", "--rounds", "2"], "--rounds 2: counts A B pairs with --against"),  # was ignored
     (["--steps", "3", "--skip", "3"], "--skip 3 must be smaller than --steps 3"),
     (["--steps", "3", "--skip", "1", "--json", "TMP"], "is a folder; give a file name"),
     (["--steps", "3", "--skip", "1", "--json", "TMP/missing/x.json"], "missing is not a folder"),
