@@ -35,7 +35,10 @@ if [[ -n "${HOSTFILE:-}" ]]; then
         NF != 2 || $2 !~ /^slots=[0-9]+$/ || $2 == "slots=0" {
             printf "deepspeed.sh: HOSTFILE=%s line %d: expected \"HOST slots=N\" (N at least 1), got \"%s\"\n", \
                 FILENAME, FNR, $0 > "/dev/stderr"; bad = 1; exit }
-        { hosts++; ranks += substr($2, 7) }
+        $1 in line {  # DeepSpeed refuses a host listed twice, in a traceback
+            printf "deepspeed.sh: HOSTFILE=%s line %d: host %s is listed again (line %d): one line per host\n", \
+                FILENAME, FNR, $1, line[$1] > "/dev/stderr"; bad = 1; exit }
+        { line[$1] = FNR; hosts++; ranks += substr($2, 7) }
         END { if (!bad) print hosts + 0, ranks + 0 }' "$HOSTFILE") || true
     [[ -n "${ranks:-}" ]] || exit 2
     (( hosts > 0 )) || { echo "deepspeed.sh: HOSTFILE=$HOSTFILE lists no host" >&2; exit 2; }

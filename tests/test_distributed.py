@@ -127,6 +127,7 @@ def test_torchrun_sh_names_a_bad_count_in_one_line_before_starting_anything(env,
     ({"NUM_GPUS": "abc"}, None, "NUM_GPUS=abc: expected a whole number of at least 1 (workers on this node)"),
     ({}, "a slots=2\nb\n", 'HOSTFILE=HF line 2: expected "HOST slots=N" (N at least 1), got "b"'),
     ({}, "# nothing\n", "HOSTFILE=HF lists no host"),
+    ({}, "a slots=2\n\na slots=1\n", "HOSTFILE=HF line 3: host a is listed again (line 1): one line per host"),
     ({"NODE_RANK": "2", "MASTER_ADDR": "a"}, "a slots=2 # 8 GPUs\n\nb slots=1\n",
      "NODE_RANK=2: expected a whole number from 0 to 1 (this node's index among the 2 host(s) of HOSTFILE)"),
     ({"NODE_RANK": "0", "MASTER_ADDR": "a"}, "a slots=2\nb slots=3\n",  # the config checked for all 5 ranks
