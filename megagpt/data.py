@@ -482,20 +482,28 @@ class TrainLoader:
 
 
 class EvalWindows:
-    """A split's fixed evaluation windows: the same batches at every call (the order of seed EVAL_SEED).
-    on_corrupt_shard as for TrainLoader: "skip" checks the split's shards now and leaves the bad ones out."""
+    """A split's fixed evaluation windows: the same batches at every call (the order of seed EVAL_SEED; corpus order
+    for a split at URLs, streamed from its start at each call). on_corrupt_shard as for TrainLoader: "skip" checks
+    the split's local shards now and leaves the bad ones out."""
 
     def __init__(self, dataset: Dataset | str | Path, split: str, block_size: int, on_corrupt_shard: str = "error"):
-        self.windows = WindowDataset(TokenStream(as_dataset(dataset), split, on_corrupt_shard), block_size,
-                                     EVAL_SEED)
+        dataset = as_dataset(dataset)
+        if dataset.shards(split).remote:
+            self.windows = StreamingWindows(dataset, split, block_size)
+        else:
+            self.windows = WindowDataset(TokenStream(dataset, split, on_corrupt_shard), block_size, EVAL_SEED)
 
     def batches(self, micro_batch_size: int, num_batches: int, rank: int = 0,
                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """num_batches (x, y) for this rank; ranks take interleaved slices of one fixed order."""
-        for b in range(num_batches):
-            first = (b * world_size + rank) * micro_batch_size
-            positions = np.arange(first, first + micro_batch_size) % self.windows.num_windows
-            yield to_xy(self.windows.__getitems__(positions))
+        positions = [list(range(first, first + micro_batch_size))
+                     for first in ((b * world_size + rank) * micro_batch_size for b in range(num_batches))]
+        if isinstance(self.windows, StreamingWindows):  # position p is window p % N, as for training
+            rows = self.windows.batches(positions, micro_batch_size * world_size)
+        else:
+            rows = (self.windows.__getitems__(np.array(p) % self.windows.num_windows) for p in positions)
+        for batch in rows:
+            yield to_xy(batch)
 
 
 def eval_batches(dataset: Dataset | str | Path, split: str, block_size: int, micro_batch_size: int,

@@ -300,6 +300,23 @@ def test_streaming_pipe_urls_yield_the_corpus_windows_and_resume_exactly(random_
     assert _ids(next(resumed), index) == [33, 34, 35]
 
 
+def test_a_val_split_at_urls_is_evaluated_in_corpus_order(random_ds, tmp_path):
+    """It used to be opened as local files named 'pipe:cat ...': a run died at its first evaluation."""
+    out = _copy_dataset(random_ds[0], tmp_path / "ds")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["val"]["shard_url"] = f"pipe:cat {out}/{{name}}"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    val = np.concatenate([np.frombuffer(b"".join(_payloads(out / f"val-{k:06d}.tar")), "<u2")
+                          for k in range(manifest["splits"]["val"]["shards"])]).astype(np.int64)  # independently
+    n = (len(val) - 1) // 8
+    batches = list(eval_batches(out, "val", 8, 4, 12, rank=1, world_size=2))  # 96 positions: wraps around
+    for b, (x, y) in enumerate(batches):
+        windows = [(b * 2 + 1) * 4 + i for i in range(4)]
+        assert [x[i].tolist() for i in range(4)] == [val[w % n * 8:w % n * 8 + 8].tolist() for w in windows]
+        assert torch.equal(y[:, :-1], x[:, 1:])
+    assert len(batches) == 12 and 12 * 2 * 4 > n
+
+
 @pytest.mark.parametrize("changed", [{"seed": 6}, {"block_size": 17}])
 def test_a_loader_state_from_other_data_settings_is_refused_with_the_way_out(shakespeare, changed):
     saved = TrainLoader(shakespeare, 16, 4, seed=5)
