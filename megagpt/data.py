@@ -415,6 +415,11 @@ class TrainLoader:
         self.global_batch = micro_batch_size * grad_accum_steps * world_size  # G windows per optimizer step
         self.streaming = dataset.shards("train").remote
         if self.streaming:
+            asked = {"num_workers": (num_workers, 0), "on_corrupt_shard": (on_corrupt_shard, "error")}
+            ignored = [f"{key}={value!r}" for key, (value, default) in asked.items() if value != default]
+            if ignored:  # said, not silently dropped: a "skip" run would still stop at a damaged shard
+                warn_once(f"{', '.join(ignored)} ignored: the train split is streamed from its shard_url "
+                          f"(no DataLoader workers, no skipping; docs/data.md, streaming mode)")
             self.dataset = StreamingWindows(dataset, "train", block_size)
         else:
             self.dataset = WindowDataset(TokenStream(dataset, "train", on_corrupt_shard), block_size, seed)

@@ -285,7 +285,7 @@ def _payloads(path):
 # ---------------------------------------------------------------- streaming (URL shards)
 
 
-def test_streaming_pipe_urls_yield_the_corpus_windows_and_resume_exactly(random_ds, tmp_path):
+def test_streaming_pipe_urls_yield_the_corpus_windows_and_resume_exactly(random_ds, tmp_path, capsys):
     out = _copy_dataset(random_ds[0], tmp_path / "ds")
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["splits"]["train"]["shard_url"] = f"pipe:cat {out}/{{name}}"
@@ -295,7 +295,8 @@ def test_streaming_pipe_urls_yield_the_corpus_windows_and_resume_exactly(random_
     loaders = [TrainLoader(out, 8, 3, rank=r, world_size=2) for r in range(2)]
     order = _global_order(loaders, 5, 1, index)
     assert order == list(range(30))  # corpus order, rank slices interleaved per step
-    resumed = TrainLoader(out, 8, 3, rank=1, world_size=2)
+    resumed = TrainLoader(out, 8, 3, rank=1, world_size=2, num_workers=2, on_corrupt_shard="skip")
+    assert "num_workers=2, on_corrupt_shard='skip' ignored: the train split is streamed" in capsys.readouterr().err
     resumed.load_state_dict(loaders[1].state_dict())
     assert _ids(next(resumed), index) == [33, 34, 35]
 
