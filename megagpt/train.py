@@ -67,7 +67,8 @@ class RunComplete(Exception):
 
     def __init__(self, run_dir: Path, tag: str, max_steps: int):
         self.run_dir, self.tag, self.step = run_dir, tag, step_of(tag)
-        super().__init__(f"{run_dir} is complete: {tag} is at train.max_steps ({max_steps}), nothing to train "
+        where = "at" if self.step == max_steps else "past"  # past: max_steps was lowered below the newest tag
+        super().__init__(f"{run_dir} is complete: {tag} is {where} train.max_steps ({max_steps}), nothing to train "
                          f"(to train on, raise train.max_steps; to start over, pass a new --run-dir)")
 
 

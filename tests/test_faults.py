@@ -209,6 +209,10 @@ def test_a_complete_run_trains_nothing_and_writes_nothing_even_with_changed_sett
     assert (f"{run_copy} is complete: step_000006 is at train.max_steps (6), nothing to train (to train on, "
             "raise train.max_steps") in capfd.readouterr().err
     assert snapshot(run_copy) == before
+    lowered = train(load_config(None, [*overrides, "train.max_steps=4"]), run_copy)
+    assert lowered.step == 6  # was "step_000006 is at train.max_steps (4)"
+    assert f"{run_copy} is complete: step_000006 is past train.max_steps (4), nothing" in capfd.readouterr().err
+    assert snapshot(run_copy) == before
 
 
 def test_a_resume_names_the_settings_it_changes_and_a_finished_run_what_to_do_next(run_copy, shakespeare_dataset,
