@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from data_prep.prep import PrepSettings, prepare
-from megagpt.errors import UserError
+from megagpt.errors import UserError, refuse_file_in_the_way
 from megagpt.files import write_whole
 
+SPM_VOCAB = 4096  # the sentencepiece prep's pieces
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"  # optional
 
 
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    if args.work_dir is None:  # the datasets were in the temp dir, gone now
+        for row in results.get("prep", []):
+            row.pop("dataset")
     write_whole(args.out, json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
@@ -160,6 +164,8 @@ def _check_args(args) -> None:
     for flag, (value, least) in at_least.items():
         if not least <= value < math.inf:  # also refuses nan
             raise UserError(f"{flag} {value}: must be at least {least}")
+    if args.work_dir is not None:
+        refuse_file_in_the_way(Path(args.work_dir), f"--work-dir {args.work_dir}", "give a folder for scratch space")
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give the JSON file's path")
@@ -175,8 +181,14 @@ def bench_throughput(args, work: Path) -> dict:
     print(f"prep, {corpus_bytes / 1e6:.3g} MB corpus\n{PREP_HEADER}", flush=True)
     prep = []
     for kind in args.kinds:
-        extra = {"vocab_size": 4096, "sample_size": 100_000} if kind == "sentencepiece" else {}
-        rows = bench_prep(work / "corpus", work, corpus_bytes, kind, args.workers, args.repeat, **extra)
+        extra = {"vocab_size": SPM_VOCAB, "sample_size": 100_000} if kind == "sentencepiece" else {}
+        try:
+            rows = bench_prep(work / "corpus", work, corpus_bytes, kind, args.workers, args.repeat, **extra)
+        except UserError as e:  # its advice names prep's flags; the corpus's size is this command's
+            if kind != "sentencepiece":
+                raise
+            raise UserError(f"--corpus-mb {args.corpus_mb}: too little text for sentencepiece's {SPM_VOCAB} pieces "
+                            f"({str(e).split(':')[0]}); pass a larger --corpus-mb, or --kinds char") from None
         prep += rows
         print("\n".join(_row(row) for row in rows), flush=True)
     _print_speedups(prep)

@@ -1,6 +1,7 @@
 """`megagpt bench data` at toy sizes: each table's header once, before its rows; rows printed once; the JSON."""
 
 import json
+from pathlib import Path
 
 from benchmarks.data import main
 
@@ -21,3 +22,12 @@ def test_throughput_prints_each_header_before_its_rows_and_each_row_once(tmp_pat
     names = [line[:42].strip() for line in lines[loader + 1:loader + 4]]
     assert names == [r["loader"] for r in result["loader"]] and lines.count(lines[loader + 1]) == 1
     assert lines[-1] == f"wrote {out}"
+    assert all(Path(r["dataset"]).parent == tmp_path / "work" for r in result["prep"])  # kept: --work-dir
+
+
+def test_the_json_names_no_dataset_of_a_temporary_work_dir(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--corpus-mb", "0.02", "--kinds", "char", "--workers", "1", "--repeat", "1", "--batches", "2",
+                 "--batch-size", "2", "--block-size", "16", "--out", str(out)]) == 0
+    prep = json.loads(out.read_text())["prep"]
+    assert prep and all("dataset" not in r for r in prep)  # it was in the temp dir, removed

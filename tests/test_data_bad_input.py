@@ -275,6 +275,19 @@ def test_bench_data_refuses_out_of_range_numbers_before_measuring(flags, named, 
     assert not (tmp_path / "work").exists()
 
 
+def test_bench_data_refuses_a_work_dir_that_is_a_file_naming_it(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="^--work-dir .*file: is a file; give a folder"):
+        bench_data(["--out", str(tmp_path / "b.json"), "--work-dir", str(tmp_path / "file")])
+
+
+def test_bench_data_names_its_own_flag_when_the_corpus_is_too_small_for_sentencepiece(tmp_path):
+    # prep's own advice would name --vocab-size, which bench data does not have
+    with pytest.raises(UserError, match=r"^--corpus-mb 0.01: too little text for sentencepiece's 4096 pieces"):
+        bench_data(["--corpus-mb", "0.01", "--kinds", "sentencepiece", "--workers", "1", "--repeat", "1",
+                    "--out", str(tmp_path / "b.json"), "--work-dir", str(tmp_path / "work")])
+
+
 def test_bench_data_refuses_an_out_it_could_not_write_before_measuring(tmp_path):
     (tmp_path / "file").write_text("x")
     for out in (tmp_path, tmp_path / "file" / "b.json"):
