@@ -16,6 +16,7 @@ from megagpt.config import (
     Config,
     ConfigError,
     changes_since,
+    load_config,
     model_mismatch,
     save_config,
     with_dtype,
@@ -31,7 +32,7 @@ from megagpt.hardware import mfu, peak_flops, resolve_dtype
 from megagpt.inference import TOKENIZER_DIR
 from megagpt.init_from import loader as init_loader
 from megagpt.init_from import resolve as resolve_init_from
-from megagpt.lr_schedule import lr_at
+from megagpt.lr_schedule import lr_at, stretched_decay
 from megagpt.metrics import RunLogger
 from megagpt.run_lock import RunLock, lock_run_dir, start_parent_watchdog
 from megagpt.signals import StopRequest
@@ -245,7 +246,7 @@ def _stage_for(cfg: Config, dist: DistInfo, dataset: Dataset):
 def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpointer: Checkpointer,
            point: ResumePoint | None, lock: RunLock | None, stage, init_source=None) -> Run:
     """What build_run does once it has decided to run: write the run dir, build, load the resume point."""
-    changed = changes_since(run_dir / "config.yaml", cfg) if point is not None and dist.is_main else []
+    notes = _resume_notes(run_dir / "config.yaml", cfg, step_of(point.tag)) if point and dist.is_main else []
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -263,9 +264,8 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
         log.info(f"resumed from {resumed_from} at step {state.step}")
     elif init_source is not None:
         log.info(f"weights from {init_source.describe()}")
-    if changed:
-        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-        log.info(f"settings changed since the run's last start: {'; '.join(changed[:5])}{more}")
+    for note in notes:
+        log.info(note)
     if device.type == "cuda" and "triton" in (cfg.model.attention, cfg.model.norm):
         pause = "under a minute" if cfg.model.kernel_tuning == "pruned" else "minutes with kernel_tuning: full"
         log.info(f"the first step may pause while the Triton kernels autotune ({pause} the first time on a "
@@ -275,6 +275,21 @@ def _build(cfg: Config, dist: DistInfo, run_dir: Path, dataset: Dataset, checkpo
                       grad_clip=cfg.train.grad_clip)
     return Run(cfg, dist, run_dir, dataset, stage, engine, checkpointer, guard, log, state,
                Throughput(tokens_per_step), resumed_from, lock)
+
+
+def _resume_notes(saved: Path, cfg: Config, step: int) -> list[str]:
+    """What a resume changes against the run's config.yaml (read before it is rewritten), one line each."""
+    changed = changes_since(saved, cfg)
+    if not changed:
+        return []
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    notes = [f"settings changed since the run's last start: {'; '.join(changed[:5])}{more}"]
+    try:
+        before = load_config(saved).train
+    except (UserError, OSError):  # an unreadable config.yaml: the changes were not known either
+        return notes
+    stretched = stretched_decay(before, cfg.train, step)
+    return notes + ([stretched] if stretched else [])
 
 
 def _usable_run_dir(run_dir: Path | None, name: str) -> Path:

@@ -206,6 +206,28 @@ def test_a_restart_drops_what_was_logged_after_the_last_checkpoint(shakespeare_d
     assert metrics.read_text().count('"val_loss"') == 2  # evaluations at 5 and 10, once each
 
 
+def test_a_resume_that_stretches_a_null_lr_decay_says_what_the_lr_becomes(tmp_path):
+    """lr_decay_steps null follows max_steps: raising max_steps (as a finished run advises) moves the LR of every
+    step from the resume on; before, only `train.max_steps: 10 -> 20` was said while the LR jumped 10x."""
+    from megagpt.config import save_config
+    from megagpt.train import _resume_notes
+
+    def cfg(**train):
+        return load_config(CPU_CONFIG, [f"train.{k}={v}" for k, v in {"warmup_steps": 2, **train}.items()])
+
+    save_config(cfg(max_steps=10, lr_decay_steps="null"), tmp_path / "config.yaml")
+    stretched = cfg(max_steps=20, lr_decay_steps="null")
+    old, new = lr_at(10, cfg(max_steps=10, lr_decay_steps="null").train), lr_at(10, stretched.train)
+    assert _resume_notes(tmp_path / "config.yaml", stretched, 10) == [
+        "settings changed since the run's last start: train.max_steps: 10 -> 20",
+        f"train.lr_decay_steps is null, so the LR decays over train.max_steps (10 -> 20): step 11 trains at lr "
+        f"{new:.3g}, not {old:.3g}; --set train.lr_decay_steps=10 keeps the schedule it had"]
+    kept = cfg(max_steps=20, lr_decay_steps=10)  # the way out: the schedule it had, and nothing more to say of it
+    assert lr_at(10, kept.train) == old
+    assert _resume_notes(tmp_path / "config.yaml", kept, 10) == [
+        "settings changed since the run's last start: train.lr_decay_steps: None -> 10; train.max_steps: 10 -> 20"]
+
+
 def test_tensorboard_after_a_restart_holds_the_steps_metrics_jsonl_holds(tmp_path):
     """Killed after step 7 with its checkpoint at 5: the rerun keeps step 5's records in TensorBoard too (they were
     purged with the steps after it, so TensorBoard lacked the loss and evaluation of every resume's first step)."""
