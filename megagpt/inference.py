@@ -111,6 +111,7 @@ def load_for_inference(path: str | Path, step: int | None = None, device: str | 
     """(model in eval mode, tokenizer, config) from a run dir, an export dir or a Hugging Face GPT-2 folder."""
     path = Path(path)
     cfg, state = _load_weights(path, step)
+    cfg = plain_torch_off_cuda(cfg, device)
     model, state = inference_model(cfg, state)  # a GPT; a reward run's RewardModel; a ppo run's policy alone
     try:
         model.load_state_dict(state)
@@ -121,6 +122,17 @@ def load_for_inference(path: str | Path, step: int | None = None, device: str | 
         raise UserError(f"{described} does not describe the saved weights ({detail}); was it edited "
                         f"after training?") from None
     return model.to(device).eval(), _load_tokenizer(path, cfg), cfg
+
+
+def plain_torch_off_cuda(cfg, device: str | torch.device):
+    """The config with SDPA attention and torch's LayerNorm where it chose the Triton kernels but `device` is no
+    CUDA GPU: the same functions of the same weights, where the kernels would run under Triton's interpreter, a
+    program at a time (minutes for what SDPA does in a second)."""
+    if torch.device(device).type == "cuda" or "triton" not in (cfg.model.attention, cfg.model.norm):
+        return cfg
+    model = cfg.model.model_copy(update={"attention": "sdpa" if cfg.model.attention == "triton" else
+                                         cfg.model.attention, "norm": "torch"})
+    return cfg.model_copy(update={"model": model})
 
 
 def _load_tokenizer(path: Path, cfg):

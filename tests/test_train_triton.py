@@ -36,6 +36,20 @@ def test_triton_backends_follow_the_sdpa_run_for_ten_steps(shakespeare_dataset, 
     for step, (a, b) in enumerate(zip(runs["triton"], runs["sdpa"], strict=True), start=1):
         assert a == pytest.approx(b, abs=1e-4), f"step {step}"
 
+    # sampled on a CPU, the triton run's model is SDPA's and torch's LayerNorm: the same function, not the kernels
+    # under the interpreter (minutes for a sample)
+    from megagpt.inference import load_for_inference, run_config
+    from megagpt.model import GPT
+
+    model, _, cfg = load_for_inference(tmp_path / "triton", device="cpu")
+    assert (cfg.model.attention, cfg.model.norm) == ("sdpa", "torch")
+    assert not any(type(m).__name__ == "TritonLayerNorm" for m in model.modules())
+    kernels = GPT(run_config(tmp_path / "triton", "step_000010").model).eval()
+    kernels.load_state_dict(model.state_dict())
+    idx = torch.randint(0, cfg.model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], kernels(idx)[0], atol=1e-5, rtol=1e-5)
+
 
 def test_train_compile_with_triton_backends_matches_eager(shakespeare_dataset, tmp_path):
     """`train.compile: true` goes through DeepSpeed's engine.compile (inductor); the custom ops stay opaque."""
