@@ -17,9 +17,9 @@ from megagpt.doctor_checks import Result
 
 def test_full_reads_the_benchmarks_goals_from_their_own_output(tmp_path):
     # The benchmark under the interpreter (toy sizes, CPU): the same files a GPU run writes.
-    for kernel in ("attention", "layernorm"):
-        result = subprocess.run([sys.executable, "-m", "kernels.bench", "--kernel", kernel, "--quick", "--seq-len",
-                                 "16", "--head-dim", "16", "--width", "64", "--out", str(tmp_path / kernel)],
+    for kernel, sizes in (("attention", ["--seq-len", "16", "--head-dim", "16"]), ("layernorm", ["--width", "64"])):
+        result = subprocess.run([sys.executable, "-m", "kernels.bench", "--kernel", kernel, "--quick", *sizes,
+                                 "--out", str(tmp_path / kernel)],
                                 capture_output=True, text=True, timeout=600, cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"})
         assert result.returncode == 0, result.stderr[-2000:]
