@@ -11,6 +11,18 @@ check_int() {
     fi
 }
 
+# check_host NAME WHAT: the variable NAME holds a host name, an IPv4 address or an IPv6 address (bare or in
+# brackets), without a port. torchrun would end in a ValueError traceback on 'bad host', and hang resolving
+# 'host:port' (it reads 'a:b' as an IPv6 address).
+check_host() {
+    local value=${!1} label='[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?'
+    local ipv6='^\[?[0-9A-Fa-f.]*(:[0-9A-Fa-f.]*){2,8}\]?$'
+    if [[ ! "$value" =~ ^$label(\.$label)*$ && ! "$value" =~ $ipv6 ]]; then
+        echo "${0##*/}: $1=$value: expected a host name or an IP address, without a port ($2)" >&2
+        exit 2
+    fi
+}
+
 # check_config PYTHON RANKS ARGS...: `megagpt train ARGS --check-ranks RANKS`, so that a mistake in the config or
 # its overrides is megagpt's one line, once, before any rank starts (every rank would meet it, and the launcher
 # would add its own failure summary).

@@ -22,7 +22,7 @@ if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
     exit 2
 fi
 
-source "$(dirname "$0")/checks.sh"  # check_int, check_config
+source "$(dirname "$0")/checks.sh"  # check_int, check_host, check_config
 MASTER_PORT=${MASTER_PORT:-29500}
 check_int MASTER_PORT 1 65535 "a TCP port on the first host"
 args=(--master_port "$MASTER_PORT" --no_local_rank)
@@ -60,7 +60,10 @@ if [[ -n "${NODE_RANK:-}" ]]; then
     check_int NODE_RANK 0 $((hosts - 1)) "this node's index among the $hosts host(s) of HOSTFILE"
     args+=(--no_ssh --node_rank "$((10#$NODE_RANK))")
 fi
-[[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
+if [[ -n "${MASTER_ADDR:-}" ]]; then
+    check_host MASTER_ADDR "the address of the first host"
+    args+=(--master_addr "$MASTER_ADDR")
+fi
 
 python=${PYTHON:-python}
 check_config "$python" "$ranks" "$@"

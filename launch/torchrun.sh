@@ -7,7 +7,7 @@
 #   NPROC_PER_NODE  workers on this node [number of GPUs, or 1 without any]
 #   NNODES          nodes in the job [1]
 #   NODE_RANK       this node's index, 0..NNODES-1 [0]
-#   MASTER_ADDR     address of node 0, reachable from every node [127.0.0.1]
+#   MASTER_ADDR     address of node 0, reachable from every node [127.0.0.1; needed when NNODES > 1]
 #   MASTER_PORT     a free TCP port on node 0 [29500]
 #   SHUTDOWN_TIMEOUT  seconds torchrun gives workers to save after SIGTERM/SIGUSR1 before SIGKILL [600;
 #                     torch 2.11's torchrun has a fixed 30]
@@ -30,12 +30,18 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
 fi
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_PORT=${MASTER_PORT:-29500}
 
-source "$(dirname "$0")/checks.sh"  # check_int, check_config
+source "$(dirname "$0")/checks.sh"  # check_int, check_host, check_config
 check_int NPROC_PER_NODE 1 "" "workers on this node"
 check_int NNODES 1 "" "nodes in the job"
 check_int NODE_RANK 0 $((10#$NNODES - 1)) "this node's index, below NNODES=$NNODES"
 check_int MASTER_PORT 1 65535 "a TCP port on node 0"
 [[ -z "${SHUTDOWN_TIMEOUT:-}" ]] || check_int SHUTDOWN_TIMEOUT 0 "" "seconds"
+if [[ -z "${MASTER_ADDR:-}" ]] && (( 10#$NNODES > 1 )); then  # 127.0.0.1 would be each node's own
+    echo "torchrun.sh: MASTER_ADDR is unset: NNODES=$NNODES needs the address of node 0, the same on every node" >&2
+    exit 2
+fi
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+check_host MASTER_ADDR "the address of node 0"
 
 # torchrun's --shutdown_timeout is newer than torch 2.11, whose torchrun gives workers a fixed 30 s after a signal:
 # pass it only where this torch's torchrun has it.
@@ -57,7 +63,7 @@ exec "$python" -m megagpt.launcher \
     --nnodes "$NNODES" \
     --node_rank "$NODE_RANK" \
     --nproc_per_node "$NPROC_PER_NODE" \
-    --master_addr "${MASTER_ADDR:-127.0.0.1}" \
+    --master_addr "$MASTER_ADDR" \
     --master_port "$MASTER_PORT" \
     --max_restarts 0 \
     --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \

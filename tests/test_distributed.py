@@ -113,8 +113,13 @@ def test_a_config_error_under_plain_torchrun_is_one_line_per_node_not_per_rank(s
     ({"NNODES": "-1"}, "NNODES=-1: expected a whole number of at least 1 (nodes in the job)"),
     ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2: expected a whole number from 0 to 1"),
     ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000: expected a whole number from 1 to 65535"),
-    ({"SHUTDOWN_TIMEOUT": "1.5"}, "SHUTDOWN_TIMEOUT=1.5: expected a whole number of at least 0")])
-def test_torchrun_sh_names_a_bad_count_in_one_line_before_starting_anything(env, named, tmp_path):
+    ({"SHUTDOWN_TIMEOUT": "1.5"}, "SHUTDOWN_TIMEOUT=1.5: expected a whole number of at least 0"),
+    # before, torchrun's ValueError traceback ('bad host'), or a hang resolving 'a:b' as an IPv6 address
+    ({"MASTER_ADDR": "bad host"}, "MASTER_ADDR=bad host: expected a host name or an IP address, without a port"),
+    ({"MASTER_ADDR": "10.0.0.1:29500"}, "MASTER_ADDR=10.0.0.1:29500: expected a host name or an IP address"),
+    ({"MASTER_ADDR": "a:b"}, "MASTER_ADDR=a:b: expected a host name or an IP address"),
+    ({"NNODES": "2", "MASTER_ADDR": ""}, "MASTER_ADDR is unset: NNODES=2 needs the address of node 0")])
+def test_torchrun_sh_names_a_bad_setting_in_one_line_before_starting_anything(env, named, tmp_path):
     clean = {k: v for k, v in child_env(NPROC_PER_NODE="1").items() if k not in ("NNODES", "NODE_RANK")}
     done = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), "CONFIG"], cwd=tmp_path,
                           env={**clean, **env}, capture_output=True, text=True, timeout=30)
@@ -130,6 +135,7 @@ def test_torchrun_sh_names_a_bad_count_in_one_line_before_starting_anything(env,
     ({}, "a slots=2\n\na slots=1\n", "HOSTFILE=HF line 3: host a is listed again (line 1): one line per host"),
     ({"NODE_RANK": "2", "MASTER_ADDR": "a"}, "a slots=2 # 8 GPUs\n\nb slots=1\n",
      "NODE_RANK=2: expected a whole number from 0 to 1 (this node's index among the 2 host(s) of HOSTFILE)"),
+    ({"MASTER_ADDR": "node-001:29500"}, None, "MASTER_ADDR=node-001:29500: expected a host name or an IP address"),
     ({"NODE_RANK": "0", "MASTER_ADDR": "a"}, "a slots=2\nb slots=3\n",  # the config checked for all 5 ranks
      "train.global_batch_tokens=100 is not a multiple of micro_batch_size × block_size × world_size = 12 × 64 × 5")])
 def test_deepspeed_sh_names_a_bad_setting_in_one_line_before_starting_anything(env, hostfile, named, tmp_path):
