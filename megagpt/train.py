@@ -144,7 +144,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str = "auto") 
         if last_saved != state.step:
             run.save()
         if state.step == cfg.train.max_steps:
-            run.log.info(f"done: {state.step} steps, in {run.run_dir}; next, "
+            run.log.info(f"done: {_count(state.step, 'step')}, in {run.run_dir}; next, "
                          + run.stage.next_step.format(run_dir=run.run_dir))
     finally:
         stop.restore()
@@ -368,9 +368,10 @@ def _kept_global_batch(cfg: Config, manifest: dict[str, Any], tag: str, world_si
         return None
     if saved % per_pass:
         raise ConfigError(
-            f"checkpoint {tag} was trained with a global batch of {saved} tokens, which {world_size} ranks of "
-            f"micro_batch_size × block_size = {t.micro_batch_size * block} cannot make up: set "
-            f"train.micro_batch_size so that they can, or --set train.global_batch_tokens=N to change the batch")
+            f"checkpoint {tag} was trained with a global batch of {saved} tokens, which "
+            f"{_count(world_size, 'rank')} of micro_batch_size × block_size = {t.micro_batch_size * block} cannot "
+            f"make up: set train.micro_batch_size so that they can, or --set train.global_batch_tokens=N to change "
+            f"the batch")
     return saved
 
 
@@ -421,6 +422,11 @@ def _resume(engine, point: ResumePoint | None, stage, state: TrainState, cfg: Co
     state.skipped_steps = client.get("skipped_steps", 0)
     stage.load_state_dict(client)
     if point.universal:
-        return (f"{tag} (saved on {point.saved_world_size} ranks, loaded on {checkpointer.dist.world_size} "
-                f"via {point.load_tag})")
+        return (f"{tag} (saved on {_count(point.saved_world_size, 'rank')}, loaded on "
+                f"{_count(checkpointer.dist.world_size, 'rank')} via {point.load_tag})")
     return tag
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 rank', '2 ranks'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -84,6 +84,7 @@ def test_resume_on_three_then_one_rank_continues_the_same_run(zero_stage, shakes
     assert (elastic / "checkpoints" / "step_000006_universal" / "zero").is_dir()
     log = one_rank.log_path.read_text()
     assert said.format("step_000006") in log
+    assert "resumed from step_000006 (saved on 3 ranks, loaded on 1 rank via step_000006_universal)" in log
     assert "MPU is not provided" not in log  # DeepSpeed's notice, true of every run
 
     got = losses(elastic)

@@ -251,7 +251,7 @@ def test_tensorboard_after_a_restart_holds_the_steps_metrics_jsonl_holds(tmp_pat
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_logged_grad_norm_is_the_first_steps_true_gradient_norm(shakespeare_dataset, tmp_path, zero_stage):
+def test_logged_grad_norm_is_the_first_steps_true_gradient_norm(shakespeare_dataset, tmp_path, zero_stage, capfd):
     """Against plain autograd on the same initial weights and the same first batch."""
     from megagpt.data import TrainLoader
     from megagpt.model import GPT
@@ -261,6 +261,7 @@ def test_logged_grad_norm_is_the_first_steps_true_gradient_norm(shakespeare_data
         [*tiny_overrides(shakespeare_dataset, max_steps=1, sample_tokens=0), f"deepspeed.zero_stage={zero_stage}"],
     )
     train(cfg, tmp_path)
+    assert f"done: 1 step, in {tmp_path};" in capfd.readouterr().out  # before, "1 steps"
     logged = train_records(tmp_path)[0]
     model_cfg = cfg.model.model_copy(update={"vocab_size": 65})
     torch.manual_seed(cfg.train.seed)
