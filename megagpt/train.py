@@ -213,12 +213,12 @@ def build_run(cfg: Config, run_dir: str | Path | None = None, resume: str = "aut
         checkpointer.refuse_obstacles()
         # Before the engine: a checkpoint from another world size is converted, and the engine built to load it.
         def check(manifest: dict[str, Any], tag: str) -> None:  # refusals before anything is converted
+            if step_of(tag) >= cfg.train.max_steps:  # first: a finished run says so on any world size
+                raise RunComplete(run_dir, tag, cfg.train.max_steps)
             _check_resumable(cfg, manifest, tag)
             _kept_global_batch(cfg, manifest, tag, dist.world_size)
 
         point = find_resume_point(checkpointer, resume, dist, check=check)
-        if point is not None and step_of(point.tag) >= cfg.train.max_steps:
-            raise RunComplete(run_dir, point.tag, cfg.train.max_steps)
         if point is not None:
             cfg = _keep_global_batch(cfg, point, dist.world_size)
         cfg = _decide_dtype(cfg, point)

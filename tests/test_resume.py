@@ -36,6 +36,14 @@ def test_stop_at_step_k_and_resume_gives_bit_identical_losses(uninterrupted, sha
     got = losses(run_dir)
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, 13))  # appended, no repeats
     assert got == {step: uninterrupted[step] for step in range(1, 13)}  # bit-identical, fp32
+    # Finished, then started again on 1 rank: said to be complete, nothing written (before, the ZeRO partitions
+    # were first converted for 1 rank into step_000012_universal; a 1-rank run on 2 ranks got the global batch's
+    # refusal instead).
+    before = sorted(run_dir.rglob("*"))
+    again = single(run_dir, exact_overrides(shakespeare_dataset, max_steps=12))
+    finish(again)
+    assert f"{run_dir} is complete: step_000012 is at train.max_steps (12)" in again.log_path.read_text()
+    assert sorted(run_dir.rglob("*")) == before
 
 
 def test_sigterm_on_one_rank_saves_exits_zero_and_resumes_exactly(uninterrupted, shakespeare_dataset,
