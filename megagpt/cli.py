@@ -161,7 +161,8 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("config", help="YAML config, e.g. configs/shakespeare_char_cpu.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
-    p.add_argument("--run-dir", help="where config, metrics, tb/ and checkpoints go (default runs/<config name>)")
+    p.add_argument("--run-dir", help="where config, metrics, tb/ and checkpoints go (default runs/NAME: the "
+                   "config's `name:`, else its file's name without .yaml)")
     p.add_argument("--resume", default="auto",
                    help="auto: continue from the run dir's latest good checkpoint; never; or a checkpoint tag dir")
     p.add_argument("--check-ranks", type=int, metavar="N", help="only check CONFIG and the overrides for N ranks "

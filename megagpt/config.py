@@ -296,6 +296,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     """Read YAML (following `base:` chains), apply `key.sub=value` overrides, validate everything. An error names
     the override it came from as `named` gives it (how the user typed it), else as `--set ITEM`."""
     raw, origins = _read_with_bases(Path(path)) if path is not None else ({}, {})
+    if path is not None and origins.get("name") != str(Path(path)):
+        # the run's name (runs/<name>) is its own file's, never a base's: a config that extends another must not
+        # train on in the other's run dir, and two configs without a name must not share runs/megagpt
+        raw["name"] = Path(path).stem
     where = str(path) if path is not None else "<defaults>"
     for item in overrides or []:
         _apply_override(raw, item, f"{named[item]} ({item!r})" if item in (named or {}) else f"--set {item!r}")

@@ -76,6 +76,18 @@ def test_cpu_config_extends_the_base_and_overrides_apply():
     assert cfg.train.lr == 3e-4 and cfg.model.dropout == 0.1
 
 
+def test_the_run_name_is_the_config_files_own_never_a_bases(tmp_path):
+    """runs/<name>: a config that extends another and sets no name must not train on in the other's run dir."""
+    (tmp_path / "my_lr.yaml").write_text(f"base: {CONFIGS / 'shakespeare_char_cpu.yaml'}\ntrain:\n  lr: 3.0e-4\n")
+    (tmp_path / "my_sft.yaml").write_text("train: {stage: sft}\n")
+    (tmp_path / "named.yaml").write_text("base: my_lr.yaml\nname: mine\n")
+    assert load_config(tmp_path / "my_lr.yaml").name == "my_lr"
+    assert load_config(tmp_path / "my_sft.yaml").name == "my_sft"
+    assert load_config(tmp_path / "named.yaml").name == "mine"
+    assert load_config(tmp_path / "named.yaml", ["name=other"]).name == "other"
+    assert load_config(CONFIGS / "shakespeare_sft_cpu.yaml").name == "shakespeare_sft_cpu"
+
+
 def test_the_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  n_layers: 3\n")
