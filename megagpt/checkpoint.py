@@ -281,15 +281,16 @@ class Checkpointer:
     def read_manifest(self, tag: str) -> dict[str, Any]:
         return json.loads((self.directory / tag / MANIFEST).read_text())
 
-    def load(self, engine, tag: str, load_tag: str | None = None, seed: int = 0) -> dict[str, Any]:
-        """DeepSpeed state from `load_tag` (default `tag`, or its universal conversion), RNG from `tag`.
+    def load(self, engine, tag: str, load_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+        """DeepSpeed state from `load_dir` (default the tag's dir, or its universal conversion), RNG from `tag`.
 
         The caller has verified the tag (`latest_good_tag`, or `verify_manifest` for an explicit one).
         """
         tag_dir = self.directory / tag
-        path, client_state = engine.load_checkpoint(str(self.directory), tag=load_tag or tag)
+        load_dir = load_dir or tag_dir
+        path, client_state = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {self.directory / (load_tag or tag)}")
+            raise RuntimeError(f"DeepSpeed could not load {load_dir}")
         rng_file = tag_dir / f"rng_rank{self.dist.rank:05d}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
@@ -305,3 +306,6 @@ class Checkpointer:
             if tag not in recent and not pinned:
                 shutil.rmtree(self.directory / tag, ignore_errors=True)
                 shutil.rmtree(self.directory / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+        for converted in self.directory.glob(f"step_*{UNIVERSAL_SUFFIX}"):  # of a tag of another run dir's
+            if converted.name.removesuffix(UNIVERSAL_SUFFIX) not in tags:  # (--resume PATH): loaded, done with
+                shutil.rmtree(converted, ignore_errors=True)

@@ -413,9 +413,9 @@ def _resume(engine, point: ResumePoint | None, stage, state: TrainState, cfg: Co
     if point is None:
         return None
     checkpointer, tag = point.checkpointer, point.tag
-    client = checkpointer.load(engine, tag, point.load_tag, seed=cfg.train.seed)
+    client = checkpointer.load(engine, tag, point.load_dir, seed=cfg.train.seed)
     if point.universal:
-        repair_zero3_universal_load(engine, checkpointer.directory / point.load_tag)
+        repair_zero3_universal_load(engine, point.load_dir)
     if client.get("dataset_manifest_sha256") != dataset.manifest_sha256:
         warn_once(f"the dataset in {dataset.dir} differs from the one checkpoint {tag} was trained on")
     state.step, state.tokens_seen = client["step"], client["tokens_seen"]
@@ -423,7 +423,7 @@ def _resume(engine, point: ResumePoint | None, stage, state: TrainState, cfg: Co
     stage.load_state_dict(client)
     if point.universal:
         return (f"{tag} (saved on {_count(point.saved_world_size, 'rank')}, loaded on "
-                f"{_count(checkpointer.dist.world_size, 'rank')} via {point.load_tag})")
+                f"{_count(checkpointer.dist.world_size, 'rank')} via {point.load_dir.name})")
     return tag
 
 

@@ -2,8 +2,9 @@
 
 ZeRO partitions optimizer state (and, at stage 3, parameters) by data-parallel rank, so a checkpoint saved on
 W ranks only loads as it is on W ranks. When the world size changed, rank 0 converts the tag once with
-`deepspeed.checkpoint.ds_to_universal` into `<tag>_universal/` (in a subprocess: the converter forks worker
-pools) and every rank loads that with `"checkpoint": {"load_universal": true}`, a flag the engine must be
+`deepspeed.checkpoint.ds_to_universal` (in a subprocess: the converter forks worker pools) into
+`<tag>_universal/` in this run's own checkpoints/, which this job locks (a `--resume PATH` in another run dir is
+only read), and every rank loads that with `"checkpoint": {"load_universal": true}`, a flag the engine must be
 built with; hence this runs before the engine exists. Without ZeRO partitions (stage 0 in fp32) every rank's
 files hold the full state and load on any world size as they are. After a ZeRO-3 universal load,
 `repair_zero3_universal_load` undoes two slips of DeepSpeed's loader (see there and docs/distributed.md).
@@ -22,18 +23,19 @@ from pathlib import Path
 
 import torch
 
-from megagpt.checkpoint import TAG_PATTERN, UNIVERSAL_SUFFIX, Checkpointer, tag_for, verify_manifest
+from megagpt.checkpoint import MANIFEST, TAG_PATTERN, UNIVERSAL_SUFFIX, Checkpointer, tag_for, verify_manifest
+from megagpt.dataset import sha256_file
 from megagpt.distributed import DistInfo, barrier, on_main, print_once
 from megagpt.errors import UserError
 
-DONE = ".megagpt_converted"  # written last: a conversion without it is redone
+DONE = ".megagpt_converted"  # written last, naming the checkpoint converted: a conversion without it is redone
 
 
 @dataclass(frozen=True)
 class ResumePoint:
-    checkpointer: Checkpointer
+    checkpointer: Checkpointer  # where the tag is: this run's checkpoints/, or another's (--resume PATH)
     tag: str  # the megagpt checkpoint: manifest, RNG files, DeepSpeed's client state
-    load_tag: str  # what DeepSpeed loads: the tag itself, or its universal conversion
+    load_dir: Path  # what DeepSpeed loads: the tag's dir, or its universal conversion in this run's checkpoints/
     manifest: dict  # the tag's megagpt_manifest.json, as `check` saw it
 
     @property
@@ -42,7 +44,7 @@ class ResumePoint:
 
     @property
     def universal(self) -> bool:
-        return self.load_tag != self.tag
+        return self.load_dir != self.checkpointer.directory / self.tag
 
 
 def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo,
@@ -56,10 +58,11 @@ def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo,
             raise UserError(f"--resume never: {checkpointer.directory} already holds checkpoints; "
                             f"pass a new --run-dir, or delete that run dir to start over")
         return None
+    source = checkpointer  # the run's own, or another run's for --resume PATH: only read
     if resume != "auto":
         path = Path(resume)
         _check_tag_dir(path, resume, checkpointer.directory)
-        checkpointer = Checkpointer(path.parent, dist)
+        source = Checkpointer(path.parent, dist)
         problem = on_main(lambda: verify_manifest(path))
         if problem is not None:
             raise UserError(f"--resume {resume}: {problem}")
@@ -72,12 +75,12 @@ def find_resume_point(checkpointer: Checkpointer, resume: str, dist: DistInfo,
         if choice.tag is None:
             return None
         tag = choice.tag
-    manifest = checkpointer.read_manifest(tag)
+    manifest = source.read_manifest(tag)
     if check is not None:
         check(manifest, tag)
-    point = ResumePoint(checkpointer, tag, tag, manifest)
-    if point.saved_world_size != dist.world_size and is_zero_partitioned(checkpointer.directory / tag):
-        return replace(point, load_tag=convert_to_universal(checkpointer.directory, tag, dist))
+    point = ResumePoint(source, tag, source.directory / tag, manifest)
+    if point.saved_world_size != dist.world_size and is_zero_partitioned(point.load_dir):
+        return replace(point, load_dir=convert_to_universal(point.load_dir, checkpointer.directory, dist))
     return point
 
 
@@ -90,17 +93,22 @@ def _check_tag_dir(path: Path, resume: str, checkpoints: Path) -> None:
         raise UserError(f"--resume {resume}: not a checkpoint dir (its name is not step_NNNNNN); {example}")
 
 
-def convert_to_universal(directory: Path, tag: str, dist: DistInfo) -> str:
-    """Rank 0 converts `tag` (once: a finished conversion is reused) while the others wait."""
-    out = directory / f"{tag}{UNIVERSAL_SUFFIX}"
-    if dist.is_main and not (out / DONE).is_file():
-        shutil.rmtree(out, ignore_errors=True)  # a half-made conversion
-        _run_converter(directory / tag, out)
+def convert_to_universal(tag_dir: Path, checkpoints: Path, dist: DistInfo) -> Path:
+    """Rank 0 converts `tag_dir` into `checkpoints` (this run's own, which this job locks; never another run
+    dir, where a job of its own may be pruning, or a second job converting the same tag) while the others wait.
+    Once: a finished conversion of the same checkpoint (its manifest's hash) is reused."""
+    out = checkpoints / f"{tag_dir.name}{UNIVERSAL_SUFFIX}"
+    if dist.is_main:
+        source = sha256_file(tag_dir / MANIFEST)
+        done = out / DONE
+        if not (done.is_file() and done.read_text().split("\n")[0] == source):  # half-made, or of another tag
+            shutil.rmtree(out, ignore_errors=True)
+            _run_converter(tag_dir, out, source)
     barrier(slow=True)
-    return out.name
+    return out
 
 
-def _run_converter(tag_dir: Path, out: Path) -> None:
+def _run_converter(tag_dir: Path, out: Path, source: str) -> None:
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(out), "--inject_missing_state",
@@ -111,7 +119,7 @@ def _run_converter(tag_dir: Path, out: Path) -> None:
     if result.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir} (exit {result.returncode}):\n"
                            f"{result.stderr[-4000:]}")
-    (out / DONE).write_text(f"{time.perf_counter() - started:.1f} s\n")
+    (out / DONE).write_text(f"{source}\n{tag_dir}, converted in {time.perf_counter() - started:.1f} s\n")
 
 
 def is_zero_partitioned(tag_dir: Path) -> bool:

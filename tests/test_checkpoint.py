@@ -77,3 +77,27 @@ def test_a_manifest_of_the_wrong_shape_makes_the_tag_unusable_not_a_crash(tmp_pa
     assert re.fullmatch(rf"{tag / MANIFEST} is unreadable \(\w+Error: .*\)", verify_manifest(tag))
     with pytest.raises(NoVerifiedCheckpoint, match="step_000002: .* is unreadable"):
         find_resume_point(Checkpointer(ckpt, DistInfo(0, 0, 1)), "auto", DistInfo(0, 0, 1))
+
+
+def test_a_universal_conversion_is_reused_only_for_the_checkpoint_it_was_made_from(tmp_path, monkeypatch):
+    # --resume PATH converts another run dir's step_000004 into this run's checkpoints/, where a conversion by
+    # the same name may be of this run's own step_000004: reusing it would load other weights
+    import megagpt.universal as universal
+
+    converted = []
+
+    def fake_converter(tag_dir, out, source):
+        converted.append(tag_dir)
+        out.mkdir(parents=True)
+        (out / universal.DONE).write_text(f"{source}\n")
+
+    monkeypatch.setattr(universal, "_run_converter", fake_converter)
+    ours, theirs = tmp_path / "ours" / "checkpoints", tmp_path / "theirs" / "checkpoints"
+    for checkpoints, step in ((ours, 4), (theirs, 7)):
+        (checkpoints / "step_000004").mkdir(parents=True)
+        (checkpoints / "step_000004" / MANIFEST).write_text(f'{{"step": 4, "of": {step}}}')
+    dist = DistInfo(0, 0, 1)
+    for tag_dir in (ours / "step_000004", ours / "step_000004", theirs / "step_000004", ours / "step_000004"):
+        assert universal.convert_to_universal(tag_dir, ours, dist) == ours / "step_000004_universal"
+    assert converted == [ours / "step_000004", theirs / "step_000004", ours / "step_000004"]  # the 2nd reused
+    assert not (theirs / "step_000004_universal").exists()

@@ -86,7 +86,12 @@ def test_resume_on_three_then_one_rank_continues_the_same_run(zero_stage, shakes
     finish(three)
     said = "the global batch stays at 768 tokens, as {} was trained with: train.global_batch_tokens=768"
     assert said.format("step_000004") in three.log_path.read_text()
-    assert (reference / "checkpoints" / "step_000004_universal" / "zero").is_dir()
+    # converted into this run's own checkpoints/, which this job locks, not into the other run dir (where its own
+    # job may be pruning, or another resume converting the same tag); pruned at this run's first save
+    assert not (reference / "checkpoints" / "step_000004_universal").exists()
+    assert f"converting it to a universal checkpoint in {elastic / 'checkpoints' / 'step_000004_universal'}" in \
+        three.log_path.read_text()
+    assert sorted(p.name for p in (elastic / "checkpoints").glob("step_*")) == ["step_000006"]
     one_rank = single(elastic, overrides(8))  # auto: step_000006 from 3 ranks, converted again
     finish(one_rank)
     assert (elastic / "checkpoints" / "step_000006_universal" / "zero").is_dir()
