@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.sample_dataset import SampleKind, SampleSettings, add_options, prepare_samples, settings_of
-from data_prep.sources import utf8_error
+from data_prep.sources import ENCODING, utf8_error
 from megagpt.chat_template import ConversationError, Encoded, check_messages, encode_conversation, truncate
 from megagpt.errors import UserError
 
@@ -68,7 +68,7 @@ class ChatSummary:
 def _lines(path: Path):
     """(line number, line) of a .jsonl(.gz), counted on a bar on stderr where it is a terminal."""
     raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
-    with io.TextIOWrapper(raw, encoding="utf-8", errors="strict") as f:
+    with io.TextIOWrapper(raw, encoding=ENCODING, errors="strict") as f:
         try:
             yield from tqdm(enumerate(f, 1), desc=f"read {path.name}", unit=" lines", disable=None, leave=False)
         except UnicodeDecodeError as e:

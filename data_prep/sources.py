@@ -25,6 +25,7 @@ from megagpt.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 LONG_RECORD = 4  # a .jsonl line longer than this many pieces is parsed as a stream, not loaded whole
+ENCODING = "utf-8-sig"  # UTF-8; a byte-order mark that opens a file (Windows tools write one) is dropped, not text
 
 # A chunk is a list of (text, starts_document) pieces; EOS goes before every document but the first.
 Chunk = list[tuple[str, bool]]
@@ -96,7 +97,7 @@ def _open_text(path: str, hashing: _HashingReader) -> io.TextIOBase:
     raw = io.BufferedReader(hashing, 1 << 20)
     stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
     # newline="": "\r\n" and lone "\r" reach the tokenizer unchanged.
-    return io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline="")
+    return io.TextIOWrapper(stream, encoding=ENCODING, errors="strict", newline="")
 
 
 def _boundary(text: str) -> int:

@@ -13,7 +13,7 @@ from chat_helpers import chat_dataset, conversation
 
 from benchmarks.data import main as bench_data
 from data_prep.prep import PrepSettings, prepare
-from data_prep.sources import _first_bad_utf8
+from data_prep.sources import _first_bad_utf8, iter_chunks
 from megagpt.chat_template import ConversationError, check_messages
 from megagpt.cli import main as megagpt
 from megagpt.data import EvalWindows, TrainLoader
@@ -65,6 +65,26 @@ def test_a_bad_utf8_byte_in_a_conversation_file_names_its_line(tokens, tmp_path,
                            str(tmp_path / "c")], capsys)
     offset = path.read_bytes().index(0xFF)
     assert f"at byte {offset} (line 501)" in err, err
+
+
+BOM = "\ufeff".encode()  # the byte-order mark Windows tools (Notepad, PowerShell) write at the start of UTF-8
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.jsonl", "a.jsonl.gz"])
+def test_a_corpus_file_opening_with_a_byte_order_mark_reads_as_the_same_text(name, tmp_path):
+    # before, a .jsonl was refused ("Unexpected UTF-8 BOM") and a .txt gave the vocabulary a U+FEFF character
+    raw = (json.dumps({"text": TEXT}) + "\n").encode() if ".jsonl" in name else TEXT.encode()
+    plain, marked = tmp_path / name, tmp_path / f"bom_{name}"
+    plain.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    marked.write_bytes(gzip.compress(BOM + raw) if name.endswith(".gz") else BOM + raw)
+    assert list(iter_chunks([marked], chunk_chars=256)) == list(iter_chunks([plain], chunk_chars=256))
+
+
+def test_a_conversation_file_opening_with_a_byte_order_mark_is_read(tokens, tmp_path, capsys):
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(BOM + (json.dumps(conversation("To be, or not", "Whether")) + "\n").encode() * 20)
+    assert megagpt(["prep", "chat", "--input", str(path), "--tokenizer", str(tokens), "--out",
+                    str(tmp_path / "c")]) == 0, capsys.readouterr().err  # before: "not valid JSON"
 
 
 def test_the_first_bad_utf8_byte_is_found_across_read_blocks(tmp_path):
