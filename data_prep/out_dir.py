@@ -2,14 +2,17 @@
 `<out>.partial` beside it, and put in place whole.
 
 `--force` replaces only a dataset dir (one with a manifest.json) or an empty folder: a typo such as `--out data`
-must not delete a folder of other things. The old dataset is moved aside before the new one takes its name and
-removed after, so a kill in between leaves one of the two whole.
+must not delete a folder of other things. The old dataset is moved aside (into a hidden `.<out>.replaced-*`)
+before the new one takes its name and removed after, so a kill in between leaves one of the two whole; the next
+prep for that --out finishes such a swap and removes what was moved aside.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +26,7 @@ def work_dir_for(out_dir: Path, force: bool) -> Path:
     if out_dir.name in ("", ".."):  # ".", "..", "/": no name to build NAME.partial beside
         raise UserError(f"--out {out_dir}: name the dataset dir itself (e.g. --out ../NAME), not . or ..; it is "
                         f"built beside it as NAME.partial")
+    _finish_interrupted_swap(out_dir)
     if out_dir.exists() or out_dir.is_symlink():
         if not force:
             raise UserError(f"--out {out_dir}: already exists; pass --force to replace it")
@@ -43,7 +47,26 @@ def replace_out_dir(work: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.replace(work, out_dir)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))  # a fresh name
+    aside = Path(tempfile.mkdtemp(prefix=_aside_prefix(out_dir), dir=out_dir.parent))  # a fresh name
     os.replace(out_dir, aside / out_dir.name)
     os.replace(work, out_dir)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _aside_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.replaced-"
+
+
+def _finish_interrupted_swap(out_dir: Path) -> None:
+    """What a kill inside replace_out_dir left beside out_dir, put right: between its two renames (no out_dir, the
+    old dataset aside, the finished `<out>.partial`) the new dataset takes its name; then (or after the second
+    rename) what was moved aside is removed, instead of staying hidden with the old dataset's size."""
+    work = out_dir.with_name(out_dir.name + ".partial")
+    for aside in map(Path, glob.glob(glob.escape(str(out_dir.parent / _aside_prefix(out_dir))) + "*")):
+        old = aside / out_dir.name
+        if not out_dir.exists() and old.exists():
+            finished = (work / MANIFEST).is_file()  # sealed before the swap began
+            os.replace(work if finished else old, out_dir)
+            print(f"megagpt prep: --out {out_dir}: finished replacing it, which a killed prep had left half done "
+                  f"({'the new dataset' if finished else 'the old dataset, put back'})", file=sys.stderr)
+        shutil.rmtree(aside, ignore_errors=True)

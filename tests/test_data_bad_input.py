@@ -173,6 +173,27 @@ def test_force_replaces_a_dataset_but_never_a_folder_of_other_things(kind, token
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".ds", "ds"))) == ["ds"]
 
 
+@pytest.mark.parametrize("killed, datasets, left", [  # what replace_out_dir's swap leaves, killed at each point
+    ("before the first rename", {"ds": "old", "ds.partial": "new"}, "old"),  # and an empty .ds.replaced-*
+    ("between the renames", {".ds.replaced-k1ll/ds": "old", "ds.partial": "new"}, "new"),  # no ds
+    ("while removing the old one", {".ds.replaced-k1ll/ds": "old", "ds": "new"}, "new")])
+def test_a_force_swap_a_kill_interrupted_is_finished_by_the_next_prep(killed, datasets, left, tmp_path, capsys):
+    # before, the old dataset stayed hidden in .ds.replaced-* for good, and between the renames the re-run
+    # deleted the finished ds.partial and started over without a ds
+    from data_prep.out_dir import work_dir_for
+
+    (tmp_path / ".ds.replaced-k1ll").mkdir()
+    for name, which in datasets.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "manifest.json").write_text(which)
+    assert work_dir_for(tmp_path / "ds", force=True) == tmp_path / "ds.partial"
+    assert (tmp_path / "ds" / "manifest.json").read_text() == left
+    assert not (tmp_path / ".ds.replaced-k1ll").exists()
+    said = capsys.readouterr().err
+    assert ("finished replacing it, which a killed prep had left half done (the new dataset)" in said) == \
+        (killed == "between the renames"), said
+
+
 # ---------------------------------------------------------------- the dataset dir and the loader
 
 
