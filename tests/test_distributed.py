@@ -94,6 +94,19 @@ def test_a_config_error_under_torchrun_sh_is_one_line_before_any_rank_starts(sha
     assert not (tmp_path / "run").exists()
 
 
+def test_a_workers_error_under_torchrun_sh_ends_in_one_line_not_torchruns_traceback(shakespeare_dataset, tmp_path):
+    """A mistake only a worker meets (here a dataset dir without a dataset: the config itself is fine): the worker
+    says it in one line; before, torchrun's ChildFailedError traceback and failure table followed it."""
+    overrides = [*tiny(shakespeare_dataset), f"data.dataset_dir={tmp_path / 'nodata'}"]
+    launcher = torchrun(tmp_path / "run", overrides, 1)
+    assert finish(launcher, timeout=120, ok=False) == [1]
+    log = launcher.log_path.read_text()
+    assert "Traceback" not in log and "ChildFailedError" not in log, log[-3000:]
+    assert log.count("megagpt train: error: data.dataset_dir: ") == 1
+    assert log.rstrip().splitlines()[-1] == ("torchrun: rank 0 (local rank 0) exited with code 2 and the job stopped "
+                                             "(1 of its workers failed); its lines above say why")
+
+
 def test_a_config_error_under_plain_torchrun_is_one_line_per_node_not_per_rank(shakespeare_dataset, tmp_path):
     """Without the script's check (torchrun run directly, the deepspeed launcher, Slurm without the script) both
     ranks meet the same bad config; only local rank 0 says so (a data or path error is every rank's)."""
