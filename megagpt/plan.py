@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inter-node-gbps", type=float,
                    help="GB/s (gigabytes) per node per direction between nodes, all NICs together "
                         "(default: 8 InfiniBand ports of the GPU's generation)")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. --set model.n_layer=48")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.n_layer=48 (repeatable, as for megagpt train)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--write", action="store_true",
                    help="write the chosen zero_stage, micro_batch_size, activation_checkpointing into CONFIG")
@@ -315,7 +315,7 @@ def planner_args(cfg: Config, config_path: str) -> list[str]:
     for flag, value in (("--gpu", p.gpu), ("--gpu-mem-gib", p.gpu_mem_gib), ("--peak-tflops", p.peak_tflops),
                         ("--gpus-per-node", p.gpus_per_node)):
         args += [flag, str(value)] if value is not None else []
-    return args + (["--set", *p.overrides] if p.overrides else [])
+    return args + [arg for item in p.overrides for arg in ("--set", item)]
 
 
 PLANNED_KEYS = {"zero_stage": "deepspeed", "micro_batch_size": "train", "activation_checkpointing": "model"}

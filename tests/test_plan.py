@@ -184,7 +184,7 @@ def test_an_explicit_grad_accum_steps_is_planned_with(capsys):
     # without a global batch, train.grad_accum_steps sets the micro-batches per step; the planner took 1
     def planned(*sets):
         args = [f"{ROOT}/configs/gpt3_125m.yaml", "--gpus", "16", "--gpu", "H100", "--json", "--set",
-                "train.global_batch_tokens=null", *sets]
+                "train.global_batch_tokens=null", *(arg for item in sets for arg in ("--set", item))]
         assert planner.main(args) == 0
         return json.loads(capsys.readouterr().out)
 
@@ -196,6 +196,15 @@ def test_an_explicit_grad_accum_steps_is_planned_with(capsys):
         4 * b * 2048 * 16 / four["speed"]["tokens_per_sec"])  # 4 micro batches of b sequences on each GPU
     psi, e = four["params"]["total"], 2  # ZeRO-2: a reduce-scatter per micro-batch, one all-gather
     assert four["communication"]["stages"]["zero2"]["bytes_per_gpu"] == pytest.approx((4 + 1) * psi * e * 15 / 16)
+
+
+def test_set_is_one_key_per_flag_before_or_after_the_config_as_for_train(capsys):
+    # it took several values per --set, so `--set KEY=VALUE CONFIG` swallowed CONFIG ("required: config")
+    args = ["--gpu", "H100", "--json", "--set", "model.n_layer=2", f"{ROOT}/configs/gpt3_125m.yaml",
+            "--set", "model.n_embd=256", "--set", "model.n_head=4"]
+    assert planner.main(args) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert (model["n_layer"], model["n_embd"], model["n_head"]) == (2, 256, 4)
 
 
 def test_impossible_fit_is_a_one_line_error():

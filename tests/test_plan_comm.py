@@ -137,7 +137,7 @@ def test_remedies_pass_through_into_deepspeeds_zero_config_and_the_plan_counts_t
     parsed = DeepSpeedZeroConfig(**section)
     assert parsed.zero_hpz_partition_size == 8 and parsed.zero_quantized_weights and parsed.zero_quantized_gradients
     plan = _plan_json(capsys, f"{ROOT}/configs/gpt3_175b.yaml", "--gpus", "768", "--gpu", "H100",
-                      "--set", *remedies)
+                      *(arg for remedy in remedies for arg in ("--set", remedy)))
     comm = plan["communication"]
     assert comm["choice"]["zeropp"] == ["hpZ", "qgZ", "qwZ"] and not comm["remedies"]
     assert not comm["choice"]["communication_bound"]
