@@ -265,12 +265,14 @@ def sample_main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="megagpt export", description=HELP["export"])
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="RUN_DIR of any stage, trained under any ZeRO stage")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--out", required=True, help="a new or empty directory outside the run dir")
-    p.add_argument("--format", choices=["megagpt", "hf"], default="megagpt")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--force", action="store_true", help="replace --out when it is not empty")
+    p.add_argument("--format", choices=["megagpt", "hf"], default="megagpt",
+                   help="megagpt: model.safetensors, config.yaml, tokenizer/ (default); hf: a Hugging Face GPT-2 "
+                   "folder that transformers loads (not for a reward model)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the weights' dtype (default fp32)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out (never other files)")
     from megagpt.export import export_main as run
 
     return run(p.parse_args(argv))
