@@ -142,3 +142,31 @@ def test_every_config_the_docs_and_launch_scripts_name_exists():
     texts = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "launch").iterdir()]
     named = {m for path in texts if path.is_file() for m in re.findall(r"configs/[\w.-]+\.yaml", path.read_text())}
     assert named and not {name for name in named if not (REPO / name).is_file()}  # a usage line that cannot run
+
+
+def _layout_entries() -> dict[str, str]:
+    """The README's tree: each unindented line's first word (a file or folder) -> its text, continuation lines
+    included."""
+    block = (REPO / "README.md").read_text().split("\n## Layout\n")[1].split("```")[1]
+    entries: dict[str, str] = {}
+    for line in block.splitlines():
+        if line.strip() and not line[0].isspace():
+            key = line.split()[0]
+            entries[key] = line
+        elif line.strip():
+            entries[key] += " " + line.strip()
+    return entries
+
+
+def test_the_readme_tree_and_the_architecture_map_name_every_file():
+    entries = _layout_entries()
+    named = {folder: " ".join(text for key, text in entries.items() if key.startswith(folder + "/"))
+             for folder in ("megagpt", "kernels", "data_prep", "launch", "benchmarks")}
+    files = [p for folder in named for p in (REPO / folder).iterdir()
+             if p.is_file() and p.name not in ("__init__.py", "__main__.py") and not p.name.endswith(".pyc")]
+    unlisted = [str(p.relative_to(REPO)) for p in files if p.name not in named[p.parent.name]]
+    assert not unlisted and "megagpt/stages/" in entries, unlisted  # README.md's Layout
+    layers = (REPO / "docs" / "architecture.md").read_text().split("\n## Layers")[1].split("\n## ")[0]
+    unplaced = [p.name for p in (REPO / "megagpt").glob("*.py")
+                if p.name not in ("__init__.py", "__main__.py") and f"`megagpt/{p.name}`" not in layers]
+    assert not unplaced, unplaced  # docs/architecture.md's table of layers
