@@ -128,7 +128,8 @@ class Session:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megagpt chat", description=HELP)
-    p.add_argument("path", help="RUN_DIR or EXPORT_DIR of a fine-tuned model (train.stage: sft)")
+    p.add_argument("path", help="RUN_DIR or EXPORT_DIR of a fine-tuned model (train.stage sft, dpo or ppo); a "
+                   "model never fine-tuned continues the text as a completer")
     p.add_argument("--prompt", help="ask once: print the reply alone and exit")
     p.add_argument("--system", help="a system message that starts the conversation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens")
