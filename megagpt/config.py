@@ -467,6 +467,11 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def override_value(text: str) -> Any:
+    """A `--set` value as the config reads it (YAML, 1e-8 a number; empty: null); yaml.YAMLError if not YAML."""
+    return yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
+
+
 def _apply_override(raw: dict[str, Any], item: str, name: str) -> None:
     """`key.sub=value` applied to the raw tree; an error names the override as `name`."""
     key, sep, text = item.partition("=")
@@ -480,7 +485,7 @@ def _apply_override(raw: dict[str, Any], item: str, name: str) -> None:
             raise ConfigError(f"{name}: {part} is not a section")
         node = child
     try:
-        node[leaf] = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
+        node[leaf] = override_value(text)
     except yaml.YAMLError as e:
         problem = _yaml_problem(e, one_line=True)
         raise ConfigError(f"{name}: the value{problem}; quote it to pass text") from None

@@ -27,7 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megagpt.config import Config, load_config
+import yaml
+
+from megagpt.config import Config, load_config, override_value
 from megagpt.errors import NAME_MAX, UserError, refuse_file_in_the_way
 from megagpt.files import write_whole
 
@@ -84,10 +86,26 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
             raise UserError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. train.lr=1e-3,2e-3")
         if key in grid:
             raise UserError(f"--grid {key}: given twice; list all its values in one --grid")
-        if len(set(vals)) != len(vals):
-            raise UserError(f"--grid {item!r}: a value is listed twice")
+        twice = _listed_twice(vals)
+        if twice:
+            raise UserError(f"--grid {item!r}: {' and '.join(twice)} are one value, listed twice")
         grid[key] = vals
     return grid
+
+
+def _listed_twice(values: list[str]) -> list[str] | None:
+    """Two of the values that the config reads as one (0.001 and 1e-3), else None; text that is not YAML (the
+    point's config names it later) stands for itself."""
+    seen: dict[str, str] = {}
+    for text in values:
+        try:
+            key = repr(override_value(text))
+        except yaml.YAMLError:
+            key = text
+        if key in seen:
+            return [seen[key], text]
+        seen[key] = text
+    return None
 
 
 def make_points(config: str, grid: dict[str, list[str]], common: list[str]) -> list[Point]:

@@ -85,7 +85,10 @@ def test_an_interrupted_point_resumes_from_its_checkpoint(shakespeare_dataset, t
 
 
 @pytest.mark.parametrize("item, message", [("train.lr", "expected KEY=V1,V2"), ("train.lr=", "expected KEY"),
-                                           ("train.lr=1,1", "listed twice")])
+                                           ("train.lr=1,1", "listed twice"),
+                                           # one number written two ways: the same run twice, under two names
+                                           ("train.lr=0.001,3e-3,1e-3", "0.001 and 1e-3 are one value"),
+                                           ("model.attention=sdpa,'sdpa'", "sdpa and 'sdpa' are one value")])
 def test_bad_grid_is_one_line(item, message):
     from megagpt.errors import UserError
 
