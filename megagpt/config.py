@@ -334,18 +334,17 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def changes_since(saved: Path, cfg: Config) -> list[str]:
-    """`key: old -> new` for each dotted key on which cfg differs from a config.yaml that save_config wrote
-    (none when that file is missing or unreadable)."""
+def changes_since(saved: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} for each key on which cfg differs from a config.yaml that save_config wrote, in key
+    order (none when that file is missing or unreadable)."""
     try:
         before = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError):
-        return []
+        return {}
     if not isinstance(before, dict):
-        return []
+        return {}
     old, new = _flatten(before), _flatten(cfg.to_dict())
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k)]
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

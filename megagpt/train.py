@@ -16,7 +16,6 @@ from megagpt.config import (
     Config,
     ConfigError,
     changes_since,
-    load_config,
     model_mismatch,
     save_config,
     with_dtype,
@@ -282,14 +281,13 @@ def _resume_notes(saved: Path, cfg: Config, step: int) -> list[str]:
     changed = changes_since(saved, cfg)
     if not changed:
         return []
+    shown = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in list(changed.items())[:5]]
     more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-    notes = [f"settings changed since the run's last start: {'; '.join(changed[:5])}{more}"]
-    try:
-        before = load_config(saved).train
-    except (UserError, OSError):  # an unreadable config.yaml: the changes were not known either
-        return notes
-    stretched = stretched_decay(before, cfg.train, step)
-    return notes + ([stretched] if stretched else [])
+    notes = [f"settings changed since the run's last start: {'; '.join(shown)}{more}"]
+    if "train.max_steps" in changed and "train.lr_decay_steps" not in changed:
+        stretched = stretched_decay(changed["train.max_steps"][0], cfg.train, step)
+        notes += [stretched] if stretched else []
+    return notes
 
 
 def _usable_run_dir(run_dir: Path | None, name: str) -> Path:
