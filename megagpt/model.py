@@ -25,13 +25,22 @@ def _math_attention(q, k, v, dropout_p: float, scale: float | None = None):
     att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     att = att.masked_fill(~causal, float("-inf"))
-    att = F.softmax(att, dim=-1)
+    att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)  # bf16/fp16 scores: the softmax in fp32
     if dropout_p > 0:
         att = F.dropout(att, p=dropout_p)
     return att @ v
 
 
+# On a CPU, torch's flash attention is slow in bf16/fp16 at short contexts (its backward most: 3.0 ms against
+# the spelled-out version's 0.6 ms at this repo's CPU shape, B 12, 4 heads, T 64, head 32) while the spelled-out
+# version's bf16 matrix products are fast; flash wins from T ~512 on (docs/benchmarks.md, "bf16 on a CPU").
+CPU_LOW_PRECISION_SPELLED_OUT_MAX_T = 256
+
+
 def _sdpa_attention(q, k, v, dropout_p: float, scale: float | None = None):
+    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and q.size(-2) <= CPU_LOW_PRECISION_SPELLED_OUT_MAX_T):
+        return _math_attention(q, k, v, dropout_p, scale)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
 
 

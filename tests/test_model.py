@@ -5,7 +5,7 @@ import torch
 
 from megagpt.config import load_config
 from megagpt.generate import generate
-from megagpt.model import GPT, KVCache
+from megagpt.model import CPU_LOW_PRECISION_SPELLED_OUT_MAX_T, GPT, KVCache, _math_attention, _sdpa_attention
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,52 @@ def test_math_and_sdpa_give_the_same_logits_and_gradients(bias):
     for (name, pa), pb in zip(math_model.named_parameters(), sdpa_model.parameters(), strict=True):
         assert _rel(pa.grad, pb.grad) <= 1e-5, name
 
+
+
+def _attention_f64(q, k, v):
+    """Causal softmax(q·kᵀ/√d)·v in float64, written out: the reference for the bf16 paths."""
+    q, k, v = (t.double() for t in (q, k, v))
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) / q.size(-1) ** 0.5
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def _output_and_grads(attend, q, k, v, g):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attend(q, k, v)
+    out.backward(g)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _sdpa_backend(q, k, v):
+    return _sdpa_attention(q, k, v, dropout_p=0.0)
+
+
+def _spelled_out(q, k, v):
+    return _math_attention(q, k, v, dropout_p=0.0)
+
+
+def _torch_sdpa(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("T, path", [(64, _spelled_out), (CPU_LOW_PRECISION_SPELLED_OUT_MAX_T + 1, _torch_sdpa)])
+def test_sdpa_in_bf16_on_a_cpu_is_the_spelled_out_attention_at_short_contexts(T, path):
+    # torch's CPU flash kernel is slow in bf16 at short T (docs/benchmarks.md), so `sdpa` runs the spelled-out
+    # attention there (its softmax in fp32), and torch's kernel from CPU_LOW_PRECISION_SPELLED_OUT_MAX_T on
+    torch.manual_seed(0)
+    q, k, v, g = (torch.randn(2, 2, T, 16, dtype=torch.bfloat16) for _ in range(4))
+    got = _output_and_grads(_sdpa_backend, q, k, v, g)
+    assert all(torch.equal(a, b) for a, b in zip(got, _output_and_grads(path, q, k, v, g), strict=True))
+    want = _output_and_grads(_attention_f64, q, k, v, g.double())
+    for a, b in zip(got, want, strict=True):  # within about one bf16 step (2**-7) of the largest exact value
+        assert (a.double() - b).abs().max() <= 0.01 * b.abs().max()
+
+
+def test_sdpa_in_fp32_on_a_cpu_is_torchs_kernel():
+    q, k, v = (torch.randn(2, 2, 64, 16) for _ in range(3))
+    assert torch.equal(_sdpa_backend(q, k, v), _torch_sdpa(q, k, v))
 
 def test_gpt2_initialisation_scales_residual_projections():
     torch.manual_seed(2)
