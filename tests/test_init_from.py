@@ -222,3 +222,15 @@ def test_checkpoint_weights_equal_the_source_before_any_step(sources):
     got = model.state_dict()
     assert set(got) == set(state)
     assert all(torch.equal(got[k], v.detach()) for k, v in state.items())
+
+
+def test_a_folder_named_with_an_at_step_is_that_folder_and_only_otherwise_a_step(tmp_path):
+    from megagpt.init_from import parse_spec
+
+    # before, a folder literally named x@2 was read as run x at step 2
+    (tmp_path / "x@2").mkdir()
+    assert parse_spec(f"{tmp_path}/x@2") == (tmp_path / "x@2", None)
+    assert parse_spec(f"{tmp_path}/y@2") == (tmp_path / "y", 2)
+    assert parse_spec(f"{tmp_path}/a@b@30") == (tmp_path / "a@b", 30)  # the last @ only
+    with pytest.raises(ConfigError, match=r"@abc is not a step number"):
+        parse_spec(f"{tmp_path}/y@abc")
