@@ -290,14 +290,23 @@ def test_a_gpt2_folder_in_shards_computes_the_logits_transformers_computes(kind,
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
 
 
-def test_a_shard_the_index_names_but_the_folder_lacks_is_one_line_naming_it(sharded_gpt2, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["shard missing", "tensor missing"])
+def test_a_shard_or_tensor_the_index_names_but_the_folder_lacks_is_one_line_naming_it(damage, sharded_gpt2, tmp_path,
+                                                                                       capsys):
     import shutil
 
     folder = tmp_path / "gpt2"
     shutil.copytree(sharded_gpt2[0], folder)
     index = folder / "model.safetensors.index.json"
-    shard = sorted(set(json.loads(index.read_text())["weight_map"].values()))[1]
-    (folder / shard).unlink()
+    record = json.loads(index.read_text())
+    shard = sorted(set(record["weight_map"].values()))[1]
+    if damage == "shard missing":
+        (folder / shard).unlink()
+        expected = f"{index}: its shard {shard} is missing"
+    else:
+        record["weight_map"]["transformer.h.9.ln_1.weight"] = shard
+        index.write_text(json.dumps(record))
+        expected = f"{index}: puts transformer.h.9.ln_1.weight in {shard}, which does not hold it"
     assert megagpt(["sample", str(folder), "--max-new-tokens", "2", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"{index}: its shard {shard} is missing" in err, err
+    assert "\n" not in err and expected in err, err
