@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.limits import head_dim_problem
+from kernels.limits import head_dim_problem, seed_problem
 from kernels.runtime import interpreting
 from kernels.tuning import ATTENTION_CONFIGS, attention_pruner, check_tuning
 
@@ -356,6 +356,12 @@ def _check_qkv(q, k, v) -> None:
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def _check_seed(seed: int, caller: str) -> int:
+    if (problem := seed_problem(seed)) is not None:
+        raise ValueError(f"{caller}: seed={seed} {problem}")
+    return seed
+
+
 def forward_args(q, k, v, o, lse, softmax_scale: float, dropout_p: float, seed: int) -> tuple:
     """The forward kernel's runtime arguments (one place: the launcher and kernels.compile_check use it)."""
     H, T = q.shape[1], q.shape[2]
@@ -423,6 +429,7 @@ def attention_backward(do, q, k, v, o, lse, softmax_scale: float, dropout_p: flo
 
 def dropout_keep_mask(B: int, H: int, T: int, seed: int, dropout_p: float, device="cpu") -> torch.Tensor:
     """The (B, H, T, T) bool keep-mask the attention kernels draw for this seed and p (True = kept)."""
+    _check_seed(seed, "dropout_keep_mask")
     keep = torch.empty((B, H, T, T), dtype=torch.bool, device=device)
     block = 64 if interpreting(keep) else 32  # the interpreter is fastest with few, large programs here
     _dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
@@ -493,9 +500,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
     check_tuning(tuning)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"causal_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None:
+        seed = _check_seed(int(seed), "causal_attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     seed_t = None
     if dropout_p > 0:
-        seed_t = torch.randint(0, 2**31 - 1, (1,)) if seed is None else torch.tensor([int(seed)])
+        seed_t = torch.randint(0, 2**31 - 1, (1,)) if seed is None else torch.tensor([seed])
     o, _ = torch.ops.megagpt.causal_attention_fwd(q, k, v, scale, float(dropout_p), seed_t, tuning)
     return o

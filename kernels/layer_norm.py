@@ -251,6 +251,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     """LayerNorm over the last dim of x (any leading shape); weight and bias (C,) are optional. `tuning` is the
     GPU autotune search: "pruned" (the default) or "full" (every warp count)."""
     check_tuning(tuning)
+    if x.dim() == 0:  # F.layer_norm refuses it too: a scalar has no last dim to normalise over
+        raise ValueError("layer_norm: x is a 0-dim tensor (a scalar); it needs a last dim C to normalise over")
     C = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != (C,):

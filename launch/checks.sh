@@ -12,14 +12,29 @@ check_int() {
 }
 
 # check_host NAME WHAT: the variable NAME holds a host name, an IPv4 address or an IPv6 address (bare or in
-# brackets), without a port. torchrun would end in a ValueError traceback on 'bad host', and hang resolving
-# 'host:port' (it reads 'a:b' as an IPv6 address).
+# brackets), without a port, that resolves here. torchrun would end in a ValueError traceback on 'bad host', hang
+# resolving 'host:port' (it reads 'a:b' as an IPv6 address), and retry a name that does not resolve until its
+# rendezvous times out, in pages of C++ frames.
 check_host() {
-    local value=${!1} label='[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?'
-    local ipv6='^\[?[0-9A-Fa-f.]*(:[0-9A-Fa-f.]*){2,8}\]?$'
-    if [[ ! "$value" =~ ^$label(\.$label)*$ && ! "$value" =~ $ipv6 ]]; then
-        echo "${0##*/}: $1=$value: expected a host name or an IP address, without a port ($2)" >&2
-        exit 2
+    local problem
+    problem=$(host_problem "${!1}") || { echo "${0##*/}: $1=${!1}: $problem ($2)" >&2; exit 2; }
+}
+
+# host_problem HOST: prints what is wrong with HOST and fails; silent and true for a well-formed name or address
+# that resolves. A name is looked up as ssh and torch look it up (getaddrinfo: /etc/hosts, then DNS), for at most
+# RESOLVE_TIMEOUT seconds; without getent (not Linux) it is left to the launcher.
+RESOLVE_TIMEOUT=10
+host_problem() {
+    local label='[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?'
+    local ipv6='^\[?[0-9A-Fa-f.]*(:[0-9A-Fa-f.]*){2,8}\]?$' bare=${1#[}
+    if [[ ! "$1" =~ ^$label(\.$label)*$ && ! "$1" =~ $ipv6 ]]; then
+        echo "expected a host name or an IP address, without a port"
+        return 1
+    fi
+    command -v getent > /dev/null || return 0
+    if ! timeout "$RESOLVE_TIMEOUT" getent ahosts "${bare%]}" > /dev/null; then
+        echo "does not resolve to an address here (not in /etc/hosts, nor in DNS within ${RESOLVE_TIMEOUT} s)"
+        return 1
     fi
 }
 

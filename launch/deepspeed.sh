@@ -22,7 +22,7 @@ if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
     exit 2
 fi
 
-source "$(dirname "$0")/checks.sh"  # check_int, check_host, check_config
+source "$(dirname "$0")/checks.sh"  # check_int, check_host, host_problem, check_config
 MASTER_PORT=${MASTER_PORT:-29500}
 check_int MASTER_PORT 1 65535 "a TCP port on the first host"
 args=(--master_port "$MASTER_PORT" --no_local_rank)
@@ -42,6 +42,12 @@ if [[ -n "${HOSTFILE:-}" ]]; then
         END { if (!bad) print hosts + 0, ranks + 0 }' "$HOSTFILE") || true
     [[ -n "${ranks:-}" ]] || exit 2
     (( hosts > 0 )) || { echo "deepspeed.sh: HOSTFILE=$HOSTFILE lists no host" >&2; exit 2; }
+    if [[ -z "${NODE_RANK:-}" ]]; then  # over ssh every host is reached by its name from here (no-ssh: only MASTER_ADDR)
+        while read -r line host; do
+            problem=$(host_problem "$host") || {
+                echo "deepspeed.sh: HOSTFILE=$HOSTFILE line $line: host $host: $problem" >&2; exit 2; }
+        done < <(awk '{ sub(/#.*/, "") } NF { print FNR, $1 }' "$HOSTFILE")
+    fi
     args+=(--hostfile "$HOSTFILE")
 else
     if [[ -z "${NUM_GPUS:-}" ]]; then

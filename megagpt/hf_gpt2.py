@@ -1,5 +1,6 @@
 """Hugging Face GPT-2 <-> megagpt: the one weight-name mapping and config translation, used both ways, and the
-reading of a GPT-2 folder (config.json + model.safetensors or pytorch_model.bin, maybe tokenizer.json).
+reading of a GPT-2 folder (config.json + model.safetensors or pytorch_model.bin, whole or in shards named by an
+index.json, maybe tokenizer.json).
 
 GPT2LMHeadModel has megagpt's architecture (pre-LN blocks, learned positions, tied head, 4x MLP) with another
 weight layout: its Conv1D keeps weights as (in, out) where nn.Linear keeps (out, in), so those four matrices are
@@ -23,7 +24,9 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight
 HF_CONFIG = "config.json"
-HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# A GPT-2 folder's weights, in the order transformers looks for them: one file, or shards named by an index.json
+# whose weight_map takes each tensor's name to its shard (save_pretrained's max_shard_size).
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HF_TOKENIZER = "tokenizer.json"  # a `tokenizers` file; megagpt's own export carries tokenizer/ instead
 LFS_POINTER = b"version https://git-lfs"  # how a git clone without git-lfs leaves a weights file
 
@@ -47,7 +50,7 @@ def read_config(path: Path) -> dict:
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The folder's weights under megagpt's names, fp32, the tied head included."""
     name = next(name for name in HF_WEIGHTS if (path / name).is_file())
-    state = load_weights_file(path / name)
+    state = (load_shards if name.endswith(".index.json") else load_weights_file)(path / name)
     if not any(key in state for key in ("transformer.wte.weight", "wte.weight")):
         raise UserError(f"{path / name}: no wte.weight (GPT-2's token embedding); not a GPT-2 model's weights")
     return megagpt_state_dict(state)
@@ -70,6 +73,38 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         why = ("a git-lfs pointer, not the weights: fetch them with `git lfs pull`" if _is_lfs_pointer(path) else
                f"not readable ({detail}); copied in part? copy or export it again")
         raise UserError(f"{path}: {why}") from None
+
+
+def load_shards(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of every shard an index.json names, each shard read as `load_weights_file` reads one file; a
+    one-line UserError naming the index and the shard that is missing or lacks a tensor the index puts in it."""
+    weight_map = _weight_map(index)
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise UserError(f"{index}: its shard {shard} is missing from {index.parent}; copy or download it too")
+        tensors = load_weights_file(index.parent / shard)
+        lacking = [name for name, where in weight_map.items() if where == shard and name not in tensors]
+        if lacking:
+            raise UserError(f"{index}: puts {lacking[0]} in {shard}, which does not hold it; the shards are not "
+                            f"the ones this index was written with")
+        state.update(tensors)
+    return state
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """An index.json's weight_map (tensor name -> shard file name in the same folder), or a one-line UserError."""
+    try:
+        record = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{index}: not readable JSON ({e})") from None
+    weight_map = record.get("weight_map") if isinstance(record, dict) else None
+    plain_names = isinstance(weight_map, dict) and all(
+        isinstance(shard, str) and shard and Path(shard).name == shard for shard in weight_map.values())
+    if not weight_map or not plain_names:
+        raise UserError(f"{index}: expected a weight_map from tensor names to shard file names in "
+                        f"{index.parent}, got {str(weight_map)[:80]!r}")
+    return weight_map
 
 
 def _is_lfs_pointer(path: Path) -> bool:

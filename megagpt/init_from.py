@@ -82,13 +82,14 @@ class InitSource:
 
 
 def parse_spec(spec: str, key: str = "train.init_from") -> tuple[Path, int | None]:
-    """`PATH` or `PATH@STEP`; key: the config key that holds it, for the error."""
+    """`PATH` or `PATH@STEP`; key: the config key that holds it, for the error. A path that exists is that path
+    (a folder named `x@2` is not run `x` at step 2); only otherwise is a last `@STEP` split off."""
     path, at, step = spec.rpartition("@")
-    if at and step.isdigit():
-        return Path(path), int(step)
-    if at and not Path(spec).exists():
+    if not at or Path(spec).exists():
+        return Path(spec), None
+    if not (step.isascii() and step.isdigit()):
         raise ConfigError(f"{key}={spec!r}: @{step} is not a step number (PATH@STEP, e.g. runs/x@500)")
-    return Path(spec), None
+    return Path(path), int(step)
 
 
 def open_source(spec: str, key: str = "train.init_from") -> InitSource:

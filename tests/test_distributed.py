@@ -131,6 +131,8 @@ def test_a_config_error_under_plain_torchrun_is_one_line_per_node_not_per_rank(s
     ({"MASTER_ADDR": "bad host"}, "MASTER_ADDR=bad host: expected a host name or an IP address, without a port"),
     ({"MASTER_ADDR": "10.0.0.1:29500"}, "MASTER_ADDR=10.0.0.1:29500: expected a host name or an IP address"),
     ({"MASTER_ADDR": "a:b"}, "MASTER_ADDR=a:b: expected a host name or an IP address"),
+    # before, torch's c10d retried the lookup, a warning a second, until the rendezvous timed out
+    ({"MASTER_ADDR": "nosuchhost.invalid"}, "MASTER_ADDR=nosuchhost.invalid: does not resolve to an address here"),
     ({"NNODES": "2", "MASTER_ADDR": ""}, "MASTER_ADDR is unset: NNODES=2 needs the address of node 0")])
 def test_torchrun_sh_names_a_bad_setting_in_one_line_before_starting_anything(env, named, tmp_path):
     clean = {k: v for k, v in child_env(NPROC_PER_NODE="1").items() if k not in ("NNODES", "NODE_RANK")}
@@ -149,7 +151,11 @@ def test_torchrun_sh_names_a_bad_setting_in_one_line_before_starting_anything(en
     ({"NODE_RANK": "2", "MASTER_ADDR": "a"}, "a slots=2 # 8 GPUs\n\nb slots=1\n",
      "NODE_RANK=2: expected a whole number from 0 to 1 (this node's index among the 2 host(s) of HOSTFILE)"),
     ({"MASTER_ADDR": "node-001:29500"}, None, "MASTER_ADDR=node-001:29500: expected a host name or an IP address"),
-    ({"NODE_RANK": "0", "MASTER_ADDR": "a"}, "a slots=2\nb slots=3\n",  # the config checked for all 5 ranks
+    # over ssh every host must resolve here; before, DeepSpeed's RuntimeError traceback (or pdsh's ssh errors)
+    ({}, "localhost slots=1\n# 8 GPUs\nnosuchhost.invalid slots=1\n",
+     "HOSTFILE=HF line 3: host nosuchhost.invalid: does not resolve to an address here"),
+    ({"MASTER_ADDR": "nosuchhost.invalid"}, None, "MASTER_ADDR=nosuchhost.invalid: does not resolve to an address"),
+    ({"NODE_RANK": "0", "MASTER_ADDR": "localhost"}, "a slots=2\nb slots=3\n",  # the config checked for 5 ranks
      "train.global_batch_tokens=100 is not a multiple of micro_batch_size × block_size × world_size = 12 × 64 × 5")])
 def test_deepspeed_sh_names_a_bad_setting_in_one_line_before_starting_anything(env, hostfile, named, tmp_path):
     # before, DeepSpeed's runner printed its usage and an argparse error, or each rank the config's error

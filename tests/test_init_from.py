@@ -222,3 +222,91 @@ def test_checkpoint_weights_equal_the_source_before_any_step(sources):
     got = model.state_dict()
     assert set(got) == set(state)
     assert all(torch.equal(got[k], v.detach()) for k, v in state.items())
+
+
+def test_a_folder_named_with_an_at_step_is_that_folder_and_only_otherwise_a_step(tmp_path):
+    from megagpt.init_from import parse_spec
+
+    # before, a folder literally named x@2 was read as run x at step 2
+    (tmp_path / "x@2").mkdir()
+    assert parse_spec(f"{tmp_path}/x@2") == (tmp_path / "x@2", None)
+    assert parse_spec(f"{tmp_path}/y@2") == (tmp_path / "y", 2)
+    assert parse_spec(f"{tmp_path}/a@b@30") == (tmp_path / "a@b", 30)  # the last @ only
+    with pytest.raises(ConfigError, match=r"@abc is not a step number"):
+        parse_spec(f"{tmp_path}/y@abc")
+
+
+# ---------------------------------------------------------------- a GPT-2 folder in shards
+
+
+@pytest.fixture(scope="module")
+def sharded_gpt2(tmp_path_factory):
+    """A random tiny GPT2LMHeadModel saved in 2+ safetensors shards with their index, and a one-word tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("sharded") / "gpt2"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, activation_function="gelu",
+                        bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(folder, max_shard_size="8KB", safe_serialization=True)
+    Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).save(str(folder / "tokenizer.json"))
+    return folder, hf.double()
+
+
+def as_bin_shards(folder, out):
+    """The same model as pytorch_model-*.bin shards and pytorch_model.bin.index.json (what older
+    transformers versions wrote; 5.x writes safetensors only)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("model*"))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    renamed = {shard: shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+               for shard in set(index["weight_map"].values())}
+    for shard, name in renamed.items():
+        torch.save(load_file(folder / shard), out / name)
+    index["weight_map"] = {tensor: renamed[shard] for tensor, shard in index["weight_map"].items()}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_a_gpt2_folder_in_shards_computes_the_logits_transformers_computes(kind, sharded_gpt2, tmp_path):
+    # before, a folder of shards and an index was "neither a megagpt run dir ... nor a Hugging Face GPT-2 folder"
+    from megagpt.init_from import open_source
+
+    folder, hf = sharded_gpt2
+    assert len(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 2
+    folder = folder if kind == "safetensors" else as_bin_shards(folder, tmp_path / "bin")
+    model, _, _ = load_for_inference(folder)
+    assert open_source(str(folder)).kind == "hf"
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.double()(x)[0]
+        theirs = hf(x).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("damage", ["shard missing", "tensor missing"])
+def test_a_shard_or_tensor_the_index_names_but_the_folder_lacks_is_one_line_naming_it(damage, sharded_gpt2, tmp_path,
+                                                                                       capsys):
+    import shutil
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(sharded_gpt2[0], folder)
+    index = folder / "model.safetensors.index.json"
+    record = json.loads(index.read_text())
+    shard = sorted(set(record["weight_map"].values()))[1]
+    if damage == "shard missing":
+        (folder / shard).unlink()
+        expected = f"{index}: its shard {shard} is missing"
+    else:
+        record["weight_map"]["transformer.h.9.ln_1.weight"] = shard
+        index.write_text(json.dumps(record))
+        expected = f"{index}: puts transformer.h.9.ln_1.weight in {shard}, which does not hold it"
+    assert megagpt(["sample", str(folder), "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err, err

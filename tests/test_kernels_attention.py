@@ -188,3 +188,22 @@ def test_bad_shapes_raise_clear_errors(shape, message):
     x = torch.randn(*shape)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         kernels.causal_attention(x, x, x)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64])
+def test_a_seed_out_of_range_is_a_clear_error_naming_it(seed):
+    # before, 2**63 and above failed in torch.tensor ("Overflow when unpacking long long"), and -1 was taken
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match=rf"causal_attention: seed={seed} out of range \(.*2\*\*63 - 1\)"):
+        kernels.causal_attention(q, q, q, dropout_p=0.1, seed=seed)
+    with pytest.raises(ValueError, match=rf"dropout_keep_mask: seed={seed} out of range"):
+        dropout_keep_mask(1, 1, 4, seed, 0.1)
+
+
+def test_every_seed_megagpt_accepts_fits_the_kernels():
+    from kernels.limits import MAX_SEED
+    from megagpt.errors import SEED_MAX
+
+    assert SEED_MAX <= MAX_SEED
+    q = torch.randn(1, 1, 4, 16)
+    assert kernels.causal_attention(q, q, q, dropout_p=0.1, seed=SEED_MAX).shape == q.shape

@@ -112,3 +112,12 @@ def test_custom_ops_pass_opcheck():
 def test_mismatched_weight_raises_clear_error():
     with pytest.raises(ValueError, match="weight must have shape"):
         kernels.layer_norm(torch.randn(2, 8), torch.ones(7), None)
+
+
+def test_a_scalar_input_is_a_clear_error_as_in_torch():
+    # before, an IndexError from x.shape[-1]; F.layer_norm refuses a 0-dim input too (a RuntimeError)
+    x = torch.tensor(2.0)
+    with pytest.raises(RuntimeError):
+        F.layer_norm(x, (1,), torch.ones(1), torch.zeros(1))
+    with pytest.raises(ValueError, match="layer_norm: x is a 0-dim tensor"):
+        kernels.layer_norm(x, torch.ones(1), torch.zeros(1))
