@@ -1,4 +1,5 @@
-"""PPO: GAE on a hand-checked sequence, the clipped policy and value losses and the KL penalty against float64
+"""PPO: the rollout's experience tensors against each row alone in float64, reply caps, seeds and the prompt
+schedule; GAE on a hand-checked sequence, the clipped policy and value losses and the KL penalty against float64
 references, the KL controller, no update from zero advantages, frozen reference and reward model, exact resume
 after SIGTERM and kill -9, and 2 ranks under ZeRO-2 equal to 1."""
 
