@@ -206,6 +206,20 @@ def test_a_restart_drops_what_was_logged_after_the_last_checkpoint(shakespeare_d
     assert metrics.read_text().count('"val_loss"') == 2  # evaluations at 5 and 10, once each
 
 
+def test_lr_warms_up_linearly_then_decays_by_a_half_cosine_to_min_lr():
+    """lr 1, min_lr 0.1, 4 warm-up steps, decay over 14: by hand, (s+1)/5 while warming up, the peak at step 4, the
+    midpoint (step 9) 0.1 + 0.9/2, min_lr from step 14 on; with lr_decay_steps null the decay follows max_steps."""
+    from megagpt.config import TrainConfig
+
+    t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, lr_decay_steps=14, max_steps=20)
+    schedule = [lr_at(s, t) for s in range(20)]
+    assert schedule[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert schedule[9] == pytest.approx(0.55) and schedule[14:] == pytest.approx([0.1] * 6)
+    assert all(a > b for a, b in zip(schedule[4:14], schedule[5:15], strict=True))  # decreasing to the end
+    follows_max_steps = t.model_copy(update={"lr_decay_steps": None, "max_steps": 14})
+    assert [lr_at(s, follows_max_steps) for s in range(20)] == schedule
+
+
 def test_a_resume_that_stretches_a_null_lr_decay_says_what_the_lr_becomes(tmp_path):
     """lr_decay_steps null follows max_steps: raising max_steps (as a finished run advises) moves the LR of every
     step from the resume on; before, only `train.max_steps: 10 -> 20` was said while the LR jumped 10x."""
