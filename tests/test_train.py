@@ -329,6 +329,28 @@ def _reference_losses(cfg, dataset_dir, steps: int, clip: bool) -> list[float]:
     return out
 
 
+@pytest.mark.parametrize("clip_over_norm", [0.25, 4.0])
+def test_the_guard_clips_like_clip_grad_norm_and_never_scales_a_small_gradient_up(clip_over_norm):
+    """Fused AdamW through the step guard against float64 AdamW after torch's clip_grad_norm_, with gradients of
+    different norms each step: all clipped (0.25), or none (4.0: a scale where no clip is due would show, since
+    Adam's moments mix the steps' gradients)."""
+    from helpers import guarded_adamw, guarded_step
+
+    torch.manual_seed(0)
+    w0, grads = torch.randn(10), [torch.randn(10) * s for s in (1.0, 0.3, 3.0)]
+    clip = clip_over_norm * grads[0].norm().item()
+    w, optimizer, guard = guarded_adamw(w0, clip)
+    ref = torch.nn.Parameter(w0.double())
+    ref_optimizer = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.0)
+    for g in grads:
+        guarded_step(w, optimizer, guard, g)
+        ref.grad = g.double()
+        torch.nn.utils.clip_grad_norm_([ref], clip)
+        ref_optimizer.step()
+        assert guard.grad_norm() == pytest.approx(g.norm().item(), rel=1e-6)  # the norm before clipping
+    assert torch.allclose(w.detach().double(), ref.detach(), atol=1e-6)
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_gradients_are_clipped_to_grad_clip(shakespeare_dataset, tmp_path, zero_stage):
     """grad_clip far below the gradient norm: the losses follow plain torch's clip_grad_norm_ + AdamW, not the
