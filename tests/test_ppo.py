@@ -303,6 +303,41 @@ def test_the_kl_controller_resumes_its_adapted_coefficient_and_keeps_the_configs
 # ---------------------------------------------------------------- the stage
 
 
+def _experience(mask, logprobs, ref_logprobs, values, scores):
+    from megagpt.rollout import Experience
+
+    mask = torch.tensor(mask)
+    return Experience(ids=torch.zeros(len(mask), mask.size(1) + 1, dtype=torch.long), mask=mask,
+                      logprobs=torch.tensor(logprobs), ref_logprobs=torch.tensor(ref_logprobs),
+                      values=torch.tensor(values), scores=torch.tensor(scores), stopped=torch.ones(len(mask)),
+                      entropy=torch.zeros_like(mask))
+
+
+def test_a_rollout_whitens_advantages_over_every_reply_token_of_all_its_micro_batches():
+    """Two micro-batches, β_KL = 0.5, γ = λ = 1 (A_t = reward-to-go - V_t), by hand. KL per token 0.5, 0 | 0, 0.5 | 0;
+    rewards -0.25, 1 | 0, -1.25 | 2; A = 0.55, 0.9 | -1.55, -1.25 | 1.6: mean 0.05, population variance 7.625 / 5.
+    Logged per reply: the score, score - β_KL·KL (0.75, -1.25, 2), KL; tokens are prompt + reply (4, 3, 4)."""
+    from types import SimpleNamespace
+
+    from megagpt.stages.ppo import PPOStage
+
+    stage = PPOStage.__new__(PPOStage)  # score() reads only these
+    stage.kl, stage.align = KLController(0.5), SimpleNamespace(gamma=1.0, lam=1.0)
+    stage.dist = SimpleNamespace(world_size=1)
+    a = _experience([[0.0, 1, 1]], [[0, -1.0, -2.0]], [[0, -1.5, -2.0]], [[0, 0.2, 0.1]], [1.0])
+    b = _experience([[1.0, 1, 0], [0, 0, 1]], [[-0.5, -0.5, 0], [0, 0, -1.0]], [[-0.5, -1.0, 0], [0, 0, -1.0]],
+                    [[0.3, 0.0, 0], [0, 0, 0.4]], [-1.0, 2.0])
+    stats = stage.score([[a], [b]])
+    deviations = [x - 0.05 for x in (0.55, 0.9, -1.55, -1.25, 1.6)]
+    whitened = [d / math.sqrt(7.625 / 5 + 1e-8) for d in deviations]
+    assert a.advantages.tolist() == [pytest.approx([0, *whitened[:2]], abs=1e-6)]
+    assert b.advantages.tolist() == [pytest.approx([*whitened[2:4], 0], abs=1e-6),
+                                     pytest.approx([0, 0, whitened[4]], abs=1e-6)]
+    assert stats["reward_model_score"] == pytest.approx(2 / 3) and stats["kl"] == pytest.approx(1 / 3)
+    assert stats["reward"] == pytest.approx(0.5) and stats["response_length"] == pytest.approx(5 / 3)
+    assert stats["tokens"] == 4 + 3 + 4
+
+
 def test_zero_kl_and_a_constant_reward_leave_the_policy_where_a_zero_advantage_step_would(chain, tmp_path):
     """A reward model whose head is (w = 0, b = c) scores every reply c, and the value model (its copy) predicts c
     everywhere: with γ = 1 every δ is 0, so every advantage is 0. AdamW with a zero gradient then only decays the
