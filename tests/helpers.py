@@ -1,4 +1,5 @@
-"""Shared test helpers: the repo's paths, the one tiny-model builder, rel_err, and reading a run's metrics."""
+"""Shared test helpers: the repo's paths, the one tiny-model builder, rel_err, reading a run's metrics, and a step
+guard on a bare fused AdamW."""
 
 from __future__ import annotations
 
@@ -54,3 +55,37 @@ def losses(run_dir: Path) -> dict[int, float]:
 def train_records(run_dir: Path) -> list[dict]:
     """The logged training steps (not evaluations), in order."""
     return [r for r in metrics(run_dir) if "loss" in r]
+
+
+class _PlainEngine:
+    """What StepGuard reads of a DeepSpeed engine at ZeRO 0 in fp32: torch's fused AdamW, DeepSpeed's clipping off."""
+
+    skipped_steps = 0
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def gradient_clipping(self) -> float:
+        return 0.0
+
+    def get_global_grad_norm(self):
+        return None
+
+
+def guarded_adamw(weights: torch.Tensor, grad_clip: float, max_bad_steps: int = 3):
+    """(parameter, fused AdamW on it, StepGuard over both) for the guard's unit tests."""
+    from megagpt.step_guard import StepGuard
+
+    w = torch.nn.Parameter(weights.clone())
+    optimizer = torch.optim.AdamW([w], lr=0.1, weight_decay=0.0, fused=True)
+    guard = StepGuard(_PlainEngine(optimizer), max_bad_steps, fp16=False, device=torch.device("cpu"),
+                      grad_clip=grad_clip)
+    return w, optimizer, guard
+
+
+def guarded_step(w, optimizer, guard, grad: torch.Tensor, loss: float = 1.0) -> None:
+    """One optimizer step through the guard, as LossStage.train_step takes it, with the given gradient and loss."""
+    w.grad = grad.clone()
+    guard.before_update()
+    optimizer.step()
+    guard.after_update(torch.tensor(loss))

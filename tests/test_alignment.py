@@ -201,6 +201,7 @@ def test_dpo_loss_and_implicit_rewards_match_float64():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert chosen.tolist() == pytest.approx(ref_chosen, rel=1e-5)
     assert rejected.tolist() == pytest.approx(ref_rejected, rel=1e-5)
+    assert not chosen.requires_grad and not rejected.requires_grad  # for logging: no graph kept alive
     loss.backward()
     assert policy_logits.grad[:, :2].abs().max() == 0 and policy_logits.grad[1, 4].abs().max() == 0
 

@@ -42,15 +42,15 @@ def test_manifest_is_validated(shakespeare, tmp_path):
         load_manifest(tmp_path)
 
 
-@pytest.mark.parametrize("resume_step", [0, 3, 7])
-def test_resume_at_any_step_yields_identical_batches(shakespeare, resume_step):
+@pytest.mark.parametrize("resume_micro", [0, 6, 7, 14])  # micro-batches read before the save: 7 stops inside a step
+def test_resume_at_any_micro_batch_yields_identical_batches(shakespeare, resume_micro):
     ref = TrainLoader(shakespeare, 16, 4, grad_accum_steps=2, seed=5)
-    expected = [next(ref) for _ in range(2 * (resume_step + 4))][2 * resume_step:]
+    expected = [next(ref) for _ in range(resume_micro + 8)][resume_micro:]
     first = TrainLoader(shakespeare, 16, 4, grad_accum_steps=2, seed=5)
-    for _ in range(2 * resume_step):
+    for _ in range(resume_micro):
         next(first)
     state = first.state_dict()
-    assert state["windows_consumed"] == resume_step * 8
+    assert (state["windows_consumed"], state["micro_batches_into_step"]) == (resume_micro // 2 * 8, resume_micro % 2)
     resumed = TrainLoader(shakespeare, 16, 4, grad_accum_steps=2, seed=5)
     resumed.load_state_dict(state)
     for want in expected:

@@ -1,4 +1,5 @@
-"""Faults: a rank killed with SIGKILL ends the job quickly, the run resumes; non-finite steps are skipped."""
+"""Faults: a rank killed with SIGKILL ends the job quickly, the run resumes; non-finite steps are skipped (in a run,
+and the step guard alone on a fused AdamW)."""
 
 import os
 import signal
@@ -7,7 +8,7 @@ import time
 import pytest
 import torch
 from dist_helpers import finish, losses, tiny, torchrun, wait_for, worker_pids
-from helpers import train_records
+from helpers import guarded_adamw, guarded_step, train_records
 
 from megagpt.checkpoint import Checkpointer
 from megagpt.config import load_config
@@ -64,6 +65,31 @@ def test_a_non_finite_step_is_skipped_and_counted(zero_stage, monkeypatch, shake
     assert not torch.equal(seen[4], seen[3]) and not torch.equal(seen[2], seen[1])  # ... and only that one
     assert all(torch.isfinite(w).all() for w in seen)
     assert [r["skipped_steps"] for r in train_records(tmp_path)] == [0, 0, 1, 1, 1, 1]
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_changes_nothing_and_counts_as_bad():
+    torch.manual_seed(0)
+    w, optimizer, guard = guarded_adamw(torch.randn(4), grad_clip=1.0, max_bad_steps=1)
+    guarded_step(w, optimizer, guard, torch.randn(4))
+    weights, state = w.detach().clone(), {k: v.clone() for k, v in optimizer.state[w].items()}
+    guarded_step(w, optimizer, guard, torch.tensor([1.0, float("nan"), 0.0, 2.0]), loss=1.5)
+    assert torch.equal(w.detach(), weights)
+    assert all(torch.equal(optimizer.state[w][k], v) for k, v in state.items())  # moments and step count too
+    assert guard.skipped_steps() == 1
+    with pytest.raises(NonFiniteTraining, match="1 non-finite steps in a row"):
+        guard.check(2)
+
+
+def test_only_bad_steps_in_a_row_count_toward_the_stop():
+    w, optimizer, guard = guarded_adamw(torch.randn(4), grad_clip=0.0, max_bad_steps=3)
+    bad, good = torch.full((4,), float("nan")), torch.ones(4)
+    for grad in (bad, bad, good, bad, bad):
+        guarded_step(w, optimizer, guard, grad, loss=1.0 if grad is good else float("nan"))
+    guard.check(5)  # 2 and 2 bad steps, never 3 in a row
+    guarded_step(w, optimizer, guard, bad, loss=float("nan"))
+    with pytest.raises(NonFiniteTraining, match="3 non-finite steps in a row"):
+        guard.check(6)
+    assert guard.skipped_steps() == 5
 
 
 def test_too_many_bad_steps_in_a_row_stop_without_a_poisoned_checkpoint(monkeypatch, shakespeare_dataset,

@@ -1,8 +1,9 @@
 """Sampling filters: top-k and top-p keep exactly the tokens they promise."""
 
+import pytest
 import torch
 
-from megagpt.generate import filter_logits
+from megagpt.generate import filter_logits, sampling_probabilities
 
 
 def test_top_k_keeps_the_k_largest():
@@ -20,6 +21,34 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         order = probs[row].argsort(descending=True)
         need = int((probs[row][order].cumsum(0) < 0.6).sum()) + 1  # first index where the mass reaches p
         assert set(order[:need].tolist()) == set(kept[row].nonzero().flatten().tolist())
+
+
+def _reference_probabilities(logits: list[float], temperature: float, top_p: float) -> list[float]:
+    """Float64, one row: softmax(logits / T), then the nucleus of that tempered distribution, renormalised."""
+    import math
+
+    weights = [math.exp(v / temperature) for v in logits]
+    probs = [w / sum(weights) for w in weights]
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += probs[i]
+    return [p / mass if i in kept else 0.0 for i, p in enumerate(probs)]
+
+
+def test_sampling_divides_by_the_temperature_then_keeps_the_nucleus_of_the_tempered_distribution():
+    """The nucleus is taken of softmax(logits / T), not of the untempered logits: at T = 0.5 and T = 2 the kept sets
+    differ from T = 1's (checked), so a filter applied before the temperature, or a wrong power of T, fails."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0]])
+    sizes = set()
+    for temperature in (0.5, 1.0, 2.0):
+        got = sampling_probabilities(logits, temperature, top_k=None, top_p=0.8)
+        want = _reference_probabilities(logits[0].tolist(), temperature, 0.8)
+        assert got[0].double().tolist() == pytest.approx(want, abs=1e-6), temperature
+        sizes.add(sum(p > 0 for p in want))
+    assert len(sizes) == 3  # the temperature changes which tokens are kept
 
 
 def test_a_long_sample_shows_a_bar_on_a_terminal_only_and_samples_the_same(monkeypatch):

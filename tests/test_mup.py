@@ -258,6 +258,15 @@ def test_coord_check_is_flat_under_mup_and_grows_under_standard(shakespeare_data
     assert abs(standard["embedding"]) < 0.2  # the embeddings' output does not depend on the width
 
 
+def test_each_width_of_the_coord_check_keeps_the_head_size():
+    from megagpt.mup import width_config
+
+    base = model_cfg(n_embd=32, n_head=2)  # head size 16
+    for width in (16, 64):
+        cfg = width_config(base, width, 16, "mup")
+        assert (cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.parametrization) == (width, width // 16, 16, "mup")
+
+
 def test_coord_check_reads_its_batches_as_it_trains_the_same_at_every_width(shakespeare_dataset, monkeypatch):
     # before, every seed's --steps batches were made up front (a list): a large --steps ran out of memory before
     # step 1. Now each run gets an iterator that reads a batch as it trains, the same windows at every width.

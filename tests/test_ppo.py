@@ -1,4 +1,5 @@
-"""PPO: GAE on a hand-checked sequence, the clipped policy and value losses and the KL penalty against float64
+"""PPO: the rollout's experience tensors against each row alone in float64, reply caps, seeds and the prompt
+schedule; GAE on a hand-checked sequence, the clipped policy and value losses and the KL penalty against float64
 references, the KL controller, no update from zero advantages, frozen reference and reward model, exact resume
 after SIGTERM and kill -9, and 2 ranks under ZeRO-2 equal to 1."""
 
@@ -13,7 +14,16 @@ from chat_helpers import run_config, train_run
 from dist_helpers import finish, single, torchrun, wait_for
 from helpers import train_records
 
-from megagpt.align_objectives import KLController, gae, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss, whiten
+from megagpt.align_objectives import (
+    KLController,
+    entropy,
+    gae,
+    kl_penalised_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logprobs,
+    whiten,
+)
 from megagpt.dataset import Dataset
 from megagpt.export import export
 from megagpt.frozen_models import load_reference
@@ -74,6 +84,93 @@ def test_batched_greedy_replies_equal_generate_on_each_prompt():
     for prompt, (ids, stopped) in zip(prompts, batched, strict=True):
         alone = generate(model, torch.tensor([prompt]), 10, temperature=0)[0, len(prompt):].tolist()
         assert not stopped and ids == alone
+
+
+def test_a_reply_is_capped_where_prompt_and_reply_fill_the_block():
+    from megagpt.config import ModelConfig
+    from megagpt.model import GPT
+    from megagpt.rollout import sample_reply
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=12, vocab_size=7)).eval()
+    never = 7  # no token of the vocabulary: the replies run to their cap
+    reply, stopped = sample_reply(model, [1] * 9, never, 50, 1.0, seed=3)
+    assert len(reply) == 12 - 9 and not stopped  # the block's room, not max_new_tokens
+    assert len(sample_reply(model, [1] * 4, never, 5, 1.0, seed=3)[0]) == 5  # max_new_tokens, room to spare
+
+
+def test_prompt_seeds_differ_by_seed_position_and_stream():
+    from megagpt.rollout import prompt_seed
+
+    seeds = {prompt_seed(seed, position, stream) for seed in (0, 1) for position in (0, 1, 7) for stream in (0, 1)}
+    assert len(seeds) == 12  # evaluations (stream 1) never reuse a training rollout's seed
+
+
+def test_each_step_rolls_out_the_next_global_batches_once_on_any_number_of_ranks():
+    """Step s holds global positions [s·M·G, (s+1)·M·G) (M mini-batches of G prompts), each once, split over the
+    ranks; mini-batch j of 2 ranks is what 1 rank with twice the accumulation holds; the state resumes the step."""
+    from megagpt.preference_data import PromptSchedule
+
+    two = [PromptSchedule(50, 2, 3, 2, rank, 2, seed=0) for rank in range(2)]
+    one = PromptSchedule(50, 2, 6, 2, 0, 1, seed=0)
+    for step in range(3):
+        got = [p for s in two for minibatch in s.step_positions(step) for micro in minibatch for p in micro]
+        assert sorted(got) == list(range(step * 24, (step + 1) * 24))
+        for j in range(2):
+            ranks = {p for s in two for micro in s.step_positions(step)[j] for p in micro}
+            assert ranks == {p for micro in one.step_positions(step)[j] for p in micro}
+    assert one.load_state_dict(two[0].state_dict(5)) == 5
+
+
+def _float64_row(model, ids: list[int]) -> torch.Tensor:
+    """The first output of a float64 copy of model on one row alone (no padding, no other rows)."""
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(torch.tensor([ids]))[0][0]
+
+
+def test_experience_holds_each_reply_tokens_logprobs_values_and_score_as_its_row_alone_gives():
+    """Rows of several prompt and reply lengths, against each row run alone through float64 copies: position t
+    holds the action token t + 1 (mask 1 exactly on positions P-1 .. P+n-2), log-probs of logits / temperature
+    for the policy and the reference, the value at t, the reward model's score at the reply's last token minus the
+    penalty where the reply never stopped, and 0 everywhere off the mask."""
+    from megagpt.config import ModelConfig
+    from megagpt.model import GPT
+    from megagpt.reward_model import PolicyWithValue, RewardModel
+    from megagpt.rollout import experience
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=11)
+    policy, reference, reward = PolicyWithValue(cfg, cfg).eval(), GPT(cfg).eval(), RewardModel(cfg).eval()
+    for head in (policy.value.score, reward.score):  # a random head: every value and score differs
+        torch.nn.init.normal_(head.weight)
+        torch.nn.init.normal_(head.bias)
+    prompts, replies = [[1, 2, 3], [4], [5, 6, 7, 8, 9]], [[7, 3, 10], [2, 2, 2, 2, 1], [6]]
+    stopped = [True, False, True]
+    temperature, penalty = 0.7, 0.5
+    got = experience(policy, reference, reward, prompts, replies, stopped, temperature, penalty, "cpu")
+    width = max(len(p) + len(r) for p, r in zip(prompts, replies, strict=True)) - 1
+    want = {name: torch.zeros(3, width, dtype=torch.float64) for name in ("mask", "logprobs", "ref", "values", "h")}
+    scores = []
+    for i, (prompt, reply, stop) in enumerate(zip(prompts, replies, stopped, strict=True)):
+        row = prompt + reply
+        logits, ref_logits = _float64_row(policy, row) / temperature, _float64_row(reference, row) / temperature
+        values, row_scores = _float64_row(policy.value, row), _float64_row(reward, row)
+        for j, token in enumerate(reply):
+            t = len(prompt) - 1 + j  # the logits at t predict the reply's token j
+            probs = logits[t].softmax(-1)
+            want["mask"][i, t] = 1.0
+            want["logprobs"][i, t] = probs[token].log()
+            want["ref"][i, t] = ref_logits[t].softmax(-1)[token].log()
+            want["values"][i, t] = values[t]
+            want["h"][i, t] = -(probs * probs.log()).sum()
+        scores.append(row_scores[len(row) - 1].item() - penalty * (not stop))
+    for name, tensor in (("mask", got.mask), ("logprobs", got.logprobs), ("ref", got.ref_logprobs),
+                         ("values", got.values), ("h", got.entropy)):
+        assert torch.allclose(tensor.double(), want[name], atol=1e-5), name
+    assert got.scores.double().tolist() == pytest.approx(scores, abs=1e-5)
+    assert got.stopped.tolist() == [1.0, 0.0, 1.0]
 
 
 # ---------------------------------------------------------------- the objectives, on fixed tensors
@@ -182,7 +279,63 @@ def test_adaptive_kl_controller_moves_toward_the_target_and_a_fixed_one_stays():
     assert adaptive.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
 
 
+def test_token_logprobs_and_entropy_match_float64_even_for_very_unlikely_tokens():
+    """Logits 300 apart: log p of the unlikely token is about -300, not -inf (log of an underflowed softmax)."""
+    logits = torch.tensor([[[0.0, -300.0, 2.0, 1.0], [5.0, 5.0, -1.0, 0.5]]])
+    tokens = torch.tensor([[1, -1]])  # -1: nothing picked, read as token 0
+    rows = logits[0].double()
+    logz = rows.logsumexp(-1)
+    assert token_logprobs(logits, tokens)[0].double().tolist() == pytest.approx(
+        [(rows[0, 1] - logz[0]).item(), (rows[1, 0] - logz[1]).item()], rel=1e-6)
+    probs = (rows - logz[:, None]).exp()
+    expected = [-sum(p * math.log(p) for p in row.tolist() if p > 0) for row in probs]
+    assert entropy(logits)[0].double().tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_kl_controller_resumes_its_adapted_coefficient_and_keeps_the_configs_target():
+    adapted = KLController(0.1, target=6.0, horizon=1000)
+    adapted.update(12.0, 100)
+    resumed = KLController(0.1, target=3.0, horizon=1000)  # the config's target changed across the resume
+    resumed.load_state_dict(adapted.state_dict())
+    assert resumed.value == adapted.value == pytest.approx(0.102) and resumed.target == 3.0
+
+
 # ---------------------------------------------------------------- the stage
+
+
+def _experience(mask, logprobs, ref_logprobs, values, scores):
+    from megagpt.rollout import Experience
+
+    mask = torch.tensor(mask)
+    return Experience(ids=torch.zeros(len(mask), mask.size(1) + 1, dtype=torch.long), mask=mask,
+                      logprobs=torch.tensor(logprobs), ref_logprobs=torch.tensor(ref_logprobs),
+                      values=torch.tensor(values), scores=torch.tensor(scores), stopped=torch.ones(len(mask)),
+                      entropy=torch.zeros_like(mask))
+
+
+def test_a_rollout_whitens_advantages_over_every_reply_token_of_all_its_micro_batches():
+    """Two micro-batches, β_KL = 0.5, γ = λ = 1 (A_t = reward-to-go - V_t), by hand. KL per token 0.5, 0 | 0, 0.5 | 0;
+    rewards -0.25, 1 | 0, -1.25 | 2; A = 0.55, 0.9 | -1.55, -1.25 | 1.6: mean 0.05, population variance 7.625 / 5.
+    Logged per reply: the score, score - β_KL·KL (0.75, -1.25, 2), KL; tokens are prompt + reply (4, 3, 4)."""
+    from types import SimpleNamespace
+
+    from megagpt.stages.ppo import PPOStage
+
+    stage = PPOStage.__new__(PPOStage)  # score() reads only these
+    stage.kl, stage.align = KLController(0.5), SimpleNamespace(gamma=1.0, lam=1.0)
+    stage.dist = SimpleNamespace(world_size=1)
+    a = _experience([[0.0, 1, 1]], [[0, -1.0, -2.0]], [[0, -1.5, -2.0]], [[0, 0.2, 0.1]], [1.0])
+    b = _experience([[1.0, 1, 0], [0, 0, 1]], [[-0.5, -0.5, 0], [0, 0, -1.0]], [[-0.5, -1.0, 0], [0, 0, -1.0]],
+                    [[0.3, 0.0, 0], [0, 0, 0.4]], [-1.0, 2.0])
+    stats = stage.score([[a], [b]])
+    deviations = [x - 0.05 for x in (0.55, 0.9, -1.55, -1.25, 1.6)]
+    whitened = [d / math.sqrt(7.625 / 5 + 1e-8) for d in deviations]
+    assert a.advantages.tolist() == [pytest.approx([0, *whitened[:2]], abs=1e-6)]
+    assert b.advantages.tolist() == [pytest.approx([*whitened[2:4], 0], abs=1e-6),
+                                     pytest.approx([0, 0, whitened[4]], abs=1e-6)]
+    assert stats["reward_model_score"] == pytest.approx(2 / 3) and stats["kl"] == pytest.approx(1 / 3)
+    assert stats["reward"] == pytest.approx(0.5) and stats["response_length"] == pytest.approx(5 / 3)
+    assert stats["tokens"] == 4 + 3 + 4
 
 
 def test_zero_kl_and_a_constant_reward_leave_the_policy_where_a_zero_advantage_step_would(chain, tmp_path):
@@ -218,6 +371,9 @@ def test_ppo_moves_the_policy_and_leaves_reference_and_reward_model_bit_identica
         assert torch.equal(p, reward.state_dict()[name]) and not p.requires_grad, name
     policy = dict(run.engine.module.named_parameters())
     assert not torch.equal(policy["transformer.h.0.attn.c_attn.weight"], sft.transformer.h[0].attn.c_attn.weight)
+    # the value model (the reward model's copy at the start) trains too
+    assert not torch.equal(policy["value.transformer.h.0.attn.c_attn.weight"],
+                           reward.transformer.h[0].attn.c_attn.weight)
 
 
 def test_ppo_logs_its_statistics_every_step_and_its_runs_load_as_the_policy(chain, tmp_path):

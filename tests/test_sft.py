@@ -81,6 +81,8 @@ def test_truncation_keeps_whole_turns_then_cuts_inside_then_drops(tok):
     kept, how = truncate(full, first_turn + 3)
     assert how == "turn" and kept.ids.tolist() == full.ids[:first_turn].tolist()
     assert kept.mask.tolist() == full.mask[:first_turn].tolist()
+    exact, how = truncate(full, first_turn)  # the first turn fills max_length exactly: still kept whole
+    assert how == "turn" and exact.ids.tolist() == full.ids[:first_turn].tolist()
     cut, how = truncate(full, 6)  # inside the first assistant turn: its first token is still learned
     assert how == "cut" and cut.ids.tolist() == full.ids[:6].tolist() and cut.mask.tolist()[-1] == 1
     assert truncate(full, 5) == (None, "dropped")  # up to <a>: nothing the model would learn
@@ -205,6 +207,9 @@ def test_rows_hold_one_conversation_each_with_targets_only_on_the_mask():
         for t in range(8):
             assert x[row, t] == (ids[t] if t < n - 1 else 0)
             assert y[row, t] == (ids[t + 1] if t < n - 1 and mask[t + 1] else -1)
+    ids, mask = rng.integers(0, 50, 40), np.ones(40, dtype=np.uint8)  # longer than block_size + 1: cut there
+    x, y = to_rows([(ids, mask)], block_size=32)
+    assert x[0].tolist() == ids[:32].tolist() and y[0].tolist() == ids[1:33].tolist()
 
 
 def test_no_token_attends_to_another_conversation(toy):
@@ -248,6 +253,26 @@ def test_loss_on_masked_out_labels_changes_no_gradient():
     for labels_used in (labels, altered):
         for a, b in zip(ours, grads(reference(labels_used)), strict=True):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_chat_loader_resumes_inside_a_step_with_the_next_micro_batch(toy):
+    dataset = Dataset(toy)
+
+    def loader():
+        return ChatLoader(dataset, BLOCK, 2, grad_accum_steps=3, seed=4)
+
+    straight = loader()
+    expected = [next(straight) for _ in range(9)][5:]
+    first = loader()
+    for _ in range(5):  # step 1's second micro-batch of 3
+        next(first)
+    state = first.state_dict()
+    assert (state["samples_consumed"], state["micro_batches_into_step"]) == (6, 2)
+    resumed = loader()
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = next(resumed)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # ---------------------------------------------------------------- training: eval, samples, resume, ranks

@@ -206,6 +206,20 @@ def test_a_restart_drops_what_was_logged_after_the_last_checkpoint(shakespeare_d
     assert metrics.read_text().count('"val_loss"') == 2  # evaluations at 5 and 10, once each
 
 
+def test_lr_warms_up_linearly_then_decays_by_a_half_cosine_to_min_lr():
+    """lr 1, min_lr 0.1, 4 warm-up steps, decay over 14: by hand, (s+1)/5 while warming up, the peak at step 4, the
+    midpoint (step 9) 0.1 + 0.9/2, min_lr from step 14 on; with lr_decay_steps null the decay follows max_steps."""
+    from megagpt.config import TrainConfig
+
+    t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, lr_decay_steps=14, max_steps=20)
+    schedule = [lr_at(s, t) for s in range(20)]
+    assert schedule[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert schedule[9] == pytest.approx(0.55) and schedule[14:] == pytest.approx([0.1] * 6)
+    assert all(a > b for a, b in zip(schedule[4:14], schedule[5:15], strict=True))  # decreasing to the end
+    follows_max_steps = t.model_copy(update={"lr_decay_steps": None, "max_steps": 14})
+    assert [lr_at(s, follows_max_steps) for s in range(20)] == schedule
+
+
 def test_a_resume_that_stretches_a_null_lr_decay_says_what_the_lr_becomes(tmp_path):
     """lr_decay_steps null follows max_steps: raising max_steps (as a finished run advises) moves the LR of every
     step from the resume on; before, only `train.max_steps: 10 -> 20` was said while the LR jumped 10x."""
@@ -313,6 +327,28 @@ def _reference_losses(cfg, dataset_dir, steps: int, clip: bool) -> list[float]:
         opt.zero_grad()
         out.append(loss.item())
     return out
+
+
+@pytest.mark.parametrize("clip_over_norm", [0.25, 4.0])
+def test_the_guard_clips_like_clip_grad_norm_and_never_scales_a_small_gradient_up(clip_over_norm):
+    """Fused AdamW through the step guard against float64 AdamW after torch's clip_grad_norm_, with gradients of
+    different norms each step: all clipped (0.25), or none (4.0: a scale where no clip is due would show, since
+    Adam's moments mix the steps' gradients)."""
+    from helpers import guarded_adamw, guarded_step
+
+    torch.manual_seed(0)
+    w0, grads = torch.randn(10), [torch.randn(10) * s for s in (1.0, 0.3, 3.0)]
+    clip = clip_over_norm * grads[0].norm().item()
+    w, optimizer, guard = guarded_adamw(w0, clip)
+    ref = torch.nn.Parameter(w0.double())
+    ref_optimizer = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.0)
+    for g in grads:
+        guarded_step(w, optimizer, guard, g)
+        ref.grad = g.double()
+        torch.nn.utils.clip_grad_norm_([ref], clip)
+        ref_optimizer.step()
+        assert guard.grad_norm() == pytest.approx(g.norm().item(), rel=1e-6)  # the norm before clipping
+    assert torch.allclose(w.detach().double(), ref.detach(), atol=1e-6)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
