@@ -338,6 +338,29 @@ def test_a_rollout_whitens_advantages_over_every_reply_token_of_all_its_micro_ba
     assert stats["tokens"] == 4 + 3 + 4
 
 
+
+def test_the_ppo_loss_is_the_policy_loss_plus_vf_coef_times_the_value_loss():
+    """The old log-probs are the policy's own (ratio 1) and the new values the old ones (nothing clipped), so by hand
+    over the two reply tokens: loss = -mean(A) + vf_coef · ½ mean((V - R)²)."""
+    from types import SimpleNamespace
+
+    from megagpt.stages.ppo import PPOStage
+
+    torch.manual_seed(0)
+    stage = PPOStage.__new__(PPOStage)  # ppo_loss() reads only this
+    stage.align = SimpleNamespace(temperature=1.0, cliprange=0.2, cliprange_value=0.2, vf_coef=0.3)
+    ids, logits = torch.randint(0, 5, (1, 4)), torch.randn(1, 4, 5)
+    values = torch.tensor([[0.5, -0.2, 0.1, 0.0]])
+    own = torch.log_softmax(logits.double()[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0].float()
+    b = _experience([[0.0, 1, 1]], own.tolist(), own.tolist(), values[:, :-1].tolist(), [0.0])
+    b.ids, b.advantages, b.returns = ids, torch.tensor([[0.0, 0.8, -0.2]]), torch.tensor([[0.0, 1.0, -1.0]])
+    loss, stats = stage.ppo_loss(lambda _ids: (logits, values), b)
+    policy = -(0.8 - 0.2) / 2
+    value = 0.5 * ((-0.2 - 1.0) ** 2 + (0.1 + 1.0) ** 2) / 2
+    assert stats["policy_loss"].item() == pytest.approx(policy, rel=1e-6)
+    assert stats["value_loss"].item() == pytest.approx(value, rel=1e-6)
+    assert loss.item() == pytest.approx(policy + 0.3 * value, rel=1e-6)
+
 def test_zero_kl_and_a_constant_reward_leave_the_policy_where_a_zero_advantage_step_would(chain, tmp_path):
     """A reward model whose head is (w = 0, b = c) scores every reply c, and the value model (its copy) predicts c
     everywhere: with γ = 1 every δ is 0, so every advantage is 0. AdamW with a zero gradient then only decays the
