@@ -3,6 +3,8 @@
 With `--against PATH` (a nanoGPT checkout), both run as whole processes on the same model, batch and data
 (Tiny Shakespeare, char level), interleaved A B A B ..., and each run's median step time after `--skip` steps
 is taken from its own log: nanoGPT's per-iteration `time ...ms` lines, megagpt's metrics.jsonl (log_interval 1).
+Each side's dtype is printed beside its time: megagpt's is the config's (`auto`: bf16 on a CPU with native bf16,
+else fp32); nanoGPT's train.py trains in fp32 on any CPU (its autocast context is CUDA-only).
 nanoGPT runs unchanged from a temporary copy of PATH (its data prepared there by its own prepare.py, from the
 Tiny Shakespeare megagpt ships: nothing is downloaded or written into PATH).
 """
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["nanogpt"] = run_nanogpt(nanogpt, cfg, args.steps, args.skip)
             rounds.append(row)
             print("  ".join(f"{k} {v:.2f} ms/step" for k, v in row.items()), flush=True)
-    results = summarise(rounds, tokens_per_step(cfg))
+        dtypes = {"megagpt": trained_dtype(work / RUN_DIR), **({"nanogpt": "fp32"} if nanogpt else {})}
+    results = {**summarise(rounds, tokens_per_step(cfg)), "dtypes": dtypes}
     _print(results)
     if json_out is not None:
         write_whole(json_out, json.dumps(results, indent=1) + "\n")
@@ -97,7 +100,8 @@ def _print(results: dict) -> None:
     for name in ("megagpt", "nanogpt"):
         if name in results:
             r = results[name]
-            print(f"{name:8s} {r['ms_per_step']:8.2f} ms/step  {r['tokens_per_sec']:>10,.0f} tokens/s  (median)")
+            print(f"{name:8s} {r['ms_per_step']:8.2f} ms/step  {r['tokens_per_sec']:>10,.0f} tokens/s  (median)  "
+                  f"{results['dtypes'][name]}")
     if "speedup" in results:
         pairs = ", ".join(f"{x:.3f}" for x in results["speedup_pairs"])
         print(f"megagpt / nanoGPT tokens/s: {results['speedup']:.3f} (pairs: {pairs})")
@@ -116,9 +120,12 @@ def _accum(cfg: Config) -> int:
 # ---------------------------------------------------------------- megagpt
 
 
+RUN_DIR = "megagpt-run"  # in the work dir; each round's run replaces the one before
+
+
 def run_megagpt(config: str, overrides: list[str], steps: int, skip: int, work: Path) -> float:
     """`megagpt train` as a whole process; its median ms/step after `skip` from metrics.jsonl."""
-    run_dir = work / "megagpt-run"
+    run_dir = work / RUN_DIR
     shutil.rmtree(run_dir, ignore_errors=True)
     sets = [*overrides, f"train.max_steps={steps}", "train.log_interval=1", "logging.progress_bar=false",
             "logging.tensorboard=false", f"train.checkpoint_interval={steps}"]
@@ -128,6 +135,11 @@ def run_megagpt(config: str, overrides: list[str], steps: int, skip: int, work: 
     records = [r for r in read_metrics(run_dir) if "tokens_per_sec" in r and r["step"] > skip]
     tokens_per_step = records[0]["tokens_seen"] // records[0]["step"]
     return statistics.median(1000 * tokens_per_step / r["tokens_per_sec"] for r in records)
+
+
+def trained_dtype(run_dir: Path) -> str:
+    """The dtype a megagpt run trained in: its config.yaml's train.dtype, `auto` resolved for this machine."""
+    return load_config(run_dir / "config.yaml").train.dtype
 
 
 # ---------------------------------------------------------------- nanoGPT

@@ -7,7 +7,7 @@ from helpers import CPU_CONFIG
 
 from benchmarks import train as bench_train
 from megagpt.cli import main
-from megagpt.config import load_config
+from megagpt.config import load_config, save_config
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -32,6 +32,17 @@ def test_bench_train_counts_every_accumulated_micro_batch_and_nanogpt_runs_as_ma
     assert bench_train.summarise([{"megagpt": 10.0}], 256)["megagpt"]["tokens_per_sec"] == 25600
     assert "--gradient_accumulation_steps=4" in bench_train.nanogpt_args(cfg, 30, Path("out"))
 
+
+
+def test_bench_train_prints_each_sides_dtype_as_the_run_trained(tmp_path, capsys):
+    """megagpt's is read from the run's config.yaml (where `auto` is already resolved), nanoGPT's is fp32."""
+    save_config(load_config(CPU_CONFIG, ["train.dtype=bf16"]), tmp_path / "config.yaml")
+    dtypes = {"megagpt": bench_train.trained_dtype(tmp_path), "nanogpt": "fp32"}
+    bench_train._print({**bench_train.summarise([{"megagpt": 15.0, "nanogpt": 30.0}], 768), "dtypes": dtypes})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("megagpt") and lines[0].endswith("(median)  bf16")
+    assert lines[1].startswith("nanogpt") and lines[1].endswith("(median)  fp32")
+    assert lines[2] == "megagpt / nanoGPT tokens/s: 2.000 (pairs: 2.000)"
 
 @pytest.mark.parametrize("flags, named", [
     (["--steps", "0"], "--steps 0: must be at least 1"),
