@@ -50,3 +50,20 @@ def shakespeare_dataset(shakespeare_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "shakespeare_char"
     data_prep.prepare_shakespeare(out, shakespeare_path)
     return out
+
+
+@pytest.fixture(scope="session")
+def zero3_two_ranks(shakespeare_dataset, tmp_path_factory):
+    """2 ranks under one torchrun agent, ZeRO 3, 8 steps of dist_helpers' QUIET settings (accumulation 1), an
+    evaluation of the trained engine at the last step. One launch for two files: test_distributed checks it against
+    one process, test_export exports it (a 2-rank launch is 8-15 s of CI)."""
+    from types import SimpleNamespace
+
+    from dist_helpers import finish, tiny, torchrun
+
+    root = tmp_path_factory.mktemp("zero3")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCH_EXTENSIONS_DIR", str(root / "torch_extensions"))  # where DeepSpeed would build its ops
+        launcher = torchrun(root / "run", tiny(shakespeare_dataset, global_batch_tokens=4 * 32 * 2, zero_stage=3), 2)
+    finish(launcher)
+    return SimpleNamespace(dir=root / "run", launcher=launcher, extensions=root / "torch_extensions")

@@ -57,14 +57,11 @@ def assert_matches_one_process(run_dir: Path, one_process: dict, extensions: Pat
 # stage 2 under two torchrun agents ("nodes"), stage 1 under the DeepSpeed launcher. How the ranks were started
 # does not reach the stage's sharding (2 gloo ranks on loopback either way), so the whole 3 x 3 grid would repeat
 # the same equality in 6 more runs of 8-20 s of CI each.
-@pytest.mark.parametrize("zero_stage", [3])
-def test_two_ranks_under_torchrun_match_one_process(zero_stage, one_process, shakespeare_dataset, tmp_path,
-                                                    extensions):
-    run_dir = tmp_path / "run"
-    overrides = tiny(shakespeare_dataset, global_batch_tokens=GLOBAL_BATCH, zero_stage=zero_stage)
-    launcher = torchrun(run_dir, overrides, 2)
-    finish(launcher)
-    assert_matches_one_process(run_dir, one_process, extensions, launcher)
+def test_two_ranks_under_torchrun_match_one_process(zero3_two_ranks, one_process):
+    """ZeRO 3, both workers under one torchrun agent: conftest's run, which test_export exports too."""
+    run = zero3_two_ranks
+    assert load_config(run.dir / "config.yaml").train.global_batch_tokens == GLOBAL_BATCH
+    assert_matches_one_process(run.dir, one_process, run.extensions, run.launcher)
 
 
 def test_two_nodes_under_torchrun_train_and_checkpoint(one_process, shakespeare_dataset, tmp_path, extensions):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from dist_helpers import finish, metrics, tiny, torchrun
+from dist_helpers import metrics
 from safetensors.torch import load_file
 
 from megagpt.cli import main as megagpt
@@ -27,12 +27,11 @@ EVAL_STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def zero3_run(shakespeare_dataset, tmp_path_factory):
-    """2 ranks, ZeRO 3 (parameters sharded), an evaluation of the trained engine at the last step."""
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    finish(torchrun(run_dir, tiny(shakespeare_dataset, zero_stage=3, max_steps=6, eval_interval=6,
-                                  eval_steps=EVAL_STEPS)))
-    return run_dir
+def zero3_run(zero3_two_ranks):
+    """2 ranks, ZeRO 3 (parameters sharded), an evaluation of the trained engine at the last step: conftest's run,
+    which test_distributed checks against one process."""
+    assert load_config(zero3_two_ranks.dir / "config.yaml").train.eval_steps == EVAL_STEPS
+    return zero3_two_ranks.dir
 
 
 def val_loss(model, cfg, dataset, world_size=2):
