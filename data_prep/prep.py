@@ -50,7 +50,7 @@ from megagpt.dataset import (
     write_shard_table,
 )
 from megagpt.errors import UserError
-from megagpt.files import write_whole
+from megagpt.files import remove_torn_writes, temp_sibling, write_whole
 from megagpt.tokenizer import SENTENCEPIECE_FILE, CharTokenizer, SentencePieceTokenizer
 
 
@@ -192,6 +192,10 @@ class _Progress:
             (work / "chunks").mkdir(parents=True)
             records = []
             self.path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+        else:  # what the killed run was writing is written again; its temporary files must not reach the dataset
+            for folder in (work, work / "chunks"):
+                if folder.is_dir():
+                    remove_torn_writes(folder)
         for record in records[1:]:
             self._apply(record)
         self._file = open(self.path, "a")  # noqa: SIM115 - closed by close()
@@ -429,7 +433,7 @@ class _SourceList:
 
     def __init__(self, work: Path):
         self.path = work / SOURCES_FILE
-        self.tmp = open(self.path.with_name(SOURCES_FILE + ".tmp"), "w")  # noqa: SIM115 - closed by finish()
+        self.tmp = open(temp_sibling(self.path), "w")  # noqa: SIM115 - closed by finish()
         self.files, self.bytes = 0, 0
 
     def add(self, path: str, size: int, digest: str) -> None:

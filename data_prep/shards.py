@@ -13,7 +13,7 @@ import webdataset as wds
 
 from megagpt.dataset import INDEX_RECORD, index_name
 from megagpt.errors import UserError
-from megagpt.files import write_whole
+from megagpt.files import temp_sibling, write_whole
 
 TOKENS_FIELD = "tokens"  # each sample is {"__key__": "000042", "tokens": raw little-endian token ids}
 
@@ -95,7 +95,7 @@ def write_shard(job: ShardJob, out_dir: Path) -> dict:
     damaged by a crash fails its member sha256 when read, and `megagpt data verify`.
     """
     path = Path(out_dir) / job.name
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_sibling(path)
     tables = _Tables(job) if job.vocab else None
     dtype = np.dtype(job.dtype).newbyteorder("<")
     index, max_token = [], 0

@@ -4,15 +4,32 @@ new one, never a part of either."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+TEMP_SIBLING = re.compile(r"\..+\.tmp\d+")  # what temp_sibling names: a killed writer may leave one behind
+
+
+def temp_sibling(path: str | Path) -> Path:
+    """Where a whole write of `path` goes first: `.NAME.tmpPID` beside it, one per writing process, hidden."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove_torn_writes(folder: str | Path) -> list[str]:
+    """Removes the temporary siblings that killed writers left in `folder` (not below it); their names."""
+    torn = sorted(p.name for p in Path(folder).iterdir() if TEMP_SIBLING.fullmatch(p.name) and p.is_file())
+    for name in torn:
+        (Path(folder) / name).unlink(missing_ok=True)
+    return torn
 
 
 def write_whole(path: str | Path, data: bytes | str, fsync: bool = True) -> None:
-    """`data` into a temporary sibling (`.NAME.tmpPID`: one per writing process), fsync'd, then renamed over `path`;
+    """`data` into its temporary sibling (`temp_sibling`), fsync'd, then renamed over `path`;
     the temporary file is removed if anything fails on the way. `fsync=False` for bulk files whose damage by a
     crash a checksum catches (a prep's chunks and shard indexes): the rename still makes them whole to readers."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_sibling(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

@@ -357,6 +357,33 @@ def test_prep_resumes_after_a_kill_without_redoing_finished_shards(tmp_path):
     assert all((out / n).read_bytes() == (fresh / n).read_bytes() for n in names)
 
 
+
+def test_a_resumed_prep_leaves_out_what_the_killed_run_was_writing(tmp_path, monkeypatch):
+    """A kill mid-write leaves the writer's temporary sibling (`.NAME.tmpPID`) in `<out>.partial`: the resumed prep
+    removes it, so the dataset holds what a fresh prep writes (it kept a `.train-000008.idx.tmp<pid>`)."""
+    import data_prep.prep as prep_module
+
+    rng = np.random.default_rng(7)
+    (tmp_path / "corpus.txt").write_text("".join(rng.choice(ALPHABET, 40_000)))
+    settings = data_prep.PrepSettings(shard_size_mb=0.004, sample_tokens=1000)
+    real, written = prep_module.write_shard, []
+
+    def killed_at_the_third(job, work):
+        if len(written) == 2:  # as a SIGKILL inside write_whole would leave it, under another process's pid
+            (work / f".{job.name}.idx.tmp4242").write_bytes(b"torn")
+            (work / "chunks" / ".chunk-000000.bin.tmp4242").write_bytes(b"torn")
+            raise KeyboardInterrupt
+        written.append(job.name)
+        return real(job, work)
+
+    monkeypatch.setattr(prep_module, "write_shard", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        data_prep.prepare([tmp_path / "corpus.txt"], tmp_path / "ds", settings)
+    monkeypatch.undo()
+    out = data_prep.prepare([tmp_path / "corpus.txt"], tmp_path / "ds", settings)
+    fresh = data_prep.prepare([tmp_path / "corpus.txt"], tmp_path / "fresh", settings)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fresh.iterdir())
+
 def _records(log):
     """The progress log's complete lines (a kill may leave a torn last one)."""
     records = []
