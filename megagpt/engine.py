@@ -38,6 +38,7 @@ def build_engine(cfg: Config, dist: DistInfo, build_model, load_universal: bool 
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     groups = param_groups(model, cfg.train.weight_decay, cfg.model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    forget_the_warm_up_step(engine)
     if dist.world_size == 1 and not engine.zero_optimization():
         # one rank, ZeRO 0: nothing to reduce (DeepSpeed would flatten every gradient, all-reduce it with itself
         # and copy it back, every step)
@@ -45,3 +46,18 @@ def build_engine(cfg: Config, dist: DistInfo, build_model, load_universal: bool 
     if cfg.train.compile:
         engine.compile()
     return engine
+
+
+def forget_the_warm_up_step(engine) -> None:
+    """Undo the step DeepSpeed's 16-bit optimizer wrappers take when built (ZeRO 0 in bf16 or fp16, the CPU
+    default `auto` on a CPU with native bf16): `initialize_optimizer_states` steps AdamW once on zero gradients.
+    torch's AdamW counts that step, so every later bias correction was the next step's (the first update 0.74x
+    the LR's, the second 0.86x, with betas 0.9, 0.99), and it decays the fp32 master weights once at the
+    config's LR. Here: no optimizer state (the first real step makes it), master weights copied back from the
+    model's. ZeRO 1-3 wrappers build no state; a resume loads its own over this."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(engine.optimizer, FP16_Optimizer | FP16_UnfusedOptimizer):
+        engine.optimizer.optimizer.state.clear()
+        engine.optimizer.refresh_fp32_params()

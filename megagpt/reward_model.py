@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from megagpt.config import ModelConfig
 from megagpt.errors import UserError
@@ -28,16 +29,25 @@ HEAD = ("score.weight", "score.bias")
 VALUE_PREFIX = "value."
 
 
+class ScoreHead(nn.Linear):
+    """nn.Linear to one number, computed in fp32 from 16-bit weights and hidden states: a bf16 output keeps 8
+    bits, and the Bradley-Terry loss (blind to a common offset, which drifts) and GAE (V_{t+1} - V_t) read
+    differences of scores (bf16's step at a score of 100 is 0.5). Its own forward, so ZeRO-3 gathers its weights."""
+
+    def forward(self, x):
+        return F.linear(x.float(), self.weight.float(), self.bias.float())
+
+
 class RewardModel(GPT):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.lm_head = nn.Identity()  # the backbone's forward now ends at the hidden states: (B, T, C)
-        self.score = nn.Linear(cfg.n_embd, 1)
+        self.score = ScoreHead(cfg.n_embd, 1)
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
 
     def forward(self, idx, targets=None, cache=None):
-        """(scores (B, T), None): the head at every position."""
+        """(scores (B, T) in fp32, None): the head at every position."""
         if cache is not None or targets is not None:
             raise UserError("a reward model scores text; it does not generate or predict tokens (load a policy "
                             "run for that)")

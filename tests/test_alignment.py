@@ -448,3 +448,20 @@ def test_eval_prefs_names_a_missing_model_dir_before_anything_else(which, tmp_pa
     label = "RUN_DIR" if which == "run" else which
     assert capsys.readouterr().err == f"megagpt eval prefs: error: {label} {missing}: no such directory\n"
 
+
+
+def test_bf16_reward_scores_keep_fp32_precision_at_a_large_common_offset():
+    """A bf16 reward model's head is computed in fp32: at a common offset of 100 (Bradley-Terry cannot see it)
+    bf16 outputs step by 0.5, and the margins the loss and GAE read would drown; float64 reference."""
+    torch.manual_seed(0)
+    model = RewardModel(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=40, dropout=0.0))
+    torch.nn.init.normal_(model.score.weight, std=0.1)
+    torch.nn.init.constant_(model.score.bias, 100.0)
+    model = model.to(torch.bfloat16).eval()
+    ids = torch.randint(0, 40, (4, 16))
+    with torch.no_grad():
+        scores = model(ids)[0]
+        hidden = model.transformer.ln_f(model.transformer.h[0](model.transformer.wte(ids) + model.transformer.wpe(
+            torch.arange(16))))
+    want = hidden.double() @ model.score.weight.double().T + model.score.bias.double()
+    assert scores.dtype == torch.float32 and (scores.double() - want.squeeze(-1)).abs().max() < 1e-4

@@ -400,3 +400,35 @@ def test_progress_goes_to_a_log_as_plain_lines_not_a_redrawn_bar(tmp_path, capfd
         log.progress(1, loss="1.0000")
     log.close()
     assert capfd.readouterr().err.splitlines() == ["train: step 4/4 (100%): loss 1.0000"]  # and at the last step
+
+
+def test_the_first_bf16_zero_0_update_is_adamws_first_step():
+    """DeepSpeed's 16-bit optimizer wrapper (ZeRO 0 in bf16: the CPU default `auto` where bf16 is native) steps
+    AdamW once on zero gradients when built; megagpt forgets that step (the first update was 0.74x AdamW's), so
+    the first update of the fp32 master weights is AdamW's first (float64 reference: p (1 - lr wd) -
+    lr g / (|g| + eps)), from masters equal to the model's weights."""
+    from megagpt.distributed import init_distributed
+    from megagpt.engine import build_engine
+    from megagpt.model import GPT
+
+    cfg = load_config(CPU_CONFIG, ["model.vocab_size=65", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                                   "model.block_size=16", "train.dtype=bf16", "train.grad_clip=0.0",
+                                   "train.global_batch_tokens=192"])
+    engine = build_engine(cfg, init_distributed(cfg.deepspeed.timeout_minutes), lambda: GPT(cfg.model))
+    wrapper = engine.optimizer
+    weights = [p for group in wrapper.fp16_groups for p in group]
+    masters = [p for group in wrapper.fp32_groups for p in group]
+    assert all(torch.equal(m, w.float()) for m, w in zip(masters, weights, strict=True))
+    x = torch.randint(0, 65, (12, 16))
+    engine.backward(engine(x, x.roll(-1, dims=1))[1])
+    before = [m.detach().double().clone() for m in masters]
+    grads = [w.grad.double() for w in weights]
+    engine.step()
+    eps = wrapper.optimizer.defaults["eps"]
+    k = 0
+    for group in wrapper.param_groups:
+        for _ in group["params"]:
+            p, g = before[k], grads[k]
+            want = p * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * g / (g.abs() + eps)
+            assert (masters[k].double() - want).abs().max() < 1e-6, k
+            k += 1
