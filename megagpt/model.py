@@ -34,7 +34,8 @@ def _math_attention(q, k, v, dropout_p: float, scale: float | None = None):
 # On a CPU, torch's flash attention is slow in bf16/fp16 at short contexts, its backward most (forward + backward
 # 3.0 ms against the spelled-out version's 0.6 ms at the CPU config's shape, B 12, 4 heads, T 64, head 32), while
 # the spelled-out version's bf16 matrix products are fast. It still wins at T 256 (5.5 ms against 9.0), flash at
-# T 1024 (36 against 69): docs/benchmarks.md, "Side by side with nanoGPT: 2.03× on a CPU with native bf16".
+# T 1024 (36 against 69): docs/benchmarks.md, "Side by side with nanoGPT: 1.75-2.03× on a CPU with native
+# bf16".
 CPU_LOW_PRECISION_SPELLED_OUT_MAX_T = 256
 
 
