@@ -10,6 +10,7 @@ import pytest
 from helpers import CPU_CONFIG, REPO, TINY_MODEL
 
 from megagpt import cli
+from megagpt.hardware import resolve_dtype
 
 TINY = [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
 
@@ -65,6 +66,9 @@ def test_bench_train_runs_megagpt_and_nanogpt_side_by_side(shakespeare_dataset, 
     pairs = [r["nanogpt"] / r["megagpt"] for r in numbers["rounds"]]
     assert numbers["speedup_pairs"] == pytest.approx(pairs)
     assert "megagpt / nanoGPT tokens/s" in result.stdout
+    mine = resolve_dtype("auto")  # the CPU config's dtype on this machine; nanoGPT's train.py is fp32 on a CPU
+    assert numbers["dtypes"] == {"megagpt": mine, "nanogpt": "fp32"}
+    assert f"(median)  {mine}" in result.stdout and "(median)  fp32" in result.stdout
     assert not (NANOGPT / "out-bench").exists() and not (NANOGPT / "data" / "shakespeare_char" / "train.bin").exists()
 
 
