@@ -23,6 +23,9 @@ from megagpt.run_lock import exit_if_orphaned
 TAG_PATTERN = re.compile(r"^step_(\d{6,})$")
 MANIFEST = "megagpt_manifest.json"
 UNIVERSAL_SUFFIX = "_universal"  # step_NNNNNN_universal/: DeepSpeed's universal conversion of step_NNNNNN/
+# A 16-bit ZeRO-0 checkpoint's client state: the names of DeepSpeed's fp32 master weights (its `fp32_groups` are
+# unnamed lists), so that export, sample and init_from read them as zero_to_fp32 reads ZeRO 1-3's
+MASTER_NAMES = "fp32_master_names"
 
 
 def tag_for(step: int) -> str:

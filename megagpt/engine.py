@@ -48,6 +48,17 @@ def build_engine(cfg: Config, dist: DistInfo, build_model, load_universal: bool 
     return engine
 
 
+def master_names(engine) -> list[list[str]] | None:
+    """The parameter names of a 16-bit ZeRO-0 run's fp32 master weights (DeepSpeed's unnamed `fp32_groups`, group
+    by group), for a checkpoint to carry beside them; None where DeepSpeed keeps no such list (fp32, ZeRO 1-3,
+    whose files zero_to_fp32 reads by name)."""
+    fp16_groups = getattr(engine.optimizer, "fp16_groups", None)
+    if not isinstance(getattr(engine.optimizer, "fp32_groups", None), list) or fp16_groups is None:
+        return None
+    name_of = {id(p): name for name, p in engine.module.named_parameters()}
+    return [[name_of[id(p)] for p in group] for group in fp16_groups]
+
+
 def forget_the_warm_up_step(engine) -> None:
     """Undo the step DeepSpeed's 16-bit optimizer wrappers take when built (ZeRO 0 in bf16 or fp16, the CPU
     default `auto` on a CPU with native bf16): `initialize_optimizer_states` steps AdamW once on zero gradients.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megagpt.checkpoint import Checkpointer, step_of, tag_for, verify_manifest
+from megagpt.checkpoint import MASTER_NAMES, Checkpointer, step_of, tag_for, verify_manifest
 from megagpt.config import Config, config_from_dict, load_config, model_mismatch
 from megagpt.distributed import DistInfo, import_deepspeed, warn_once
 from megagpt.errors import UserError
@@ -95,7 +95,8 @@ def run_config(run_dir: Path, tag: str) -> Config:
 
 
 def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights from DeepSpeed's files: the module state (ZeRO 0) or zero_to_fp32's merge of the shards."""
+    """fp32 weights from DeepSpeed's files: zero_to_fp32's merge of the shards (ZeRO 1-3), or the module state
+    (ZeRO 0) with a 16-bit run's fp32 master weights in place of its 16-bit copies."""
     ckpt_dir = run_dir / "checkpoints"
     if is_zero_partitioned(ckpt_dir / tag):
         import_deepspeed()
@@ -104,7 +105,22 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         with contextlib.redirect_stdout(sys.stderr):  # its progress lines would land in `megagpt sample`'s text
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
+    return {k: v.float() for k, v in states["module"].items()} | fp32_masters(states)
+
+
+def fp32_masters(states: dict) -> dict[str, torch.Tensor]:
+    """A 16-bit ZeRO-0 checkpoint's fp32 master weights under every module key that holds them (a tied weight's
+    names all), as zero_to_fp32 gives ZeRO 1-3's; {} for a checkpoint without them (fp32, or saved before megagpt
+    recorded their names: its module weights are the 16-bit copies its evaluations ran with)."""
+    names, groups = states.get(MASTER_NAMES), (states.get("optimizer") or {}).get("fp32_groups")
+    if not names or not groups:
+        return {}
+    module = states["module"]
+    masters = {}
+    for name, master in zip((n for g in names for n in g), (t for g in groups for t in g), strict=True):
+        for key in (k for k, v in module.items() if v.data_ptr() == module[name].data_ptr()):
+            masters[key] = master.float()
+    return masters
 
 
 def load_for_inference(path: str | Path, step: int | None = None, device: str | torch.device = "cpu"):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from megagpt.checkpoint import Checkpointer, step_of
+from megagpt.checkpoint import MASTER_NAMES, Checkpointer, step_of
 from megagpt.config import (
     CHECKED_KEYS,
     Config,
@@ -25,7 +25,7 @@ from megagpt.config import (
 from megagpt.dataset import MANIFEST, Dataset
 from megagpt.distributed import DistInfo, device_for, init_distributed, on_main, print_once, warn_once
 from megagpt.ds_config import grad_accum_steps
-from megagpt.engine import build_engine
+from megagpt.engine import build_engine, master_names
 from megagpt.errors import NAME_MAX, UserError, refuse_file_in_the_way
 from megagpt.hardware import mfu, peak_flops, resolve_dtype
 from megagpt.inference import TOKENIZER_DIR
@@ -94,7 +94,8 @@ class Run:
         """What a checkpoint holds beside DeepSpeed's state (see DESIGN.md, "Decisions already taken")."""
         return {**self.stage.state_dict(), "step": self.state.step, "tokens_seen": self.state.tokens_seen,
                 "skipped_steps": self.state.skipped_steps, "config": self.cfg.to_dict(),
-                "dataset_manifest_sha256": self.dataset.manifest_sha256, "world_size": self.dist.world_size}
+                "dataset_manifest_sha256": self.dataset.manifest_sha256, "world_size": self.dist.world_size,
+                **({MASTER_NAMES: names} if (names := master_names(self.engine)) else {})}
 
     def save(self) -> None:
         self.guard.check(self.state.step)  # never save a state that too many bad steps in a row produced

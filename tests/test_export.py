@@ -260,3 +260,24 @@ def test_a_gpt2_folder_of_something_else_is_one_line_naming_the_file(tmp_path):
     (folder / "config.json").write_text("[1]")
     with pytest.raises(UserError, match=re.escape(f"{folder / 'config.json'}: a JSON list, expected an object")):
         load_for_inference(folder)
+
+
+def test_a_bf16_zero_0_run_exports_its_fp32_master_weights(shakespeare_dataset, tmp_path):
+    """ZeRO 0 in bf16 keeps fp32 masters in DeepSpeed's unnamed fp32_groups and bf16 copies in the module: the
+    export takes the masters by name (the tied head too), as zero_to_fp32 does for ZeRO 1-3; it took the copies."""
+    from align_helpers import train_steps
+    from helpers import CPU_CONFIG, tiny_overrides
+
+    cfg = load_config(CPU_CONFIG, tiny_overrides(shakespeare_dataset, dtype="bf16", max_steps=3))
+    run = train_steps(cfg, tmp_path / "run", 3)
+    run.save()
+    names = dict(run.engine.module.named_parameters())
+    masters = {name: master for group, fp32 in zip(run.engine.optimizer.fp16_groups,
+                                                   run.engine.optimizer.fp32_groups, strict=True)
+               for name, master in zip((n for p in group for n, q in names.items() if q is p), fp32, strict=True)}
+    assert any(not torch.equal(m, names[n].float()) for n, m in masters.items())  # the copies are rounded
+    weights = load_file(export(tmp_path / "run", tmp_path / "export") / "model.safetensors")
+    assert set(weights) >= set(masters)
+    assert all(torch.equal(weights[name], master) for name, master in masters.items())
+    model, _, _ = load_for_inference(tmp_path / "export")
+    assert torch.equal(model.lm_head.weight, masters["transformer.wte.weight"])
