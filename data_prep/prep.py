@@ -194,8 +194,7 @@ class _Progress:
             self.path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
         else:  # what the killed run was writing is written again; its temporary files must not reach the dataset
             for folder in (work, work / "chunks"):
-                if folder.is_dir():
-                    remove_torn_writes(folder)
+                remove_torn_writes(folder)
         for record in records[1:]:
             self._apply(record)
         self._file = open(self.path, "a")  # noqa: SIM115 - closed by close()

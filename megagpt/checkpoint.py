@@ -17,7 +17,7 @@ import torch
 from megagpt.dataset import sha256_file
 from megagpt.distributed import DistInfo, barrier, warn_once
 from megagpt.errors import UserError, refuse_file_in_the_way
-from megagpt.files import write_whole
+from megagpt.files import remove_torn_writes, write_whole
 from megagpt.run_lock import exit_if_orphaned
 
 TAG_PATTERN = re.compile(r"^step_(\d{6,})$")
@@ -158,8 +158,7 @@ class Checkpointer:
         if self.dist.is_main:  # leftovers from a killed save of the same step
             shutil.rmtree(tag_dir, ignore_errors=True)
             shutil.rmtree(self.directory / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
-            for stale in self.directory.glob(".latest.tmp*"):
-                stale.unlink(missing_ok=True)
+            remove_torn_writes(self.directory)  # a killed write of `latest`
         barrier()
         try:
             engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)

@@ -48,15 +48,23 @@ def build_engine(cfg: Config, dist: DistInfo, build_model, load_universal: bool 
     return engine
 
 
+def _zero_0_16_bit(engine):
+    """DeepSpeed's ZeRO-0 bf16/fp16 optimizer wrapper around megagpt's torch AdamW (FP16_UnfusedOptimizer: fp32
+    masters in unnamed `fp32_groups` lists), or None (fp32, ZeRO 1-3)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    return engine.optimizer if isinstance(engine.optimizer, FP16_UnfusedOptimizer) else None
+
+
 def master_names(engine) -> list[list[str]] | None:
     """The parameter names of a 16-bit ZeRO-0 run's fp32 master weights (DeepSpeed's unnamed `fp32_groups`, group
     by group), for a checkpoint to carry beside them; None where DeepSpeed keeps no such list (fp32, ZeRO 1-3,
     whose files zero_to_fp32 reads by name)."""
-    fp16_groups = getattr(engine.optimizer, "fp16_groups", None)
-    if not isinstance(getattr(engine.optimizer, "fp32_groups", None), list) or fp16_groups is None:
+    wrapper = _zero_0_16_bit(engine)
+    if wrapper is None:
         return None
     name_of = {id(p): name for name, p in engine.module.named_parameters()}
-    return [[name_of[id(p)] for p in group] for group in fp16_groups]
+    return [[name_of[id(p)] for p in group] for group in wrapper.fp16_groups]
 
 
 def forget_the_warm_up_step(engine) -> None:
@@ -66,9 +74,7 @@ def forget_the_warm_up_step(engine) -> None:
     the LR's, the second 0.86x, with betas 0.9, 0.99), and it decays the fp32 master weights once at the
     config's LR. Here: no optimizer state (the first real step makes it), master weights copied back from the
     model's. ZeRO 1-3 wrappers build no state; a resume loads its own over this."""
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    if isinstance(engine.optimizer, FP16_Optimizer | FP16_UnfusedOptimizer):
-        engine.optimizer.optimizer.state.clear()
-        engine.optimizer.refresh_fp32_params()
+    wrapper = _zero_0_16_bit(engine)
+    if wrapper is not None:
+        wrapper.optimizer.state.clear()
+        wrapper.refresh_fp32_params()

@@ -17,7 +17,10 @@ def temp_sibling(path: str | Path) -> Path:
 
 
 def remove_torn_writes(folder: str | Path) -> list[str]:
-    """Removes the temporary siblings that killed writers left in `folder` (not below it); their names."""
+    """Removes the temporary siblings that killed writers left in `folder` (not below it; none if it does not
+    exist yet); their names."""
+    if not Path(folder).is_dir():
+        return []
     torn = sorted(p.name for p in Path(folder).iterdir() if TEMP_SIBLING.fullmatch(p.name) and p.is_file())
     for name in torn:
         (Path(folder) / name).unlink(missing_ok=True)

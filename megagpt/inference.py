@@ -115,12 +115,11 @@ def fp32_masters(states: dict) -> dict[str, torch.Tensor]:
     names, groups = states.get(MASTER_NAMES), (states.get("optimizer") or {}).get("fp32_groups")
     if not names or not groups:
         return {}
-    module = states["module"]
-    masters = {}
-    for name, master in zip((n for g in names for n in g), (t for g in groups for t in g), strict=True):
-        for key in (k for k, v in module.items() if v.data_ptr() == module[name].data_ptr()):
-            masters[key] = master.float()
-    return masters
+    module, keys_of = states["module"], {}
+    for key, tensor in module.items():  # tied weights share their storage, in the saved file too
+        keys_of.setdefault(tensor.data_ptr(), []).append(key)
+    pairs = zip((n for g in names for n in g), (t for g in groups for t in g), strict=True)
+    return {key: master.float() for name, master in pairs for key in keys_of[module[name].data_ptr()]}
 
 
 def load_for_inference(path: str | Path, step: int | None = None, device: str | torch.device = "cpu"):

@@ -65,6 +65,16 @@ def test_an_unsealed_tag_newer_than_latest_is_never_used(run_with_tags, capfd):
     assert re.search("skipping checkpoint step_000012: .*megagpt_manifest.json is missing", capfd.readouterr().err)
 
 
+
+def test_a_save_removes_what_a_killed_write_of_latest_left(run_with_tags):
+    """write_whole's temporary sibling of `latest`, left by a process killed mid-write under another pid."""
+    run_dir, dataset = run_with_tags
+    stale = run_dir / "checkpoints" / ".latest.tmp4242"
+    stale.write_text("step_0000")
+    train(load_config(None, tiny(dataset, max_steps=12, checkpoint_interval=2, keep_checkpoints=2,
+                                 keep_every=4)), run_dir)
+    assert not stale.exists() and (run_dir / "checkpoints" / "latest").read_text() == "step_000012"
+
 @pytest.mark.parametrize("manifest", ['[1]', '{"files": [1]}', '{"files": {"model.pt": 1}}',
                                       '{"files": {"model.pt": {"bytes": "many"}}}', 'half a{'])
 def test_a_manifest_of_the_wrong_shape_makes_the_tag_unusable_not_a_crash(tmp_path, manifest, capfd):
